@@ -1,0 +1,25 @@
+"""Datasets in host memory (TFDS or original archives), batches on the mesh, augmenting."""
+
+from l2p_jax.data.pipeline import (
+    Batch,
+    augment,
+    device_batches,
+    epoch_permutation,
+    eval_batches,
+    num_eval_batches,
+    steps_per_epoch,
+    to_float,
+    train_batch,
+    train_batches,
+)
+from l2p_jax.data.sources import (
+    KNOWN_CHANNEL_STATS,
+    LOCAL_FORMATS,
+    LOCAL_SPLITS,
+    SOURCES,
+    DatasetNotFoundError,
+    HostSplit,
+    LocalFormat,
+    channel_stats,
+    load_split,
+)
