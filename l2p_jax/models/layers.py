@@ -1,0 +1,189 @@
+"""Layers that make a network randomized: L2P feature noise, PNI weight noise, Bayesian weights.
+
+Every noise parameter lives in the `perturb` variable collection, apart from the
+network weights in `params`, so optimizers can treat the two differently by a mask.
+Noise is drawn from the `noise` RNG stream and can be switched off per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PERTURB = 'perturb'
+NOISE_RNG = 'noise'
+
+WEIGHT_NOISE_KINDS = ('none', 'pni', 'bayes')
+PNI_MODES = ('layer', 'channel', 'element')
+
+# He-normal as torch.nn.init.kaiming_normal_ (fan_in, untruncated), used by the
+# authors' and PNI's CIFAR ResNets.
+kaiming_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNoise:
+  """How the kernels of conv and dense layers are randomized.
+
+  kind: 'none' (plain weights), 'pni' (W + alpha * N(0, std(W)^2), He et al. 2019)
+    or 'bayes' (mean-field Gaussian weights, Adv-BNN, Liu et al. 2019).
+  pni_mode: shape of PNI's alpha: one scalar per layer, one per output channel, or
+    one per weight element.
+  pni_init: initial value of alpha.
+  bayes_init_sigma: initial standard deviation of each Bayesian weight.
+  """
+  kind: str = 'none'
+  pni_mode: str = 'layer'
+  pni_init: float = 0.25
+  bayes_init_sigma: float = 0.1
+
+  def __post_init__(self):
+    if self.kind not in WEIGHT_NOISE_KINDS:
+      raise ValueError(f'Unknown weight noise kind {self.kind!r}; '
+                       f'expected one of {WEIGHT_NOISE_KINDS}.')
+    if self.pni_mode not in PNI_MODES:
+      raise ValueError(f'Unknown PNI mode {self.pni_mode!r}; '
+                       f'expected one of {PNI_MODES}.')
+
+
+def gaussian_kl(mean: jax.Array, log_sigma: jax.Array,
+                prior_sigma: float) -> jax.Array:
+  """KL(N(mean, exp(log_sigma)^2) || N(0, prior_sigma^2)), summed over elements."""
+  var_ratio = jnp.exp(2.0 * log_sigma) / prior_sigma**2
+  return jnp.sum(0.5 * (var_ratio + mean**2 / prior_sigma**2 - 1.0)
+                 - log_sigma + jnp.log(prior_sigma))
+
+
+def _pni_alpha_shape(mode: str, weight_shape: Sequence[int]) -> tuple[int, ...]:
+  """Shape of PNI's alpha for a kernel whose last axis is the output channel."""
+  if mode == 'layer':
+    return ()
+  if mode == 'channel':
+    return (weight_shape[-1],)
+  return tuple(weight_shape)
+
+
+def perturbed_weight(module: nn.Module, name: str, shape: Sequence[int],
+                     init: Callable[..., jax.Array], spec: WeightNoise,
+                     noise: bool, perturb_with_pni: bool = True) -> jax.Array:
+  """Creates weight `name` (in `params`) and returns it, randomized as `spec` says.
+
+  PNI: the draw and std(W) are constants for the gradient (as in PNI's code,
+  `weight.std().item()`, which is the unbiased std); alpha gets d/d(alpha) = eta.
+  Bayes: `params` holds the mean and `perturb` the log standard deviation; a fresh
+  reparametrized sample is drawn per call.
+  `perturb_with_pni` is False for biases, which PNI leaves clean.
+  """
+  weight = module.param(name, init, tuple(shape))
+  if spec.kind == 'pni' and perturb_with_pni:
+    alpha = module.variable(
+        PERTURB, f'{name}_alpha',
+        lambda: jnp.full(_pni_alpha_shape(spec.pni_mode, shape), spec.pni_init,
+                         jnp.float32)).value
+    if noise:
+      std = jax.lax.stop_gradient(jnp.std(weight, ddof=1))
+      eta = jax.random.normal(module.make_rng(NOISE_RNG), weight.shape,
+                              weight.dtype) * std
+      weight = weight + alpha * eta
+  elif spec.kind == 'bayes':
+    log_sigma = module.variable(
+        PERTURB, f'{name}_log_sigma',
+        lambda: jnp.full(tuple(shape), jnp.log(spec.bayes_init_sigma),
+                         jnp.float32)).value
+    if noise:
+      eps = jax.random.normal(module.make_rng(NOISE_RNG), weight.shape,
+                              weight.dtype)
+      weight = weight + jnp.exp(log_sigma) * eps
+  return weight
+
+
+class Conv(nn.Module):
+  """Bias-free 'SAME' convolution whose kernel may carry PNI or Bayesian noise."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  weight_noise: WeightNoise = WeightNoise()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
+    shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    kernel = perturbed_weight(self, 'kernel', shape, kaiming_normal,
+                              self.weight_noise, noise)
+    pad = self.kernel_size // 2
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class Dense(nn.Module):
+  """Dense layer whose kernel (and, for Bayes, bias) may carry noise."""
+  features: int
+  weight_noise: WeightNoise = WeightNoise()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
+    kernel = perturbed_weight(self, 'kernel', (x.shape[-1], self.features),
+                              kaiming_normal, self.weight_noise, noise)
+    bias = perturbed_weight(self, 'bias', (self.features,),
+                            nn.initializers.zeros, self.weight_noise, noise,
+                            perturb_with_pni=False)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class FeatureNoise(nn.Module):
+  """Learn2Perturb's perturbation-injection module: x + theta * eps, eps ~ N(0, 1).
+
+  theta has the shape of one feature map (H, W, C) and lives in `perturb`. By
+  default one eps of that shape is drawn per call and shared by the whole batch,
+  as in the authors' code; `per_example=True` draws one per example.
+  """
+  init_scale: float = 0.25
+  per_example: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
+    theta = self.variable(
+        PERTURB, 'theta',
+        lambda: jnp.full(x.shape[1:], self.init_scale, jnp.float32)).value
+    if not noise:
+      return x
+    shape = x.shape if self.per_example else x.shape[1:]
+    eps = jax.random.normal(self.make_rng(NOISE_RNG), shape, jnp.float32)
+    return x + (theta * eps).astype(x.dtype)
+
+
+def project_perturb(perturb: Any, theta_floor: float = 0.01) -> Any:
+  """Clips every L2P noise map from below at `theta_floor` (applied after each update).
+
+  Other perturbation parameters (PNI alphas, Bayesian log-sigmas) pass unchanged.
+  """
+  def clip(path, leaf):
+    name = getattr(path[-1], 'key', None)
+    return jnp.maximum(leaf, theta_floor) if name == 'theta' else leaf
+  return jax.tree_util.tree_map_with_path(clip, perturb)
+
+
+def bayes_kl(params: Any, perturb: Any, prior_sigma: float) -> jax.Array:
+  """Total KL of every Bayesian weight's posterior from the prior N(0, prior_sigma^2).
+
+  Pairs each `<name>_log_sigma` in `perturb` with the mean `<name>` at the same
+  place in `params`; zero for a network without Bayesian layers.
+  """
+  flat_params = traverse_util.flatten_dict(params)
+  total = jnp.zeros((), jnp.float32)
+  for path, log_sigma in traverse_util.flatten_dict(perturb or {}).items():
+    if path[-1].endswith('_log_sigma'):
+      mean = flat_params[path[:-1] + (path[-1][:-len('_log_sigma')],)]
+      total = total + gaussian_kl(mean, log_sigma, prior_sigma)
+  return total
+
