@@ -1,0 +1,137 @@
+r"""The paper's CIFAR experiments: any method on any CIFAR ResNet and dataset.
+
+The argument is `METHOD,ARCH,DATASET[,tiny]` (each part optional, in that order), or
+just `tiny`; defaults are Learn2Perturb on ResNet-V1(20) and CIFAR-10:
+
+  python train.py --config configs/cifar.py:l2p,resnet20,cifar10 --workdir runs/l2p_r20
+  python train.py --config configs/cifar.py:pni,resnet18,cifar100 --workdir runs/pni_r18
+  python train.py --config configs/cifar.py:vanilla,resnet20,cifar10 \
+      --config.model.width=4 --workdir runs/vanilla_r20x4
+  python train.py --config configs/cifar.py:tiny --workdir /tmp/tiny   # ~1 min on CPU
+
+METHOD is one of none, vanilla, pni, adv_bnn, l2p; ARCH is resnet<6n+2> (ResNet-V1)
+or resnet18 (ResNet-V2(18)); DATASET is any TFDS image-classification name. The
+schedules are the papers': supplementary 1.4 for l2p, vanilla and none; PNI's own
+for pni; Adv-BNN's PGD and prior for adv_bnn. `tiny` shrinks model, data and
+schedule so that a run finishes in about a minute on a 2-core CPU.
+"""
+
+import ml_collections
+
+from l2p_jax.models import METHODS
+
+# Per-method changes to the supplementary's schedule (section 1.4).
+_METHOD_OVERRIDES = {
+    'none': dict(adv_start_epoch=-1),
+    'vanilla': dict(adv_start_epoch=0),
+    'l2p': dict(noise_start_epoch=10, adv_start_epoch=20),
+    # PNI (He et al. 2019): 160 epochs, lr x0.1 at 80 and 120, wd 3e-4, AT after 5.
+    'pni': dict(num_epochs=160, lr_boundaries=(80, 120), weight_decay=3e-4,
+                adv_start_epoch=5),
+    # Adv-BNN (Liu et al. 2019): prior and initial sigma 0.08, PGD-10 in training.
+    'adv_bnn': dict(adv_start_epoch=0, adv_steps=10),
+}
+
+
+def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
+  """The experiment named by `arg` (see the module docstring)."""
+  parts = [p for p in arg.split(',') if p]
+  tiny = 'tiny' in parts
+  parts = [p for p in parts if p != 'tiny']
+  defaults = ['l2p', 'resnet20', 'cifar10']
+  if len(parts) > 3:
+    raise ValueError(f'Config argument {arg!r} has too many parts; expected '
+                     'METHOD,ARCH,DATASET[,tiny].')
+  method, arch, dataset = parts + defaults[len(parts):]
+  if method not in METHODS:
+    raise ValueError(f'Unknown method {method!r} in config argument {arg!r}; '
+                     f'expected one of {METHODS}.')
+  over = dict(num_epochs=350, lr_boundaries=(150, 250), weight_decay=1e-4,
+              noise_start_epoch=0, adv_steps=7)
+  over.update(_METHOD_OVERRIDES[method])
+
+  c = ml_collections.ConfigDict()
+  c.method = method  # none | vanilla | pni | adv_bnn | l2p
+  c.seed = 0  # Root of every random key: init, data order, augmentation, noise, PGD.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = arch  # resnet<6n+2> (ResNet-V1, option-A shortcuts) | resnet18 (V2)
+  c.model.width = 1.0  # Channel multiplier (1.5, 2, 4 in the paper's width study).
+  c.model.l2p_init = 0.25  # Initial value of every L2P noise parameter theta.
+  c.model.l2p_per_example = False  # False: one noise draw per batch (authors' code).
+  c.model.pni_mode = 'layer'  # PNI alpha per layer | channel | element.
+  c.model.pni_init = 0.25  # Initial PNI alpha.
+  c.model.bnn_init_sigma = 0.08  # Adv-BNN initial weight std.
+  c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params stay float32).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = dataset  # TFDS name: cifar10, cifar100, fashion_mnist, ...
+  c.data.source = 'tfds'  # tfds (prepared under data_dir) | local (original archives)
+  c.data.data_dir = ''  # TFDS data directory; '' means the TFDS default.
+  c.data.local_dir = ''  # Folder with the original archives, for source=local.
+  c.data.download = False  # Allow TFDS to download and prepare the dataset.
+  c.data.train_split = 'train'  # Split to train on.
+  c.data.eval_split = 'test'  # Split evaluated after every epoch.
+  c.data.train_examples = 0  # Use only the first N training examples (0: all).
+  c.data.eval_examples = 0  # Evaluate on the first N examples (0: all).
+
+  c.num_epochs = over['num_epochs']  # Length of training.
+  c.batch_size = 128  # Global batch, split over all devices.
+  c.eval_batch_size = 256  # Global evaluation batch.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 0.1  # Initial learning rate (weights and noise alike).
+  c.optim.lr_boundaries = over['lr_boundaries']  # Epochs where lr is multiplied...
+  c.optim.lr_decay = 0.1  # ...by this factor.
+  c.optim.momentum = 0.9  # SGD momentum.
+  c.optim.nesterov = True  # Nesterov momentum.
+  c.optim.weight_decay = over['weight_decay']  # Weight decay on `params` only.
+
+  c.adv = ml_collections.ConfigDict()
+  c.adv.start_epoch = over['adv_start_epoch']  # First adversarial epoch; -1 never.
+  c.adv.eps = 8 / 255  # L-inf radius of training PGD.
+  c.adv.steps = over['adv_steps']  # PGD steps in training.
+  c.adv.step_size = 0.01  # PGD step size.
+  c.adv.random_start = True  # Uniform random start in the eps-ball.
+  c.adv.labels = 'prediction'  # Attack the model's clean prediction (codes) | true.
+  c.adv.clean_weight = 0.5  # alpha: weight of the clean cross-entropy.
+  c.adv.adv_weight = 0.5  # beta: weight of the adversarial cross-entropy.
+  c.adv.unroll = False  # Unroll the PGD loop (much faster on XLA:CPU, slower compile).
+
+  c.l2p = ml_collections.ConfigDict()
+  c.l2p.noise_start_epoch = over['noise_start_epoch']  # First epoch with noise on.
+  c.l2p.gamma = 1e-4  # Weight of the harmonic regularizer -gamma/tau(t) sum sqrt(theta).
+  c.l2p.theta_floor = 0.01  # theta is clipped from below after every update.
+  c.l2p.alternation = 'paper'  # paper: theta step, then W step | authors_code.
+
+  c.bnn = ml_collections.ConfigDict()
+  c.bnn.prior_sigma = 0.08  # Std of the Gaussian prior on every weight.
+  c.bnn.kl_weight = -1.0  # Weight of the KL term; -1 means 1 / N_train (ELBO).
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.pgd_steps = 7  # PGD steps of the per-epoch robust accuracy (eps as training).
+  c.eval.every_epochs = 1  # Evaluate every N epochs (and after the last).
+
+  c.checkpoint_every_steps = 500  # Also checkpoint mid-epoch (crash loses less).
+  c.keep_checkpoints = 2  # Checkpoints kept on disk.
+  c.log_every_steps = 50  # Scalars to TensorBoard and the non-finite check.
+  c.progress_bar = True  # tqdm bar with rate and ETA.
+
+  if tiny:
+    c.model.arch = 'resnet8'
+    c.model.width = 0.5
+    c.data.train_examples = 512
+    c.data.eval_examples = 128
+    c.num_epochs = 3
+    c.batch_size = 64
+    c.eval_batch_size = 128
+    c.optim.lr_boundaries = (2,)
+    c.adv.steps = 2
+    c.eval.pgd_steps = 2
+    c.adv.start_epoch = min(c.adv.start_epoch, 1)
+    c.l2p.noise_start_epoch = min(c.l2p.noise_start_epoch, 0)
+    c.checkpoint_every_steps = 4
+    c.log_every_steps = 4
+
+  c.lock()  # train.py's flag locks it as well; a mistyped key is an error.
+  return c

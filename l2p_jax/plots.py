@@ -1,0 +1,38 @@
+"""Figures a person would rather look at than numbers: the evolution of the noise
+parameters over training (supplementary Figure 1)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')  # Files only; no display needed.
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+
+def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str,
+                         title: str = '') -> bool:
+  """Plots, per epoch, the mean of every layer's noise parameters (thin lines) and
+  their average over layers (thick line) to `path`; False when there is no noise."""
+  epochs = [r['epoch'] for r in records if r.get('noise')]
+  if not epochs:
+    return False
+  layers = sorted(records[-1]['noise'])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for layer in layers:
+    ax.plot(epochs, [r['noise'][layer]['mean'] for r in records if r.get('noise')],
+            lw=0.7, alpha=0.5)
+  average = [sum(r['noise'][l]['mean'] for l in layers) / len(layers)
+             for r in records if r.get('noise')]
+  ax.plot(epochs, average, lw=2.5, color='black', label='mean over layers')
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('mean noise parameter')
+  ax.set_title(title or 'Noise parameters during training')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True

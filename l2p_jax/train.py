@@ -1,0 +1,468 @@
+"""Training of the five methods: the train state, one jitted step per training phase,
+the per-epoch evaluation, and the loop with checkpoints, metrics and resume.
+
+Everything random is a pure function of (config.seed, step): a run resumed from a
+checkpoint continues bit-identically to one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+from tqdm import tqdm
+
+from l2p_jax import attacks, checkpointing, data, models, objectives, optim, sharding
+from l2p_jax.metrics import MetricsWriter, read_metrics
+from l2p_jax.plots import plot_noise_evolution
+
+ADV_LABELS = ('prediction', 'true')
+ALTERNATIONS = ('paper', 'authors_code')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# Streams folded into the root key, so no two uses of the seed share random numbers.
+_INIT, _TRAIN, _EVAL = 0, 1, 2
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes, and all a checkpoint needs to resume."""
+  step: jax.Array
+  params: Any
+  perturb: Any
+  batch_stats: Any
+  opt_state: Any  # {'params': ..., 'perturb': ...}, one optax state per collection.
+  loss_sum: jax.Array  # Sum of step losses in the current epoch.
+  correct_sum: jax.Array  # Clean training examples classified right this epoch.
+  seen: jax.Array  # Training examples seen this epoch.
+  nonfinite_step: jax.Array  # First step with a non-finite loss, -1 if none.
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {'params': self.params, 'perturb': self.perturb,
+            'batch_stats': self.batch_stats}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """What changes between epochs and changes the compiled step."""
+  noise: bool  # Noise layers draw noise.
+  adversarial: bool  # The loss includes PGD examples.
+  train_perturb: bool  # The perturb collection is updated.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for values no run can use, naming the field and what is accepted."""
+  def check(ok, message):
+    if not ok:
+      raise ValueError(message)
+  check(config.method in models.METHODS,
+        f'Unknown method {config.method!r}; expected one of {models.METHODS}.')
+  models.resnet_layout(config.model.arch, config.model.width)
+  check(config.model.dtype in DTYPES,
+        f'Unknown model.dtype {config.model.dtype!r}; expected one of {tuple(DTYPES)}.')
+  check(config.adv.labels in ADV_LABELS,
+        f'Unknown adv.labels {config.adv.labels!r}; expected one of {ADV_LABELS}.')
+  check(config.l2p.alternation in ALTERNATIONS,
+        f'Unknown l2p.alternation {config.l2p.alternation!r}; expected one of '
+        f'{ALTERNATIONS}.')
+  check(config.method != 'none' or config.adv.start_epoch < 0,
+        f'method=none trains on clean images only, but adv.start_epoch='
+        f'{config.adv.start_epoch}; use method=vanilla for PGD training or set '
+        'adv.start_epoch=-1.')
+  check(config.method in ('none',) or config.adv.start_epoch >= 0,
+        f'method={config.method} needs adversarial training, but adv.start_epoch='
+        f'{config.adv.start_epoch}; use method=none for clean training.')
+  check(config.adv.clean_weight >= 0 and config.adv.adv_weight >= 0 and
+        config.adv.clean_weight + config.adv.adv_weight > 0,
+        f'adv.clean_weight={config.adv.clean_weight} and adv.adv_weight='
+        f'{config.adv.adv_weight} must be non-negative and not both zero.')
+  check(config.num_epochs > 0, f'num_epochs must be positive, got {config.num_epochs}.')
+  check(0 <= config.l2p.noise_start_epoch < config.num_epochs,
+        f'l2p.noise_start_epoch={config.l2p.noise_start_epoch} must be in '
+        f'[0, num_epochs={config.num_epochs}).')
+  check(config.adv.eps >= 0 and config.adv.steps >= 1 and config.eval.pgd_steps >= 1,
+        f'adv.eps={config.adv.eps} must be >= 0 and adv.steps={config.adv.steps}, '
+        f'eval.pgd_steps={config.eval.pgd_steps} at least 1.')
+  check(config.bnn.prior_sigma > 0 and config.model.bnn_init_sigma > 0,
+        f'bnn.prior_sigma={config.bnn.prior_sigma} and model.bnn_init_sigma='
+        f'{config.model.bnn_init_sigma} must be positive.')
+  for name in ('checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints'):
+    check(config[name] > 0, f'{name} must be positive, got {config[name]}.')
+
+
+def phase_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> Phase:
+  """Noise on from l2p.noise_start_epoch for L2P (always for PNI and Adv-BNN), PGD
+  examples from adv.start_epoch, noise parameters trained while noise is on."""
+  has_noise = config.method in ('l2p', 'pni', 'adv_bnn')
+  noise = has_noise and (config.method != 'l2p'
+                         or epoch >= config.l2p.noise_start_epoch)
+  adversarial = config.adv.start_epoch >= 0 and epoch >= config.adv.start_epoch
+  return Phase(noise=noise, adversarial=adversarial, train_perturb=noise)
+
+
+def regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
+  """gamma / tau(t) for L2P once noise is on, else 0."""
+  if config.method != 'l2p' or epoch < config.l2p.noise_start_epoch:
+    return 0.0
+  return config.l2p.gamma / objectives.harmonic_tau(epoch, config.l2p.noise_start_epoch)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                mean: Any, std: Any) -> models.ResNet:
+  """The network of `config.method` and `config.model`, normalizing with mean/std."""
+  m = config.model
+  return models.create_model(
+      m.arch, num_classes, config.method, width=m.width, mean=tuple(mean),
+      std=tuple(std), l2p_init=m.l2p_init, l2p_per_example=m.l2p_per_example,
+      pni_mode=m.pni_mode, pni_init=m.pni_init, bnn_init_sigma=m.bnn_init_sigma,
+      dtype=DTYPES[m.dtype])
+
+
+def create_train_state(model: models.ResNet, optimizers: dict, key: jax.Array,
+                       image_shape: tuple[int, ...]) -> TrainState:
+  """Initial variables (from `key`) and optimizer states, with empty epoch sums."""
+  params_key, noise_key = jax.random.split(key)
+  variables = model.init({'params': params_key, 'noise': noise_key},
+                         jnp.zeros((1, *image_shape), jnp.float32))
+  perturb = variables.get('perturb', {})
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'], perturb=perturb,
+      batch_stats=variables['batch_stats'],
+      opt_state={'params': optimizers['params'].init(variables['params']),
+                 'perturb': optimizers['perturb'].init(perturb)},
+      loss_sum=jnp.zeros((), jnp.float32), correct_sum=jnp.zeros((), jnp.int32),
+      seen=jnp.zeros((), jnp.int32), nonfinite_step=-jnp.ones((), jnp.int32))
+
+
+def reset_epoch_sums(state: TrainState) -> TrainState:
+  """Zeroes the per-epoch accumulators at the start of an epoch."""
+  return state.replace(loss_sum=jnp.zeros_like(state.loss_sum),
+                       correct_sum=jnp.zeros_like(state.correct_sum),
+                       seen=jnp.zeros_like(state.seen))
+
+
+def step_keys(seed: int, step: jax.Array) -> dict[str, jax.Array]:
+  """The keys of training step `step`: augmentation, clean noise, PGD, adversarial noise."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _TRAIN), step)
+  return {name: jax.random.fold_in(key, i)
+          for i, name in enumerate(('augment', 'clean', 'pgd', 'adv'))}
+
+
+def pgd_attack(config: ml_collections.ConfigDict, steps: int):
+  """The configured L-inf PGD with `steps` steps, as a function of (logits_fn, key, x, y)."""
+  return functools.partial(
+      attacks.pgd, eps=config.adv.eps, steps=steps, step_size=config.adv.step_size,
+      random_start=config.adv.random_start, unroll=True if config.adv.unroll else 1)
+
+
+def step_objective(state: TrainState, batch: dict[str, jax.Array],
+                   reg_weight: jax.Array, *, phase: Phase, model: models.ResNet,
+                   config: ml_collections.ConfigDict, kl_weight: float):
+  """The objective of training step `state.step` as a function of (params, perturb).
+
+  Augmentation, noise draws and the PGD examples (made once, with the state's
+  variables, the model in training mode, BatchNorm statistics left alone) are fixed
+  by the step's keys. The objective is the training loss minus L2P's regularizer;
+  its aux is (training loss, updated batch_stats, clean logits).
+  """
+  keys = step_keys(config.seed, state.step)
+  x = data.augment(keys['augment'], batch['image'])
+  y = batch['label']
+
+  def forward(params, perturb, batch_stats, inputs, key):
+    return model.apply({'params': params, 'perturb': perturb,
+                        'batch_stats': batch_stats}, inputs, train=True,
+                       noise=phase.noise, rngs={'noise': key},
+                       mutable=['batch_stats'])
+
+  x_adv = None
+  if phase.adversarial:
+    frozen = jax.lax.stop_gradient((state.params, state.perturb, state.batch_stats))
+    logits_fn = lambda inputs, key: forward(*frozen, inputs, key)[0]  # noqa: E731
+    target = y if config.adv.labels == 'true' else jnp.argmax(
+        logits_fn(x, keys['clean']), axis=-1)
+    x_adv = pgd_attack(config, config.adv.steps)(
+        logits_fn, keys['pgd'], x, target).x_adv
+
+  def objective(params, perturb):
+    clean_logits, updates = forward(params, perturb, state.batch_stats, x,
+                                    keys['clean'])
+    adv_logits = None
+    if x_adv is not None:
+      adv_logits, updates = forward(params, perturb, updates['batch_stats'], x_adv,
+                                    keys['adv'])
+    loss = objectives.mixed_loss(clean_logits, adv_logits, y,
+                                 config.adv.clean_weight, config.adv.adv_weight)
+    if config.method == 'adv_bnn':
+      loss += kl_weight * models.bayes_kl(params, perturb, config.bnn.prior_sigma)
+    total = loss - reg_weight * objectives.l2p_regularizer(perturb)
+    return total, (loss, updates['batch_stats'], clean_logits)
+
+  return objective
+
+
+def descend(state: TrainState, collection: str, grads: Any, lr: jax.Array,
+            optimizers: dict, theta_floor: float) -> TrainState:
+  """One SGD update of one collection ('params' or 'perturb'); the other collection
+  and its optimizer state stay exactly as they were. L2P maps are floored after."""
+  variables, opt_state = optim.update(optimizers[collection], grads,
+                                      state.opt_state[collection],
+                                      getattr(state, collection), lr)
+  if collection == 'perturb':
+    variables = models.project_perturb(variables, theta_floor)
+  return state.replace(**{collection: variables},
+                       opt_state={**state.opt_state, collection: opt_state})
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
+               reg_weight: jax.Array, *, phase: Phase, model: models.ResNet,
+               config: ml_collections.ConfigDict, optimizers: dict,
+               kl_weight: float) -> TrainState:
+  """One training iteration of `config.method` in `phase` on a uint8 batch."""
+  objective = step_objective(state, batch, reg_weight, phase=phase, model=model,
+                             config=config, kl_weight=kl_weight)
+  grad = jax.grad(objective, argnums=(0, 1), has_aux=True)
+  step = functools.partial(descend, lr=lr, optimizers=optimizers,
+                           theta_floor=config.l2p.theta_floor)
+  start = state
+  l2p_noise = config.method == 'l2p' and phase.train_perturb
+  if l2p_noise and config.l2p.alternation == 'paper':
+    # Alternating back-propagation: theta with W fixed, then W with the new theta.
+    (_, g_perturb), aux = grad(state.params, state.perturb)
+    state = step(state, 'perturb', g_perturb)
+    (g_params, _), (_, batch_stats, _) = grad(state.params, state.perturb)
+    state = step(state, 'params', g_params)
+  else:
+    if l2p_noise:
+      # The authors' code: a theta step on the regularizer alone, then a joint step.
+      g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(
+          state.perturb)
+      state = step(state, 'perturb', g_reg)
+    (g_params, g_perturb), aux = grad(state.params, state.perturb)
+    batch_stats = aux[1]
+    state = step(state, 'params', g_params)
+    if phase.train_perturb:
+      state = step(state, 'perturb', g_perturb)
+  loss, _, clean_logits = aux  # Reported: the loss at the iteration's first pass.
+  correct = jnp.sum(jnp.argmax(clean_logits, -1) == batch['label'])
+  nonfinite = (start.nonfinite_step < 0) & ~jnp.isfinite(loss)
+  return state.replace(
+      step=start.step + 1, batch_stats=batch_stats,
+      loss_sum=start.loss_sum + loss, correct_sum=start.correct_sum + correct,
+      seen=start.seen + batch['label'].shape[0],
+      nonfinite_step=jnp.where(nonfinite, start.step, start.nonfinite_step))
+
+
+def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array],
+              key: jax.Array, *, noise: bool, model: models.ResNet,
+              config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """Correct predictions on clean and PGD inputs of a masked batch (one noise draw,
+  BatchNorm running statistics, true labels)."""
+  x, y, mask = data.to_float(batch['image']), batch['label'], batch['mask']
+  clean_key, pgd_key, adv_key = jax.random.split(key, 3)
+
+  def logits_fn(inputs, k):
+    return model.apply(variables, inputs, train=False, noise=noise, rngs={'noise': k})
+
+  x_adv = pgd_attack(config, config.eval.pgd_steps)(logits_fn, pgd_key, x, y).x_adv
+  clean = jnp.argmax(logits_fn(x, clean_key), -1) == y
+  robust = jnp.argmax(logits_fn(x_adv, adv_key), -1) == y
+  return jnp.sum(clean & mask), jnp.sum(robust & mask)
+
+
+def summarize(record: dict[str, Any]) -> str:
+  """One console line for an epoch's record."""
+  parts = [f"epoch {record['epoch'] + 1}", f"lr {record['learning_rate']:.4g}",
+           f"loss {record['train_loss']:.4f}",
+           f"train acc {record['train_accuracy']:.4f}"]
+  if 'eval_clean_accuracy' in record:
+    parts += [f"clean acc {record['eval_clean_accuracy']:.4f}",
+              f"PGD acc {record['eval_pgd_accuracy']:.4f}"]
+  if record['noise']:
+    means = [v['mean'] for v in record['noise'].values()]
+    parts.append(f'mean noise {sum(means) / len(means):.4f}')
+  return ' | '.join(parts)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+def _limit(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
+  """The first n examples of a split (all when n == 0)."""
+  if n == 0:
+    return split
+  if not 0 < n <= split.num_examples:
+    raise ValueError(f'{field}={n} must be between 1 and the {split.num_examples} '
+                     f'examples of {split.name}/{split.split} (0 means all).')
+  return dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
+
+
+def load_data(config: ml_collections.ConfigDict) -> tuple[data.HostSplit, data.HostSplit]:
+  """The configured training and evaluation splits in host memory."""
+  d = config.data
+  load = functools.partial(data.load_split, d.dataset, source=d.source,
+                           data_dir=d.data_dir or None, local_dir=d.local_dir or None,
+                           download=d.download)
+  train = _limit(load(d.train_split), d.train_examples, 'data.train_examples')
+  evaluation = _limit(load(d.eval_split), d.eval_examples, 'data.eval_examples')
+  return train, evaluation
+
+
+def normalization(config: ml_collections.ConfigDict,
+                  split: data.HostSplit) -> tuple[list[float], list[float]]:
+  """Per-channel mean and std for the model: the known values of the dataset, or
+  computed from the training split."""
+  if config.data.dataset in data.KNOWN_CHANNEL_STATS:
+    mean, std = data.KNOWN_CHANNEL_STATS[config.data.dataset]
+  else:
+    mean, std = data.channel_stats(split.images)
+  return [float(v) for v in mean], [float(v) for v in std]
+
+
+def evaluate(eval_fn, variables: dict[str, Any], split: data.HostSplit,
+             mesh: jax.sharding.Mesh, batch_size: int, key: jax.Array) -> dict[str, float]:
+  """Clean and PGD accuracy over a whole split, every example counted once."""
+  clean = robust = 0
+  batches = data.device_batches(mesh, data.eval_batches(split, batch_size))
+  for i, batch in enumerate(batches):
+    c, r = eval_fn(variables, batch, jax.random.fold_in(key, i))
+    clean, robust = clean + c, robust + r
+  n = split.num_examples
+  return {'clean_accuracy': float(clean) / n, 'pgd_accuracy': float(robust) / n}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from the latest checkpoint there.
+
+  Leaves config.json, checkpoints/, metrics.jsonl, tensorboard/ and (for randomized
+  methods) noise_evolution.png in `workdir`; returns the final state.
+  """
+  validate_config(config)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh)
+  train_split, eval_split = load_data(config)
+  mean, std = normalization(config, train_split)
+  model = build_model(config, train_split.num_classes, mean, std)
+  steps_per_epoch = data.steps_per_epoch(train_split.num_examples, config.batch_size)
+  optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
+                                     config.optim.weight_decay)
+  replicated = sharding.replicated_sharding(mesh)
+  root = jax.random.key(config.seed)
+  init = jax.jit(functools.partial(create_train_state, model, optimizers,
+                                   image_shape=train_split.images.shape[1:]),
+                 out_shardings=replicated)
+  state = init(jax.random.fold_in(root, _INIT))
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                          keep=config.keep_checkpoints)
+  meta = {'config': config.to_dict(), 'num_classes': train_split.num_classes,
+          'mean': mean, 'std': std, 'image_shape': list(train_split.images.shape[1:])}
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    checkpointing.check_compatible(checkpoints.meta(latest)['config'], config,
+                                   checkpoints.path(latest))
+    state, _ = checkpoints.restore(latest, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+    if jax.process_index() == 0:
+      tqdm.write(f'Resuming from {checkpoints.path(latest)}.')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  kl_weight = (config.bnn.kl_weight if config.bnn.kl_weight >= 0
+               else 1.0 / train_split.num_examples)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, config=config,
+                        optimizers=optimizers, kl_weight=kl_weight),
+      static_argnames='phase', donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config),
+                    static_argnames='noise')
+  writer = MetricsWriter(workdir)
+  step = int(state.step)
+  writer.drop_epochs_from(step // steps_per_epoch)
+  last_saved = latest
+
+  def save(step_now: int) -> None:
+    nonlocal last_saved
+    check_finite(state, checkpoints, last_saved)
+    if step_now != last_saved:
+      checkpoints.save(step_now, state, meta)
+      last_saved = step_now
+
+  for epoch in range(step // steps_per_epoch, config.num_epochs):
+    phase = phase_for_epoch(config, epoch)
+    lr = optim.learning_rate(epoch, config.optim.learning_rate,
+                             config.optim.lr_boundaries, config.optim.lr_decay)
+    reg_weight = regularizer_weight(config, epoch)
+    start = step - epoch * steps_per_epoch
+    if start == 0:
+      state = reset_epoch_sums(state)
+    started = time.time()
+    batches = data.device_batches(mesh, data.train_batches(
+        train_split, seed=config.seed, epoch=epoch, batch_size=config.batch_size,
+        start_step=start))
+    bar = tqdm(total=steps_per_epoch, initial=start, unit='step', dynamic_ncols=True,
+               desc=f'epoch {epoch + 1}/{config.num_epochs}',
+               disable=not config.progress_bar or jax.process_index() != 0)
+    for batch in batches:
+      state = step_fn(state, batch, lr, reg_weight, phase=phase)
+      step += 1
+      bar.update()
+      if step % config.log_every_steps == 0:
+        check_finite(state, checkpoints, last_saved)
+        loss = float(state.loss_sum) / (step - epoch * steps_per_epoch)
+        bar.set_postfix(loss=f'{loss:.4f}')
+        writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
+      if step % config.checkpoint_every_steps == 0:
+        save(step)
+    bar.close()
+
+    record = {'epoch': epoch, 'step': step, 'learning_rate': lr,
+              'regularizer_weight': reg_weight,
+              'train_loss': float(state.loss_sum) / steps_per_epoch,
+              'train_accuracy': float(state.correct_sum) / int(state.seen),
+              'epoch_seconds': time.time() - started}
+    if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+      results = evaluate(functools.partial(eval_fn, noise=phase.noise),
+                         state.variables, eval_split, mesh, config.eval_batch_size,
+                         jax.random.fold_in(jax.random.fold_in(root, _EVAL), epoch))
+      record.update({f'eval_{k}': v for k, v in results.items()})
+    record['noise'] = objectives.noise_statistics(state.perturb)
+    check_finite(state, checkpoints, last_saved)
+    writer.epoch(record)
+    save(step)
+    if jax.process_index() == 0:
+      tqdm.write(summarize(record))
+  checkpoints.wait()
+  checkpoints.close()
+  writer.close()
+  if jax.process_index() == 0 and config.method in ('l2p', 'pni', 'adv_bnn'):
+    plot_noise_evolution(read_metrics(writer.path),
+                         os.path.join(workdir, 'noise_evolution.png'),
+                         title=f'{config.method} {config.model.arch}')
+  return state
+
+
+def check_finite(state: TrainState, checkpoints: checkpointing.Checkpoints,
+                 last_saved: int | None) -> None:
+  """Raises NonFiniteLossError naming the step and the last good checkpoint."""
+  bad = int(state.nonfinite_step)
+  if bad >= 0:
+    where = (checkpoints.path(last_saved) if last_saved is not None
+             else 'none (no checkpoint was written yet)')
+    raise NonFiniteLossError(
+        f'Non-finite training loss at step {bad}. Last good checkpoint: {where}. '
+        'Lower optim.learning_rate or check the data; rerunning the same command '
+        'resumes from that checkpoint.')
+

@@ -1,0 +1,31 @@
+r"""Trains one of the five methods; see configs/cifar.py for the experiments.
+
+  python train.py --config configs/cifar.py:l2p,resnet20,cifar10 --workdir runs/l2p
+  python train.py --config configs/cifar.py:tiny --workdir /tmp/tiny \
+      --config.data.source=local --config.data.local_dir=~/data/cifar
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from l2p_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE.py[:ARG]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
+    logging.set_verbosity(logging.WARNING)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
