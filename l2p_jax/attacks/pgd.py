@@ -1,0 +1,54 @@
+"""L-inf FGSM and PGD (Madry et al. 2018), with EOT and restarts, for training and eval.
+
+Key layout (documented so that runs can be recomputed): restart r uses
+rkey = fold_in(key, r); (start_key, steps_key, eval_key) = split(rkey, 3); step i
+computes its gradient with noise keys fold_in(fold_in(steps_key, i), j) for EOT draw j;
+the final verdict (`success`, and the loss that ranks restarts) uses the draws
+fold_in(eval_key, j).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from l2p_jax.attacks import core
+
+
+def pgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
+        eps: float, steps: int, step_size: float, random_start: bool = True,
+        restarts: int = 1, loss: str = 'ce', eot_draws: int = 1,
+        unroll: int | bool = 1) -> core.AttackResult:
+  """L-inf PGD: `steps` sign-gradient ascent steps on `loss`, each projected back onto
+  the eps-ball around x and [0, 1]; returns the last iterate of the best restart.
+
+  `eot_draws` > 1 averages each step's gradient over that many noise draws (EOT);
+  `restarts` > 1 keeps per example the first restart that fools the model, else the
+  highest-loss one; `unroll` is passed to the step loop (True unrolls it fully, which
+  XLA:CPU runs much faster). `success` is judged by the mean logits of `eot_draws`
+  fresh draws at x_adv. Jittable with the integer and string arguments static; with one
+  restart, unused outputs (success, l2) cost nothing under jit.
+  """
+  loss_fn = core.get_loss(loss)
+
+  def run(run_key):
+    start_key, steps_key, eval_key = jax.random.split(run_key, 3)
+    x_adv = core.linf_random_start(start_key, x, eps) if random_start else x
+
+    def step(i, x_adv):
+      _, _, grad = core.eot_value_and_grad(
+          logits_fn, loss_fn, jax.random.fold_in(steps_key, i), x_adv, y, eot_draws)
+      return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps)
+
+    x_adv = jax.lax.fori_loop(0, steps, step, x_adv, unroll=unroll)
+    return (x_adv,) + core.eot_evaluate(logits_fn, loss_fn, eval_key, x_adv, y, eot_draws)
+
+  x_adv, _, fooled = core.best_of_restarts(run, key, restarts)
+  return core.make_result(x, x_adv, fooled)
+
+
+def fgsm(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
+         eps: float, loss: str = 'ce', eot_draws: int = 1) -> core.AttackResult:
+  """FGSM (Goodfellow et al. 2015): one sign step of size eps from the clean input,
+  clipped to [0, 1]; it is PGD with one step and no random start."""
+  return pgd(logits_fn, key, x, y, eps=eps, steps=1, step_size=eps,
+             random_start=False, loss=loss, eot_draws=eot_draws)
