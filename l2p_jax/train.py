@@ -317,14 +317,32 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data.HostSplit, data.H
   return train, evaluation
 
 
+# The constants of the PyTorch codes, for runs that must match them: the L2P code's
+# std is the widespread (0.2023, 0.1994, 0.2010), not CIFAR-10's true pixel std.
+CODE_NORMALIZATIONS = {
+    'l2p_code': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    'pni_code': (tuple(v / 255 for v in (125.3, 123.0, 113.9)),
+                 tuple(v / 255 for v in (63.0, 62.1, 66.7))),
+}
+
+
 def normalization(config: ml_collections.ConfigDict,
                   split: data.HostSplit) -> tuple[list[float], list[float]]:
-  """Per-channel mean and std for the model: the known values of the dataset, or
-  computed from the training split."""
-  if config.data.dataset in data.KNOWN_CHANNEL_STATS:
+  """Per-channel mean and std for the model: by default the dataset's own (known
+  values, else computed from the training split); or one of CODE_NORMALIZATIONS."""
+  choice = config.data.normalization
+  if choice in CODE_NORMALIZATIONS:
+    mean, std = CODE_NORMALIZATIONS[choice]
+  elif choice != 'dataset':
+    raise ValueError(f'Unknown data.normalization {choice!r}; expected one of '
+                     f"{('dataset', *CODE_NORMALIZATIONS)}.")
+  elif config.data.dataset in data.KNOWN_CHANNEL_STATS:
     mean, std = data.KNOWN_CHANNEL_STATS[config.data.dataset]
   else:
     mean, std = data.channel_stats(split.images)
+  if len(mean) != split.images.shape[-1]:
+    raise ValueError(f'data.normalization={choice!r} has {len(mean)} channels but '
+                     f'{split.name} images have {split.images.shape[-1]}.')
   return [float(v) for v in mean], [float(v) for v in std]
 
 

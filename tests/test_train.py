@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2p_jax import checkpointing, objectives, optim, sharding, train
+from l2p_jax import checkpointing, data, objectives, optim, sharding, train
 from l2p_jax.metrics import read_metrics
 
 import fake_datasets
@@ -110,6 +110,25 @@ def test_phases_switch_noise_and_adversarial_training_on_at_their_epochs():
   assert train.phase_for_epoch(get_config('pni'), 5) == train.Phase(True, True, True)
   assert train.phase_for_epoch(get_config('vanilla'), 0) == train.Phase(False, True, False)
   assert train.phase_for_epoch(get_config('none'), 99) == train.Phase(False, False, False)
+
+
+@pytest.mark.parametrize('choice,std0', [('dataset', 0.2470), ('l2p_code', 0.2023),
+                                         ('pni_code', 63.0 / 255)])
+def test_normalization_choices(choice, std0):
+  config = get_config('tiny')
+  config.data.normalization = choice
+  split = data.HostSplit('cifar10', 'train', np.zeros((2, 4, 4, 3), np.uint8),
+                         np.zeros(2, np.int32), 10)
+  mean, std = train.normalization(config, split)
+  assert std[0] == pytest.approx(std0) and len(mean) == 3
+  config.data.normalization = 'imagenet'
+  with pytest.raises(ValueError, match=r"Unknown data.normalization 'imagenet'"):
+    train.normalization(config, split)
+  config.data.normalization, config.data.dataset = 'l2p_code', 'mnist'
+  gray = data.HostSplit('mnist', 'train', np.zeros((2, 4, 4, 1), np.uint8),
+                        np.zeros(2, np.int32), 10)
+  with pytest.raises(ValueError, match='has 3 channels but mnist images have 1'):
+    train.normalization(config, gray)
 
 
 def test_learning_rate_schedule():

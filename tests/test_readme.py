@@ -1,0 +1,25 @@
+"""The README's two commands are the ones CI runs and the ones that work."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+  return re.findall(r'```bash\n(.*?)\n```', (ROOT / 'README.md').read_text(), re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+  test_command = readme_commands()[1]
+  assert 'pytest' in test_command
+  ci_lines = (ROOT / '.ci' / 'run').read_text().splitlines()
+  assert test_command in ci_lines
+
+
+def test_readme_main_command_names_an_existing_config_and_extra():
+  main = readme_commands()[0]
+  config = re.search(r'--config (\S+?):', main).group(1)
+  assert (ROOT / config).exists()
+  extra = re.search(r'\.\[(\w+)\]', main).group(1)
+  assert f'\n{extra} = [' in (ROOT / 'pyproject.toml').read_text()
