@@ -1,0 +1,42 @@
+r"""Converts PyTorch checkpoints to this project's workdirs and back.
+
+Import (then `python eval.py --workdir DIR` attacks it):
+  python convert_torch.py --torch_checkpoint l2p_resnet20.pth \
+      --config configs/cifar.py:l2p,resnet20,cifar10 --workdir runs/imported_l2p
+Export the latest checkpoint of a training run in the authors' key layout:
+  python convert_torch.py --export --workdir runs/l2p_r20 \
+      --torch_checkpoint l2p_r20.pth --layout l2p
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from l2p_jax.interop import LAYOUTS, convert
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config naming method, arch, dataset '
+                                '(for import).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Workdir to write (import) or read (export).')
+flags.DEFINE_string('torch_checkpoint', None, 'PyTorch checkpoint to read or write.')
+flags.DEFINE_bool('export', False, 'Write the workdir as a PyTorch checkpoint.')
+flags.DEFINE_enum('layout', 'auto', ('auto', *LAYOUTS), 'PyTorch key layout.')
+flags.DEFINE_integer('num_classes', None, 'Classes, if the dataset is not CIFAR.')
+flags.mark_flags_as_required(['workdir', 'torch_checkpoint'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.export:
+    if FLAGS.layout == 'auto':
+      raise app.UsageError(f'--export needs --layout, one of {LAYOUTS}.')
+    print(convert.workdir_to_torch(FLAGS.workdir, FLAGS.torch_checkpoint, FLAGS.layout))
+  else:
+    if FLAGS.config is None:
+      raise app.UsageError('Importing needs --config (method, arch and dataset).')
+    print(convert.torch_to_workdir(FLAGS.torch_checkpoint, FLAGS.config, FLAGS.workdir,
+                                   layout=FLAGS.layout, num_classes=FLAGS.num_classes))
+
+
+if __name__ == '__main__':
+  app.run(main)
