@@ -239,6 +239,23 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   assert not np.allclose(jax.tree.leaves(new.perturb)[0], jax.tree.leaves(t0)[0])
 
 
+def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():
+  _, optimizers, state, _, _ = step_setup('l2p')
+  ones = lambda tree: jax.tree.map(jnp.ones_like, tree)  # noqa: E731
+  theta_step = train.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers,
+                             0.01)
+  chex_equal((theta_step.params, theta_step.opt_state['params']),
+             (state.params, state.opt_state['params']))
+  assert not np.array_equal(jax.tree.leaves(theta_step.perturb)[0],
+                            jax.tree.leaves(state.perturb)[0])
+  w_step = train.descend(theta_step, 'params', ones(state.params), 0.1, optimizers,
+                         0.01)
+  chex_equal((w_step.perturb, w_step.opt_state['perturb']),
+             (theta_step.perturb, theta_step.opt_state['perturb']))
+  assert not np.array_equal(jax.tree.leaves(w_step.params)[0],
+                            jax.tree.leaves(state.params)[0])
+
+
 def test_theta_floor_holds_after_updates():
   config, _, state, step, _ = step_setup('l2p')
   low = state.replace(perturb=jax.tree.map(lambda t: jnp.full_like(t, 0.011),
