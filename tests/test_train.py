@@ -209,7 +209,7 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   W fixed and then W with the new theta fixed; in the authors' order, theta first
   steps on the regularizer alone, then W and theta step jointly."""
   config, optimizers, state, step, kwargs = step_setup('l2p', alternation)
-  phase = train.phase_for_epoch(config, 0)
+  phase = train.Phase(noise=True, adversarial=False, train_perturb=True)  # PGD aside
   lr, reg, m, wd, floor = 0.05, 0.5, 0.9, config.optim.weight_decay, 0.01
   b = batch(7)
   objective = train.step_objective(state, b, reg, phase=phase, **kwargs)
