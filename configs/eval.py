@@ -1,0 +1,111 @@
+r"""Evaluation of trained checkpoints under the paper's attacks (eval.py's config).
+
+The model, dataset and split come from the checkpoint; this config holds the attacks
+and how a randomized model's prediction is made. `get_config('')` is the full
+evaluation, `get_config('tiny')` a CPU smoke test of every attack:
+
+  python eval.py --workdir runs/l2p_r20
+  python eval.py --workdir runs/l2p_r20,runs/pni_r20,runs/vanilla_r20 \
+      --config.attacks=clean,fgsm,pgd,eps_sweep,transfer
+  python eval.py --workdir runs/l2p_r20 --config.attacks=apgd --config.apgd.eot_draws=50
+  python eval.py --workdir runs/adv_bnn_r20 --config.predict.rule=mean_softmax \
+      --config.predict.draws=50
+  python eval.py --workdir /tmp/tiny --config configs/eval.py:tiny
+
+Attack names (config.attacks, comma-separated): clean; fgsm; pgd (pgd.steps steps),
+pgd<N> (N steps: pgd20, pgd100); eot_pgd, eot_pgd<N> (PGD with gradients averaged
+over eot.draws noise draws); eps_sweep (FGSM and PGD at every eps_sweep.eps_255/255);
+cw (C&W L2); apgd (AutoAttack 'rand': APGD-CE + APGD-DLR with EOT); few_pixel (every
+few_pixel.pixels), few_pixel<N> (N pixels); transfer (FGSM and PGD examples of every
+transfer source judged by every transfer target).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  """The full evaluation (arg '') or its tiny CPU variant (arg 'tiny')."""
+  if arg not in ('', 'tiny'):
+    raise ValueError(f"Unknown eval config argument {arg!r}; expected '' or 'tiny'.")
+  c = ml_collections.ConfigDict()
+  c.attacks = ('clean,fgsm,pgd,pgd20,pgd100,eot_pgd,cw,apgd,few_pixel,'
+               'eps_sweep')  # Comma-separated attack names (module docstring).
+  c.seed = 0  # Root of every attack's and prediction's key.
+  c.batch_size = 256  # Global batch of examples attacked at once.
+  c.noise = True  # Noise layers draw noise in attacks and predictions (False: off).
+  c.unroll = False  # Unroll attack loops (much faster on XLA:CPU, slower compile).
+  c.output_dir = ''  # Where results go; '' is WORKDIR/eval of the first --workdir.
+  c.progress_bar = True  # tqdm bar with rate and ETA per attack.
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.rule = 'single'  # single (first draw) | vote | mean_softmax.
+  c.predict.draws = 1  # Noise draws per prediction (for vote and mean_softmax).
+
+  c.model = ml_collections.ConfigDict()  # Checks only: the model comes from the checkpoint.
+  c.model.arch = ''  # Refuse a checkpoint of another architecture ('' accepts any).
+  c.model.width = 0.0  # Refuse a checkpoint of another width (0 accepts any).
+
+  c.data = ml_collections.ConfigDict()  # '' (and -1) keep the checkpoint's setting.
+  c.data.dataset = ''  # TFDS name.
+  c.data.source = ''  # tfds | local.
+  c.data.data_dir = ''  # TFDS data directory.
+  c.data.local_dir = ''  # Folder with the original archives, for source=local.
+  c.data.split = ''  # Split to evaluate (the checkpoint's data.eval_split).
+  c.data.examples = -1  # First N examples; 0 all; -1 the checkpoint's eval_examples.
+
+  c.eps = 8 / 255  # L-inf radius of FGSM, PGD, EOT-PGD, APGD and transfer.
+
+  c.pgd = ml_collections.ConfigDict()
+  c.pgd.steps = 7  # Steps of `pgd` and of the eps sweep (pgd<N> overrides).
+  c.pgd.step_size = 0.01  # Step size (about 2.55/255).
+  c.pgd.random_start = True  # Uniform random start in the eps-ball.
+  c.pgd.restarts = 1  # Restarts; per example the first that fools the model counts.
+
+  c.eot = ml_collections.ConfigDict()
+  c.eot.draws = 30  # Noise draws averaged per EOT-PGD gradient (the L2P authors').
+
+  c.eps_sweep = ml_collections.ConfigDict()
+  c.eps_sweep.eps_255 = (1, 2, 3, 4, 5, 6, 7, 8)  # Radii in units of 1/255.
+
+  c.cw = ml_collections.ConfigDict()  # PNI's settings.
+  c.cw.c_init = 0.01  # Initial trade-off constant c.
+  c.cw.learning_rate = 5e-4  # Adam learning rate.
+  c.cw.kappa = 0.0  # Confidence margin.
+  c.cw.binary_steps = 9  # Binary-search steps over c.
+  c.cw.steps = 10  # Adam iterations per binary-search step.
+
+  c.apgd = ml_collections.ConfigDict()  # AutoAttack 'rand': no restarts.
+  c.apgd.steps = 100  # Iterations of APGD-CE and of APGD-DLR.
+  c.apgd.eot_draws = 20  # EOT draws per gradient.
+
+  c.few_pixel = ml_collections.ConfigDict()  # Su et al.; supplementary 1.5.
+  c.few_pixel.pixels = (1, 2, 3)  # Pixel counts `few_pixel` runs.
+  c.few_pixel.population = 400  # Candidates per example.
+  c.few_pixel.iterations = 75  # Generations at most (early stop when all fooled).
+  c.few_pixel.examples = 1000  # First N examples only (up to 30,400 forwards each).
+  c.few_pixel.chunk_size = 50  # Candidates evaluated per forward pass (memory).
+
+  c.transfer = ml_collections.ConfigDict()
+  c.transfer.sources = ''  # Comma-separated workdirs or checkpoints ('' the --workdirs).
+  c.transfer.targets = ''  # Likewise, the models judged on the sources' examples.
+
+  if arg == 'tiny':
+    c.attacks = 'clean,fgsm,pgd,eps_sweep,cw,apgd,few_pixel,transfer'
+    c.batch_size = 8
+    c.data.examples = 12
+    c.pgd.steps = 2
+    c.eps_sweep.eps_255 = (4, 8)
+    c.cw.c_init = 10.0
+    c.cw.learning_rate = 0.05
+    c.cw.binary_steps = 2
+    c.cw.steps = 2
+    c.apgd.steps = 2
+    c.apgd.eot_draws = 2
+    c.few_pixel.pixels = (1,)
+    c.few_pixel.population = 8
+    c.few_pixel.iterations = 2
+    c.few_pixel.examples = 4
+    c.few_pixel.chunk_size = 8
+
+  c.lock()  # eval.py's flag locks it as well; a mistyped key is an error.
+  return c

@@ -1,0 +1,40 @@
+r"""Evaluates trained checkpoints under attack; see configs/eval.py for the attacks.
+
+  python eval.py --workdir runs/l2p_r20
+  python eval.py --workdir runs/l2p_r20,runs/pni_r20 --config.attacks=clean,pgd,transfer
+  python eval.py --workdir runs/l2p_r20 --checkpoint runs/l2p_r20/checkpoints/175000
+
+Writes results.json, results.md and plots to WORKDIR/eval (of the first --workdir).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from l2p_jax import distributed, evaluation
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'eval.py'),
+    'Evaluation config file (FILE.py[:ARG]).', lock_config=True)
+flags.DEFINE_list('workdir', None, 'Training run folder(s) to evaluate, comma-separated.')
+flags.DEFINE_list('checkpoint', [], 'Checkpoint to evaluate instead of the latest, one '
+                  'per --workdir: a checkpoints/ folder or one of its step folders.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
+    logging.set_verbosity(logging.ERROR)
+  distributed.initialize_from_flags()
+  try:
+    evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+  except evaluation.USER_ERRORS as error:
+    raise SystemExit(f'eval.py: {error}') from None
+
+
+if __name__ == '__main__':
+  app.run(main)

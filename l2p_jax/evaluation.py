@@ -1,0 +1,519 @@
+"""Evaluation of trained checkpoints under attack: a model rebuilt from its checkpoint
+alone, any attack run over a split and judged with a prediction rule, transfer attacks
+between checkpoints, and one record per (checkpoint, attack, parameters).
+
+Keys (so that any result can be recomputed bit for bit): an attack with all its
+parameters (an `AttackSpec`) has the key fold_in(key(seed), spec.key_id), key_id being
+a CRC-32 of the spec's text; batch b of the split uses batch_key = fold_in(that key, b);
+the attack runs with fold_in(batch_key, 0) and the prediction of its output with
+fold_in(batch_key, 1). Keys do not depend on the checkpoint, so every model meets the
+same random numbers and a transfer cell whose source is its target equals that model's
+white-box result.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+import re
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from tqdm import tqdm
+
+from l2p_jax import attacks, checkpointing, data, models, prediction, report, sharding, train
+
+RANDOMIZED_METHODS = ('l2p', 'pni', 'adv_bnn')
+KEY_LAYOUT = ('attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
+              'fold_in(spec key, b); attack key = fold_in(batch_key, 0); prediction key '
+              '= fold_in(batch_key, 1)')
+ATTACK_NAMES = ('clean', 'fgsm', 'pgd', 'pgd<N>', 'eot_pgd', 'eot_pgd<N>', 'eps_sweep',
+                'cw', 'apgd', 'few_pixel', 'few_pixel<N>', 'transfer')
+
+
+class EvaluationError(ValueError):
+  """A request the evaluation cannot serve, with one message saying what to do."""
+
+
+# Errors whose message is the whole story: eval.py prints them without a traceback.
+USER_ERRORS = (EvaluationError, data.DatasetNotFoundError)
+
+
+# --- attacks by name ------------------------------------------------------------------
+
+
+def _clean(logits_fn: attacks.LogitsFn, key: jax.Array, x: jax.Array,
+           y: jax.Array) -> attacks.AttackResult:
+  """No attack: the inputs themselves, so clean accuracy runs through the same path."""
+  del logits_fn, key
+  return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
+
+
+ATTACKS: dict[str, Callable[..., attacks.AttackResult]] = {
+    'clean': _clean, 'fgsm': attacks.fgsm, 'pgd': attacks.pgd, 'cw': attacks.cw_l2,
+    'apgd_rand': attacks.autoattack_rand, 'few_pixel': attacks.few_pixel}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+  """One attack with every parameter that changes its result.
+
+  attack: a key of ATTACKS; params: its static keyword arguments; eps: the L-inf
+  radius (None for attacks without one), passed traced so that an eps sweep compiles
+  once; examples: attack only the first N examples of the split (0: all).
+  """
+  attack: str
+  params: tuple[tuple[str, Any], ...] = ()
+  eps: float | None = None
+  examples: int = 0
+
+  @property
+  def key_id(self) -> int:
+    """The number folded into the seed's key for this attack (stable across runs)."""
+    return zlib.crc32(repr(self).encode()) & 0x7FFFFFFF
+
+  @property
+  def name(self) -> str:
+    """A readable one-line description, e.g. 'pgd(steps=20, ..., eps=8/255)'."""
+    parts = [f'{k}={v}' for k, v in self.params if k != 'unroll']
+    if self.eps is not None:
+      parts.append(f'eps={self.eps * 255:g}/255')
+    if self.examples:
+      parts.append(f'first {self.examples}')
+    return f"{self.attack}({', '.join(parts)})"
+
+  def describe(self) -> dict[str, Any]:
+    """The parameters as a JSON-ready dict."""
+    return {**dict(self.params), 'eps': self.eps, 'examples': self.examples}
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+  """The items of a comma-separated string or of a sequence of such strings."""
+  items = [value] if isinstance(value, str) else list(value)
+  return [name.strip() for item in items for name in item.split(',') if name.strip()]
+
+
+def plan_attacks(config: ml_collections.ConfigDict, names: str | Sequence[str] | None = None
+                 ) -> tuple[list[AttackSpec], bool]:
+  """The white-box attacks that `names` (default: config.attacks) asks for, with their
+  parameters from `config` and duplicates removed (an eps-sweep point at the headline
+  eps is the headline attack), and whether the transfer matrix is asked for."""
+  unroll = True if config.unroll else 1
+
+  def pgd(steps: int, eps: float, eot_draws: int = 1) -> AttackSpec:
+    p = config.pgd
+    return AttackSpec('pgd', (('steps', steps), ('step_size', p.step_size),
+                              ('random_start', p.random_start), ('restarts', p.restarts),
+                              ('eot_draws', eot_draws), ('unroll', unroll)), eps)
+
+  def few_pixel(n_pixels: int) -> AttackSpec:
+    f = config.few_pixel
+    return AttackSpec('few_pixel', (('n_pixels', n_pixels), ('population', f.population),
+                                    ('iterations', f.iterations),
+                                    ('chunk_size', f.chunk_size)), None, f.examples)
+
+  cw, apgd = config.cw, config.apgd
+  builders: dict[str, Callable[[int], list[AttackSpec]]] = {
+      'clean': lambda n: [AttackSpec('clean')],
+      'fgsm': lambda n: [AttackSpec('fgsm', (), config.eps)],
+      'pgd': lambda n: [pgd(n or config.pgd.steps, config.eps)],
+      'eot_pgd': lambda n: [pgd(n or config.pgd.steps, config.eps, config.eot.draws)],
+      'eps_sweep': lambda n: [spec for e in config.eps_sweep.eps_255 for spec in (
+          AttackSpec('fgsm', (), e / 255), pgd(config.pgd.steps, e / 255))],
+      'cw': lambda n: [AttackSpec('cw', (
+          ('c_init', cw.c_init), ('learning_rate', cw.learning_rate),
+          ('kappa', cw.kappa), ('binary_steps', cw.binary_steps), ('steps', cw.steps),
+          ('unroll', unroll)))],
+      'apgd': lambda n: [AttackSpec('apgd_rand', (
+          ('steps', apgd.steps), ('eot_draws', apgd.eot_draws), ('unroll', unroll)),
+          config.eps)],
+      'few_pixel': lambda n: [few_pixel(p) for p in ((n,) if n else config.few_pixel.pixels)],
+      'transfer': lambda n: [],
+  }
+  specs, transfer = [], False
+  for name in _names(config.attacks if names is None else names):
+    base, number = re.fullmatch(r'(.*?)(\d*)', name).groups()
+    if base not in builders or (number and base not in ('pgd', 'eot_pgd', 'few_pixel')):
+      raise EvaluationError(f'Unknown attack {name!r} in config.attacks; accepted: '
+                            f'{", ".join(ATTACK_NAMES)}.')
+    if number and int(number) < 1:
+      raise EvaluationError(f'Attack {name!r} needs a count of at least 1.')
+    specs += builders[base](int(number or 0))
+    transfer |= base == 'transfer'
+  return list(dict.fromkeys(specs)), transfer
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises EvaluationError for settings no evaluation can use."""
+  rule = config.predict.rule
+  if rule not in prediction.RULES:
+    raise EvaluationError(f'Unknown prediction rule {rule!r} (config.predict.rule); '
+                          f'expected one of {prediction.RULES}.')
+  for field, value, low in (('predict.draws', config.predict.draws, 1),
+                            ('batch_size', config.batch_size, 1),
+                            ('few_pixel.population', config.few_pixel.population, 4),
+                            ('few_pixel.examples', config.few_pixel.examples, 0)):
+    if value < low:
+      raise EvaluationError(f'config.{field}={value} must be at least {low}.')
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Checkpoint:
+  """A restored checkpoint: the model its metadata describes and its variables."""
+  path: str  # The step folder.
+  step: int
+  model: models.ResNet
+  variables: dict[str, Any]  # params, perturb, batch_stats.
+  meta: dict[str, Any]  # config (the training config), num_classes, mean, std, ...
+
+  @property
+  def workdir(self) -> str:
+    """The training run's folder (the parent of checkpoints/)."""
+    return os.path.dirname(os.path.dirname(self.path))
+
+  @property
+  def randomized(self) -> bool:
+    return self.meta['config']['method'] in RANDOMIZED_METHODS
+
+  def describe(self) -> dict[str, Any]:
+    """Where the checkpoint is and which model it holds, JSON-ready."""
+    c = self.meta['config']
+    return {'checkpoint': self.path, 'step': self.step, 'workdir': self.workdir,
+            'method': c['method'], 'arch': c['model']['arch'],
+            'width': c['model']['width']}
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+  """The checkpoints folder and step that `path` names: a step folder, or the latest
+  step of a checkpoints folder or of a training workdir."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'meta')):
+    return os.path.dirname(path), int(os.path.basename(path))
+  inner = os.path.join(path, 'checkpoints')
+  directory = inner if os.path.isdir(inner) else path
+  step = None
+  if os.path.isdir(directory):
+    manager = checkpointing.Checkpoints(directory, read_only=True)
+    step = manager.latest_step()
+    manager.close()
+  if step is None:
+    raise EvaluationError(
+        f'No checkpoint found in {directory}. Train one with `python train.py --config '
+        f'configs/cifar.py:METHOD,ARCH,DATASET --workdir {path}`, or name an existing '
+        'one with --checkpoint (a checkpoints/ folder or one of its step folders).')
+  return directory, step
+
+
+def check_expected_model(meta: dict[str, Any], where: str, *, arch: str = '',
+                         width: float = 0.0) -> None:
+  """Raises EvaluationError when the checkpoint's architecture or width is not the one
+  asked for ('' and 0 ask for nothing)."""
+  saved = meta['config']['model']
+  for field, asked in (('arch', arch), ('width', width)):
+    if asked and asked != saved[field]:
+      raise EvaluationError(
+          f'The checkpoint {where} holds a {meta["config"]["method"]} {saved["arch"]} of '
+          f'width {saved["width"]}, but --config.model.{field}={asked} was asked for. '
+          'Drop that flag to evaluate the model the checkpoint holds, or name a '
+          f'checkpoint of that {field}.')
+
+
+def check_variables_fit(model: models.ResNet, variables: dict[str, Any],
+                        image_shape: Sequence[int], where: str) -> None:
+  """Raises EvaluationError naming every variable that is missing, unexpected or of
+  another shape than `model` has for inputs of `image_shape`."""
+  key = jax.random.key(0)
+  expected = jax.eval_shape(lambda: model.init(
+      {'params': key, 'noise': key}, jnp.zeros((1, *image_shape), jnp.float32)))
+  flat = lambda tree: {'/'.join(k): tuple(v.shape) for k, v in  # noqa: E731
+                       traverse_util.flatten_dict(dict(tree)).items()}
+  want = flat({c: expected.get(c, {}) for c in ('params', 'perturb', 'batch_stats')})
+  have = flat(variables)
+  problems = ([f'{k}: missing from the checkpoint' for k in sorted(set(want) - set(have))]
+              + [f'{k}: not in the model' for k in sorted(set(have) - set(want))]
+              + [f'{k}: checkpoint {have[k]}, model {want[k]}'
+                 for k in sorted(set(want) & set(have)) if want[k] != have[k]])
+  if problems:
+    raise EvaluationError(
+        f'The variables in {where} do not fit the model its metadata describes '
+        f'({model.num_classes} classes, stages {tuple(model.stage_sizes)}, channels '
+        f'{tuple(model.stage_features)}):\n  ' + '\n  '.join(problems[:20])
+        + (f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''))
+
+
+def restore_checkpoint(directory: str, step: int, *, arch: str = '',
+                       width: float = 0.0) -> Checkpoint:
+  """Checkpoint `step` of `directory` with its model rebuilt from the saved metadata,
+  refused if it is not the architecture/width asked for or its variables do not fit."""
+  manager = checkpointing.Checkpoints(directory, read_only=True)
+  where = manager.path(step)
+  try:
+    check_expected_model(manager.meta(step), where, arch=arch, width=width)
+    state, meta = manager.restore(step)
+  finally:
+    manager.close()
+  model = train.build_model(ml_collections.ConfigDict(meta['config']),
+                            meta['num_classes'], meta['mean'], meta['std'])
+  variables = {c: state[c] for c in ('params', 'perturb', 'batch_stats')}
+  check_variables_fit(model, variables, meta['image_shape'], where)
+  return Checkpoint(where, step, model, variables, meta)
+
+
+def load_checkpoint(path: str, *, arch: str = '', width: float = 0.0) -> Checkpoint:
+  """The checkpoint `path` names (see find_checkpoint), ready to evaluate."""
+  return restore_checkpoint(*find_checkpoint(path), arch=arch, width=width)
+
+
+def data_settings(config: ml_collections.ConfigDict,
+                  checkpoint: Checkpoint) -> tuple[tuple[str, Any], ...]:
+  """The data to evaluate on, as sorted (field, value) pairs of the training config's
+  `data` section: the checkpoint's dataset and eval split unless config.data overrides
+  them ('' and -1 keep the checkpoint's value)."""
+  d = dict(checkpoint.meta['config']['data'])
+  for field, saved in (('dataset', 'dataset'), ('source', 'source'),
+                       ('data_dir', 'data_dir'), ('local_dir', 'local_dir'),
+                       ('split', 'eval_split'), ('examples', 'eval_examples')):
+    if config.data[field] not in ('', -1):
+      d[saved] = config.data[field]
+  return tuple(sorted(d.items()))
+
+
+def load_examples(settings: tuple[tuple[str, Any], ...]) -> data.HostSplit:
+  """The first data.examples examples of the split that `settings` names."""
+  d = dict(settings)
+  split = data.load_split(d['dataset'], d['eval_split'], source=d['source'],
+                          data_dir=d['data_dir'] or None,
+                          local_dir=d['local_dir'] or None, download=d['download'])
+  try:
+    return train._limit(split, d['eval_examples'], 'data.examples')  # noqa: SLF001
+  except ValueError as error:
+    raise EvaluationError(str(error)) from None
+
+
+def check_split_fits(split: data.HostSplit, checkpoint: Checkpoint) -> None:
+  """Raises EvaluationError unless the checkpoint's model takes the split's images and
+  predicts its classes."""
+  meta = checkpoint.meta
+  if (split.num_classes != meta['num_classes']
+      or list(split.images.shape[1:]) != list(meta['image_shape'])):
+    raise EvaluationError(
+        f'{split.name}/{split.split} has {split.num_classes} classes of '
+        f'{split.images.shape[1:]} images, but the model in {checkpoint.path} was trained '
+        f'for {meta["num_classes"]} classes of {tuple(meta["image_shape"])} images.')
+
+
+# --- running attacks ------------------------------------------------------------------
+
+
+def _logits_fn(model: models.ResNet, variables: dict[str, Any],
+               noise: bool) -> attacks.LogitsFn:
+  """The model in inference mode as a function of (inputs, noise key)."""
+  return lambda x, key: model.apply(variables, x, train=False, noise=noise,
+                                    rngs={'noise': key})
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'attack', 'params', 'noise'))
+def _attack_batch(variables: dict[str, Any], images: jax.Array, labels: jax.Array,
+                  key: jax.Array, eps: jax.Array | None, *, model: models.ResNet,
+                  attack: str, params: tuple, noise: bool) -> jax.Array:
+  """The attack's inputs for one uint8 batch; compiled once per (model, attack, params)."""
+  kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
+  return ATTACKS[attack](_logits_fn(model, variables, noise), key,
+                         data.to_float(images), labels, **kwargs).x_adv
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'noise', 'draws', 'rule'))
+def _judge_batch(variables: dict[str, Any], images: jax.Array, x_adv: jax.Array,
+                 labels: jax.Array, mask: jax.Array, key: jax.Array, *,
+                 model: models.ResNet, noise: bool, draws: int, rule: str) -> jax.Array:
+  """(correct, fooled, L2 sum of fooled) over the batch's real examples: predictions
+  on x_adv made by `rule` over `draws` noise draws; fooled examples are those predicted
+  right on the clean images (same key) and wrong on x_adv."""
+  predict = functools.partial(prediction.predict, _logits_fn(model, variables, noise), key,
+                              draws=draws, rule=rule)
+  x = data.to_float(images)
+  mask = mask.astype(bool)
+  correct = mask & (predict(x_adv) == labels)
+  fooled = mask & (predict(x) == labels) & ~correct
+  l2 = attacks.core.l2_norm(x_adv - x)
+  return jnp.stack([jnp.sum(correct), jnp.sum(fooled),
+                    jnp.sum(jnp.where(fooled, l2, 0.0))]).astype(jnp.float32)
+
+
+def attack_accuracy(spec: AttackSpec, source: Checkpoint, targets: Sequence[Checkpoint],
+                    split: data.HostSplit, *, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh, desc: str = '') -> list[dict[str, Any]]:
+  """Runs `spec` on `source` over the split, batch by batch, and judges every target on
+  the resulting inputs with config.predict's rule (white-box: targets == [source]).
+
+  Returns per target: accuracy, correct, n, fooled (right on the clean input, wrong on
+  the attack's) and mean_l2 (mean L2 of the fooled perturbations, None if none).
+  """
+  split = train._limit(split, min(spec.examples, split.num_examples),  # noqa: SLF001
+                       'few_pixel.examples')
+  key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
+  eps = None if spec.eps is None else jnp.float32(spec.eps)
+  totals = np.zeros((len(targets), 3))
+  batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
+  bar = tqdm(batches, total=data.num_eval_batches(split.num_examples, config.batch_size),
+             desc=desc or spec.name, unit='batch', dynamic_ncols=True,
+             disable=not config.progress_bar or jax.process_index() != 0)
+  for b, batch in enumerate(bar):
+    batch_key = jax.random.fold_in(key, b)
+    x_adv = _attack_batch(source.variables, batch['image'], batch['label'],
+                          jax.random.fold_in(batch_key, 0), eps, model=source.model,
+                          attack=spec.attack, params=spec.params, noise=config.noise)
+    for t, target in enumerate(targets):
+      totals[t] += np.asarray(_judge_batch(
+          target.variables, batch['image'], x_adv, batch['label'], batch['mask'],
+          jax.random.fold_in(batch_key, 1), model=target.model, noise=config.noise,
+          draws=config.predict.draws, rule=config.predict.rule))
+  n = split.num_examples
+  return [{'accuracy': correct / n, 'correct': int(correct), 'n': n,
+           'fooled': int(fooled), 'mean_l2': float(l2 / fooled) if fooled else None}
+          for correct, fooled, l2 in totals]
+
+
+def _record(config: ml_collections.ConfigDict, spec: AttackSpec, target: Checkpoint,
+            label: str, split: data.HostSplit, counts: dict[str, Any], seconds: float,
+            source: dict[str, Any] | None = None) -> dict[str, Any]:
+  """One result: what was attacked how, with which key and prediction rule, and the
+  outcome (see report.RECORD_FIELDS)."""
+  rule = config.predict.rule
+  return {
+      'label': label, **target.describe(), 'dataset': split.name, 'split': split.split,
+      'attack': spec.attack, 'name': spec.name, 'params': spec.describe(),
+      'source': source, **counts, 'seconds': seconds,
+      'rule': rule, 'draws': 1 if rule == 'single' else config.predict.draws,
+      'noise': config.noise, 'randomized': config.noise and target.randomized,
+      'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
+      'batch_size': config.batch_size,
+  }
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: Checkpoint,
+                        label: str, split: data.HostSplit, specs: Sequence[AttackSpec],
+                        mesh: jax.sharding.Mesh) -> list[dict[str, Any]]:
+  """One white-box record per attack spec for one checkpoint."""
+  records = []
+  for spec in specs:
+    started = time.time()
+    [counts] = attack_accuracy(spec, checkpoint, [checkpoint], split, config=config,
+                               mesh=mesh, desc=f'{label} {spec.name}')
+    records.append(_record(config, spec, checkpoint, label, split, counts,
+                           time.time() - started))
+    _log(records[-1])
+  return records
+
+
+def transfer_records(config: ml_collections.ConfigDict, sources: Sequence[Checkpoint],
+                     targets: Sequence[Checkpoint], labels: dict[str, str],
+                     split: data.HostSplit, mesh: jax.sharding.Mesh) -> list[dict[str, Any]]:
+  """Supplementary Table 2: every target judged on the FGSM and PGD examples made on
+  every source; a cell records its row's time (making the examples and judging all)."""
+  records = []
+  for source in sources:
+    for spec in plan_attacks(config, 'fgsm,pgd')[0]:
+      started = time.time()
+      counts = attack_accuracy(spec, source, targets, split, config=config, mesh=mesh,
+                               desc=f'transfer from {labels[source.path]} {spec.name}')
+      seconds = time.time() - started
+      origin = {'label': labels[source.path], 'checkpoint': source.path,
+                'step': source.step}
+      for target, c in zip(targets, counts):
+        records.append(_record(config, spec, target, labels[target.path], split, c,
+                               seconds, source=origin))
+        _log(records[-1])
+  return records
+
+
+def _log(record: dict[str, Any]) -> None:
+  """One console line per result."""
+  if jax.process_index() == 0:
+    origin = f" from {record['source']['label']}" if record['source'] else ''
+    tqdm.write(f"{record['label']}{origin} {record['name']}: accuracy "
+               f"{100 * record['accuracy']:.2f}% of {record['n']} ({record['seconds']:.1f}s)")
+
+
+def _labels(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
+  """Short unique names: the run folder's name, with the step where two share it."""
+  base = {c.path: os.path.basename(c.workdir) for c in checkpoints}
+  taken = collections.Counter(base.values())
+  return {c.path: (base[c.path] if taken[base[c.path]] == 1
+                   else f'{os.path.relpath(c.workdir)}@{c.step}') for c in checkpoints}
+
+
+def evaluate_workdirs(config: ml_collections.ConfigDict, workdirs: str | Sequence[str],
+                      checkpoints: str | Sequence[str] = ()) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of every workdir (or the named checkpoints, one per
+  workdir) under config.attacks, runs the transfer matrix if asked, and writes
+  results.json, results.md and the plots to config.output_dir (default: the first
+  workdir's eval/). Returns the results written to results.json.
+  """
+  workdirs, checkpoints = _names(workdirs), _names(checkpoints)
+  if not workdirs:
+    raise EvaluationError('Name at least one --workdir.')
+  if checkpoints and len(checkpoints) != len(workdirs):
+    raise EvaluationError(f'{len(checkpoints)} --checkpoint paths for {len(workdirs)} '
+                          '--workdir folders; give one per workdir, or none.')
+  validate_config(config)
+  specs, transfer = plan_attacks(config)
+  mesh = sharding.make_mesh()
+  try:
+    sharding.check_batch_size(config.batch_size, mesh)
+  except ValueError as error:
+    raise EvaluationError(f'config.batch_size: {error}') from None
+
+  restored: dict[tuple[str, int], Checkpoint] = {}
+
+  def load(path: str) -> Checkpoint:
+    found = find_checkpoint(path)
+    if found not in restored:
+      restored[found] = restore_checkpoint(*found, arch=config.model.arch,
+                                           width=config.model.width)
+    return restored[found]
+
+  evaluated = [load(path) for path in checkpoints or workdirs]
+  if transfer:
+    sources = [load(p) for p in _names(config.transfer.sources) or checkpoints or workdirs]
+    targets = [load(p) for p in _names(config.transfer.targets) or checkpoints or workdirs]
+  labels = _labels(list(restored.values()))
+  splits: dict[tuple, data.HostSplit] = {}
+
+  def examples(checkpoint: Checkpoint) -> data.HostSplit:
+    settings = data_settings(config, checkpoint)
+    if settings not in splits:
+      splits[settings] = load_examples(settings)
+    return splits[settings]
+
+  records = []
+  for checkpoint in evaluated:
+    split = examples(checkpoint)
+    check_split_fits(split, checkpoint)
+    records += evaluate_checkpoint(config, checkpoint, labels[checkpoint.path], split,
+                                   specs, mesh)
+  if transfer:
+    split = examples(sources[0])
+    for checkpoint in sources + targets:
+      check_split_fits(split, checkpoint)
+    records += transfer_records(config, sources, targets, labels, split, mesh)
+  results = {'config': config.to_dict(), 'key_layout': KEY_LAYOUT,
+             'checkpoints': [{'label': labels[c.path], **c.describe()}
+                             for c in restored.values()],
+             'records': records}
+  if jax.process_index() == 0:
+    output_dir = config.output_dir or os.path.join(workdirs[0], 'eval')
+    for path in report.write_report(results, output_dir):
+      tqdm.write(f'Wrote {path}')
+  return results

@@ -1,0 +1,195 @@
+"""An evaluation's results as files: results.json (every record), results.md (tables in
+the paper's layout: attacks as columns, checkpoints as rows; accuracy against eps; the
+transfer matrix of supplementary Table 2) and the plots.
+
+A record (one per checkpoint, attack and parameters) has the fields RECORD_FIELDS:
+label, checkpoint, step, workdir, method, arch, width, dataset, split (what was
+evaluated); attack, name, params (the attack: ATTACKS key, readable name, parameters
+with eps and examples); source (None for white-box, else the checkpoint the examples
+were made on); accuracy, correct, n, fooled, mean_l2 (the outcome; fooled counts the
+examples predicted right on the clean input and wrong on the attack's, mean_l2 is the
+mean L2 norm of their perturbations, None if there are none); seconds (wall
+clock, compilation included); rule, draws, noise, randomized (how predictions were
+made); key, batch_size (what reproduces the record: see evaluation.KEY_LAYOUT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Sequence
+
+from l2p_jax import plots
+from l2p_jax.metrics import read_metrics
+
+RECORD_FIELDS = ('label', 'checkpoint', 'step', 'workdir', 'method', 'arch', 'width',
+                 'dataset', 'split', 'attack', 'name', 'params', 'source', 'accuracy',
+                 'correct', 'n', 'fooled', 'mean_l2', 'seconds', 'rule', 'draws', 'noise',
+                 'randomized', 'key', 'batch_size')
+CW_COLUMN = 'C&W acc / L2'
+
+
+ATTACK_ORDER = ('clean', 'fgsm', 'pgd', 'cw', 'apgd_rand', 'few_pixel')
+
+
+def attack_title(record: dict[str, Any]) -> str:
+  """A short column title: Clean, FGSM, PGD-7, EOT-PGD-7 (30 draws), C&W, APGD-rand,
+  1 px."""
+  p, attack = record['params'], record['attack']
+  if attack == 'pgd':
+    return (f"PGD-{p['steps']}" if p['eot_draws'] == 1
+            else f"EOT-PGD-{p['steps']} ({p['eot_draws']} draws)")
+  if attack == 'few_pixel':
+    return f"{p['n_pixels']} px"
+  return {'clean': 'Clean', 'fgsm': 'FGSM', 'cw': CW_COLUMN, 'apgd_rand': 'APGD-rand'}[attack]
+
+
+def table_column(record: dict[str, Any], eps: float) -> tuple[tuple, str] | None:
+  """(sort key, title) of the main table's column for a white-box record at the
+  headline eps; None for transfer records and other radii."""
+  p = record['params']
+  if record['source'] is not None or p['eps'] not in (None, eps):
+    return None
+  order = (ATTACK_ORDER.index(record['attack']), p.get('eot_draws', 1),
+           p.get('n_pixels', p.get('steps', 0)))
+  return order, attack_title(record)
+
+
+def curve_name(record: dict[str, Any]) -> str | None:
+  """The accuracy-vs-eps curve a white-box record is a point of: 'FGSM' or 'PGD-<steps>'
+  (without EOT); None otherwise."""
+  if record['source'] is None and (record['attack'] == 'fgsm' or (
+      record['attack'] == 'pgd' and record['params']['eot_draws'] == 1)):
+    return attack_title(record)
+  return None
+
+
+def eps_curves(records: Sequence[dict[str, Any]]
+               ) -> dict[str, dict[str, list[tuple[float, float]]]]:
+  """{curve: {checkpoint label: [(eps, accuracy), ...]}} for the curves measured at two
+  radii or more."""
+  curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+  for r in records:
+    name = curve_name(r)
+    if name:
+      curves.setdefault(name, {}).setdefault(r['label'], []).append(
+          (r['params']['eps'], r['accuracy']))
+  return {name: {label: sorted(points) for label, points in lines.items()}
+          for name, lines in curves.items()
+          if len({eps for points in lines.values() for eps, _ in points}) > 1}
+
+
+def _percent(value: float) -> str:
+  return f'{100 * value:.2f}'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def _row_label(checkpoint: dict[str, Any]) -> str:
+  width = '' if checkpoint['width'] == 1 else f" x{checkpoint['width']:g}"
+  return (f"{checkpoint['label']} ({checkpoint['method']} {checkpoint['arch']}{width}, "
+          f"step {checkpoint['step']})")
+
+
+def _summary(records: Sequence[dict[str, Any]], eps: float) -> str:
+  """The sentence above the tables: data, example counts, eps, prediction rule."""
+  first = records[0]
+  sizes = sorted({(r['attack'], r['n']) for r in records}, key=lambda a: -a[1])
+  fewer = ', '.join(f'{attack}: {n}' for attack, n in sizes if n != sizes[0][1])
+  return (f"Accuracy (%) on {first['dataset']}/{first['split']}, {sizes[0][1]} examples"
+          f"{f' ({fewer})' if fewer else ''}; eps = {eps * 255:g}/255; prediction rule "
+          f"{first['rule']} over {first['draws']} noise draw(s), noise "
+          f"{'on' if first['noise'] else 'off'}."
+          + (' C&W: accuracy / mean L2 of the perturbations that fooled the model.'
+             if any(r['attack'] == 'cw' for r in records) else ''))
+
+
+def _attack_table(results: dict[str, Any]) -> str | None:
+  """Rows: checkpoints; columns: the attacks at the headline eps (the paper's layout)."""
+  records, eps = results['records'], results['config']['eps']
+  cells: dict[tuple[str, str], str] = {}
+  columns = set()
+  for r in records:
+    column = table_column(r, eps)
+    if column:
+      columns.add(column)
+      cells[r['label'], column[1]] = (
+          f"{_percent(r['accuracy'])} / "
+          f"{'-' if r['mean_l2'] is None else format(r['mean_l2'], '.3f')}"
+          if column[1] == CW_COLUMN else _percent(r['accuracy']))
+  if not columns:
+    return None
+  titles = [title for _, title in sorted(columns)]
+  rows = [c for c in results['checkpoints'] if any(label == c['label'] for label, _ in cells)]
+  return '## Accuracy under attack\n\n' + _table(
+      ['checkpoint'] + titles,
+      [[_row_label(c)] + [cells.get((c['label'], t), '-') for t in titles] for c in rows])
+
+
+def _eps_table(records: Sequence[dict[str, Any]]) -> str | None:
+  """Rows: (checkpoint, attack); columns: the radii of the eps sweep."""
+  curves = eps_curves(records)
+  if not curves:
+    return None
+  radii = sorted({e for lines in curves.values() for line in lines.values() for e, _ in line})
+  points = {(name, label, e): a for name, lines in curves.items()
+            for label, line in lines.items() for e, a in line}
+  return '## Accuracy against eps\n\n' + _table(
+      ['checkpoint', 'attack'] + [f'{e * 255:g}/255' for e in radii],
+      [[label, name] + [_percent(points[name, label, e]) if (name, label, e) in points
+                        else '-' for e in radii]
+       for name, lines in curves.items() for label in lines])
+
+
+def _transfer_table(records: Sequence[dict[str, Any]]) -> str | None:
+  """Supplementary Table 2: rows source, columns target with FGSM and PGD sub-columns."""
+  transfer = [r for r in records if r['source'] is not None]
+  if not transfer:
+    return None
+  targets = list(dict.fromkeys(r['label'] for r in transfer))
+  sources = list(dict.fromkeys(r['source']['label'] for r in transfer))
+  kinds = list(dict.fromkeys(attack_title(r) for r in transfer))
+  value = {(r['source']['label'], r['label'], attack_title(r)): _percent(r['accuracy'])
+           for r in transfer}
+  return '## Transfer (rows: source model, columns: target model)\n\n' + _table(
+      ['source \\ target'] + [f'{t} {k}' for t in targets for k in kinds],
+      [[s] + [value.get((s, t, k), '-') for t in targets for k in kinds] for s in sources])
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """results.md: a summary line, then accuracy (%) per checkpoint and attack at the
+  headline eps, accuracy against eps, and the transfer matrix, each when its records
+  are there."""
+  records = results['records']
+  if not records:
+    return 'No results.\n'
+  sections = [_summary(records, results['config']['eps']), _attack_table(results),
+              _eps_table(records), _transfer_table(records)]
+  return '\n\n'.join(s for s in sections if s) + '\n'
+
+
+def write_report(results: dict[str, Any], output_dir: str) -> list[str]:
+  """Writes results.json, results.md, accuracy_vs_eps.png (when an eps sweep was run)
+  and noise_evolution_<label>.png (for every checkpoint whose run left metrics.jsonl
+  with noise statistics) into `output_dir`; returns the paths written."""
+  os.makedirs(output_dir, exist_ok=True)
+  paths = [os.path.join(output_dir, name) for name in ('results.json', 'results.md')]
+  with open(paths[0], 'w') as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  with open(paths[1], 'w') as f:
+    f.write(markdown(results))
+  plot = os.path.join(output_dir, 'accuracy_vs_eps.png')
+  if plots.plot_accuracy_vs_eps(eps_curves(results['records']), plot):
+    paths.append(plot)
+  for c in results['checkpoints']:
+    metrics = os.path.join(c['workdir'], 'metrics.jsonl')
+    name = re.sub(r'[^\w.-]+', '_', c['label'])
+    plot = os.path.join(output_dir, f'noise_evolution_{name}.png')
+    if os.path.exists(metrics) and plots.plot_noise_evolution(
+        read_metrics(metrics), plot, title=f"{c['label']}: {c['method']} {c['arch']}"):
+      paths.append(plot)
+  return paths
