@@ -296,7 +296,7 @@ def load_examples(settings: tuple[tuple[str, Any], ...]) -> data.HostSplit:
                           data_dir=d['data_dir'] or None,
                           local_dir=d['local_dir'] or None, download=d['download'])
   try:
-    return train._limit(split, d['eval_examples'], 'data.examples')  # noqa: SLF001
+    return train.first_examples(split, d['eval_examples'], 'data.examples')
   except ValueError as error:
     raise EvaluationError(str(error)) from None
 
@@ -360,8 +360,8 @@ def attack_accuracy(spec: AttackSpec, source: Checkpoint, targets: Sequence[Chec
   Returns per target: accuracy, correct, n, fooled (right on the clean input, wrong on
   the attack's) and mean_l2 (mean L2 of the fooled perturbations, None if none).
   """
-  split = train._limit(split, min(spec.examples, split.num_examples),  # noqa: SLF001
-                       'few_pixel.examples')
+  split = train.first_examples(split, min(spec.examples, split.num_examples),
+                               'few_pixel.examples')
   key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
   eps = None if spec.eps is None else jnp.float32(spec.eps)
   totals = np.zeros((len(targets), 3))

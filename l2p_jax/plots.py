@@ -24,10 +24,11 @@ def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str,
   fig, ax = plt.subplots(figsize=(6, 4))
   for layer in layers:
     ax.plot(epochs, [r['noise'][layer]['mean'] for r in records if r.get('noise')],
-            lw=0.7, alpha=0.5)
+            lw=0.7, alpha=0.5, marker='.')
   average = [sum(r['noise'][l]['mean'] for l in layers) / len(layers)
              for r in records if r.get('noise')]
-  ax.plot(epochs, average, lw=2.5, color='black', label='mean over layers')
+  ax.plot(epochs, average, lw=2.5, color='black', marker='o',
+          label='mean over layers')
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel('epoch')
   ax.set_ylabel('mean noise parameter')

@@ -296,7 +296,7 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
-def _limit(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
+def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
   """The first n examples of a split (all when n == 0)."""
   if n == 0:
     return split
@@ -312,8 +312,10 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data.HostSplit, data.H
   load = functools.partial(data.load_split, d.dataset, source=d.source,
                            data_dir=d.data_dir or None, local_dir=d.local_dir or None,
                            download=d.download)
-  train = _limit(load(d.train_split), d.train_examples, 'data.train_examples')
-  evaluation = _limit(load(d.eval_split), d.eval_examples, 'data.eval_examples')
+  train = first_examples(load(d.train_split), d.train_examples,
+                         'data.train_examples')
+  evaluation = first_examples(load(d.eval_split), d.eval_examples,
+                              'data.eval_examples')
   return train, evaluation
 
 
