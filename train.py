@@ -10,7 +10,7 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2p_jax import train
+from l2p_jax import distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE.py[:ARG]).',
@@ -24,6 +24,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
     logging.set_verbosity(logging.WARNING)
+  distributed.initialize_from_flags()
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
