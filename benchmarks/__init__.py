@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks of l2p-jax (not tests); see benchmarks/run.py."""
