@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 COLLECTIONS = ('params', 'perturb')
