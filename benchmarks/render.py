@@ -19,9 +19,13 @@ END = '<!-- end of results -->'
 MIB = 2**20
 
 
+NOISY = 1.25  # Timed calls whose slowest took this much longer than the fastest.
+
+
 def _seconds(case: dict[str, Any]) -> str:
   times = case['times_s']
-  return f"{case['median_s']:.3g} [{min(times):.3g}-{max(times):.3g}]"
+  noisy = ' noisy' if max(times) > NOISY * min(times) else ''
+  return f"{case['median_s']:.3g} [{min(times):.3g}-{max(times):.3g}]{noisy}"
 
 
 def _compile(case: dict[str, Any]) -> str:
@@ -140,7 +144,9 @@ def render(paths: list[str]) -> str:
   for path in sorted(paths):
     with open(path) as f:
       sections.append(render_result(path, json.load(f)))
-  legend = ('Columns: images/s = batch / median seconds per call; JAX/PyTorch = JAX '
+  legend = ('Columns: images/s = batch / median seconds per call; "noisy" marks a case '
+            f'whose slowest timed call took over {NOISY}x its fastest (other processes '
+            'competed for the CPU); JAX/PyTorch = JAX '
             'images/s over the PyTorch reference\'s for the same work in the same run '
             '(from medians; in parentheses from the fastest timed call of each, the '
             'estimate least disturbed by other processes); '

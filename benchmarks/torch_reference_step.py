@@ -48,11 +48,13 @@ class _Bayes:
                            nn.Parameter(torch.full_like(self.bias, math.log(init_sigma))))
 
   def sampled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fresh (weight, bias) sample, differentiable in the means and log-sigmas."""
     sample = lambda mean, log_sigma: mean + log_sigma.exp() * torch.randn_like(mean)  # noqa: E731
     bias = None if self.bias is None else sample(self.bias, self.bias_log_sigma)
     return sample(self.weight, self.weight_log_sigma), bias
 
   def kl(self, prior_sigma: float) -> torch.Tensor:
+    """KL of this layer's posterior from the prior N(0, prior_sigma^2), as l2p_jax's."""
     pairs = [(self.weight, self.weight_log_sigma)]
     if self.bias is not None:
       pairs.append((self.bias, self.bias_log_sigma))
