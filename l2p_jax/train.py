@@ -163,15 +163,33 @@ def pgd_attack(config: ml_collections.ConfigDict, steps: int):
       random_start=config.adv.random_start, unroll=True if config.adv.unroll else 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepObjective:
+  """The objective of one training step and a cheaper way to its gradient.
+
+  objective(params, perturb) -> (total, aux): the training loss minus L2P's
+    regularizer; aux is (training loss, updated batch_stats, clean logits).
+  gradients(params, perturb, clean=None) -> ((d/d params, d/d perturb), aux): the
+    same as `jax.grad(objective, (0, 1), has_aux=True)`, assembled from the vjp of the
+    clean forward pass and the gradient of the rest; `clean=first_clean` reuses the
+    clean pass the PGD targets were read from, valid at the state's own variables.
+  first_clean: (logits, vjp, batch_stats updates) of the clean pass at the state's
+    variables.
+  """
+  objective: Any
+  gradients: Any
+  first_clean: Any
+
+
 def step_objective(state: TrainState, batch: dict[str, jax.Array],
                    reg_weight: jax.Array, *, phase: Phase, model: models.ResNet,
-                   config: ml_collections.ConfigDict, kl_weight: float):
+                   config: ml_collections.ConfigDict, kl_weight: float) -> StepObjective:
   """The objective of training step `state.step` as a function of (params, perturb).
 
   Augmentation, noise draws and the PGD examples (made once, with the state's
   variables, the model in training mode, BatchNorm statistics left alone) are fixed
-  by the step's keys. The objective is the training loss minus L2P's regularizer;
-  its aux is (training loss, updated batch_stats, clean logits).
+  by the step's keys. PGD attacks the prediction of the loss's own clean forward pass
+  at the state's variables, so that pass runs once, not twice.
   """
   keys = step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
@@ -183,18 +201,10 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
                        noise=phase.noise, rngs={'noise': key},
                        mutable=['batch_stats'])
 
-  x_adv = None
-  if phase.adversarial:
-    frozen = jax.lax.stop_gradient((state.params, state.perturb, state.batch_stats))
-    logits_fn = lambda inputs, key: forward(*frozen, inputs, key)[0]  # noqa: E731
-    target = y if config.adv.labels == 'true' else jnp.argmax(
-        logits_fn(x, keys['clean']), axis=-1)
-    x_adv = pgd_attack(config, config.adv.steps)(
-        logits_fn, keys['pgd'], x, target).x_adv
+  def clean_pass(params, perturb):
+    return forward(params, perturb, state.batch_stats, x, keys['clean'])
 
-  def objective(params, perturb):
-    clean_logits, updates = forward(params, perturb, state.batch_stats, x,
-                                    keys['clean'])
+  def rest(params, perturb, clean_logits, updates):
     adv_logits = None
     if x_adv is not None:
       adv_logits, updates = forward(params, perturb, updates['batch_stats'], x_adv,
@@ -206,7 +216,27 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
     total = loss - reg_weight * objectives.l2p_regularizer(perturb)
     return total, (loss, updates['batch_stats'], clean_logits)
 
-  return objective
+  def objective(params, perturb):
+    return rest(params, perturb, *clean_pass(params, perturb))
+
+  def gradients(params, perturb, clean=None):
+    logits, pullback, updates = clean or jax.vjp(clean_pass, params, perturb,
+                                                 has_aux=True)
+    (g_params, g_perturb, g_logits), aux = jax.grad(
+        rest, argnums=(0, 1, 2), has_aux=True)(params, perturb, logits, updates)
+    c_params, c_perturb = pullback(g_logits)
+    return (jax.tree.map(jnp.add, g_params, c_params),
+            jax.tree.map(jnp.add, g_perturb, c_perturb)), aux
+
+  first_clean = jax.vjp(clean_pass, state.params, state.perturb, has_aux=True)
+  x_adv = None
+  if phase.adversarial:
+    frozen = jax.lax.stop_gradient((state.params, state.perturb, state.batch_stats))
+    logits_fn = lambda inputs, key: forward(*frozen, inputs, key)[0]  # noqa: E731
+    target = y if config.adv.labels == 'true' else jnp.argmax(first_clean[0], axis=-1)
+    x_adv = pgd_attack(config, config.adv.steps)(
+        logits_fn, keys['pgd'], x, target).x_adv
+  return StepObjective(objective, gradients, first_clean)
 
 
 def descend(state: TrainState, collection: str, grads: Any, lr: jax.Array,
@@ -229,14 +259,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
   """One training iteration of `config.method` in `phase` on a uint8 batch."""
   objective = step_objective(state, batch, reg_weight, phase=phase, model=model,
                              config=config, kl_weight=kl_weight)
-  grad = jax.grad(objective, argnums=(0, 1), has_aux=True)
+  grad = objective.gradients
   step = functools.partial(descend, lr=lr, optimizers=optimizers,
                            theta_floor=config.l2p.theta_floor)
   start = state
   l2p_noise = config.method == 'l2p' and phase.train_perturb
   if l2p_noise and config.l2p.alternation == 'paper':
     # Alternating back-propagation: theta with W fixed, then W with the new theta.
-    (_, g_perturb), aux = grad(state.params, state.perturb)
+    (_, g_perturb), aux = grad(state.params, state.perturb, objective.first_clean)
     state = step(state, 'perturb', g_perturb)
     (g_params, _), (_, batch_stats, _) = grad(state.params, state.perturb)
     state = step(state, 'params', g_params)
@@ -246,7 +276,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
       g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(
           state.perturb)
       state = step(state, 'perturb', g_reg)
-    (g_params, g_perturb), aux = grad(state.params, state.perturb)
+    # The clean pass of the PGD targets is reusable unless theta just moved.
+    clean = None if l2p_noise else objective.first_clean
+    (g_params, g_perturb), aux = grad(state.params, state.perturb, clean)
     batch_stats = aux[1]
     state = step(state, 'params', g_params)
     if phase.train_perturb:

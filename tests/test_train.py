@@ -212,7 +212,7 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   phase = train.Phase(noise=True, adversarial=False, train_perturb=True)  # PGD aside
   lr, reg, m, wd, floor = 0.05, 0.5, 0.9, config.optim.weight_decay, 0.01
   b = batch(7)
-  objective = train.step_objective(state, b, reg, phase=phase, **kwargs)
+  objective = train.step_objective(state, b, reg, phase=phase, **kwargs).objective
   grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
   sgd1 = lambda v, g, decay=0.0: jax.tree.map(  # noqa: E731  first Nesterov step
       lambda v, g: v - lr * (1 + m) * (g + decay * v), v, g)
@@ -237,6 +237,24 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
       np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-7)
   # The two orders really differ, so the test can tell them apart.
   assert not np.allclose(jax.tree.leaves(new.perturb)[0], jax.tree.leaves(t0)[0])
+
+
+@pytest.mark.parametrize('method', ['vanilla', 'pni'])
+def test_reused_clean_pass_gives_the_objectives_gradient(method):
+  """The step's gradient, assembled from the clean pass PGD's targets came from plus
+  the gradient of the rest of the loss, equals jax.grad of the whole objective."""
+  config, _, state, _, kwargs = step_setup(method)
+  phase = train.phase_for_epoch(config, 0)
+  assert phase.adversarial
+  parts = jax.jit(lambda s, b: (lambda o: (
+      o.gradients(s.params, s.perturb, o.first_clean),
+      jax.grad(o.objective, argnums=(0, 1), has_aux=True)(s.params, s.perturb)))(
+          train.step_objective(s, b, 1e-2, phase=phase, **kwargs)))
+  (reused, aux), (plain, plain_aux) = parts(state, batch(5))
+  for x, y in zip(jax.tree.leaves(reused), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(aux[0], plain_aux[0], rtol=1e-6)
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(reused)) > 0
 
 
 def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():
