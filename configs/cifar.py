@@ -75,6 +75,8 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.data.train_examples = 0  # Use only the first N training examples (0: all).
   c.data.eval_examples = 0  # Evaluate on the first N examples (0: all).
   c.data.normalization = 'dataset'  # dataset (true stats) | l2p_code | pni_code.
+  c.data.on_device = True  # Keep the training split on every device (CIFAR: 150 MB);
+  # False gathers batches on the host and transfers each (for splits that don't fit).
 
   c.num_epochs = over['num_epochs']  # Length of training.
   c.batch_size = 128  # Global batch, split over all devices.

@@ -52,3 +52,14 @@ def shard_batch(mesh: Mesh, batch: Any) -> Any:
     check_batch_size(np.shape(leaf)[0] * jax.process_count(), mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+  """Copies a tree of host arrays (the same in every process) to every device of the
+  mesh; works across hosts, where `jax.device_put` of a host value may not."""
+  sharding = replicated_sharding(mesh)
+
+  def put(value):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(put, tree)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from l2p_jax import attacks, checkpointing, data, models, objectives, optim, sharding
@@ -293,6 +295,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
       nonfinite_step=jnp.where(nonfinite, start.step, start.nonfinite_step))
 
 
+def train_step_on_split(state: TrainState, split: dict[str, jax.Array],
+                        order: jax.Array, epoch_start: jax.Array, lr: jax.Array,
+                        reg_weight: jax.Array, *, batch_size: int,
+                        batch_sharding: jax.sharding.Sharding, **step_kwargs) -> TrainState:
+  """`train_step` on batch `state.step - epoch_start` of the epoch ordered by `order`,
+  gathered from a split kept on the device, so a step needs nothing from the host."""
+  batch = data.take_train_batch(split, order, state.step - epoch_start, batch_size)
+  batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+  return train_step(state, batch, lr, reg_weight, **step_kwargs)
+
+
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array],
               key: jax.Array, *, noise: bool, model: models.ResNet,
               config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
@@ -434,10 +447,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   kl_weight = (config.bnn.kl_weight if config.bnn.kl_weight >= 0
                else 1.0 / train_split.num_examples)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, config=config,
-                        optimizers=optimizers, kl_weight=kl_weight),
-      static_argnames='phase', donate_argnums=0)
+  step_kwargs = dict(model=model, config=config, optimizers=optimizers,
+                     kl_weight=kl_weight)
+  if config.data.on_device:
+    device_split = data.put_on_mesh(mesh, train_split)
+    step_fn = jax.jit(
+        functools.partial(train_step_on_split, batch_size=config.batch_size,
+                          batch_sharding=sharding.data_sharding(mesh), **step_kwargs),
+        static_argnames='phase', donate_argnums=0)
+  else:
+    step_fn = jax.jit(functools.partial(train_step, **step_kwargs),
+                      static_argnames='phase', donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config),
                     static_argnames='noise')
   writer = MetricsWriter(workdir)
@@ -461,14 +481,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if start == 0:
       state = reset_epoch_sums(state)
     started = time.time()
-    batches = data.device_batches(mesh, data.train_batches(
-        train_split, seed=config.seed, epoch=epoch, batch_size=config.batch_size,
-        start_step=start))
+    # Per-epoch values go to the devices once here, not with every step.
+    lr_on_mesh, reg_weight_on_mesh, epoch_start = sharding.replicate(
+        mesh, (np.float32(lr), np.float32(reg_weight), np.int32(epoch * steps_per_epoch)))
+    if config.data.on_device:
+      order = data.epoch_order_on_mesh(mesh, config.seed, epoch,
+                                       train_split.num_examples)
+      inputs = itertools.repeat((device_split, order, epoch_start),
+                                steps_per_epoch - start)
+    else:
+      inputs = ((batch,) for batch in data.device_batches(mesh, data.train_batches(
+          train_split, seed=config.seed, epoch=epoch, batch_size=config.batch_size,
+          start_step=start)))
     bar = tqdm(total=steps_per_epoch, initial=start, unit='step', dynamic_ncols=True,
                desc=f'epoch {epoch + 1}/{config.num_epochs}',
                disable=not config.progress_bar or jax.process_index() != 0)
-    for batch in batches:
-      state = step_fn(state, batch, lr, reg_weight, phase=phase)
+    for step_inputs in inputs:
+      state = step_fn(state, *step_inputs, lr_on_mesh, reg_weight_on_mesh, phase=phase)
       step += 1
       bar.update()
       if step % config.log_every_steps == 0:

@@ -89,6 +89,18 @@ def test_data_pipeline_on_8_devices():
         for key in host:
           assert len(batch[key].addressable_shards) == 8
           np.testing.assert_array_equal(np.asarray(batch[key]), host[key])
+      # The split kept on the devices gives the same batches, split on `data`.
+      on_mesh = data.put_on_mesh(mesh, split)
+      order = data.epoch_order_on_mesh(mesh, 1, 2, split.num_examples)
+      assert on_mesh['image'].sharding.is_fully_replicated
+      take = jax.jit(lambda arrays, order, step: jax.lax.with_sharding_constraint(
+          data.take_train_batch(arrays, order, step, 16), sharding.data_sharding(mesh)))
+      for step in range(2):
+        gathered = take(on_mesh, order, jax.device_put(np.int32(step)))
+        host = data.train_batch(split, step=step, **train)
+        for key in host:
+          assert gathered[key].sharding.spec == P('data'), gathered[key].sharding
+          np.testing.assert_array_equal(np.asarray(gathered[key]), host[key])
       evals = list(data.device_batches(mesh, data.eval_batches(split, 16)))
       assert len(evals) == 3 and sum(int(b['mask'].sum()) for b in evals) == 44
       # Augmenting a sharded batch: output stays sharded and equals the same

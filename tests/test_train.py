@@ -198,6 +198,38 @@ def test_every_method_trains_a_few_steps(method):
   chex_equal(new, again)  # Same state and data: the same bits.
 
 
+def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
+  """With the split, the epoch's order and the epoch's scalars on the device, steps run
+  under transfer_guard('disallow') (no host-device copy) and give the same bits as
+  steps on the same batches gathered on the host."""
+  config, optimizers, state, host_step, kwargs = step_setup('vanilla')
+  phase = train.phase_for_epoch(config, 0)
+  mesh = sharding.make_mesh()
+  rng = np.random.default_rng(3)
+  split = data.HostSplit('toy', 'train', num_classes=10,
+                         images=rng.integers(0, 256, (40, *IMAGE), dtype=np.uint8),
+                         labels=rng.integers(0, 10, 40).astype(np.int32))
+  device_step = jax.jit(functools.partial(
+      train.train_step_on_split, batch_size=16,
+      batch_sharding=sharding.data_sharding(mesh), optimizers=optimizers, **kwargs),
+      static_argnames='phase')
+  on_mesh = data.put_on_mesh(mesh, split)
+  order = data.epoch_order_on_mesh(mesh, 4, 1, split.num_examples)
+  lr, reg, epoch_start = sharding.replicate(
+      mesh, (np.float32(0.05), np.float32(1e-2), np.int32(0)))
+  state = sharding.replicate(mesh, jax.device_get(state))
+  on_device = on_host = state
+  with jax.transfer_guard('disallow'):
+    for _ in range(2):
+      on_device = device_step(on_device, on_mesh, order, epoch_start, lr, reg,
+                              phase=phase)
+  for i in range(2):
+    batch = data.train_batch(split, seed=4, epoch=1, step=i, batch_size=16)
+    on_host = host_step(on_host, sharding.shard_batch(mesh, batch), 0.05, 1e-2,
+                        phase=phase)
+  chex_equal(on_device, on_host)
+
+
 def chex_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -351,11 +383,14 @@ def train_command(cifar_dir, workdir):
 
 
 def test_killed_run_resumes_bit_identical(reference_run, cifar_dir, tmp_path):
-  """SIGKILL mid-epoch 1 once a checkpoint exists, rerun the same command, and compare
-  with the uninterrupted run: every variable, optimizer state and metric the same."""
+  """SIGKILL mid-epoch 1 once a checkpoint exists, rerun, and compare with the
+  uninterrupted run: every variable, optimizer state and metric the same. The killed
+  run takes its batches from the host, the rerun and the reference from the split
+  kept on the device, so this also shows the two input paths give the same bits."""
   workdir = tmp_path / 'killed'
   command = train_command(cifar_dir, workdir)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+  process = subprocess.Popen(command + ['--config.data.on_device=False'], cwd=ROOT,
+                             stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
   deadline = time.time() + 240
   while not (workdir / 'checkpoints' / '12').exists():
