@@ -86,10 +86,12 @@ def train_table(cases: list[dict[str, Any]]) -> str:
     xla = c.get('compile') or {}
     flops = f"{xla['flops'] / 1e9:.0f}" if xla.get('flops') else '-'
     rows.append([c['arch'], c['method'], c['framework'], c['dtype'], _loop(c),
-                 str(c['pgd_steps']), str(c['batch']), f"{c['images_per_s']:.1f}",
+                 c.get('input', '-'), str(c['pgd_steps']), str(c['batch']),
+                 f"{c['images_per_s']:.1f}",
                  _seconds(c), _ratio(c, cases), _compile(c), flops, _memory(c),
                  check, _load(c)])
-  return _table(['arch', 'method', 'framework', 'dtype', 'PGD loop', 'PGD steps', 'batch',
+  return _table(['arch', 'method', 'framework', 'dtype', 'PGD loop', 'batches from',
+                 'PGD steps', 'batch',
                  'images/s', 'step s: median [min-max]', 'JAX/PyTorch (best)', 'compile s',
                  'XLA GFLOP*', 'peak MiB', 'checks', 'load 1-min'], rows)
 
@@ -155,7 +157,9 @@ def render(paths: list[str]) -> str:
             'peak on GPU, else the process RSS peak while the case was compiled and warmed '
             'up (it includes the Python runtime, both frameworks and what earlier cases '
             'left resident), in parentheses its growth over the RSS when the case began; '
-            'checks = state buffers reused by '
+            'batches from = the training split kept on the device (gathered inside the '
+            'step, the training loop\'s default) or the host (gathered there and '
+            'transferred, two batches ahead); checks = state buffers reused by '
             'donation and host callbacks in the compiled step; load 1-min = '
             'os.getloadavg()[0] before -> after the interleaved timed calls of the case and '
             'those it is compared with.')

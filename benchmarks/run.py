@@ -21,6 +21,7 @@ import argparse
 import datetime
 import functools
 import importlib.metadata
+import itertools
 import importlib.util
 import json
 import os
@@ -54,13 +55,16 @@ SUITES = ('train', 'attacks', 'all')
 ENV_VARS = ('XLA_FLAGS', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT',
             'MKL_NUM_THREADS', 'CUDA_VISIBLE_DEVICES')
 ATTACKS = ('pgd7', 'eot_pgd', 'apgd')
+# Where a training step's batch comes from: the split kept on the device (the default
+# of the training loop) or the host, gathered and transferred ahead of the step.
+INPUTS = ('device', 'host')
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 TRAIN_EXAMPLES = 50_000  # Adv-BNN's KL weight is 1 / N_train, as on CIFAR-10.
 # --quick: a small network and batch, so the whole run takes a minute or two on a CPU.
 QUICK = dict(archs='resnet8', width=0.5, batch=16, repeats=2, apgd_steps=4,
-             eot_draws=2)
+             eot_draws=2, split_examples=1024)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--dtypes', default='float32', help='float32,bfloat16 (JAX only)')
   parser.add_argument('--unrolls', default='0',
                       help='0 (rolled fori_loop), 1 (unrolled) or 0,1 (JAX only)')
+  parser.add_argument('--inputs', default='device',
+                      help='device (split kept on the device), host or device,host (JAX)')
+  parser.add_argument('--split-examples', type=int, default=TRAIN_EXAMPLES,
+                      help='random uint8 training split the steps draw batches from')
   parser.add_argument('--alternation', choices=train.ALTERNATIONS, default='paper',
                       help="L2P's update order (both frameworks)")
   parser.add_argument('--attacks', default=','.join(ATTACKS))
@@ -98,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.argv = list(sys.argv[1:] if argv is None else argv)
   for name, allowed in (('methods', models.METHODS), ('attack_methods', models.METHODS),
                         ('attacks', ATTACKS), ('dtypes', tuple(train.DTYPES)),
+                        ('inputs', INPUTS),
                         ('unrolls', ('0', '1'))):
     values = [v for v in getattr(args, name).split(',') if v]
     bad = [v for v in values if v not in allowed]
@@ -110,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.unrolls = [v == '1' for v in args.unrolls]
   if min(args.repeats, args.batch, args.devices, args.warmup) < 1:
     parser.error('--repeats, --batch, --devices and --warmup must be at least 1')
+  if args.split_examples < args.batch:
+    parser.error(f'--split-examples {args.split_examples} is smaller than --batch '
+                 f'{args.batch}')
   return args
 
 
@@ -328,6 +340,16 @@ def random_batch(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
           'label': rng.integers(0, NUM_CLASSES, batch).astype(np.int32)}
 
 
+@functools.lru_cache(maxsize=1)
+def random_split(num_examples: int) -> data.HostSplit:
+  """A CIFAR-sized uint8 training split of random images, as the loader returns one."""
+  rng = np.random.default_rng(3)
+  return data.HostSplit(
+      'random', 'train', num_classes=NUM_CLASSES,
+      images=rng.integers(0, 256, (num_examples, *IMAGE_SHAPE), dtype=np.uint8),
+      labels=rng.integers(0, NUM_CLASSES, num_examples).astype(np.int32))
+
+
 def jax_model_and_state(config, mesh: jax.sharding.Mesh):
   """The model, optimizers and a fresh initial train state (replicated on `mesh`) of
   `config`; the jitted initializer is compiled once per network and reused."""
@@ -356,29 +378,45 @@ def args_config(args: argparse.Namespace, method: str, arch: str, **kwargs):
 
 
 def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: str,
-                      unroll: bool) -> tuple[Callable[[], None], dict[str, Any]]:
-  """One jitted `train.train_step` as the training loop jits it (state donated),
-  compiled ahead of time and called under a transfer guard that forbids implicit
-  host-device copies, with a check that the donated state buffers were reused."""
+                      unroll: bool, inputs: str) -> tuple[Callable[[], None], dict[str, Any]]:
+  """One training step as the training loop jits it (state donated), compiled ahead of
+  time, with a check that the donated state buffers were reused. inputs='device': the
+  loop's default, batches gathered inside the step from a split kept on the device,
+  every call under a transfer guard that forbids any implicit host-device copy;
+  'host': each call takes the next batch gathered on the host and transferred ahead
+  (two in flight), as with data.on_device=False."""
   config = args_config(args, method, arch, dtype=dtype, unroll=unroll)
   mesh = sharding.make_mesh(args.devices)
   model, optimizers, state = jax_model_and_state(config, mesh)
-  batch = sharding.shard_batch(mesh, random_batch(args.batch))
-  lr, reg_weight = jax.device_put(
-      (jnp.float32(config.optim.learning_rate), jnp.float32(config.l2p.gamma)),
-      sharding.replicated_sharding(mesh))
-  step = jax.jit(functools.partial(train.train_step, model=model, config=config,
-                                   optimizers=optimizers,
-                                   kl_weight=1.0 / TRAIN_EXAMPLES),
-                 static_argnames='phase', donate_argnums=0)
+  split = random_split(args.split_examples)
+  lr, reg_weight, epoch_start = sharding.replicate(
+      mesh, (np.float32(config.optim.learning_rate), np.float32(config.l2p.gamma),
+             np.int32(0)))
+  step_kwargs = dict(model=model, config=config, optimizers=optimizers,
+                     kl_weight=1.0 / TRAIN_EXAMPLES)
   phase = train.phase_for_epoch(config, 0)
-  compiled, xla = compile_jax(step, state, batch, lr, reg_weight, phase=phase)
+  if inputs == 'device':
+    step = functools.partial(train.train_step_on_split, batch_size=args.batch,
+                             batch_sharding=sharding.data_sharding(mesh), **step_kwargs)
+    # Call k takes batch k of epoch 0 (past the epoch's end, its last batch again).
+    epochs = itertools.repeat((data.put_on_mesh(mesh, split),
+                               data.epoch_order_on_mesh(mesh, 0, 0, split.num_examples),
+                               epoch_start))
+  else:
+    step = functools.partial(train.train_step, **step_kwargs)
+    epochs = ((batch,) for batch in data.device_batches(mesh, itertools.chain.from_iterable(
+        data.train_batches(split, seed=0, epoch=e, batch_size=args.batch)
+        for e in itertools.count())))
+  step_inputs = next(epochs)
+  jitted = jax.jit(step, static_argnames='phase', donate_argnums=0)
+  compiled, xla = compile_jax(jitted, state, *step_inputs, lr, reg_weight, phase=phase)
   state_buffers = jax.tree.leaves(state)
-  current = [state]
+  current = [state, step_inputs]
 
   def call() -> None:
-    with jax.transfer_guard('disallow'):
-      current[0] = compiled(current[0], batch, lr, reg_weight)
+    with jax.transfer_guard('disallow' if inputs == 'device' else 'allow'):
+      current[0] = compiled(current[0], *current[1], lr, reg_weight)
+      current[1] = next(epochs)
       jax.block_until_ready(current[0])
 
   first = warm_up(call, args.warmup)
@@ -387,7 +425,8 @@ def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: s
       'compile': xla, 'first_call_s': first,
       'pgd_steps': config.adv.steps if phase.adversarial else 0,
       'checks': {'state_buffers': len(state_buffers), 'donated_buffers': int(donated),
-                 'transfer_guard': 'disallow', 'host_callbacks': xla['host_callbacks']}}
+                 'transfer_guard': 'disallow' if inputs == 'device' else 'allow',
+                 'host_callbacks': xla['host_callbacks']}}
 
 
 def attack_fn(name: str, args: argparse.Namespace, unroll: bool
@@ -533,9 +572,10 @@ def run_suites(args: argparse.Namespace) -> dict[str, Any]:
     if args.suite in ('train', 'all'):
       for method in args.methods:
         info = dict(suite='train', method=method, **common)
-        group = [('jax', {**info, 'dtype': dtype, 'unroll': unroll},
-                  functools.partial(prepare_jax_train, args, method, arch, dtype, unroll))
-                 for dtype, unroll in variants]
+        group = [('jax', {**info, 'dtype': dtype, 'unroll': unroll, 'input': inputs},
+                  functools.partial(prepare_jax_train, args, method, arch, dtype, unroll,
+                                    inputs))
+                 for dtype, unroll in variants for inputs in args.inputs]
         if use_torch:
           group.append(('torch', {**info, 'dtype': 'float32'},
                         functools.partial(prepare_torch_train, args, method, arch)))

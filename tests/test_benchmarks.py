@@ -20,7 +20,7 @@ CASE_KEYS = {'framework', 'suite', 'method', 'arch', 'width', 'batch', 'dtype', 
 def test_quick_benchmark_writes_its_schema_and_renders(tmp_path):
   out = tmp_path / 'quick.json'
   results = run.main(['--quick', '--methods', 'none', '--attack-methods', 'none',
-                      '--attacks', 'pgd7', '--width',
+                      '--attacks', 'pgd7', '--inputs', 'device,host', '--width',
                       '0.25', '--batch', '4', '--repeats', '1', '--out', str(out)])
   saved = json.loads(out.read_text())
   assert saved == json.loads(json.dumps(results)) and saved['failed'] == []
@@ -35,8 +35,12 @@ def test_quick_benchmark_writes_its_schema_and_renders(tmp_path):
     assert case['images_per_s'] > 0 and case['memory']['peak_bytes'] > 0
     if case['framework'] == 'jax':
       assert case['compile']['compile_s'] > 0 and case['checks']['host_callbacks'] == 0
-  step = next(c for c in cases if c['framework'] == 'jax' and c['suite'] == 'train')
-  assert step['checks']['donated_buffers'] == step['checks']['state_buffers']
+  steps = [c for c in cases if c['framework'] == 'jax' and c['suite'] == 'train']
+  assert sorted(c['input'] for c in steps) == ['device', 'host']
+  for step in steps:
+    assert step['checks']['donated_buffers'] == step['checks']['state_buffers']
+    assert step['checks']['transfer_guard'] == (
+        'disallow' if step['input'] == 'device' else 'allow')
 
   markdown = tmp_path / 'BENCHMARKS.md'
   markdown.write_text('# Benchmarks\n\nprose\n')
