@@ -206,6 +206,15 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
   def clean_pass(params, perturb):
     return forward(params, perturb, state.batch_stats, x, keys['clean'])
 
+  first_clean = jax.vjp(clean_pass, state.params, state.perturb, has_aux=True)
+  x_adv = None
+  if phase.adversarial:
+    frozen = jax.lax.stop_gradient((state.params, state.perturb, state.batch_stats))
+    logits_fn = lambda inputs, key: forward(*frozen, inputs, key)[0]  # noqa: E731
+    target = y if config.adv.labels == 'true' else jnp.argmax(first_clean[0], axis=-1)
+    x_adv = pgd_attack(config, config.adv.steps)(
+        logits_fn, keys['pgd'], x, target).x_adv
+
   def rest(params, perturb, clean_logits, updates):
     adv_logits = None
     if x_adv is not None:
@@ -230,14 +239,6 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
     return (jax.tree.map(jnp.add, g_params, c_params),
             jax.tree.map(jnp.add, g_perturb, c_perturb)), aux
 
-  first_clean = jax.vjp(clean_pass, state.params, state.perturb, has_aux=True)
-  x_adv = None
-  if phase.adversarial:
-    frozen = jax.lax.stop_gradient((state.params, state.perturb, state.batch_stats))
-    logits_fn = lambda inputs, key: forward(*frozen, inputs, key)[0]  # noqa: E731
-    target = y if config.adv.labels == 'true' else jnp.argmax(first_clean[0], axis=-1)
-    x_adv = pgd_attack(config, config.adv.steps)(
-        logits_fn, keys['pgd'], x, target).x_adv
   return StepObjective(objective, gradients, first_clean)
 
 
