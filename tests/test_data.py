@@ -200,6 +200,15 @@ def test_host_split_is_read_only():
     split.images[0] = 1
 
 
+def test_a_split_too_big_for_the_device_is_refused_naming_sizes_and_the_switch():
+  split = indexed_split(4)  # 4 images of 2x2x1 bytes + 4 int32 labels = 32 bytes.
+  data.check_split_fits(split, None)  # The backend gives no limit (CPU): no check.
+  data.check_split_fits(split, 64)  # Exactly half of the device: accepted.
+  with pytest.raises(ValueError, match=r'toy/train takes 32 bytes.*50% of the 63 bytes'
+                                       r'.*data\.on_device=False'):
+    data.check_split_fits(split, 63)
+
+
 def test_steps_per_epoch_drops_the_partial_batch():
   assert data.steps_per_epoch(10, 4) == 2
   assert data.steps_per_epoch(8, 4) == 2

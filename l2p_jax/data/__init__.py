@@ -3,6 +3,7 @@
 from l2p_jax.data.pipeline import (
     Batch,
     augment,
+    check_split_fits,
     device_batches,
     epoch_order_on_mesh,
     epoch_permutation,

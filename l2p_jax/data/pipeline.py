@@ -71,12 +71,32 @@ def train_batches(split: HostSplit, *, seed: int, epoch: int, batch_size: int,
     yield train_batch(split, seed=seed, epoch=epoch, step=step, batch_size=batch_size)
 
 
+# A split kept on the device may take at most this share of a device's memory; the
+# rest is for the model, the optimizer state and the step's activations.
+MAX_SPLIT_SHARE = 0.5
+
+
+def check_split_fits(split: HostSplit, bytes_limit: int | None) -> None:
+  """Raises ValueError when the split would take more than MAX_SPLIT_SHARE of a
+  device's `bytes_limit` (None: the backend does not say, as on CPU)."""
+  size = split.images.nbytes + split.labels.nbytes
+  if bytes_limit is not None and size > MAX_SPLIT_SHARE * bytes_limit:
+    raise ValueError(
+        f'The training split {split.name}/{split.split} takes {size:,} bytes '
+        f'({size / 2**30:.2f} GiB), more than {MAX_SPLIT_SHARE:.0%} of the '
+        f'{bytes_limit:,} bytes a device has; set --config.data.on_device=False to '
+        'feed batches from the host.')
+
+
 def put_on_mesh(mesh: Mesh, split: HostSplit) -> Batch:
   """The whole split (uint8 images, int32 labels) copied to every device of the mesh.
 
   CIFAR's 50,000 training images take 150 MB per device. Every process passes the
-  same full split (each loads it), so this works across hosts as well.
+  same full split (each loads it), so this works across hosts as well. A split that
+  would crowd out the model fails here, before anything is copied.
   """
+  stats = mesh.devices.flat[0].memory_stats()
+  check_split_fits(split, stats.get('bytes_limit') if stats else None)
   return replicate(mesh, {'image': split.images, 'label': split.labels})
 
 
