@@ -95,7 +95,7 @@ def put_on_mesh(mesh: Mesh, split: HostSplit) -> Batch:
   same full split (each loads it), so this works across hosts as well. A split that
   would crowd out the model fails here, before anything is copied.
   """
-  stats = mesh.devices.flat[0].memory_stats()
+  stats = mesh.local_devices[0].memory_stats()
   check_split_fits(split, stats.get('bytes_limit') if stats else None)
   return replicate(mesh, {'image': split.images, 'label': split.labels})
 
