@@ -21,8 +21,8 @@ import argparse
 import datetime
 import functools
 import importlib.metadata
-import itertools
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
@@ -398,24 +398,25 @@ def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: s
     step = functools.partial(train.train_step_on_split, batch_size=args.batch,
                              batch_sharding=sharding.data_sharding(mesh), **step_kwargs)
     # Call k takes batch k of epoch 0 (past the epoch's end, its last batch again).
-    epochs = itertools.repeat((data.put_on_mesh(mesh, split),
+    call_inputs = itertools.repeat((data.put_on_mesh(mesh, split),
                                data.epoch_order_on_mesh(mesh, 0, 0, split.num_examples),
                                epoch_start))
   else:
     step = functools.partial(train.train_step, **step_kwargs)
-    epochs = ((batch,) for batch in data.device_batches(mesh, itertools.chain.from_iterable(
+    call_inputs = ((batch,) for batch in data.device_batches(mesh, itertools.chain.from_iterable(
         data.train_batches(split, seed=0, epoch=e, batch_size=args.batch)
         for e in itertools.count())))
-  step_inputs = next(epochs)
+  step_inputs = next(call_inputs)
+  guard = 'disallow' if inputs == 'device' else 'allow'
   jitted = jax.jit(step, static_argnames='phase', donate_argnums=0)
   compiled, xla = compile_jax(jitted, state, *step_inputs, lr, reg_weight, phase=phase)
   state_buffers = jax.tree.leaves(state)
   current = [state, step_inputs]
 
   def call() -> None:
-    with jax.transfer_guard('disallow' if inputs == 'device' else 'allow'):
+    with jax.transfer_guard(guard):
       current[0] = compiled(current[0], *current[1], lr, reg_weight)
-      current[1] = next(epochs)
+      current[1] = next(call_inputs)
       jax.block_until_ready(current[0])
 
   first = warm_up(call, args.warmup)
@@ -424,7 +425,7 @@ def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: s
       'compile': xla, 'first_call_s': first,
       'pgd_steps': config.adv.steps if phase.adversarial else 0,
       'checks': {'state_buffers': len(state_buffers), 'donated_buffers': int(donated),
-                 'transfer_guard': 'disallow' if inputs == 'device' else 'allow',
+                 'transfer_guard': guard,
                  'host_callbacks': xla['host_callbacks']}}
 
 
