@@ -1,24 +1,31 @@
 r"""The paper's CIFAR experiments: any method on any CIFAR ResNet and dataset.
 
-The argument is `METHOD,ARCH,DATASET[,tiny]` (each part optional, in that order), or
-just `tiny`; defaults are Learn2Perturb on ResNet-V1(20) and CIFAR-10:
+The argument is `METHOD,ARCH,DATASET[,authors_code][,tiny]` (each part optional, in
+that order), or just `tiny`; defaults are Learn2Perturb on ResNet-V1(20) and CIFAR-10:
 
   python train.py --config configs/cifar.py:l2p,resnet20,cifar10 --workdir runs/l2p_r20
   python train.py --config configs/cifar.py:pni,resnet18,cifar100 --workdir runs/pni_r18
   python train.py --config configs/cifar.py:vanilla,resnet20,cifar10 \
       --config.model.width=4 --workdir runs/vanilla_r20x4
+  python train.py --config configs/cifar.py:adv_bnn,resnet20,cifar10,authors_code \
+      --workdir runs/adv_bnn_code_r20
   python train.py --config configs/cifar.py:tiny --workdir /tmp/tiny   # ~1 min on CPU
 
 METHOD is one of none, vanilla, pni, adv_bnn, l2p; ARCH is resnet<6n+2> (ResNet-V1)
 or resnet18 (ResNet-V2(18)); DATASET is any TFDS image-classification name. The
 schedules are the papers': supplementary 1.4 for l2p, vanilla and none; PNI's own
-for pni; Adv-BNN's PGD and prior for adv_bnn. `tiny` shrinks model, data and
-schedule so that a run finishes in about a minute on a 2-core CPU.
+for pni; Adv-BNN's paper (PGD-10, prior 0.08, the KL of every layer at 1/N) for
+adv_bnn. `authors_code` (adv_bnn only) switches every field in which Adv-BNN's code
+(xuanqing94/BayesianDefense) differs from its paper to the code's value (see
+_ADV_BNN_CODE). `tiny` shrinks model, data and schedule so that a run finishes in
+about a minute on a 2-core CPU.
 """
 
 import ml_collections
 
 from l2p_jax.models import METHODS
+
+MODIFIERS = ('authors_code', 'tiny')
 
 # Per-method changes to the supplementary's schedule (section 1.4).
 _METHOD_OVERRIDES = {
@@ -32,20 +39,39 @@ _METHOD_OVERRIDES = {
     'adv_bnn': dict(adv_start_epoch=0, adv_steps=10),
 }
 
+# Adv-BNN's code (main_adv_vi.py, models/layers/*.py, utils/loss.py) where it differs
+# from its paper: only the classifier's KL reaches the loss (its VGG returns the last
+# layer's KL, issue #5 there); Adam at lr 0.01, made anew with lr / 10 after stages of
+# 80, 60, 40 and 20 epochs, no weight decay; means uniform(+-1/sqrt(fan_in)), Bayesian
+# BatchNorm (scale mean uniform(0, 1)); the loss is the adversarial cross-entropy alone,
+# on true labels; PGD-10 of step 0.007 without random start, run with net.eval()
+# (BatchNorm's running statistics).
+_ADV_BNN_CODE = {
+    'model.bnn_mean_init': 'adv_bnn_code', 'model.bnn_batchnorm': True,
+    'bnn.kl_scope': 'classifier', 'optim.optimizer': 'adam',
+    'optim.learning_rate': 0.01, 'optim.lr_boundaries': (80, 140, 180),
+    'optim.restart_at_boundaries': True, 'optim.weight_decay': 0.0, 'num_epochs': 200,
+    'adv.clean_weight': 0.0, 'adv.adv_weight': 1.0, 'adv.labels': 'true',
+    'adv.step_size': 0.007, 'adv.random_start': False, 'adv.attack_batchnorm': 'running',
+}
+
 
 def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   """The experiment named by `arg` (see the module docstring)."""
   parts = [p for p in arg.split(',') if p]
-  tiny = 'tiny' in parts
-  parts = [p for p in parts if p != 'tiny']
+  modifiers = {p for p in parts if p in MODIFIERS}
+  parts = [p for p in parts if p not in MODIFIERS]
   defaults = ['l2p', 'resnet20', 'cifar10']
   if len(parts) > 3:
     raise ValueError(f'Config argument {arg!r} has too many parts; expected '
-                     'METHOD,ARCH,DATASET[,tiny].')
+                     'METHOD,ARCH,DATASET[,authors_code][,tiny].')
   method, arch, dataset = parts + defaults[len(parts):]
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r} in config argument {arg!r}; '
                      f'expected one of {METHODS}.')
+  if 'authors_code' in modifiers and method != 'adv_bnn':
+    raise ValueError(f'authors_code in config argument {arg!r} applies to adv_bnn only; '
+                     'for l2p use --config.l2p.alternation=authors_code.')
   over = dict(num_epochs=350, lr_boundaries=(150, 250), weight_decay=1e-4,
               noise_start_epoch=0, adv_steps=7)
   over.update(_METHOD_OVERRIDES[method])
@@ -62,6 +88,8 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.model.pni_mode = 'layer'  # PNI alpha per layer | channel | element.
   c.model.pni_init = 0.25  # Initial PNI alpha.
   c.model.bnn_init_sigma = 0.08  # Adv-BNN initial weight std.
+  c.model.bnn_mean_init = 'kaiming_normal'  # Adv-BNN means: kaiming_normal | adv_bnn_code.
+  c.model.bnn_batchnorm = False  # Adv-BNN: BatchNorm scale and bias Bayesian too.
   c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params stay float32).
 
   c.data = ml_collections.ConfigDict()
@@ -83,12 +111,14 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.eval_batch_size = 256  # Global evaluation batch.
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = 'sgd'  # sgd (momentum below) | adam (PyTorch's defaults).
   c.optim.learning_rate = 0.1  # Initial learning rate (weights and noise alike).
   c.optim.lr_boundaries = over['lr_boundaries']  # Epochs where lr is multiplied...
   c.optim.lr_decay = 0.1  # ...by this factor.
   c.optim.momentum = 0.9  # SGD momentum.
   c.optim.nesterov = True  # Nesterov momentum.
   c.optim.weight_decay = over['weight_decay']  # Weight decay on `params` only.
+  c.optim.restart_at_boundaries = False  # Fresh optimizer state at every lr boundary.
 
   c.adv = ml_collections.ConfigDict()
   c.adv.start_epoch = over['adv_start_epoch']  # First adversarial epoch; -1 never.
@@ -99,6 +129,7 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.adv.labels = 'prediction'  # Attack the model's clean prediction (codes) | true.
   c.adv.clean_weight = 0.5  # alpha: weight of the clean cross-entropy.
   c.adv.adv_weight = 0.5  # beta: weight of the adversarial cross-entropy.
+  c.adv.attack_batchnorm = 'batch'  # BatchNorm statistics PGD sees: batch | running.
   c.adv.unroll = False  # Unroll the PGD loop (much faster on XLA:CPU, slower compile).
 
   c.l2p = ml_collections.ConfigDict()
@@ -109,7 +140,11 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
 
   c.bnn = ml_collections.ConfigDict()
   c.bnn.prior_sigma = 0.08  # Std of the Gaussian prior on every weight.
-  c.bnn.kl_weight = -1.0  # Weight of the KL term; -1 means 1 / N_train (ELBO).
+  c.bnn.kl_scope = 'all'  # Layers whose KL enters the loss: all (paper) | classifier.
+  c.bnn.kl_alpha = 1.0  # The loss adds kl_alpha / N * KL (the ELBO at 1).
+  # N of that weight; None: the size of the whole training split (data.train_examples
+  # does not change it, so a subset run keeps the prior of the full one).
+  c.bnn.kl_examples = ml_collections.config_dict.placeholder(int)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.pgd_steps = 7  # PGD steps of the per-epoch robust accuracy (eps as training).
@@ -120,7 +155,12 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.log_every_steps = 50  # Scalars to TensorBoard and the non-finite check.
   c.progress_bar = True  # tqdm bar with rate and ETA.
 
-  if tiny:
+  if 'authors_code' in modifiers:
+    for field, value in _ADV_BNN_CODE.items():
+      section, _, name = field.rpartition('.')
+      (c[section] if section else c)[name] = value
+
+  if 'tiny' in modifiers:
     c.model.arch = 'resnet8'
     c.model.width = 0.5
     c.data.train_examples = 512

@@ -26,6 +26,7 @@ from l2p_jax.metrics import MetricsWriter, read_metrics
 from l2p_jax.plots import plot_noise_evolution
 
 ADV_LABELS = ('prediction', 'true')
+ATTACK_BATCHNORMS = ('batch', 'running')
 ALTERNATIONS = ('paper', 'authors_code')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -93,9 +94,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.adv.eps >= 0 and config.adv.steps >= 1 and config.eval.pgd_steps >= 1,
         f'adv.eps={config.adv.eps} must be >= 0 and adv.steps={config.adv.steps}, '
         f'eval.pgd_steps={config.eval.pgd_steps} at least 1.')
+  check(config.adv.attack_batchnorm in ATTACK_BATCHNORMS,
+        f'Unknown adv.attack_batchnorm {config.adv.attack_batchnorm!r}; expected one of '
+        f'{ATTACK_BATCHNORMS}.')
+  check(config.optim.optimizer in optim.OPTIMIZERS,
+        f'Unknown optim.optimizer {config.optim.optimizer!r}; expected one of '
+        f'{optim.OPTIMIZERS}.')
   check(config.bnn.prior_sigma > 0 and config.model.bnn_init_sigma > 0,
         f'bnn.prior_sigma={config.bnn.prior_sigma} and model.bnn_init_sigma='
         f'{config.model.bnn_init_sigma} must be positive.')
+  check(config.bnn.kl_scope in models.KL_SCOPES,
+        f'Unknown bnn.kl_scope {config.bnn.kl_scope!r}; expected one of '
+        f'{models.KL_SCOPES}.')
+  check(config.model.bnn_mean_init in models.BAYES_MEAN_INITS,
+        f'Unknown model.bnn_mean_init {config.model.bnn_mean_init!r}; expected one of '
+        f'{models.BAYES_MEAN_INITS}.')
+  check(config.bnn.kl_alpha >= 0 and (config.bnn.kl_examples is None
+                                      or config.bnn.kl_examples > 0),
+        f'bnn.kl_alpha={config.bnn.kl_alpha} must be >= 0 and bnn.kl_examples='
+        f'{config.bnn.kl_examples} positive (or None for the training split\'s size).')
   for name in ('checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints'):
     check(config[name] > 0, f'{name} must be positive, got {config[name]}.')
 
@@ -125,7 +142,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
       m.arch, num_classes, config.method, width=m.width, mean=tuple(mean),
       std=tuple(std), l2p_init=m.l2p_init, l2p_per_example=m.l2p_per_example,
       pni_mode=m.pni_mode, pni_init=m.pni_init, bnn_init_sigma=m.bnn_init_sigma,
-      dtype=DTYPES[m.dtype])
+      bnn_mean_init=m.get('bnn_mean_init', 'kaiming_normal'),
+      bnn_batchnorm=m.get('bnn_batchnorm', False), dtype=DTYPES[m.dtype])
 
 
 def create_train_state(model: models.ResNet, optimizers: dict, key: jax.Array,
@@ -149,6 +167,19 @@ def reset_epoch_sums(state: TrainState) -> TrainState:
   return state.replace(loss_sum=jnp.zeros_like(state.loss_sum),
                        correct_sum=jnp.zeros_like(state.correct_sum),
                        seen=jnp.zeros_like(state.seen))
+
+
+def restart_optimizers(state: TrainState, optimizers: dict) -> TrainState:
+  """Fresh optimizer states for both collections (Adv-BNN's code makes a new Adam
+  at every learning-rate stage); the variables stay as they are."""
+  return state.replace(opt_state={c: optimizers[c].init(getattr(state, c))
+                                  for c in ('params', 'perturb')})
+
+
+def kl_loss_weight(config: ml_collections.ConfigDict, train_split_size: int) -> float:
+  """alpha / N of Adv-BNN's loss, N the whole training split's size unless
+  bnn.kl_examples names another (a subset run keeps the full run's prior)."""
+  return config.bnn.kl_alpha / (config.bnn.kl_examples or train_split_size)
 
 
 def step_keys(seed: int, step: jax.Array) -> dict[str, jax.Array]:
@@ -209,8 +240,13 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
   first_clean = jax.vjp(clean_pass, state.params, state.perturb, has_aux=True)
   x_adv = None
   if phase.adversarial:
-    frozen = jax.lax.stop_gradient((state.params, state.perturb, state.batch_stats))
-    logits_fn = lambda inputs, key: forward(*frozen, inputs, key)[0]  # noqa: E731
+    frozen = jax.lax.stop_gradient(state.variables)
+    if config.adv.attack_batchnorm == 'running':  # Adv-BNN's code attacks net.eval().
+      logits_fn = lambda inputs, key: model.apply(  # noqa: E731
+          frozen, inputs, train=False, noise=phase.noise, rngs={'noise': key})
+    else:
+      logits_fn = lambda inputs, key: forward(  # noqa: E731
+          frozen['params'], frozen['perturb'], frozen['batch_stats'], inputs, key)[0]
     target = y if config.adv.labels == 'true' else jnp.argmax(first_clean[0], axis=-1)
     x_adv = pgd_attack(config, config.adv.steps)(
         logits_fn, keys['pgd'], x, target).x_adv
@@ -218,12 +254,16 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
   def rest(params, perturb, clean_logits, updates):
     adv_logits = None
     if x_adv is not None:
-      adv_logits, updates = forward(params, perturb, updates['batch_stats'], x_adv,
-                                    keys['adv'])
+      # A loss of the adversarial term alone (Adv-BNN's code) runs only the
+      # adversarial batch through the network: its statistics alone move BatchNorm's.
+      stats = (state.batch_stats if config.adv.clean_weight == 0
+               else updates['batch_stats'])
+      adv_logits, updates = forward(params, perturb, stats, x_adv, keys['adv'])
     loss = objectives.mixed_loss(clean_logits, adv_logits, y,
                                  config.adv.clean_weight, config.adv.adv_weight)
     if config.method == 'adv_bnn':
-      loss += kl_weight * models.bayes_kl(params, perturb, config.bnn.prior_sigma)
+      loss += kl_weight * models.bayes_kl(params, perturb, config.bnn.prior_sigma,
+                                          config.bnn.kl_scope)
     total = loss - reg_weight * objectives.l2p_regularizer(perturb)
     return total, (loss, updates['batch_stats'], clean_logits)
 
@@ -352,17 +392,19 @@ def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
   return dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
 
 
-def load_data(config: ml_collections.ConfigDict) -> tuple[data.HostSplit, data.HostSplit]:
-  """The configured training and evaluation splits in host memory."""
+def load_data(config: ml_collections.ConfigDict
+              ) -> tuple[data.HostSplit, data.HostSplit, int]:
+  """The configured training and evaluation splits in host memory, and the size of
+  the whole training split (before data.train_examples takes its first examples)."""
   d = config.data
   load = functools.partial(data.load_split, d.dataset, source=d.source,
                            data_dir=d.data_dir or None, local_dir=d.local_dir or None,
                            download=d.download)
-  train = first_examples(load(d.train_split), d.train_examples,
-                         'data.train_examples')
+  full_train = load(d.train_split)
+  train = first_examples(full_train, d.train_examples, 'data.train_examples')
   evaluation = first_examples(load(d.eval_split), d.eval_examples,
                               'data.eval_examples')
-  return train, evaluation
+  return train, evaluation, full_train.num_examples
 
 
 # The constants of the PyTorch codes, for runs that must match them: the L2P code's
@@ -416,12 +458,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
-  train_split, eval_split = load_data(config)
+  train_split, eval_split, train_split_size = load_data(config)
   mean, std = normalization(config, train_split)
   model = build_model(config, train_split.num_classes, mean, std)
   steps_per_epoch = data.steps_per_epoch(train_split.num_examples, config.batch_size)
   optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
-                                     config.optim.weight_decay)
+                                     config.optim.weight_decay, config.optim.optimizer)
   replicated = sharding.replicated_sharding(mesh)
   root = jax.random.key(config.seed)
   init = jax.jit(functools.partial(create_train_state, model, optimizers,
@@ -446,10 +488,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  kl_weight = (config.bnn.kl_weight if config.bnn.kl_weight >= 0
-               else 1.0 / train_split.num_examples)
   step_kwargs = dict(model=model, config=config, optimizers=optimizers,
-                     kl_weight=kl_weight)
+                     kl_weight=kl_loss_weight(config, train_split_size))
+  restart = jax.jit(functools.partial(restart_optimizers, optimizers=optimizers),
+                    out_shardings=replicated)
   if config.data.on_device:
     device_split = data.put_on_mesh(mesh, train_split)
     step_fn = jax.jit(
@@ -481,6 +523,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start = step - epoch * steps_per_epoch
     if start == 0:
       state = reset_epoch_sums(state)
+      if config.optim.restart_at_boundaries and epoch in config.optim.lr_boundaries:
+        state = restart(state)
     started = time.time()
     # Per-epoch values go to the devices once here, not with every step.
     lr_on_mesh, reg_weight_on_mesh, epoch_start = sharding.replicate(

@@ -11,16 +11,16 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
-from l2p_jax.models.layers import (FeatureNoise, WeightNoise, bayes_kl,
-                                   gaussian_kl, project_perturb, PERTURB,
-                                   NOISE_RNG)
+from l2p_jax.models.layers import (BAYES_MEAN_INITS, KL_SCOPES, FeatureNoise,
+                                   WeightNoise, bayes_kl, gaussian_kl,
+                                   project_perturb, PERTURB, NOISE_RNG)
 from l2p_jax.models.resnet import ResNet
 
 METHODS = ('none', 'vanilla', 'pni', 'adv_bnn', 'l2p')
 ARCHITECTURES_HELP = ("'resnet<6n+2>' (ResNet-V1: resnet20, resnet32, resnet44, "
                       "resnet56, ...) or 'resnet18' (ResNet-V2(18))")
 
-__all__ = ['METHODS', 'ResNet', 'WeightNoise', 'FeatureNoise', 'create_model',
+__all__ = ['METHODS', 'BAYES_MEAN_INITS', 'KL_SCOPES', 'ResNet', 'WeightNoise', 'FeatureNoise', 'create_model',
            'bayes_kl', 'gaussian_kl', 'project_perturb', 'PERTURB', 'NOISE_RNG',
            'resnet_layout']
 
@@ -49,9 +49,10 @@ def create_model(arch: str, num_classes: int, method: str = 'none', *,
                  std: Sequence[float] = (0.2470, 0.2435, 0.2616),
                  l2p_init: float = 0.25, l2p_per_example: bool = False,
                  pni_mode: str = 'layer', pni_init: float = 0.25,
-                 bnn_init_sigma: float = 0.1, dtype: Any = jnp.float32) -> ResNet:
+                 bnn_init_sigma: float = 0.1, bnn_mean_init: str = 'kaiming_normal',
+                 bnn_batchnorm: bool = False, dtype: Any = jnp.float32) -> ResNet:
   """The network for `method`: plain for none/vanilla, feature noise for l2p,
-  weight noise for pni, Bayesian weights for adv_bnn."""
+  weight noise for pni, Bayesian weights (and optionally BatchNorm) for adv_bnn."""
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r}; expected one of {METHODS}.')
   if len(mean) != len(std):
@@ -62,6 +63,8 @@ def create_model(arch: str, num_classes: int, method: str = 'none', *,
       **resnet_layout(arch, width), num_classes=num_classes,
       mean=tuple(mean), std=tuple(std),
       weight_noise=WeightNoise(kind=kind, pni_mode=pni_mode, pni_init=pni_init,
-                               bayes_init_sigma=bnn_init_sigma),
+                               bayes_init_sigma=bnn_init_sigma,
+                               bayes_mean_init=bnn_mean_init,
+                               bayes_batchnorm=bnn_batchnorm),
       feature_noise=method == 'l2p', feature_noise_init=l2p_init,
       feature_noise_per_example=l2p_per_example, dtype=dtype)

@@ -21,6 +21,9 @@ NOISE_RNG = 'noise'
 
 WEIGHT_NOISE_KINDS = ('none', 'pni', 'bayes')
 PNI_MODES = ('layer', 'channel', 'element')
+# Initial means of Bayesian weights: He-normal as every other method here, or the
+# Adv-BNN code's (conv/dense uniform(+-1/sqrt(fan_in)), BatchNorm scale uniform(0, 1)).
+BAYES_MEAN_INITS = ('kaiming_normal', 'adv_bnn_code')
 
 # He-normal as torch.nn.init.kaiming_normal_ (fan_in, untruncated), used by the
 # authors' and PNI's CIFAR ResNets.
@@ -37,11 +40,15 @@ class WeightNoise:
     one per weight element.
   pni_init: initial value of alpha.
   bayes_init_sigma: initial standard deviation of each Bayesian weight.
+  bayes_mean_init: initial means of Bayesian weights, one of BAYES_MEAN_INITS.
+  bayes_batchnorm: BatchNorm's scale and bias are Bayesian too (Adv-BNN's code).
   """
   kind: str = 'none'
   pni_mode: str = 'layer'
   pni_init: float = 0.25
   bayes_init_sigma: float = 0.1
+  bayes_mean_init: str = 'kaiming_normal'
+  bayes_batchnorm: bool = False
 
   def __post_init__(self):
     if self.kind not in WEIGHT_NOISE_KINDS:
@@ -50,6 +57,19 @@ class WeightNoise:
     if self.pni_mode not in PNI_MODES:
       raise ValueError(f'Unknown PNI mode {self.pni_mode!r}; '
                        f'expected one of {PNI_MODES}.')
+    if self.bayes_mean_init not in BAYES_MEAN_INITS:
+      raise ValueError(f'Unknown Bayesian mean init {self.bayes_mean_init!r}; '
+                       f'expected one of {BAYES_MEAN_INITS}.')
+
+  def init(self, default: Callable[..., jax.Array], fan_in: int
+           ) -> Callable[..., jax.Array]:
+    """The initializer of a conv/dense weight or bias of `fan_in` inputs: `default`,
+    except Adv-BNN code's uniform(+-1/sqrt(fan_in)) for its Bayesian means."""
+    if self.kind == 'bayes' and self.bayes_mean_init == 'adv_bnn_code':
+      bound = fan_in ** -0.5
+      return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+          key, shape, dtype, -bound, bound)
+    return default
 
 
 def gaussian_kl(mean: jax.Array, log_sigma: jax.Array,
@@ -155,8 +175,8 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
-    kernel = perturbed_weight(self, 'kernel', shape, kaiming_normal,
-                              self.weight_noise, noise)
+    init = self.weight_noise.init(kaiming_normal, self.kernel_size**2 * x.shape[-1])
+    kernel = perturbed_weight(self, 'kernel', shape, init, self.weight_noise, noise)
     return conv_same(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
 
 
@@ -168,13 +188,40 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
-    kernel = perturbed_weight(self, 'kernel', (x.shape[-1], self.features),
-                              kaiming_normal, self.weight_noise, noise)
+    spec, fan_in = self.weight_noise, x.shape[-1]
+    kernel = perturbed_weight(self, 'kernel', (fan_in, self.features),
+                              spec.init(kaiming_normal, fan_in), spec, noise)
     bias = perturbed_weight(self, 'bias', (self.features,),
-                            nn.initializers.zeros, self.weight_noise, noise,
+                            spec.init(nn.initializers.zeros, fan_in), spec, noise,
                             perturb_with_pni=False)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
+
+
+class BayesBatchNorm(nn.Module):
+  """BatchNorm with Bayesian scale and bias (Adv-BNN's code, `RandBatchNorm2d`).
+
+  The normalization and its running statistics are Flax's (kept under `stats`); the
+  scale's and bias's means are in `params` and their log standard deviations in
+  `perturb`, sampled afresh per call like the Bayesian kernels.
+  """
+  use_running_average: bool
+  weight_noise: WeightNoise
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
+    y = nn.BatchNorm(use_running_average=self.use_running_average,
+                     momentum=self.momentum, epsilon=self.epsilon, use_scale=False,
+                     use_bias=False, dtype=self.dtype, name='stats')(x)
+    spec, shape = self.weight_noise, (x.shape[-1],)
+    scale_init = (nn.initializers.uniform(1.0) if spec.bayes_mean_init == 'adv_bnn_code'
+                  else nn.initializers.ones)
+    scale = perturbed_weight(self, 'scale', shape, scale_init, spec, noise)
+    bias = perturbed_weight(self, 'bias', shape, nn.initializers.zeros, spec, noise)
+    return y * scale.astype(y.dtype) + bias.astype(y.dtype)
 
 
 class FeatureNoise(nn.Module):
@@ -210,15 +257,25 @@ def project_perturb(perturb: Any, theta_floor: float = 0.01) -> Any:
   return jax.tree_util.tree_map_with_path(clip, perturb)
 
 
-def bayes_kl(params: Any, perturb: Any, prior_sigma: float) -> jax.Array:
-  """Total KL of every Bayesian weight's posterior from the prior N(0, prior_sigma^2).
+KL_SCOPES = ('all', 'classifier')
+
+
+def bayes_kl(params: Any, perturb: Any, prior_sigma: float,
+             scope: str = 'all') -> jax.Array:
+  """Total KL of the Bayesian weights' posterior from the prior N(0, prior_sigma^2).
 
   Pairs each `<name>_log_sigma` in `perturb` with the mean `<name>` at the same
-  place in `params`; zero for a network without Bayesian layers.
+  place in `params`; zero for a network without Bayesian layers. `scope='all'` sums
+  every layer (the Adv-BNN paper's ELBO); 'classifier' only the final dense layer's,
+  which is what Adv-BNN's code adds to its loss (its VGG returns the last layer's KL).
   """
+  if scope not in KL_SCOPES:
+    raise ValueError(f'Unknown KL scope {scope!r}; expected one of {KL_SCOPES}.')
   flat_params = traverse_util.flatten_dict(params)
   total = jnp.zeros((), jnp.float32)
   for path, log_sigma in traverse_util.flatten_dict(perturb or {}).items():
+    if scope == 'classifier' and path[0] != 'classifier':
+      continue
     if path[-1].endswith('_log_sigma'):
       mean = flat_params[path[:-1] + (path[-1][:-len('_log_sigma')],)]
       total = total + gaussian_kl(mean, log_sigma, prior_sigma)

@@ -13,9 +13,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise
+from l2p_jax.models.layers import (BayesBatchNorm, Conv, Dense, FeatureNoise,
+                                   WeightNoise)
 
 SHORTCUTS = ('A', 'projection')
+
+
+def batch_norm(name: str, train: bool, noise: bool, weight_noise: WeightNoise,
+               dtype: Any):
+  """The BatchNorm layer `name` as a function of its input: Flax's, or with Bayesian
+  scale and bias when `weight_noise` asks for it (Adv-BNN's code)."""
+  settings = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                  dtype=dtype, name=name)
+  if weight_noise.kind == 'bayes' and weight_noise.bayes_batchnorm:
+    layer = BayesBatchNorm(weight_noise=weight_noise, **settings)
+    return lambda x: layer(x, noise)
+  return nn.BatchNorm(**settings)
 
 
 def shortcut_a(x: jax.Array, features: int, strides: int) -> jax.Array:
@@ -38,9 +51,8 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, noise: bool) -> jax.Array:
-    norm = lambda name: nn.BatchNorm(  # noqa: E731
-        use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, name=name)
+    norm = lambda name: batch_norm(name, train, noise, self.weight_noise,  # noqa: E731
+                                   self.dtype)
     y = Conv(self.features, 3, self.strides, self.weight_noise, self.dtype,
              name='conv1')(x, noise)
     y = nn.relu(norm('bn1')(y))
@@ -92,8 +104,7 @@ class ResNet(nn.Module):
     x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
     x = Conv(self.stem_features, 3, 1, self.weight_noise, self.dtype,
              name='stem_conv')(x, noise)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name='stem_bn')(x)
+    x = batch_norm('stem_bn', train, noise, self.weight_noise, self.dtype)(x)
     if self.feature_noise:
       x = FeatureNoise(self.feature_noise_init, self.feature_noise_per_example,
                        name='stem_noise')(x, noise)
