@@ -8,8 +8,7 @@ evaluation, `get_config('tiny')` a CPU smoke test of every attack:
   python eval.py --workdir runs/l2p_r20,runs/pni_r20,runs/vanilla_r20 \
       --config.attacks=clean,fgsm,pgd,eps_sweep,transfer
   python eval.py --workdir runs/l2p_r20 --config.attacks=apgd --config.apgd.eot_draws=50
-  python eval.py --workdir runs/adv_bnn_r20 --config.predict.rule=mean_softmax \
-      --config.predict.draws=50
+  python eval.py --workdir runs/adv_bnn_r20 --config.predict.rule=single
   python eval.py --workdir /tmp/tiny --config configs/eval.py:tiny
 
 Attack names (config.attacks, comma-separated): clean; fgsm; pgd (pgd.steps steps),
@@ -21,6 +20,7 @@ transfer source judged by every transfer target).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -37,9 +37,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.output_dir = ''  # Where results go; '' is WORKDIR/eval of the first --workdir.
   c.progress_bar = True  # tqdm bar with rate and ETA per attack.
 
+  # How a randomized model predicts. None: as the method's authors judge it, which is
+  # mean_softmax over 50 draws for adv_bnn (Adv-BNN's acc_under_attack.py) and single
+  # for the others (evaluation.AUTHORS_PREDICTION).
   c.predict = ml_collections.ConfigDict()
-  c.predict.rule = 'single'  # single (first draw) | vote | mean_softmax.
-  c.predict.draws = 1  # Noise draws per prediction (for vote and mean_softmax).
+  c.predict.rule = placeholder(str)  # single (first draw) | vote | mean_softmax.
+  c.predict.draws = placeholder(int)  # Draws for vote and mean_softmax (None: 50).
 
   c.model = ml_collections.ConfigDict()  # Checks only: the model comes from the checkpoint.
   c.model.arch = ''  # Refuse a checkpoint of another architecture ('' accepts any).

@@ -32,6 +32,10 @@ from tqdm import tqdm
 from l2p_jax import attacks, checkpointing, data, models, prediction, report, sharding, train
 
 RANDOMIZED_METHODS = ('l2p', 'pni', 'adv_bnn')
+# The prediction rule each method's authors judge it by: Adv-BNN's acc_under_attack.py
+# sums the softmax of 50 weight draws; the others predict from one draw.
+AUTHORS_PREDICTION = {'adv_bnn': ('mean_softmax', 50)}
+DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws is None.
 KEY_LAYOUT = ('attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
               'fold_in(spec key, b); attack key = fold_in(batch_key, 0); prediction key '
               '= fold_in(batch_key, 1)')
@@ -151,13 +155,25 @@ def plan_attacks(config: ml_collections.ConfigDict, names: str | Sequence[str] |
   return list(dict.fromkeys(specs)), transfer
 
 
+def prediction_rule(config: ml_collections.ConfigDict, method: str
+                    ) -> tuple[str, int, str]:
+  """(rule, draws, origin) of a `method` checkpoint's predictions: config.predict's
+  rule, or with none set the method authors' (AUTHORS_PREDICTION, else one draw);
+  origin says which ('config' or 'authors')."""
+  rule, draws = config.predict.rule, config.predict.draws
+  if rule is None:
+    authors_rule, authors_draws = AUTHORS_PREDICTION.get(method, ('single', 1))
+    return authors_rule, draws or authors_draws, 'authors'
+  return rule, 1 if rule == 'single' else draws or DEFAULT_DRAWS, 'config'
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises EvaluationError for settings no evaluation can use."""
   rule = config.predict.rule
-  if rule not in prediction.RULES:
+  if rule is not None and rule not in prediction.RULES:
     raise EvaluationError(f'Unknown prediction rule {rule!r} (config.predict.rule); '
                           f'expected one of {prediction.RULES}.')
-  for field, value, low in (('predict.draws', config.predict.draws, 1),
+  for field, value, low in (('predict.draws', config.predict.draws or 1, 1),
                             ('batch_size', config.batch_size, 1),
                             ('few_pixel.population', config.few_pixel.population, 4),
                             ('few_pixel.examples', config.few_pixel.examples, 0)):
@@ -375,10 +391,11 @@ def attack_accuracy(spec: AttackSpec, source: Checkpoint, targets: Sequence[Chec
                           jax.random.fold_in(batch_key, 0), eps, model=source.model,
                           attack=spec.attack, params=spec.params, noise=config.noise)
     for t, target in enumerate(targets):
+      rule, draws, _ = prediction_rule(config, target.meta['config']['method'])
       totals[t] += np.asarray(_judge_batch(
           target.variables, batch['image'], x_adv, batch['label'], batch['mask'],
           jax.random.fold_in(batch_key, 1), model=target.model, noise=config.noise,
-          draws=config.predict.draws, rule=config.predict.rule))
+          draws=draws, rule=rule))
   n = split.num_examples
   return [{'accuracy': correct / n, 'correct': int(correct), 'n': n,
            'fooled': int(fooled), 'mean_l2': float(l2 / fooled) if fooled else None}
@@ -390,12 +407,12 @@ def _record(config: ml_collections.ConfigDict, spec: AttackSpec, target: Checkpo
             source: dict[str, Any] | None = None) -> dict[str, Any]:
   """One result: what was attacked how, with which key and prediction rule, and the
   outcome (see report.RECORD_FIELDS)."""
-  rule = config.predict.rule
+  rule, draws, origin = prediction_rule(config, target.meta['config']['method'])
   return {
       'label': label, **target.describe(), 'dataset': split.name, 'split': split.split,
       'attack': spec.attack, 'name': spec.name, 'params': spec.describe(),
       'source': source, **counts, 'seconds': seconds,
-      'rule': rule, 'draws': 1 if rule == 'single' else config.predict.draws,
+      'rule': rule, 'draws': draws, 'rule_from': origin,
       'noise': config.noise, 'randomized': config.noise and target.randomized,
       'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
       'batch_size': config.batch_size,

@@ -9,8 +9,9 @@ with eps and examples); source (None for white-box, else the checkpoint the exam
 were made on); accuracy, correct, n, fooled, mean_l2 (the outcome; fooled counts the
 examples predicted right on the clean input and wrong on the attack's, mean_l2 is the
 mean L2 norm of their perturbations, None if there are none); seconds (wall
-clock, compilation included); rule, draws, noise, randomized (how predictions were
-made); key, batch_size (what reproduces the record: see evaluation.KEY_LAYOUT).
+clock, compilation included); rule, draws, rule_from, noise, randomized (how
+predictions were made; rule_from is 'authors' when the rule is the method authors'
+default, 'config' when config.predict set it); key, batch_size (what reproduces the record: see evaluation.KEY_LAYOUT).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from l2p_jax.metrics import read_metrics
 
 RECORD_FIELDS = ('label', 'checkpoint', 'step', 'workdir', 'method', 'arch', 'width',
                  'dataset', 'split', 'attack', 'name', 'params', 'source', 'accuracy',
-                 'correct', 'n', 'fooled', 'mean_l2', 'seconds', 'rule', 'draws', 'noise',
-                 'randomized', 'key', 'batch_size')
+                 'correct', 'n', 'fooled', 'mean_l2', 'seconds', 'rule', 'draws',
+                 'rule_from', 'noise', 'randomized', 'key', 'batch_size')
 CW_COLUMN = 'C&W acc / L2'
 
 
@@ -100,10 +101,12 @@ def _summary(records: Sequence[dict[str, Any]], eps: float) -> str:
   first = records[0]
   sizes = sorted({(r['attack'], r['n']) for r in records}, key=lambda a: -a[1])
   fewer = ', '.join(f'{attack}: {n}' for attack, n in sizes if n != sizes[0][1])
+  rules = {r['label']: f"{r['rule']} over {r['draws']} noise draw(s)" for r in records}
+  rule = (next(iter(rules.values())) if len(set(rules.values())) == 1 else
+          '; '.join(f'{label}: {text}' for label, text in rules.items()))
   return (f"Accuracy (%) on {first['dataset']}/{first['split']}, {sizes[0][1]} examples"
           f"{f' ({fewer})' if fewer else ''}; eps = {eps * 255:g}/255; prediction rule "
-          f"{first['rule']} over {first['draws']} noise draw(s), noise "
-          f"{'on' if first['noise'] else 'off'}."
+          f"{rule}, noise {'on' if first['noise'] else 'off'}."
           + (' C&W: accuracy / mean L2 of the perturbations that fooled the model.'
              if any(r['attack'] == 'cw' for r in records) else ''))
 

@@ -60,6 +60,8 @@ def test_config_is_locked_and_bad_arguments_are_clear():
     get_config('l2q,resnet20')
   with pytest.raises(ValueError, match='too many parts'):
     get_config('l2p,resnet20,cifar10,x')
+  with pytest.raises(ValueError, match=r'METHOD,ARCH,DATASET\[,authors_code\]\[,tiny\]'):
+    get_config('adv_bnn,resnet20,cifar10,code')
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -69,6 +71,10 @@ def test_config_is_locked_and_bad_arguments_are_clear():
     ('adv.labels', 'gold', r"Unknown adv.labels 'gold'.*'prediction', 'true'"),
     ('l2p.alternation', 'joint', r"Unknown l2p.alternation 'joint'"),
     ('l2p.noise_start_epoch', 3, r'noise_start_epoch=3 must be in \[0, num_epochs=3\)'),
+    ('optim.optimizer', 'rmsprop', r"Unknown optim.optimizer 'rmsprop'.*'sgd', 'adam'"),
+    ('bnn.kl_scope', 'last', r"Unknown bnn.kl_scope 'last'.*'all', 'classifier'"),
+    ('model.bnn_mean_init', 'zeros', r"Unknown model.bnn_mean_init 'zeros'"),
+    ('adv.attack_batchnorm', 'eval', r"Unknown adv.attack_batchnorm 'eval'.*'running'"),
 ])
 def test_invalid_config_values_name_field_and_choices(field, value, message):
   config = get_config('tiny')
