@@ -36,9 +36,13 @@ class _Bayes:
     self.weight_log_sigma = nn.Parameter(torch.full_like(self.weight, math.log(init_sigma)))
     self.bias_log_sigma = (None if self.bias is None else
                            nn.Parameter(torch.full_like(self.bias, math.log(init_sigma))))
+    self.w_noise = True  # `torch_reference.set_noise` switches it, as PNI's flag.
 
   def sampled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A fresh (weight, bias) sample, differentiable in the means and log-sigmas."""
+    """A fresh (weight, bias) sample, differentiable in the means and log-sigmas
+    (the means themselves with noise off)."""
+    if not self.w_noise:
+      return self.weight, self.bias
     def sample(name: str, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
       return mean + log_sigma.exp() * ref.standard_normal(self, name, mean)
     bias = None if self.bias is None else sample('bias', self.bias, self.bias_log_sigma)
@@ -234,8 +238,9 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
   def descend(optimizers: Sequence[torch.optim.Optimizer], objective: torch.Tensor) -> None:
     # Gradients of the updated collections only, as XLA computes only what is used.
     params = [p for opt in optimizers for group in opt.param_groups for p in group['params']]
-    for p, g in zip(params, torch.autograd.grad(objective, params)):
-      p.grad = g
+    grads = torch.autograd.grad(objective, params, allow_unused=True)
+    for p, g in zip(params, grads):  # Unused (theta with noise off): zero, as in JAX.
+      p.grad = torch.zeros_like(p) if g is None else g
     for opt in optimizers:
       opt.step()
     floor_thetas()
@@ -250,7 +255,7 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
       for group in (opt.param_groups if opt else ()):
         group['lr'] = lr
     draws = draws or {}
-    l2p = bool(thetas) and noise and train_perturb
+    l2p = bool(thetas) and train_perturb
     paper = l2p and alternation == 'paper'
 
     def prepare(site: str, update_stats: bool, index: int | None = None) -> None:

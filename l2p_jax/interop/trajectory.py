@@ -12,6 +12,7 @@ Needs the `torch` extra.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -136,13 +137,14 @@ def _collection_differences(ours: dict, theirs: dict) -> dict[str, dict[str, flo
 
 
 def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit,
-            *, batch_norm: str = 'ours') -> dict[str, Any]:
+            *, batch_norm: str = 'ours', noise: bool = True) -> dict[str, Any]:
   """Trains `config` for `steps` optimizer steps with l2p_jax's `train_step` and with
   the authors' PyTorch step from the same start, on `split`'s batches in training
   order; returns the report (see the module docstring and README).
 
   batch_norm: 'ours' moves PyTorch's running statistics as Flax does; 'authors' keeps
   torch's BatchNorm2d (every training-mode pass, PGD's too, toward the unbiased variance).
+  noise=False switches the noise layers off in both (the deterministic check).
   """
   torch, torch_reference, torch_step = _torch_modules()
   check_config(config, steps)
@@ -192,6 +194,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   for k in range(steps):
     epoch = k // steps_per_epoch
     phase = train.phase_for_epoch(config, epoch)
+    phase = dataclasses.replace(phase, noise=phase.noise and noise)
     lr = optim.learning_rate(epoch, config.optim.learning_rate,
                              config.optim.lr_boundaries, config.optim.lr_decay)
     reg_weight = train.regularizer_weight(config, epoch)

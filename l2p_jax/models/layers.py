@@ -68,7 +68,8 @@ def draw_normal(module: nn.Module, name: str, shape: Sequence[int],
 
   It comes from the `noise` RNG stream, unless the `draws` collection holds an array
   under `name` for this module: then that array is the draw (to replay draws made
-  elsewhere, e.g. by PyTorch). When `draws` is mutable, each draw is recorded there.
+  elsewhere, e.g. by PyTorch). When `draws` is mutable in `apply` (not `init`, whose
+  variables would then replay it forever), each draw is recorded there.
   """
   if module.has_variable(DRAWS, name):
     value = module.get_variable(DRAWS, name)
@@ -77,7 +78,7 @@ def draw_normal(module: nn.Module, name: str, shape: Sequence[int],
                        f'for {module.name}/{name}, which needs {tuple(shape)}.')
     return value.astype(dtype)
   value = jax.random.normal(module.make_rng(NOISE_RNG), tuple(shape), dtype)
-  if module.is_mutable_collection(DRAWS):
+  if module.is_mutable_collection(DRAWS) and not module.is_initializing():
     module.put_variable(DRAWS, name, value)
   return value
 
