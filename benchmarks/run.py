@@ -45,7 +45,7 @@ from l2p_jax import attacks, data, models, optim, sharding, train  # noqa: E402
 
 try:
   import torch
-  from benchmarks import torch_reference_step
+  from l2p_jax.interop import torch_step
 except ImportError:  # torch is optional: the JAX figures stand alone.
   torch = None
 
@@ -489,7 +489,7 @@ def torch_sync() -> None:
 def torch_model(method: str, arch: str, args: argparse.Namespace, config):
   """The authors' network for `method` on the reference's device."""
   torch.manual_seed(0)
-  return torch_reference_step.build_model(
+  return torch_step.build_model(
       method, arch, num_classes=NUM_CLASSES, width=args.width, mean=MEAN_STD[0],
       std=MEAN_STD[1], pni_mode=config.model.pni_mode,
       bnn_init_sigma=config.model.bnn_init_sigma).to(torch_device())
@@ -501,18 +501,17 @@ def prepare_torch_train(args: argparse.Namespace, method: str, arch: str
   config = args_config(args, method, arch)
   model = torch_model(method, arch, args, config)
   adversarial = train.phase_for_epoch(config, 0).adversarial
-  step = torch_reference_step.make_train_step(
-      model, method, adversarial=adversarial, pgd_steps=config.adv.steps,
-      eps=config.adv.eps, step_size=config.adv.step_size,
-      clean_weight=config.adv.clean_weight, adv_weight=config.adv.adv_weight,
-      alternation=config.l2p.alternation, lr=config.optim.learning_rate,
-      weight_decay=config.optim.weight_decay, reg_weight=config.l2p.gamma,
-      kl_weight=1.0 / TRAIN_EXAMPLES, prior_sigma=config.bnn.prior_sigma,
-      theta_floor=config.l2p.theta_floor)
+  step = torch_step.make_train_step(
+      model, pgd_steps=config.adv.steps, eps=config.adv.eps,
+      step_size=config.adv.step_size, clean_weight=config.adv.clean_weight,
+      adv_weight=config.adv.adv_weight, alternation=config.l2p.alternation,
+      weight_decay=config.optim.weight_decay, kl_weight=1.0 / TRAIN_EXAMPLES,
+      prior_sigma=config.bnn.prior_sigma, theta_floor=config.l2p.theta_floor)
   images, labels = torch_inputs(args.batch, 0)
 
   def call() -> None:
-    step(images, labels)
+    step(torch_step.augment(images), labels, lr=config.optim.learning_rate,
+         reg_weight=config.l2p.gamma, adversarial=adversarial)
     torch_sync()
 
   return call, {'first_call_s': warm_up(call, args.warmup),
@@ -526,7 +525,7 @@ def prepare_torch_pgd(args: argparse.Namespace, method: str, arch: str
   images, labels = torch_inputs(args.batch, 1)
 
   def call() -> None:
-    torch_reference_step.pgd(model, images.float() / 255, labels, eps=8 / 255, steps=7,
+    torch_step.pgd(model, images.float() / 255, labels, eps=8 / 255, steps=7,
                              step_size=0.01)
     torch_sync()
 

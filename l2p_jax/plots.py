@@ -1,6 +1,7 @@
 """Figures a person would rather look at than numbers: the evolution of the noise
-parameters over training (supplementary Figure 1) and accuracy against the attack's
-radius for several checkpoints (supplementary Figures 2-3)."""
+parameters over training (supplementary Figure 1), accuracy against the attack's
+radius for several checkpoints (supplementary Figures 2-3), and how far a run and its
+PyTorch counterpart part over training steps."""
 
 from __future__ import annotations
 
@@ -66,3 +67,35 @@ def plot_accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[tuple[float,
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return True
+
+
+def plot_divergence(report: dict[str, Any], path: str) -> None:
+  """Plots a `trajectory.compare` report: the max abs difference of weights, noise
+  parameters, BatchNorm statistics and loss, and the fraction of PGD gradient signs
+  that differ, against the optimizer step, on a log scale (zeros drawn at 1e-12)."""
+  records = report['steps']
+  steps = [r['step'] for r in records]
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  series = [('params', 'weights'), ('perturb', 'noise parameters'),
+            ('batch_stats', 'BatchNorm statistics'), ('loss', 'loss')]
+  for key, label in series:
+    if key in records[0]:
+      ax.plot(steps, [max(r[key]['max_abs'], 1e-12) for r in records], marker='.',
+              label=f'{label} (max abs)')
+  adversarial = [r for r in records if 'pgd' in r]
+  if adversarial:
+    ax.plot([r['step'] for r in adversarial],
+            [max(r['pgd']['sign_flip_fraction'], 1e-12) for r in adversarial],
+            marker='x', ls='--', color='black', label='PGD signs differing (fraction)')
+  ax.set_yscale('log')
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set_xlabel('optimizer step')
+  ax.set_ylabel('JAX vs PyTorch')
+  name = report['method'] + (f" ({report['alternation']})"
+                             if report['method'] == 'l2p' else '')
+  ax.set_title(f"{name}, {report['arch']} x{report['width']}, "
+               f"BatchNorm {report['batch_norm']}")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -300,28 +300,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
                config: ml_collections.ConfigDict, optimizers: dict,
                kl_weight: float) -> TrainState:
   """One training iteration of `config.method` in `phase` on a uint8 batch."""
-  objective = step_objective(state, batch, reg_weight, phase=phase, model=model,
-                             config=config, kl_weight=kl_weight)
-  grad = objective.gradients
   step = functools.partial(descend, lr=lr, optimizers=optimizers,
                            theta_floor=config.l2p.theta_floor)
   start = state
   l2p_noise = config.method == 'l2p' and phase.train_perturb
-  if l2p_noise and config.l2p.alternation == 'paper':
+  paper = l2p_noise and config.l2p.alternation == 'paper'
+  if l2p_noise and not paper:
+    # The authors' code: a theta step on the regularizer alone, then (at the new
+    # theta) the clean pass, PGD and a joint step on the loss without it.
+    g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(
+        state.perturb)
+    state = step(state, 'perturb', g_reg)
+  objective = step_objective(state, batch, reg_weight if paper else 0.0, phase=phase,
+                             model=model, config=config, kl_weight=kl_weight)
+  grad = objective.gradients
+  if paper:
     # Alternating back-propagation: theta with W fixed, then W with the new theta.
     (_, g_perturb), aux = grad(state.params, state.perturb, objective.first_clean)
     state = step(state, 'perturb', g_perturb)
     (g_params, _), (_, batch_stats, _) = grad(state.params, state.perturb)
     state = step(state, 'params', g_params)
   else:
-    if l2p_noise:
-      # The authors' code: a theta step on the regularizer alone, then a joint step.
-      g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(
-          state.perturb)
-      state = step(state, 'perturb', g_reg)
-    # The clean pass of the PGD targets is reusable unless theta just moved.
-    clean = None if l2p_noise else objective.first_clean
-    (g_params, g_perturb), aux = grad(state.params, state.perturb, clean)
+    (g_params, g_perturb), aux = grad(state.params, state.perturb,
+                                      objective.first_clean)
     batch_stats = aux[1]
     state = step(state, 'params', g_params)
     if phase.train_perturb:

@@ -14,7 +14,7 @@ torch = pytest.importorskip('torch')
 from l2p_jax import checkpointing, train  # noqa: E402
 from l2p_jax.interop import convert, import_torch_checkpoint  # noqa: E402
 
-import torch_reference as ref  # noqa: E402
+from l2p_jax.interop import torch_reference as ref  # noqa: E402
 from test_train import get_config  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from l2p_jax.interop import (CheckpointMismatch, export_torch_state_dict,  # noq
 from l2p_jax.models import create_model  # noqa: E402
 from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise  # noqa: E402
 
-import torch_reference as ref  # noqa: E402
+from l2p_jax.interop import torch_reference as ref  # noqa: E402
 
 # Learn2Perturb's main.py normalization (not our create_model default).
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)

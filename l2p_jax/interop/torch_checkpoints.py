@@ -209,6 +209,12 @@ def _entries(shapes: Mapping[Path, tuple[int, ...]], layout: str) -> list[_Entry
   return entries
 
 
+def torch_entries(shapes: Mapping[Path, tuple[int, ...]], layout: str) -> dict[Path, Any]:
+  """The torch counterpart of each of our variables, {(collection, ..., leaf): shape}
+  -> an entry with the torch `key` and `to_torch`/`to_ours` array conversions."""
+  return {entry.ours: entry for entry in _entries(shapes, layout)}
+
+
 def _to_numpy(value: Any) -> np.ndarray:
   """A torch tensor (float types as float32) or array-like as a numpy array."""
   if hasattr(value, 'detach'):

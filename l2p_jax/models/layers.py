@@ -2,7 +2,8 @@
 
 Every noise parameter lives in the `perturb` variable collection, apart from the
 network weights in `params`, so optimizers can treat the two differently by a mask.
-Noise is drawn from the `noise` RNG stream and can be switched off per call.
+Noise is drawn from the `noise` RNG stream and can be switched off per call; every
+draw goes through `draw_normal`, which can record it or replay a given one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 PERTURB = 'perturb'
 NOISE_RNG = 'noise'
+DRAWS = 'draws'
 
 WEIGHT_NOISE_KINDS = ('none', 'pni', 'bayes')
 PNI_MODES = ('layer', 'channel', 'element')
@@ -80,6 +82,27 @@ def gaussian_kl(mean: jax.Array, log_sigma: jax.Array,
                  - log_sigma + jnp.log(prior_sigma))
 
 
+def draw_normal(module: nn.Module, name: str, shape: Sequence[int],
+                dtype: Any = jnp.float32) -> jax.Array:
+  """A standard-normal draw for the noise of variable `name` of `module`.
+
+  It comes from the `noise` RNG stream, unless the `draws` collection holds an array
+  under `name` for this module: then that array is the draw (to replay draws made
+  elsewhere, e.g. by PyTorch). When `draws` is mutable in `apply` (not `init`, whose
+  variables would then replay it forever), each draw is recorded there.
+  """
+  if module.has_variable(DRAWS, name):
+    value = module.get_variable(DRAWS, name)
+    if value.shape != tuple(shape):
+      raise ValueError(f'The {DRAWS!r} collection holds a draw of shape {value.shape} '
+                       f'for {module.name}/{name}, which needs {tuple(shape)}.')
+    return value.astype(dtype)
+  value = jax.random.normal(module.make_rng(NOISE_RNG), tuple(shape), dtype)
+  if module.is_mutable_collection(DRAWS) and not module.is_initializing():
+    module.put_variable(DRAWS, name, value)
+  return value
+
+
 def _pni_alpha_shape(mode: str, weight_shape: Sequence[int]) -> tuple[int, ...]:
   """Shape of PNI's alpha for a kernel whose last axis is the output channel."""
   if mode == 'layer':
@@ -108,8 +131,7 @@ def perturbed_weight(module: nn.Module, name: str, shape: Sequence[int],
                          jnp.float32)).value
     if noise:
       std = jax.lax.stop_gradient(jnp.std(weight, ddof=1))
-      eta = jax.random.normal(module.make_rng(NOISE_RNG), weight.shape,
-                              weight.dtype) * std
+      eta = draw_normal(module, name, weight.shape, weight.dtype) * std
       weight = weight + alpha * eta
   elif spec.kind == 'bayes':
     log_sigma = module.variable(
@@ -117,8 +139,7 @@ def perturbed_weight(module: nn.Module, name: str, shape: Sequence[int],
         lambda: jnp.full(tuple(shape), jnp.log(spec.bayes_init_sigma),
                          jnp.float32)).value
     if noise:
-      eps = jax.random.normal(module.make_rng(NOISE_RNG), weight.shape,
-                              weight.dtype)
+      eps = draw_normal(module, name, weight.shape, weight.dtype)
       weight = weight + jnp.exp(log_sigma) * eps
   return weight
 
@@ -242,7 +263,7 @@ class FeatureNoise(nn.Module):
     if not noise:
       return x
     shape = x.shape if self.per_example else x.shape[1:]
-    eps = jax.random.normal(self.make_rng(NOISE_RNG), shape, jnp.float32)
+    eps = draw_normal(self, 'theta', shape)
     return x + (theta * eps).astype(x.dtype)
 
 

@@ -1,5 +1,7 @@
-"""PyTorch reference CIFAR ResNets in the authors' published layouts, for interop tests.
+"""PyTorch reference CIFAR ResNets in the authors' published layouts.
 
+The interop tests check our models against these, and `l2p_jax.interop.torch_step`
+trains them with the authors' step semantics. Needs the `torch` extra.
 Written here after the published code (module names, parameter shapes, forward passes):
 - `ResNetV1`: Learn2Perturb's `L2P_ResNet_V1` (models/resnet_v1.py) and PNI's
   `CifarResNet` (code/models/noisy_resnet_cifar.py): fb.resnet.torch names, option-A
@@ -15,8 +17,9 @@ Written here after the published code (module names, parameter shapes, forward p
 
 Generalized only where the originals hard-code CIFAR-10 at 32x32 with width 1: channel
 counts follow `width` as in `l2p_jax.models.resnet_layout`, sigma maps follow
-`image_size`, and the final pooling is global (theirs: AvgPool2d(8) / avg_pool2d(4),
-the same thing on 32x32 inputs).
+`image_size`, the input channels `in_channels`, and the final pooling is global (theirs:
+AvgPool2d(8) / avg_pool2d(4), the same thing on 32x32 inputs). Every noise site draws
+through `standard_normal`, so a draw made elsewhere can be injected (`inject_draws`).
 """
 
 from __future__ import annotations
@@ -42,9 +45,30 @@ class NormalizeLayer(nn.Module):
     return x.sub(self.mean).div(self.std)
 
 
-def l2p_noise(x: torch.Tensor, sigma_map: torch.Tensor) -> torch.Tensor:
+def standard_normal(module: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor:
+  """N(0, 1) shaped like `like` for the noise of `module`'s parameter `name`: the draw
+  `inject_draws` left for it, else a fresh one from torch's generator."""
+  injected = getattr(module, 'injected_draws', {}).get(name)
+  return like.detach().clone().normal_(0, 1) if injected is None else injected
+
+
+def inject_draws(net: nn.Module, draws: dict[str, torch.Tensor]) -> None:
+  """Makes the next forward passes of `net` use `draws` (state_dict key of the
+  parameter whose noise it is -> standard-normal tensor) instead of drawing; keys not
+  given draw afresh, and an empty dict restores fresh draws everywhere."""
+  modules = dict(net.named_modules())
+  for module in modules.values():
+    module.injected_draws = {}
+  for key, value in draws.items():
+    owner, _, name = key.rpartition('.')
+    modules[owner].injected_draws[name] = value
+
+
+def l2p_noise(x: torch.Tensor, sigma_map: torch.Tensor, owner: nn.Module | None = None,
+              name: str = 'sigma_map') -> torch.Tensor:
   """Learn2Perturb's perturbation: one N(0, 1) draw of the map's shape for the batch."""
-  normal_noise = sigma_map.clone().normal_(0, 1)
+  normal_noise = (sigma_map.clone().normal_(0, 1) if owner is None
+                  else standard_normal(owner, name, sigma_map))
   return x + (normal_noise * sigma_map).expand(x.size())
 
 
@@ -65,7 +89,7 @@ class _PNIWeight:
   def noisy_weight(self) -> torch.Tensor:
     with torch.no_grad():
       std = self.weight.std().item()
-      noise = self.weight.clone().normal_(0, std)
+      noise = standard_normal(self, 'weight', self.weight) * std
     return self.weight + self.alpha_w * noise * self.w_noise
 
 
@@ -148,7 +172,7 @@ class BlockV1(nn.Module):
       residual = self.downsample(x)
     out = residual + basicblock
     if self.add_noise and hasattr(self, 'sigma_map'):
-      out = l2p_noise(out, self.sigma_map)
+      out = l2p_noise(out, self.sigma_map, self)
     return F.relu(out)
 
 
@@ -157,13 +181,13 @@ class ResNetV1(nn.Module):
   CIFAR ResNet they both start from (noise=None)."""
 
   def __init__(self, depth, num_classes=10, width=1.0, image_size=32, noise=None,
-               pni_mode='layer'):
+               pni_mode='layer', in_channels=3):
     super().__init__()
     layout = resnet_layout(f'resnet{depth}', width)
     conv, linear = _layers(noise, pni_mode)
     self.add_noise = False
     stem = layout['stem_features']
-    self.conv_1_3x3 = conv(3, stem, kernel_size=3, stride=1, padding=1, bias=False)
+    self.conv_1_3x3 = conv(in_channels, stem, kernel_size=3, stride=1, padding=1, bias=False)
     self.bn_1 = nn.BatchNorm2d(stem)
     if noise == 'l2p':
       self.cn1_sigma_map = nn.Parameter(torch.ones((stem, image_size, image_size)) * 0.25)
@@ -185,7 +209,7 @@ class ResNetV1(nn.Module):
   def forward(self, x):
     x = self.bn_1(self.conv_1_3x3(x))
     if self.add_noise and hasattr(self, 'cn1_sigma_map'):
-      x = l2p_noise(x, self.cn1_sigma_map)
+      x = l2p_noise(x, self.cn1_sigma_map, self, 'cn1_sigma_map')
     x = F.relu(x)
     for stage in range(self.num_stages):
       x = getattr(self, f'stage_{stage + 1}')(x)
@@ -218,7 +242,7 @@ class BlockKuangliu(nn.Module):
     out = self.bn2(self.conv2(out))
     out = out + self.shortcut(x)
     if self.add_noise and hasattr(self, 'sigma_map'):
-      out = l2p_noise(out, self.sigma_map)
+      out = l2p_noise(out, self.sigma_map, self)
     return F.relu(out)
 
 
@@ -227,7 +251,7 @@ class ResNetKuangliu(nn.Module):
   'resnet<6n+2>' (symmetric zero padding), with the noise of `noise`."""
 
   def __init__(self, arch, num_classes=10, width=1.0, image_size=32, noise=None,
-               pni_mode='layer'):
+               pni_mode='layer', in_channels=3):
     super().__init__()
     layout = resnet_layout(arch, width)
     conv, linear = _layers(noise, pni_mode)
@@ -235,7 +259,7 @@ class ResNetKuangliu(nn.Module):
     stem = layout['stem_features']
     if noise == 'l2p':
       self.cn1_sigma_map = nn.Parameter(torch.ones((stem, image_size, image_size)) * 0.25)
-    self.conv1 = conv(3, stem, kernel_size=3, stride=1, padding=1, bias=False)
+    self.conv1 = conv(in_channels, stem, kernel_size=3, stride=1, padding=1, bias=False)
     self.bn1 = nn.BatchNorm2d(stem)
     in_planes, side = stem, image_size
     for stage, (blocks, planes) in enumerate(
@@ -254,7 +278,7 @@ class ResNetKuangliu(nn.Module):
   def forward(self, x):
     out = self.bn1(self.conv1(x))
     if self.add_noise and hasattr(self, 'cn1_sigma_map'):
-      out = l2p_noise(out, self.cn1_sigma_map)
+      out = l2p_noise(out, self.cn1_sigma_map, self, 'cn1_sigma_map')
     out = F.relu(out)
     for stage in range(self.num_stages):
       out = getattr(self, f'layer{stage + 1}')(out)

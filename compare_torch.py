@@ -1,0 +1,51 @@
+r"""Trains a run here and the authors' PyTorch step from the same start and reports,
+step by step, how far they part (needs the torch extra: pip install -e ".[torch]").
+
+  python compare_torch.py --config configs/cifar.py:l2p,resnet20,cifar10,tiny --steps 50
+  python compare_torch.py --config configs/cifar.py:pni,resnet8,fashion_mnist,tiny \
+      --config.data.source=local --config.data.local_dir=~/data/fashion-mnist \
+      --output docs/trajectories/pni
+
+Writes OUTPUT.json (the per-step report) and OUTPUT.png (divergence against step).
+"""
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from l2p_jax import train
+from l2p_jax.interop import trajectory
+from l2p_jax.plots import plot_divergence
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE.py[:ARG]).',
+                                lock_config=True)
+flags.DEFINE_integer('steps', 50, 'Optimizer steps to take in each framework.')
+flags.DEFINE_enum('batch_norm', 'ours', ('ours', 'authors'),
+                  "PyTorch's running statistics: moved as ours, or as torch's "
+                  'BatchNorm2d in the authors\' code (PGD passes too, unbiased variance).')
+flags.DEFINE_string('output', None, 'Path prefix of the JSON and PNG; default '
+                    'trajectories/METHOD (L2P: METHOD_ALTERNATION).')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  name = config.method + (f'_{config.l2p.alternation}' if config.method == 'l2p' else '')
+  output = FLAGS.output or os.path.join('trajectories', name)
+  split, _ = train.load_data(config)
+  report = trajectory.compare(config, FLAGS.steps, split, batch_norm=FLAGS.batch_norm)
+  os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
+  with open(output + '.json', 'w') as f:
+    json.dump(report, f, indent=1)
+  plot_divergence(report, output + '.png')
+  print(trajectory.summarize(report))
+  print(f'Wrote {output}.json and {output}.png')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,301 @@
+"""The authors' training iteration of each method in PyTorch, on `torch_reference`'s networks.
+
+The networks are Learn2Perturb's `L2P_ResNet_V1` / `L2P_ResNet_V2` and PNI's noisy
+layers (`l2p_jax.interop.torch_reference`); Adv-BNN's Bayesian layers are added here.
+One iteration does what Learn2Perturb's train.py does: a clean forward pass whose
+prediction PGD attacks (noise on, training-mode BatchNorm), the 0.5/0.5
+clean/adversarial cross-entropy (+ KL for Adv-BNN, - gamma/tau sum sqrt(theta) for
+L2P), and SGD-Nesterov updates of the weights and of the noise parameters (L2P
+alternating as `alternation` says, theta floored after updates). Noise draws and the
+PGD start can be given, so that a run can follow another framework's exactly
+(`l2p_jax.interop.trajectory`); `benchmarks/run.py` times it. Needs the `torch` extra.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from l2p_jax.interop import torch_reference as ref
+
+# Names of the noise parameters: L2P maps, PNI alphas, Bayesian log-sigmas.
+PERTURB_NAMES = ('sigma_map', 'alpha_w', 'log_sigma')
+BATCH_NORMS = ('authors', 'ours')
+ALTERNATIONS = ('paper', 'authors_code')
+
+
+class _Bayes:
+  """Adv-BNN's mean-field Gaussian weights: `weight` (and `bias`) hold the means, a
+  log-sigma per element, a fresh reparametrized sample on every forward pass."""
+
+  def _init_sigma(self, init_sigma: float) -> None:
+    self.weight_log_sigma = nn.Parameter(torch.full_like(self.weight, math.log(init_sigma)))
+    self.bias_log_sigma = (None if self.bias is None else
+                           nn.Parameter(torch.full_like(self.bias, math.log(init_sigma))))
+    self.w_noise = True  # `torch_reference.set_noise` switches it, as PNI's flag.
+
+  def sampled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fresh (weight, bias) sample, differentiable in the means and log-sigmas
+    (the means themselves with noise off)."""
+    if not self.w_noise:
+      return self.weight, self.bias
+    def sample(name: str, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+      return mean + log_sigma.exp() * ref.standard_normal(self, name, mean)
+    bias = None if self.bias is None else sample('bias', self.bias, self.bias_log_sigma)
+    return sample('weight', self.weight, self.weight_log_sigma), bias
+
+  def kl(self, prior_sigma: float) -> torch.Tensor:
+    """KL of this layer's posterior from the prior N(0, prior_sigma^2), as l2p_jax's."""
+    pairs = [(self.weight, self.weight_log_sigma)]
+    if self.bias is not None:
+      pairs.append((self.bias, self.bias_log_sigma))
+    return sum(torch.sum(0.5 * ((2 * s).exp() / prior_sigma**2 + m**2 / prior_sigma**2 - 1)
+                         - s + math.log(prior_sigma)) for m, s in pairs)
+
+
+class BayesConv2d(nn.Conv2d, _Bayes):
+  """Adv-BNN's RandConv2d."""
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = self.sampled()
+    return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class BayesLinear(nn.Linear, _Bayes):
+  """Adv-BNN's RandLinear."""
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, *self.sampled())
+
+
+class FlaxStatsBatchNorm2d(nn.BatchNorm2d):
+  """BatchNorm2d whose running statistics move as Flax's do: toward the biased batch
+  variance, and only in the passes whose `update_stats` is True (the loss's, not
+  PGD's); it normalizes exactly as BatchNorm2d."""
+  update_stats = True
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not self.training:
+      return super().forward(x)
+    if self.update_stats:
+      with torch.no_grad():
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+        self.running_var.mul_(1 - self.momentum).add_(self.momentum * var)
+    return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def _replace_modules(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> None:
+  """Replaces, in place, every child `c` of `model` with make(c) where that is not None,
+  carrying its state over."""
+  for module in list(model.modules()):
+    for name, child in module.named_children():
+      new = make(child)
+      if new is not None:
+        new.load_state_dict(child.state_dict(), strict=False)
+        setattr(module, name, new)
+
+
+def bayesianize(model: nn.Module, init_sigma: float) -> nn.Module:
+  """Replaces every Conv2d and Linear of `model` by its Bayesian version, in place."""
+  def make(child):
+    if type(child) is nn.Conv2d:
+      new = BayesConv2d(child.in_channels, child.out_channels, child.kernel_size,
+                        child.stride, child.padding, bias=child.bias is not None)
+    elif type(child) is nn.Linear:
+      new = BayesLinear(child.in_features, child.out_features, bias=child.bias is not None)
+    else:
+      return None
+    new._init_sigma(init_sigma)
+    return new
+  _replace_modules(model, make)
+  return model
+
+
+def build_model(method: str, arch: str, *, num_classes: int = 10, width: float = 1.0,
+                image_size: int = 32, in_channels: int = 3,
+                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                pni_mode: str = 'layer', bnn_init_sigma: float = 0.08,
+                batch_norm: str = 'authors') -> nn.Module:
+  """The authors' network for `method` and `arch` (resnet<6n+2>: L2P_ResNet_V1 /
+  PNI's CifarResNet; resnet18: L2P_ResNet_V2), behind their input normalization.
+
+  batch_norm: 'authors' keeps torch's BatchNorm2d (running statistics moved by every
+  training-mode pass, PGD's included, toward the unbiased variance); 'ours' moves them
+  as l2p_jax does (`FlaxStatsBatchNorm2d`).
+  """
+  if batch_norm not in BATCH_NORMS:
+    raise ValueError(f'Unknown batch_norm {batch_norm!r}; expected one of {BATCH_NORMS}.')
+  noise = {'l2p': 'l2p', 'pni': 'pni'}.get(method)
+  kwargs = dict(num_classes=num_classes, width=width, image_size=image_size,
+                noise=noise, pni_mode=pni_mode, in_channels=in_channels)
+  if arch == 'resnet18':
+    net = ref.ResNetKuangliu(arch, **kwargs)
+  else:
+    net = ref.ResNetV1(int(arch.removeprefix('resnet')), **kwargs)
+  if method == 'adv_bnn':
+    bayesianize(net, bnn_init_sigma)
+  if batch_norm == 'ours':
+    _replace_modules(net, lambda child: FlaxStatsBatchNorm2d(child.num_features)
+                     if type(child) is nn.BatchNorm2d else None)
+  ref.set_noise(net, noise is not None)
+  return nn.Sequential(ref.NormalizeLayer(mean, std), net)
+
+
+def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
+  """Random crop with `pad`-pixel zero padding and random horizontal flip, per example,
+  of an NCHW uint8 batch, returned as floats in [0, 1]."""
+  x = images.float() / 255
+  n, c, h, w = x.shape
+  padded = F.pad(x, (pad,) * 4)
+  dy, dx = torch.randint(0, 2 * pad + 1, (2, n), device=x.device)
+  rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+  cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+  batch = torch.arange(n, device=x.device)[:, None, None, None]
+  channel = torch.arange(c, device=x.device)[None, :, None, None]
+  cropped = padded[batch, channel, rows, cols]
+  flip = torch.rand(n, device=x.device) < 0.5
+  return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
+        step_size: float, start: torch.Tensor | None = None,
+        before_step: Callable[[int], None] | None = None,
+        signs: list[torch.Tensor] | None = None) -> torch.Tensor:
+  """L-inf PGD on the summed cross-entropy, input gradients only (torch.autograd.grad),
+  as `l2p_jax.attacks.pgd`: from `start`, else a uniform random start.
+
+  before_step(i) runs before step i's forward pass (to inject its noise draws); each
+  step's gradient sign is appended to `signs` when given.
+  """
+  x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if start is None else start
+  for i in range(steps):
+    if before_step is not None:
+      before_step(i)
+    x_adv = x_adv.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x_adv), y, reduction='sum')
+    grad, = torch.autograd.grad(loss, x_adv)
+    if signs is not None:
+      signs.append(grad.sign())
+    x_adv = x_adv.detach() + step_size * grad.sign()
+    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+  return x_adv.detach()
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+  """(weights, noise parameters) of a model, the two collections of `l2p_jax.optim`."""
+  weights, perturb = [], []
+  for name, p in model.named_parameters():
+    if p.requires_grad:
+      (perturb if name.rsplit('.', 1)[-1].endswith(PERTURB_NAMES) else weights).append(p)
+  return weights, perturb
+
+
+def _set_update_stats(model: nn.Module, on: bool) -> None:
+  """Whether the next passes move the running statistics (FlaxStatsBatchNorm2d only)."""
+  for module in model.modules():
+    if isinstance(module, FlaxStatsBatchNorm2d):
+      module.update_stats = on
+
+
+def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
+                    step_size: float = 0.01, clean_weight: float = 0.5,
+                    adv_weight: float = 0.5, alternation: str = 'paper',
+                    momentum: float = 0.9, nesterov: bool = True,
+                    weight_decay: float = 1e-4, kl_weight: float = 1 / 50000,
+                    prior_sigma: float = 0.08, theta_floor: float = 0.01,
+                    attack_labels: str = 'prediction') -> Callable[..., torch.Tensor]:
+  """A function step(x, labels, *, lr, ...) -> loss doing one training iteration on
+  `model` (from `build_model`), keeping its optimizers between calls.
+
+  step's keywords: lr; reg_weight (L2P's gamma / tau); noise, adversarial,
+  train_perturb (the phase, as `l2p_jax.train.Phase`); pgd_start (PGD's start, else
+  random); draws ({'clean': d, 'adv': d, 'pgd': [d per PGD step]}, each d a
+  `torch_reference.inject_draws` dict; None draws afresh); signs (a list receiving
+  each PGD step's gradient sign). Adv-BNN's KL is `kl_weight` times the KL of every
+  Bayesian layer.
+  """
+  if alternation not in ALTERNATIONS:
+    raise ValueError(f'Unknown alternation {alternation!r}; expected one of {ALTERNATIONS}.')
+  net = model[1]
+  weights, perturb = split_parameters(model)
+  sgd = lambda params, decay: torch.optim.SGD(  # noqa: E731
+      params, lr=0.0, momentum=momentum, nesterov=nesterov, weight_decay=decay)
+  opt_weights = sgd(weights, weight_decay)
+  opt_perturb = sgd(perturb, 0.0) if perturb else None
+  thetas = [p for n, p in model.named_parameters() if n.endswith('sigma_map')]
+  bayes = [m for m in model.modules() if isinstance(m, _Bayes)]
+
+  def floor_thetas() -> None:
+    with torch.no_grad():
+      for t in thetas:
+        t.clamp_(min=theta_floor)
+
+  def descend(optimizers: Sequence[torch.optim.Optimizer], objective: torch.Tensor) -> None:
+    # Gradients of the updated collections only, as XLA computes only what is used.
+    params = [p for opt in optimizers for group in opt.param_groups for p in group['params']]
+    grads = torch.autograd.grad(objective, params, allow_unused=True)
+    for p, g in zip(params, grads):  # Unused (theta with noise off): zero, as in JAX.
+      p.grad = torch.zeros_like(p) if g is None else g
+    for opt in optimizers:
+      opt.step()
+    floor_thetas()
+
+  def step(x: torch.Tensor, labels: torch.Tensor, *, lr: float, reg_weight: float = 0.0,
+           noise: bool = True, adversarial: bool = True, train_perturb: bool = True,
+           pgd_start: torch.Tensor | None = None, draws: dict[str, Any] | None = None,
+           signs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    model.train()
+    ref.set_noise(net, noise)
+    for opt in (opt_weights, opt_perturb):
+      for group in (opt.param_groups if opt else ()):
+        group['lr'] = lr
+    draws = draws or {}
+    l2p = bool(thetas) and train_perturb
+    paper = l2p and alternation == 'paper'
+
+    def prepare(site: str, update_stats: bool, index: int | None = None) -> None:
+      site_draws = draws.get(site, {})
+      ref.inject_draws(net, site_draws[index] if index is not None and site_draws
+                       else site_draws)
+      _set_update_stats(model, update_stats)
+
+    def forward(inputs: torch.Tensor, site: str, update_stats: bool) -> torch.Tensor:
+      prepare(site, update_stats)
+      return model(inputs)
+
+    def loss_of(clean: torch.Tensor, x_adv: torch.Tensor | None,
+                update_stats: bool) -> torch.Tensor:
+      loss = F.cross_entropy(clean, labels)
+      if x_adv is not None:
+        adv = forward(x_adv, 'adv', update_stats)
+        loss = clean_weight * loss + adv_weight * F.cross_entropy(adv, labels)
+      if bayes:
+        loss = loss + kl_weight * sum(m.kl(prior_sigma) for m in bayes)
+      return loss
+
+    def regularizer() -> torch.Tensor:
+      return -reg_weight * sum(t.sqrt().sum() for t in thetas)
+
+    if l2p and not paper:  # The authors' code: a theta step on the regularizer alone.
+      descend([opt_perturb], regularizer())
+    clean = forward(x, 'clean', not paper)
+    x_adv = None
+    if adversarial:
+      target = labels if attack_labels == 'true' else clean.detach().argmax(1)
+      x_adv = pgd(model, x, target, eps=eps, steps=pgd_steps, step_size=step_size,
+                  start=pgd_start, signs=signs,
+                  before_step=lambda i: prepare('pgd', False, i))
+    loss = loss_of(clean, x_adv, not paper)
+    if paper:  # theta with W fixed, then W at the new theta (same draws, same x_adv).
+      descend([opt_perturb], loss + regularizer())
+      descend([opt_weights], loss_of(forward(x, 'clean', True), x_adv, True))
+    else:
+      descend([opt_weights] + ([opt_perturb] if perturb and train_perturb else []), loss)
+    return loss.detach()
+
+  return step

@@ -1,0 +1,293 @@
+"""Training trajectories of l2p_jax and of the authors' PyTorch step from one start.
+
+Both frameworks start from our initial variables (exported with the checkpoint bridge)
+and take the same optimizer steps on the same augmented batches (augmented here, once).
+Noise draws and PGD's random starts are made on our side and injected into PyTorch:
+each pass's draws are recorded through the `draws` collection of
+`l2p_jax.models.layers.draw_normal` (with the keys our `train_step` uses) and handed to
+`torch_reference.inject_draws`. After every step the report holds how far the two have
+parted: weights, noise parameters, BatchNorm statistics, loss, PGD's gradient signs.
+Needs the `torch` extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from l2p_jax import data, objectives, optim, train
+from l2p_jax.attacks import core
+from l2p_jax.interop.torch_checkpoints import torch_entries
+from l2p_jax.models.layers import DRAWS
+
+LAYOUT = 'l2p'  # The authors' module names: ResNet-V1 fb-style, ResNet-18 kuangliu.
+LOG_SIGMA = '_log_sigma'
+COLLECTIONS = ('params', 'perturb', 'batch_stats')
+TORCH_HINT = 'Comparing with PyTorch needs torch: pip install -e ".[torch]"'
+
+
+def _torch_modules():
+  """(torch, torch_reference, torch_step), or an ImportError saying how to get torch."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from l2p_jax.interop import torch_reference, torch_step  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(TORCH_HINT) from error
+  return torch, torch_reference, torch_step
+
+
+def pgd_trace(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
+              eps: float, steps: int, step_size: float, random_start: bool
+              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`attacks.pgd` with one restart and no EOT, step by step: (start, noise key of
+  each step, gradient sign of each step, last iterate), by pgd.py's key layout."""
+  start_key, steps_key, _ = jax.random.split(jax.random.fold_in(key, 0), 3)
+  x0 = core.linf_random_start(start_key, x, eps) if random_start else x
+  noise_keys = jax.vmap(lambda i: jax.random.fold_in(
+      jax.random.fold_in(steps_key, i), 0))(jnp.arange(steps))
+
+  def step(x_adv, noise_key):
+    grad = jax.grad(lambda z: jnp.sum(core.cross_entropy(logits_fn(z, noise_key), y)))(
+        x_adv)
+    return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps), jnp.sign(grad)
+
+  x_adv, signs = jax.lax.scan(step, x0, noise_keys)
+  return x0, noise_keys, signs, x_adv
+
+
+def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
+  """Raises ValueError for what the PyTorch side cannot follow."""
+  train.validate_config(config)
+  problems = []
+  if config.model.dtype != 'float32':
+    problems.append(f'model.dtype={config.model.dtype!r} (PyTorch runs float32)')
+  if config.model.l2p_per_example:
+    problems.append('model.l2p_per_example=True (the authors draw one eps per batch)')
+  if steps < 1:
+    problems.append(f'steps={steps} (needs at least 1)')
+  if problems:
+    raise ValueError('Cannot compare with PyTorch: ' + '; '.join(problems) + '.')
+
+
+def _entries(variables: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+  """Torch counterparts of our variables; Bayesian log-sigmas go with their means."""
+  shapes = {path: tuple(np.shape(v)) for path, v in
+            traverse_util.flatten_dict(variables).items() if not path[-1].endswith(LOG_SIGMA)}
+  return torch_entries(shapes, LAYOUT)
+
+
+def _torch_key(path: tuple[str, ...], entries) -> tuple[str, Any]:
+  """(torch key, entry) of one of our variables; `<mean>_log_sigma` -> `weight_log_sigma`."""
+  if path[-1].endswith(LOG_SIGMA):
+    entry = entries[('params', *path[1:-1], path[-1][:-len(LOG_SIGMA)])]
+    return entry.key + LOG_SIGMA, entry
+  return entries[path].key, entries[path]
+
+
+def to_torch_state(variables: dict[str, Any], entries) -> dict[str, np.ndarray]:
+  """Our variables as the bare PyTorch network's state (layout 'l2p', Bayesian too)."""
+  state = {}
+  for path, value in traverse_util.flatten_dict(variables).items():
+    key, entry = _torch_key(path, entries)
+    state[key] = np.array(entry.to_torch(np.asarray(value)))
+  return state
+
+
+def from_torch_state(state: dict[str, Any], like: dict[str, Any], entries) -> dict:
+  """The PyTorch network's state as our flat {path: array}, for the paths of `like`."""
+  flat = {}
+  for path in traverse_util.flatten_dict(like):
+    key, entry = _torch_key(path, entries)
+    flat[path] = entry.to_ours(state[key].detach().numpy())
+  return flat
+
+
+def torch_draws(draws: dict[str, Any], entries) -> dict[str, np.ndarray]:
+  """One pass's recorded draws as `inject_draws` wants them: torch key -> array."""
+  out = {}
+  for (*module, leaf), value in traverse_util.flatten_dict(draws).items():
+    path = ('perturb' if leaf == 'theta' else 'params', *module, leaf)
+    out[entries[path].key] = np.array(entries[path].to_torch(np.asarray(value)))
+  return out
+
+
+def _difference(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+  """max |ours - theirs| and that over max |ours| (the arrays' own scale)."""
+  abs_diff = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
+  scale = float(np.max(np.abs(ours))) if ours.size else 0.0
+  return {'max_abs': abs_diff, 'max_rel': abs_diff / scale if scale else abs_diff}
+
+
+def _collection_differences(ours: dict, theirs: dict) -> dict[str, dict[str, float]]:
+  """Per collection, the largest difference of any of its arrays."""
+  out = {}
+  for collection in COLLECTIONS:
+    paths = [p for p in ours if p[0] == collection]
+    if paths:
+      diffs = [_difference(np.asarray(ours[p]), theirs[p]) for p in paths]
+      out[collection] = {k: max(d[k] for d in diffs) for k in ('max_abs', 'max_rel')}
+  return out
+
+
+def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit,
+            *, batch_norm: str = 'ours', noise: bool = True) -> dict[str, Any]:
+  """Trains `config` for `steps` optimizer steps with l2p_jax's `train_step` and with
+  the authors' PyTorch step from the same start, on `split`'s batches in training
+  order; returns the report (see the module docstring and README).
+
+  batch_norm: 'ours' moves PyTorch's running statistics as Flax does; 'authors' keeps
+  torch's BatchNorm2d (every training-mode pass, PGD's too, toward the unbiased variance).
+  noise=False switches the noise layers off in both (the deterministic check).
+  """
+  torch, torch_reference, torch_step = _torch_modules()
+  check_config(config, steps)
+  mean, std = train.normalization(config, split)
+  model = train.build_model(config, split.num_classes, mean, std)
+  optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
+                                     config.optim.weight_decay)
+  image_shape = split.images.shape[1:]
+  state = jax.jit(functools.partial(train.create_train_state, model, optimizers,
+                                    image_shape=image_shape))(
+      jax.random.fold_in(jax.random.key(config.seed), train._INIT))  # pylint: disable=protected-access
+  # As train_and_evaluate: the ELBO's 1/N unless bnn.kl_weight says otherwise.
+  kl_weight = (config.bnn.kl_weight if config.bnn.kl_weight >= 0
+               else 1.0 / split.num_examples)
+  entries = _entries(state.variables)
+
+  torch.manual_seed(config.seed)
+  torch_model = torch_step.build_model(
+      config.method, config.model.arch, num_classes=split.num_classes,
+      width=config.model.width, image_size=image_shape[0], in_channels=image_shape[2],
+      mean=mean, std=std, pni_mode=config.model.pni_mode,
+      bnn_init_sigma=config.model.bnn_init_sigma, batch_norm=batch_norm)
+  net = torch_model[1]
+  missing, unexpected = net.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in to_torch_state(state.variables, entries).items()},
+      strict=False)
+  if unexpected or any(not k.endswith('num_batches_tracked') for k in missing):
+    raise RuntimeError(f'Export to the PyTorch reference failed: missing {missing}, '
+                       f'unexpected {unexpected}.')
+  torch_train_step = torch_step.make_train_step(
+      torch_model, pgd_steps=config.adv.steps, eps=config.adv.eps,
+      step_size=config.adv.step_size, clean_weight=config.adv.clean_weight,
+      adv_weight=config.adv.adv_weight, alternation=config.l2p.alternation,
+      momentum=config.optim.momentum, nesterov=config.optim.nesterov,
+      weight_decay=config.optim.weight_decay, kl_weight=kl_weight,
+      prior_sigma=config.bnn.prior_sigma, theta_floor=config.l2p.theta_floor,
+      attack_labels=config.adv.labels)
+
+  jax_step = jax.jit(functools.partial(
+      train.train_step, model=model, config=config, optimizers=optimizers,
+      kl_weight=kl_weight), static_argnames='phase')
+  inputs = jax.jit(functools.partial(_step_inputs, model=model, config=config,
+                                     optimizers=optimizers), static_argnames='phase')
+  to_torch = lambda a: torch.from_numpy(np.array(a).transpose(0, 3, 1, 2))  # noqa: E731
+  steps_per_epoch = data.steps_per_epoch(split.num_examples, config.batch_size)
+  records = []
+  for k in range(steps):
+    epoch = k // steps_per_epoch
+    phase = train.phase_for_epoch(config, epoch)
+    phase = dataclasses.replace(phase, noise=phase.noise and noise)
+    lr = optim.learning_rate(epoch, config.optim.learning_rate,
+                             config.optim.lr_boundaries, config.optim.lr_decay)
+    reg_weight = train.regularizer_weight(config, epoch)
+    batch = data.train_batch(split, seed=config.seed, epoch=epoch,
+                             step=k % steps_per_epoch, batch_size=config.batch_size)
+    batch = jax.tree.map(jnp.asarray, batch)
+    made = inputs(state, batch, reg_weight, lr, phase=phase)
+    draws = {'clean': torch_draws(made['draws']['clean'], entries)}
+    torch_signs = []
+    if phase.adversarial:
+      draws['adv'] = torch_draws(made['draws']['adv'], entries)
+      draws['pgd'] = [torch_draws(jax.tree.map(lambda d: d[i], made['draws']['pgd']),
+                                  entries) for i in range(config.adv.steps)]
+    draws = jax.tree.map(torch.from_numpy, draws)
+    state = jax_step(train.reset_epoch_sums(state), batch, lr, reg_weight, phase=phase)
+    torch_loss = float(torch_train_step(
+        to_torch(made['x']), torch.from_numpy(np.asarray(batch['label'], np.int64)),
+        lr=lr, reg_weight=reg_weight, noise=phase.noise, adversarial=phase.adversarial,
+        train_perturb=phase.train_perturb,
+        pgd_start=to_torch(made['pgd_start']) if phase.adversarial else None,
+        draws=draws, signs=torch_signs))
+    ours = traverse_util.flatten_dict(jax.device_get(state.variables))
+    theirs = from_torch_state(net.state_dict(), state.variables, entries)
+    jax_loss = float(state.loss_sum)
+    record = {'step': k + 1, 'epoch': epoch, 'learning_rate': lr,
+              'noise': phase.noise, 'adversarial': phase.adversarial,
+              'loss': {'jax': jax_loss, 'torch': torch_loss,
+                       **_difference(np.float64(jax_loss), np.float64(torch_loss))},
+              **_collection_differences(ours, theirs)}
+    if phase.adversarial:
+      ours_signs = np.asarray(made['pgd_signs']).transpose(0, 1, 4, 2, 3)
+      differ = ours_signs != torch.stack(torch_signs).numpy()
+      flipped = np.flatnonzero(differ.reshape(len(differ), -1).any(axis=1))
+      record['pgd'] = {'sign_flip_fraction': float(differ.mean()),
+                       'first_flip_iteration': int(flipped[0]) if flipped.size else None}
+    records.append(record)
+  first_flip = next(({'step': r['step'], 'iteration': r['pgd']['first_flip_iteration']}
+                     for r in records if r.get('pgd', {}).get('first_flip_iteration')
+                     is not None), None)
+  return {'method': config.method, 'alternation': config.l2p.alternation,
+          'arch': config.model.arch, 'width': config.model.width,
+          'dataset': config.data.dataset, 'batch_size': config.batch_size,
+          'batch_norm': batch_norm, 'steps': records, 'first_pgd_sign_flip': first_flip}
+
+
+def _step_inputs(state: train.TrainState, batch: dict[str, jax.Array],
+                 reg_weight: jax.Array, lr: jax.Array, *, phase: train.Phase, model,
+                 config: ml_collections.ConfigDict, optimizers: dict) -> dict[str, Any]:
+  """What `train_step` will use at `state`, made with its keys: the augmented batch,
+  every pass's noise draws ('clean', 'adv', 'pgd' stacked over PGD steps), PGD's start
+  and each PGD step's gradient sign."""
+  keys = train.step_keys(config.seed, state.step)
+  x = data.augment(keys['augment'], batch['image'])
+  if (config.method == 'l2p' and phase.train_perturb
+      and config.l2p.alternation == 'authors_code'):  # PGD comes after theta's step.
+    g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
+    state = train.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
+
+  def apply(inputs, key):
+    return model.apply(state.variables, inputs, train=True, noise=phase.noise,
+                       rngs={'noise': key}, mutable=['batch_stats', DRAWS])
+
+  def recorded(key):
+    return apply(x, key)[1].get(DRAWS, {})
+
+  clean_logits, _ = apply(x, keys['clean'])
+  made = {'x': x, 'draws': {'clean': recorded(keys['clean'])}}
+  if phase.adversarial:
+    target = (batch['label'] if config.adv.labels == 'true'
+              else jnp.argmax(clean_logits, axis=-1))
+    start, noise_keys, signs, _ = pgd_trace(
+        lambda inputs, key: apply(inputs, key)[0], keys['pgd'], x, target,
+        eps=config.adv.eps, steps=config.adv.steps, step_size=config.adv.step_size,
+        random_start=config.adv.random_start)
+    made.update(pgd_start=start, pgd_signs=signs)
+    made['draws'].update(adv=recorded(keys['adv']), pgd=jax.vmap(recorded)(noise_keys))
+  return made
+
+
+
+def summarize(report: dict[str, Any]) -> str:
+  """A few lines: the largest difference of each quantity over the run, and the first
+  PGD sign flip."""
+  lines = [f"{report['method']} ({report['alternation']}) {report['arch']} "
+           f"x{report['width']}, {len(report['steps'])} steps, "
+           f"BatchNorm {report['batch_norm']}:"]
+  for key in ('params', 'perturb', 'batch_stats', 'loss'):
+    values = [r[key] for r in report['steps'] if key in r]
+    if values:
+      lines.append(f"  {key}: max abs {max(v['max_abs'] for v in values):.3g}, "
+                   f"max rel {max(v['max_rel'] for v in values):.3g}")
+  flip = report['first_pgd_sign_flip']
+  lines.append('  PGD signs: ' + ('never differ' if flip is None else
+                                  f"first differ at step {flip['step']}, PGD "
+                                  f"iteration {flip['iteration']}"))
+  return '\n'.join(lines)
