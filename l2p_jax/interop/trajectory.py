@@ -72,6 +72,19 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
     problems.append('model.l2p_per_example=True (the authors draw one eps per batch)')
   if steps < 1:
     problems.append(f'steps={steps} (needs at least 1)')
+  if config.adv.clean_weight == 0:
+    problems.append('adv.clean_weight=0 (the reference always runs the clean pass '
+                    'through BatchNorm)')
+  if config.method == 'adv_bnn':  # The reference follows the Adv-BNN paper's variant.
+    for field, value, paper in (
+        ('optim.optimizer', config.optim.optimizer, 'sgd'),
+        ('optim.restart_at_boundaries', config.optim.restart_at_boundaries, False),
+        ('bnn.kl_scope', config.bnn.kl_scope, 'all'),
+        ('model.bnn_batchnorm', config.model.bnn_batchnorm, False),
+        ('model.bnn_mean_init', config.model.bnn_mean_init, 'kaiming_normal'),
+        ('adv.attack_batchnorm', config.adv.attack_batchnorm, 'batch')):
+      if value != paper:
+        problems.append(f'{field}={value!r} (the PyTorch reference has {paper!r} only)')
   if problems:
     raise ValueError('Cannot compare with PyTorch: ' + '; '.join(problems) + '.')
 
@@ -156,9 +169,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   state = jax.jit(functools.partial(train.create_train_state, model, optimizers,
                                     image_shape=image_shape))(
       jax.random.fold_in(jax.random.key(config.seed), train._INIT))  # pylint: disable=protected-access
-  # As train_and_evaluate: the ELBO's 1/N unless bnn.kl_weight says otherwise.
-  kl_weight = (config.bnn.kl_weight if config.bnn.kl_weight >= 0
-               else 1.0 / split.num_examples)
+  kl_weight = train.kl_loss_weight(config, split.num_examples)
   entries = _entries(state.variables)
 
   torch.manual_seed(config.seed)
