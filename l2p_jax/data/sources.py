@@ -198,12 +198,15 @@ def _read_idx(path: pathlib.Path) -> np.ndarray:
     raise DatasetFileError(f'{read} is truncated or not gzip data ({error}); '
                            'download it again.') from None
   ndim = data[3] if len(data) >= 4 else 0
-  shape = np.frombuffer(data, dtype='>u4', count=ndim, offset=4) if ndim else ()
-  if not ndim or len(data) != 4 + 4 * ndim + int(np.prod(shape)):
+  if not ndim or len(data) < 4 + 4 * ndim:
+    raise DatasetFileError(f'{read} is truncated or not an idx file: {len(data)} bytes '
+                           'without a complete idx header; download it again.')
+  shape = np.frombuffer(data, dtype='>u4', count=ndim, offset=4)
+  expected = 4 + 4 * ndim + int(np.prod(shape))
+  if len(data) != expected:
     raise DatasetFileError(
         f'{read} is truncated or not an idx file: {len(data)} bytes, but its header '
-        f'describes {4 + 4 * ndim + int(np.prod(shape)) if ndim else "no"} '
-        f'({"x".join(map(str, shape)) or "no shape"}); download it again.')
+        f'describes {expected} ({"x".join(map(str, shape))}); download it again.')
   return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
