@@ -13,12 +13,13 @@ METHOD is one of none, vanilla, pni, adv_bnn, l2p; ARCH is resnet<6n+2> (ResNet-
 or resnet18 (ResNet-V2(18)); DATASET is any TFDS image-classification name. The
 schedules are the papers': supplementary 1.4 for l2p, vanilla and none; PNI's own
 for pni; Adv-BNN's PGD and prior for adv_bnn. `tiny` shrinks model, data and
-schedule so that a run finishes in about a minute on a 2-core CPU.
+schedule so that a run finishes in about a minute on a 2-core CPU (ResNet-8 unless
+ARCH is given).
 """
 
 import ml_collections
 
-from l2p_jax.models import METHODS
+from l2p_jax.models import METHODS, resnet_layout
 
 # Per-method changes to the supplementary's schedule (section 1.4).
 _METHOD_OVERRIDES = {
@@ -46,6 +47,7 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r} in config argument {arg!r}; '
                      f'expected one of {METHODS}.')
+  resnet_layout(arch)  # An unknown ARCH fails here, naming the accepted ones.
   over = dict(num_epochs=350, lr_boundaries=(150, 250), weight_decay=1e-4,
               noise_start_epoch=0, adv_steps=7)
   over.update(_METHOD_OVERRIDES[method])
@@ -121,7 +123,7 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.progress_bar = True  # tqdm bar with rate and ETA.
 
   if tiny:
-    c.model.arch = 'resnet8'
+    c.model.arch = arch if len(parts) >= 2 else 'resnet8'  # An explicit ARCH stays.
     c.model.width = 0.5
     c.data.train_examples = 512
     c.data.eval_examples = 128
