@@ -11,6 +11,7 @@ Export the latest checkpoint of a training run in the authors' key layout:
 from absl import app, flags
 from ml_collections import config_flags
 
+from l2p_jax import cli
 from l2p_jax.interop import LAYOUTS, convert
 
 FLAGS = flags.FLAGS
@@ -21,16 +22,26 @@ flags.DEFINE_string('torch_checkpoint', None, 'PyTorch checkpoint to read or wri
 flags.DEFINE_bool('export', False, 'Write the workdir as a PyTorch checkpoint.')
 flags.DEFINE_enum('layout', 'auto', ('auto', *LAYOUTS), 'PyTorch key layout.')
 flags.DEFINE_integer('num_classes', None, 'Classes, if the dataset is not CIFAR.')
+flags.DEFINE_bool('overwrite', False, 'With --export, replace an existing file.')
 flags.mark_flags_as_required(['workdir', 'torch_checkpoint'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    convert_as_flagged()
+  except (ValueError, FileExistsError, FileNotFoundError) as error:
+    raise SystemExit(f'convert_torch.py: {error}') from None
+
+
+def convert_as_flagged() -> None:
+  """Imports or exports as the flags say, printing the path written."""
   if FLAGS.export:
     if FLAGS.layout == 'auto':
       raise app.UsageError(f'--export needs --layout, one of {LAYOUTS}.')
-    print(convert.workdir_to_torch(FLAGS.workdir, FLAGS.torch_checkpoint, FLAGS.layout))
+    print(convert.workdir_to_torch(FLAGS.workdir, FLAGS.torch_checkpoint, FLAGS.layout,
+                                   overwrite=FLAGS.overwrite))
   else:
     if FLAGS.config is None:
       raise app.UsageError('Importing needs --config (method, arch and dataset).')
@@ -39,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('convert_torch.py'))

@@ -8,16 +8,21 @@ Writes results.json, results.md and plots to WORKDIR/eval (of the first --workdi
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2p_jax import distributed, evaluation
+from l2p_jax import cli, distributed, evaluation
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'eval.py'),
-    'Evaluation config file (FILE.py[:ARG]).', lock_config=True)
+try:  # With a default file, config_flags applies the overrides here, at import.
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                             'eval.py'),
+      'Evaluation config file (FILE.py[:ARG]).', lock_config=True)
+except (AttributeError, KeyError) as error:
+  raise SystemExit(cli.unknown_field_message('eval.py', error, sys.argv)) from None
 flags.DEFINE_list('workdir', None, 'Training run folder(s) to evaluate, comma-separated.')
 flags.DEFINE_list('checkpoint', [], 'Checkpoint to evaluate instead of the latest, one '
                   'per --workdir: a checkpoints/ folder or one of its step folders.')
@@ -37,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('eval.py'))

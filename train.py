@@ -10,7 +10,7 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2p_jax import distributed, train
+from l2p_jax import cli, distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE.py[:ARG]).',
@@ -25,8 +25,11 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
     logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.USER_ERRORS as error:
+    raise SystemExit(f'train.py: {error}') from None
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('train.py'))

@@ -18,12 +18,12 @@ for pni; Adv-BNN's paper (PGD-10, prior 0.08, the KL of every layer at 1/N) for
 adv_bnn. `authors_code` (adv_bnn only) switches every field in which Adv-BNN's code
 (xuanqing94/BayesianDefense) differs from its paper to the code's value (see
 _ADV_BNN_CODE). `tiny` shrinks model, data and schedule so that a run finishes in
-about a minute on a 2-core CPU.
+about a minute on a 2-core CPU (ResNet-8 unless ARCH is given).
 """
 
 import ml_collections
 
-from l2p_jax.models import METHODS
+from l2p_jax.models import METHODS, resnet_layout
 
 MODIFIERS = ('authors_code', 'tiny')
 
@@ -72,6 +72,7 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   if 'authors_code' in modifiers and method != 'adv_bnn':
     raise ValueError(f'authors_code in config argument {arg!r} applies to adv_bnn only; '
                      'for l2p use --config.l2p.alternation=authors_code.')
+  resnet_layout(arch)  # An unknown ARCH fails here, naming the accepted ones.
   over = dict(num_epochs=350, lr_boundaries=(150, 250), weight_decay=1e-4,
               noise_start_epoch=0, adv_steps=7)
   over.update(_METHOD_OVERRIDES[method])
@@ -161,7 +162,7 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
       (c[section] if section else c)[name] = value
 
   if 'tiny' in modifiers:
-    c.model.arch = 'resnet8'
+    c.model.arch = arch if len(parts) >= 2 else 'resnet8'  # An explicit ARCH stays.
     c.model.width = 0.5
     c.data.train_examples = 512
     c.data.eval_examples = 128

@@ -10,8 +10,10 @@ then drives its local devices, and the training mesh spans all of them.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
-from absl import flags
+from absl import flags, logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -36,6 +38,10 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout_seconds', 100,
     'Seconds without a heartbeat after which a process counts as dead and the others '
     'stop (else they would wait forever in a collective); JAX\'s default is 100.')
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout_seconds', 300,
+    'Seconds to wait at start-up for every process to join the coordinator before '
+    'giving up with a message.')
 
 
 def initialize_from_flags() -> None:
@@ -56,16 +62,38 @@ def initialize_from_flags() -> None:
   # runs are unaffected.
   if jax.config.jax_cpu_collectives_implementation is None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  timeout = _INITIALIZATION_TIMEOUT.value
+  where = coordinator or 'the address JAX finds in the environment'
+  logging.warning('Process %s of %s: waiting up to %d s for every process to join the '
+                  'coordinator at %s.', _PROCESS_ID.value, _NUM_PROCESSES.value, timeout,
+                  where)
+  # On a timeout JAX aborts the process from C++ with a stack dump; this says why first.
+  deadline = threading.Timer(timeout, _give_up, (timeout, where, _NUM_PROCESSES.value))
+  deadline.daemon = True
+  deadline.start()
   try:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
+        process_id=_PROCESS_ID.value, initialization_timeout=timeout + 60,
         heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   except ValueError as e:  # A value neither given nor found in the environment.
     raise ValueError(
         f'{e} JAX finds the job by itself on Cloud TPU, SLURM, Open MPI and Kubernetes; '
         'elsewhere give --coordinator_address, --num_processes and --process_id.') from e
+  finally:
+    deadline.cancel()
   _set_up_collectives()
+
+
+def _give_up(timeout: int, where: str, num_processes: int | None) -> None:
+  """Ends the process with one message when the processes did not all join in time."""
+  sys.stderr.write(
+      f'Gave up after {timeout} s: not every process joined the coordinator at {where}. '
+      f'Start all {num_processes or "N"} processes (the same command, each with its own '
+      '--process_id), check that the address is reachable from every host, or raise '
+      '--initialization_timeout_seconds.\n')
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access  # The main thread is stuck in C++.
 
 
 def _set_up_collectives() -> None:

@@ -173,7 +173,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if rule is not None and rule not in prediction.RULES:
     raise EvaluationError(f'Unknown prediction rule {rule!r} (config.predict.rule); '
                           f'expected one of {prediction.RULES}.')
-  for field, value, low in (('predict.draws', config.predict.draws or 1, 1),
+  for field, value, low in (('eps', config.eps, 0),
+                            ('predict.draws', config.predict.draws or 1, 1),
                             ('batch_size', config.batch_size, 1),
                             ('few_pixel.population', config.few_pixel.population, 4),
                             ('few_pixel.examples', config.few_pixel.examples, 0)):
@@ -210,11 +211,17 @@ class Checkpoint:
             'width': c['model']['width']}
 
 
+def is_step_folder(path: str) -> bool:
+  """Whether `path` is one checkpoint's folder (not a checkpoints/ folder or workdir)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  return all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'meta'))
+
+
 def find_checkpoint(path: str) -> tuple[str, int]:
   """The checkpoints folder and step that `path` names: a step folder, or the latest
   step of a checkpoints folder or of a training workdir."""
   path = os.path.abspath(os.path.expanduser(path))
-  if all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'meta')):
+  if is_step_folder(path):
     return os.path.dirname(path), int(os.path.basename(path))
   inner = os.path.join(path, 'checkpoints')
   directory = inner if os.path.isdir(inner) else path
@@ -269,16 +276,24 @@ def check_variables_fit(model: models.ResNet, variables: dict[str, Any],
 
 
 def restore_checkpoint(directory: str, step: int, *, arch: str = '',
-                       width: float = 0.0) -> Checkpoint:
+                       width: float = 0.0, fallback: bool = False) -> Checkpoint:
   """Checkpoint `step` of `directory` with its model rebuilt from the saved metadata,
-  refused if it is not the architecture/width asked for or its variables do not fit."""
+  refused if it is not the architecture/width asked for or its variables do not fit.
+
+  With `fallback`, an unreadable `step` gives way to the newest older one that reads,
+  with a warning naming the unreadable one.
+  """
   manager = checkpointing.Checkpoints(directory, read_only=True)
-  where = manager.path(step)
+  steps = [s for s in manager.steps() if s <= step] if fallback else [step]
   try:
-    check_expected_model(manager.meta(step), where, arch=arch, width=width)
-    state, meta = manager.restore(step)
+    step, state, meta, _ = manager.restore_newest_readable(
+        check=functools.partial(check_expected_model, arch=arch, width=width),
+        steps=steps)
+  except checkpointing.CheckpointUnreadableError as error:
+    raise EvaluationError(str(error)) from None
   finally:
     manager.close()
+  where = manager.path(step)
   model = train.build_model(ml_collections.ConfigDict(meta['config']),
                             meta['num_classes'], meta['mean'], meta['std'])
   variables = {c: state[c] for c in ('params', 'perturb', 'batch_stats')}
@@ -287,8 +302,10 @@ def restore_checkpoint(directory: str, step: int, *, arch: str = '',
 
 
 def load_checkpoint(path: str, *, arch: str = '', width: float = 0.0) -> Checkpoint:
-  """The checkpoint `path` names (see find_checkpoint), ready to evaluate."""
-  return restore_checkpoint(*find_checkpoint(path), arch=arch, width=width)
+  """The checkpoint `path` names (see find_checkpoint), ready to evaluate: for a
+  checkpoints folder or workdir, the newest that reads."""
+  return restore_checkpoint(*find_checkpoint(path), arch=arch, width=width,
+                            fallback=not is_step_folder(path))
 
 
 def data_settings(config: ml_collections.ConfigDict,
@@ -476,7 +493,8 @@ def evaluate_workdirs(config: ml_collections.ConfigDict, workdirs: str | Sequenc
   """Evaluates the latest checkpoint of every workdir (or the named checkpoints, one per
   workdir) under config.attacks, runs the transfer matrix if asked, and writes
   results.json, results.md and the plots to config.output_dir (default: the first
-  workdir's eval/). Returns the results written to results.json.
+  workdir's eval/), keeping the earlier records there that this run does not redo.
+  Returns the results written to results.json.
   """
   workdirs, checkpoints = _names(workdirs), _names(checkpoints)
   if not workdirs:
@@ -497,8 +515,8 @@ def evaluate_workdirs(config: ml_collections.ConfigDict, workdirs: str | Sequenc
   def load(path: str) -> Checkpoint:
     found = find_checkpoint(path)
     if found not in restored:
-      restored[found] = restore_checkpoint(*found, arch=config.model.arch,
-                                           width=config.model.width)
+      restored[found] = load_checkpoint(path, arch=config.model.arch,
+                                        width=config.model.width)
     return restored[found]
 
   evaluated = [load(path) for path in checkpoints or workdirs]
@@ -529,8 +547,9 @@ def evaluate_workdirs(config: ml_collections.ConfigDict, workdirs: str | Sequenc
              'checkpoints': [{'label': labels[c.path], **c.describe()}
                              for c in restored.values()],
              'records': records}
+  output_dir = config.output_dir or os.path.join(workdirs[0], 'eval')
+  results = report.merge_previous(results, output_dir)
   if jax.process_index() == 0:
-    output_dir = config.output_dir or os.path.join(workdirs[0], 'eval')
     for path in report.write_report(results, output_dir):
       tqdm.write(f'Wrote {path}')
   return results

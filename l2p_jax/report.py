@@ -11,7 +11,11 @@ examples predicted right on the clean input and wrong on the attack's, mean_l2 i
 mean L2 norm of their perturbations, None if there are none); seconds (wall
 clock, compilation included); rule, draws, rule_from, noise, randomized (how
 predictions were made; rule_from is 'authors' when the rule is the method authors'
-default, 'config' when config.predict set it); key, batch_size (what reproduces the record: see evaluation.KEY_LAYOUT).
+default, 'config' when config.predict set it); key, batch_size (what reproduces the
+record: see evaluation.KEY_LAYOUT).
+
+A rerun into the same folder keeps the earlier records it does not redo (see
+`merge_previous`).
 """
 
 from __future__ import annotations
@@ -173,6 +177,31 @@ def markdown(results: dict[str, Any]) -> str:
   sections = [_summary(records, results['config']['eps']), _attack_table(results),
               _eps_table(records), _transfer_table(records)]
   return '\n\n'.join(s for s in sections if s) + '\n'
+
+
+def _identity(record: dict[str, Any]) -> tuple:
+  """What a record measured: the checkpoint, the attack with its parameters, the data
+  and the prediction rule; a newer record of the same identity replaces an older one."""
+  source = record['source'] and record['source']['checkpoint']
+  return (record['checkpoint'], source, record['name'], record['dataset'],
+          record['split'], record['rule'], record['draws'], record['noise'])
+
+
+def merge_previous(results: dict[str, Any], output_dir: str) -> dict[str, Any]:
+  """`results` with the records and checkpoints of an earlier output_dir/results.json
+  that it does not redo kept in front of its own."""
+  path = os.path.join(output_dir, 'results.json')
+  if not os.path.exists(path):
+    return results
+  with open(path) as f:
+    previous = json.load(f)
+  redone = {_identity(r) for r in results['records']}
+  listed = {c['checkpoint'] for c in results['checkpoints']}
+  return {**results,
+          'checkpoints': [c for c in previous['checkpoints'] if c['checkpoint'] not in listed]
+                         + results['checkpoints'],
+          'records': [r for r in previous['records'] if _identity(r) not in redone]
+                     + results['records']}
 
 
 def write_report(results: dict[str, Any], output_dir: str) -> list[str]:

@@ -7,6 +7,7 @@ checkpoint continues bit-identically to one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -14,14 +15,17 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from l2p_jax import attacks, checkpointing, data, models, objectives, optim, sharding
+from l2p_jax import (attacks, checkpointing, data, locking, models, objectives, optim,
+                     sharding)
 from l2p_jax.metrics import MetricsWriter, read_metrics
 from l2p_jax.plots import plot_noise_evolution
 
@@ -61,14 +65,24 @@ class Phase:
   train_perturb: bool  # The perturb collection is updated.
 
 
+class ConfigError(ValueError):
+  """A config value no run can use."""
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for values no run can use, naming the field and what is accepted."""
+  """Raises ConfigError for values no run can use, naming the field and what is accepted."""
   def check(ok, message):
     if not ok:
-      raise ValueError(message)
+      raise ConfigError(message)
   check(config.method in models.METHODS,
         f'Unknown method {config.method!r}; expected one of {models.METHODS}.')
-  models.resnet_layout(config.model.arch, config.model.width)
+  try:
+    models.resnet_layout(config.model.arch, config.model.width)
+  except ValueError as error:
+    raise ConfigError(f'model.arch={config.model.arch!r}, model.width='
+                      f'{config.model.width}: {error}') from None
+  check(config.optim.learning_rate > 0,
+        f'optim.learning_rate must be positive, got {config.optim.learning_rate}.')
   check(config.model.dtype in DTYPES,
         f'Unknown model.dtype {config.model.dtype!r}; expected one of {tuple(DTYPES)}.')
   check(config.adv.labels in ADV_LABELS,
@@ -329,12 +343,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
       state = step(state, 'perturb', g_perturb)
   loss, _, clean_logits = aux  # Reported: the loss at the iteration's first pass.
   correct = jnp.sum(jnp.argmax(clean_logits, -1) == batch['label'])
-  nonfinite = (start.nonfinite_step < 0) & ~jnp.isfinite(loss)
+  # NaN weights can give finite logits (XLA:CPU did), so the state is checked too.
+  finite = jnp.isfinite(loss) & all_finite(
+      (state.params, state.perturb, state.opt_state, batch_stats))
+  nonfinite = (start.nonfinite_step < 0) & ~finite
   return state.replace(
       step=start.step + 1, batch_stats=batch_stats,
       loss_sum=start.loss_sum + loss, correct_sum=start.correct_sum + correct,
       seen=start.seen + batch['label'].shape[0],
       nonfinite_step=jnp.where(nonfinite, start.step, start.nonfinite_step))
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when no leaf of `tree` holds a NaN or an infinity."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def train_step_on_split(state: TrainState, split: dict[str, jax.Array],
@@ -380,7 +402,11 @@ def summarize(record: dict[str, Any]) -> str:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or infinite loss."""
+  """Training produced a NaN or infinite loss, parameter or optimizer state."""
+
+
+class TrainingInterrupted(RuntimeError):
+  """The run was stopped by Ctrl-C (KeyboardInterrupt); it resumes from a checkpoint."""
 
 
 def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
@@ -388,7 +414,7 @@ def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
   if n == 0:
     return split
   if not 0 < n <= split.num_examples:
-    raise ValueError(f'{field}={n} must be between 1 and the {split.num_examples} '
+    raise ConfigError(f'{field}={n} must be between 1 and the {split.num_examples} '
                      f'examples of {split.name}/{split.split} (0 means all).')
   return dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
 
@@ -449,16 +475,98 @@ def evaluate(eval_fn, variables: dict[str, Any], split: data.HostSplit,
   return {'clean_accuracy': float(clean) / n, 'pgd_accuracy': float(robust) / n}
 
 
+# Errors whose message is the whole story: train.py prints them without a traceback.
+USER_ERRORS = (ConfigError, NonFiniteLossError, TrainingInterrupted,
+               data.DatasetNotFoundError, data.DatasetFileError,
+               checkpointing.CheckpointMismatchError,
+               checkpointing.CheckpointUnreadableError, locking.WorkdirLockedError)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from the latest checkpoint there.
+  """Trains `config` in `workdir`, resuming from the newest readable checkpoint there.
 
   Leaves config.json, checkpoints/, metrics.jsonl, tensorboard/ and (for randomized
-  methods) noise_evolution.png in `workdir`; returns the final state.
+  methods) noise_evolution.png in `workdir`; returns the final state. Process 0 holds
+  the workdir's lock for the run; Ctrl-C raises TrainingInterrupted naming the step a
+  rerun resumes from.
   """
   validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:  # The processes of one run share the workdir.
+      stack.enter_context(locking.WorkdirLock(workdir))
+    checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                            keep=config.keep_checkpoints)
+    stack.callback(checkpoints.close)
+    try:
+      return _train_and_evaluate(config, workdir, checkpoints)
+    except KeyboardInterrupt:
+      checkpoints.wait()  # A save under way completes: the rerun starts from it.
+      step = checkpoints.latest_step()
+      raise TrainingInterrupted(
+          'interrupted; rerun the same command to resume from ' +
+          (f'step {step}.' if step is not None else 'the start (no checkpoint yet).')
+      ) from None
+
+
+def resume(checkpoints: checkpointing.Checkpoints, config: ml_collections.ConfigDict,
+           state: TrainState, workdir: str) -> tuple[TrainState, int | None]:
+  """The state of the newest readable checkpoint compatible with `config` (`state`
+  itself, step None, when there is none) after refusing a config that changes what a
+  step means and warning about (and recording) any other change.
+
+  Unreadable newer checkpoints are moved to WORKDIR/unreadable_checkpoints/, so the
+  resumed run can write those steps again.
+  """
+  if checkpoints.latest_step() is None:
+    return state, None
+  changes = []
+
+  def check(meta: dict[str, Any], where: str) -> None:
+    changes[:] = checkpointing.check_compatible(meta['config'], config, where)
+
+  step, state, _, unreadable = checkpoints.restore_newest_readable(
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                   state), check=check)
+  if jax.process_index() == 0:
+    for bad in unreadable:
+      aside = os.path.join(workdir, 'unreadable_checkpoints', str(bad))
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(checkpoints.path(bad), aside)
+      logging.warning('Moved the unreadable checkpoint %s to %s.', checkpoints.path(bad),
+                      aside)
+    tqdm.write(f'Resuming from {checkpoints.path(step)}.')
+    if changes:
+      changed = os.path.join(workdir, f'config.{step}.json')
+      with open(changed, 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+      logging.warning('Resuming %s with a changed config (written to %s):\n  %s',
+                      checkpoints.path(step), changed, '\n  '.join(changes))
+  if unreadable:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('l2p_jax: unreadable checkpoints moved')
+    checkpoints.reload()
+  return state, step
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        checkpoints: checkpointing.Checkpoints) -> TrainState:
+  """train_and_evaluate, in a workdir this run holds, saving to `checkpoints`."""
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
-  sharding.check_batch_size(config.eval_batch_size, mesh)
+  try:
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  latest = checkpoints.latest_step()
+  if latest is not None:  # Refuse a changed model or step before loading the data.
+    try:
+      checkpointing.check_compatible(checkpoints.meta(latest)['config'], config,
+                                     checkpoints.path(latest))
+    except checkpointing.CheckpointMismatchError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      pass  # An unreadable checkpoint: resume() warns and falls back to an older one.
   train_split, eval_split, train_split_size = load_data(config)
   mean, std = normalization(config, train_split)
   model = build_model(config, train_split.num_classes, mean, std)
@@ -472,21 +580,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  out_shardings=replicated)
   state = init(jax.random.fold_in(root, _INIT))
 
-  os.makedirs(workdir, exist_ok=True)
-  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                          keep=config.keep_checkpoints)
   meta = {'config': config.to_dict(), 'num_classes': train_split.num_classes,
           'mean': mean, 'std': std, 'image_shape': list(train_split.images.shape[1:])}
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    checkpointing.check_compatible(checkpoints.meta(latest)['config'], config,
-                                   checkpoints.path(latest))
-    state, _ = checkpoints.restore(latest, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
-    if jax.process_index() == 0:
-      tqdm.write(f'Resuming from {checkpoints.path(latest)}.')
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  state, latest = resume(checkpoints, config, state, workdir)
+  config_path = os.path.join(workdir, 'config.json')
+  if jax.process_index() == 0 and not os.path.exists(config_path):
+    with open(config_path, 'w') as f:  # The first run's; changes go to config.STEP.json.
       f.write(config.to_json_best_effort(indent=2))
 
   step_kwargs = dict(model=model, config=config, optimizers=optimizers,
@@ -551,7 +650,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         loss = float(state.loss_sum) / (step - epoch * steps_per_epoch)
         bar.set_postfix(loss=f'{loss:.4f}')
         writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
-      if step % config.checkpoint_every_steps == 0:
+      # The epoch's last step is saved after its record is written (below), so that
+      # a crash in between redoes the epoch rather than lose its record.
+      if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
         save(step)
     bar.close()
 
@@ -572,7 +673,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if jax.process_index() == 0:
       tqdm.write(summarize(record))
   checkpoints.wait()
-  checkpoints.close()
   writer.close()
   if jax.process_index() == 0 and config.method in ('l2p', 'pni', 'adv_bnn'):
     plot_noise_evolution(read_metrics(writer.path),
@@ -589,7 +689,8 @@ def check_finite(state: TrainState, checkpoints: checkpointing.Checkpoints,
     where = (checkpoints.path(last_saved) if last_saved is not None
              else 'none (no checkpoint was written yet)')
     raise NonFiniteLossError(
-        f'Non-finite training loss at step {bad}. Last good checkpoint: {where}. '
+        f'Non-finite loss or train state (parameters, noise parameters or optimizer '
+        f'state) at step {bad}. Last good checkpoint: {where}. '
         'Lower optim.learning_rate or check the data; rerunning the same command '
         'resumes from that checkpoint.')
 

@@ -63,7 +63,7 @@ def test_cli_import_writes_a_checkpoint_with_the_model_metadata(pni_file, tmp_pa
                        np.zeros((2, 32, 32, 3), np.float32), noise=False)
   assert logits.shape == (2, 10)
 
-  exported = tmp_path / 'back.pth'
+  exported = tmp_path / 'new_folder' / 'back.pth'  # A missing folder is created.
   convert.workdir_to_torch(str(workdir), str(exported), 'pni')
   back = torch.load(exported, weights_only=True)['state_dict']
   _, original = pni_file

@@ -16,6 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from l2p_jax import data
+from l2p_jax.data import sources
 
 # --- sources -------------------------------------------------------------------
 
@@ -142,6 +143,34 @@ def test_download_without_tensorflow_fails_before_downloading(tmp_path):
   with pytest.raises(data.DatasetNotFoundError, match='TensorFlow'):
     data.load_split('cifar10', 'train', data_dir=str(tmp_path), download=True)
   assert time.monotonic() - start < 10
+
+
+def test_a_failed_download_cleans_up_and_names_the_offline_route(tmp_path, monkeypatch):
+  """The network fails mid-download (simulated: no network here): one error naming the
+  offline route, and nothing the download left behind."""
+  (tmp_path / 'other').mkdir()  # Someone else's: stays.
+  find_spec = sources.importlib.util.find_spec
+  monkeypatch.setattr(sources.importlib.util, 'find_spec', lambda name, *a: (
+      object() if name == 'tensorflow' else find_spec(name, *a)))
+
+  def download_and_prepare(self, *args, **kwargs):
+    partial = tmp_path / 'downloads' / 'cifar-10-python.tar.gz.incomplete'
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b'half an archive')
+    (tmp_path / 'cifar10' / '3.0.2.incomplete').mkdir(parents=True)
+    raise ConnectionError('Failed to establish a new connection: Network unreachable')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      download_and_prepare)
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.load_split('cifar10', 'train', data_dir=str(tmp_path), download=True)
+  message = str(error.value)
+  for expected in ("Downloading 'cifar10' with tensorflow-datasets failed "
+                   '(ConnectionError: Failed to establish', f'under {tmp_path}',
+                   '--config.data.source=local --config.data.local_dir=DIR',
+                   'cifar-10-python.tar.gz'):
+    assert expected in message, message
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['other']
 
 
 def fake_prepared(data_dir, name, version):

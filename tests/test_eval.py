@@ -213,6 +213,18 @@ def test_checkpoint_flag_picks_an_earlier_step(runs, tmp_path):
   assert json.loads((tmp_path / 'results.json').read_text())['records'][0]['step'] == 4
 
 
+def test_a_rerun_with_other_attacks_keeps_the_earlier_records(runs, tmp_path):
+  """results.json gathers the attacks of successive runs into one folder; a rerun of
+  an attack on a checkpoint replaces its record."""
+  for attacks in ('clean', 'fgsm', 'clean'):
+    evaluation.evaluate_workdirs(eval_config(attacks=attacks, output_dir=str(tmp_path)),
+                                 str(runs['none']))
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert [r['attack'] for r in saved['records']] == ['fgsm', 'clean']
+  assert [c['label'] for c in saved['checkpoints']] == ['none']
+  assert '| none (none resnet8 x0.5, step 24) |' in (tmp_path / 'results.md').read_text()
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
@@ -254,6 +266,9 @@ def test_variables_that_do_not_fit_the_described_model_are_named(runs):
     (['--workdir', 'RUN/nowhere'], 'eval.py: No checkpoint found in RUN/nowhere'),
     (['--workdir', 'RUN/l2p,RUN/none', '--config', f'{ROOT}/configs/eval.py:tiny',
       '--config.attacks=clean,bogus'], "eval.py: Unknown attack 'bogus' in config.attacks"),
+    (['--workdir', 'RUN/l2p', '--config.pgd.stepz=3'],
+     "eval.py: --config.pgd.stepz: the config has no field 'stepz'; did you mean "
+     "'steps'?"),
 ])
 def test_command_line_errors_are_one_message_without_traceback(runs, args, message):
   args = [a.replace('RUN', str(runs['l2p'].parent)) for a in args]

@@ -210,21 +210,29 @@ def test_each_process_feeds_only_its_rows_of_every_global_batch(tmp_path):
 
 def test_process_flags_without_a_job_stop_with_a_clear_message(tmp_path):
   """--distributed=auto outside any cluster, and --num_processes without a
-  coordinator, stop at once, saying what to give."""
+  coordinator, stop at once, saying what to give; a coordinator no peer joins is
+  given up after --initialization_timeout_seconds with a message."""
   cluster = ('SLURM_', 'OMPI_', 'TPU_', 'KUBERNETES_', 'JAX_COORDINATOR')
   env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
   base = [sys.executable, str(ROOT / 'train.py'), '--config',
           f'{ROOT}/configs/cifar.py:tiny', '--workdir', str(tmp_path / 'unused')]
   cases = {'--distributed=auto': 'JAX finds the job by itself on Cloud TPU, SLURM',
            '--num_processes=2': '--num_processes and --process_id need '
-                                '--coordinator_address'}
-  processes = [subprocess.Popen([*base, flag], cwd=tmp_path, env=env, text=True,
+                                '--coordinator_address',
+           # No peer: says that it waits, then gives up with a message, not a C++ abort.
+           f'--coordinator_address=localhost:{free_port()} --num_processes=2 '
+           '--process_id=0 --initialization_timeout_seconds=3':
+               'waiting up to 3 s for every process to join the coordinator at '
+               'localhost:'}
+  processes = [subprocess.Popen([*base, *flag.split()], cwd=tmp_path, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                for flag in cases]
   try:
     for p, message in zip(processes, cases.values()):
       output, _ = p.communicate(timeout=120)
       assert p.returncode != 0 and message in output, output[-3000:]
+    assert 'Gave up after 3 s: not every process joined the coordinator' in output
+    assert 'Check failure stack trace' not in output, output[-3000:]
   finally:
     for p in processes:
       if p.poll() is None:

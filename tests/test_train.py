@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2p_jax import checkpointing, data, objectives, optim, sharding, train
+from l2p_jax import (checkpointing, data, evaluation, locking, metrics, objectives, optim,
+                     sharding, train)
 from l2p_jax.metrics import read_metrics
 
 import fake_datasets
@@ -430,13 +432,102 @@ def test_checkpoint_of_another_model_is_refused(reference_run, cifar_dir):
     train.train_and_evaluate(tiny(cifar_dir, model__width=1.0), str(workdir))
 
 
-def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(cifar_dir, tmp_path):
-  config = tiny(cifar_dir, optim__lr_decay=float('inf'))  # lr = inf from epoch 2
+def copy_run(reference_run, tmp_path):
+  """A copy of the finished reference workdir, to damage or resume."""
+  return pathlib.Path(shutil.copytree(reference_run[0], tmp_path / 'copy'))
+
+
+def saved_steps(workdir):
+  return sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+
+
+def test_divergence_stops_naming_the_last_good_checkpoint_and_keeps_it(cifar_dir,
+                                                                         tmp_path):
+  """lr 1e6 from epoch 1 (lr_decay 1e7): the state goes NaN where the loss may stay
+  finite; the run stops, and the checkpoints it kept are all finite."""
+  config = tiny(cifar_dir, num_epochs=2, optim__lr_boundaries=(1,), optim__lr_decay=1e7)
   with pytest.raises(train.NonFiniteLossError,
-                     match=r'step 1[6-9]\. Last good checkpoint: .*checkpoints/16'):
+                     match=r'train state .* at step (8|9|10|11)\. Last good checkpoint: '
+                           r'.*checkpoints/8\.'):
     train.train_and_evaluate(config, str(tmp_path))
-  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
-  assert saved[-1] == 16  # Nothing written after the loss went bad.
+  assert saved_steps(tmp_path) == [4, 8]  # Nothing written after it went bad.
+  for step in (4, 8):
+    state, _ = restore_state(tmp_path, step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)), step
+
+
+@pytest.mark.parametrize('moment', ['record', 'checkpoint'])
+def test_interrupt_at_an_epochs_end_loses_no_record(cifar_dir, tmp_path, monkeypatch,
+                                                      moment):
+  """Ctrl-C while the epoch's record is written, or while its checkpoint (step 8) is
+  saved after it: one line names the step a rerun resumes from (4), and the rerun
+  leaves the epoch's record exactly once."""
+  config = tiny(cifar_dir, num_epochs=1)
+  if moment == 'record':
+    monkeypatch.setattr(metrics.MetricsWriter, 'epoch', lambda *_: _interrupt())
+  else:
+    save = checkpointing.Checkpoints.save
+    monkeypatch.setattr(checkpointing.Checkpoints, 'save', lambda self, step, *a: (
+        save(self, step, *a) if step != 8 else _interrupt()))
+  with pytest.raises(train.TrainingInterrupted,
+                     match=r'^interrupted; rerun the same command to resume from step '
+                           r'4\.$'):
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.undo()
+  train.train_and_evaluate(config, str(tmp_path))
+  assert [r['epoch'] for r in read_metrics(tmp_path / 'metrics.jsonl')] == [0]
+
+
+def _interrupt():
+  raise KeyboardInterrupt
+
+
+def test_resume_refuses_a_changed_step_and_keeps_the_original_config(
+    reference_run, cifar_dir, tmp_path, caplog):
+  workdir = copy_run(reference_run, tmp_path)
+  original = (workdir / 'config.json').read_text()
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r'(?s)batch_size: checkpoint has 64, config has 32.*--workdir'):
+    train.train_and_evaluate(tiny(cifar_dir, batch_size=32), str(workdir))
+  # Another learning rate is accepted, said, and kept beside the original config.
+  train.train_and_evaluate(tiny(cifar_dir, optim__learning_rate=0.05), str(workdir))
+  assert 'optim.learning_rate: checkpoint has 0.1, config has 0.05' in caplog.text
+  assert (workdir / 'config.json').read_text() == original
+  changed = json.loads((workdir / 'config.24.json').read_text())
+  assert changed['optim']['learning_rate'] == 0.05
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
+    reference_run, cifar_dir, tmp_path, caplog):
+  """A truncated file in checkpoint 24: eval.py's loader and the resumed run take 20,
+  naming 24; the rerun redoes steps 20-24 to the reference's bits."""
+  workdir = copy_run(reference_run, tmp_path)
+  broken = workdir / 'checkpoints' / '24'
+  victim = max((p for p in (broken / 'state').rglob('*') if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+  assert evaluation.load_checkpoint(str(workdir)).step == 20
+  assert f'{broken} is unreadable' in caplog.text
+  with pytest.raises(evaluation.EvaluationError, match='No readable checkpoint in'):
+    evaluation.load_checkpoint(str(broken))  # Named explicitly: one message.
+  train.train_and_evaluate(tiny(cifar_dir), str(workdir))
+  assert (workdir / 'unreadable_checkpoints' / '24' / 'state').is_dir()
+  chex_equal(restore_state(workdir, 24)[0], restore_state(reference_run[0], 24)[0])
+
+
+def test_a_second_run_on_a_workdir_is_refused_but_a_stale_lock_is_not(
+    reference_run, cifar_dir, tmp_path):
+  workdir = copy_run(reference_run, tmp_path)
+  with locking.WorkdirLock(str(workdir)):  # A first run, alive.
+    result = subprocess.run(train_command(cifar_dir, workdir), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert f'is in use by another training run (pid {os.getpid()} on host ' in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith('train.py: ')
+  assert 'Traceback' not in result.stderr
+  # A run killed long ago leaves its name in the file but holds no lock.
+  (workdir / 'lock').write_text('pid 999999999 on host gone\n')
+  train.train_and_evaluate(tiny(cifar_dir), str(workdir))
 
 
 def sharded_step_result(path):
@@ -482,3 +573,88 @@ def test_one_and_eight_devices_agree(cifar_dir, tmp_path):
   for name in ('params', 'perturb', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(eight[name])):
       np.testing.assert_allclose(a, b, rtol=5e-3, atol=2e-3)
+
+
+# --- small mistakes, one clear message each ----------------------------------------
+
+
+def _tiny_mistake(**fields):
+  config = get_config('tiny')
+  for field, value in fields.items():
+    section, _, name = field.rpartition('__')
+    setattr(config[section] if section else config, name, value)
+  train.validate_config(config)
+
+
+def _truncated_idx(tmp_path):
+  (tmp_path / 'train-images-idx3-ubyte').write_bytes(
+      bytes([0, 0, 8, 3]) + np.array([5, 4, 4], '>u4').tobytes() + bytes(30))
+  data.load_split('fashion_mnist', 'train', source='local', local_dir=str(tmp_path))
+
+
+def _not_a_torch_checkpoint(tmp_path):
+  pytest.importorskip('torch')
+  from l2p_jax.interop import import_torch_checkpoint
+  (tmp_path / 'notes.pth').write_text('not a checkpoint')
+  import_torch_checkpoint(str(tmp_path / 'notes.pth'), arch='resnet8', num_classes=10,
+                          method='none')
+
+
+def _export_onto_a_file(tmp_path):
+  pytest.importorskip('torch')
+  from l2p_jax.interop import convert
+  (tmp_path / 'taken.pth').write_text('keep me')
+  convert.workdir_to_torch(str(tmp_path), str(tmp_path / 'taken.pth'), 'l2p')
+
+
+def _eval_eps(tmp_path):
+  spec = importlib.util.spec_from_file_location('eval_config', ROOT / 'configs' / 'eval.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('tiny')
+  config.eps = -0.1
+  evaluation.validate_config(config)
+
+
+@pytest.mark.parametrize('mistake,error,message', [
+    (lambda _: get_config('l2p,resnet7,cifar10,tiny'), ValueError,
+     r"Unknown architecture 'resnet7'"),
+    (lambda _: _tiny_mistake(optim__learning_rate=-0.1), train.ConfigError,
+     r'optim.learning_rate must be positive, got -0.1'),
+    (lambda _: _tiny_mistake(model__width=0.01), train.ConfigError,
+     r'model.width=0.01: Width multiplier 0.01 leaves a resnet8 layer of 16 channels '
+     r'with none; use a width of at least 0.0625'),
+    (_truncated_idx, data.DatasetFileError,
+     r'train-images-idx3-ubyte is truncated or not an idx file: 46 bytes, but its '
+     r'header describes 96 \(5x4x4\)'),
+    (lambda tmp_path: data.load_split('cifar10', 'train', source='local',
+                                      local_dir=str(ROOT / 'README.md')),
+     data.DatasetNotFoundError, r'data.local_dir=.*README.md is a file; it must be the '
+                                r'folder holding cifar-10-python.tar.gz'),
+    (_eval_eps, evaluation.EvaluationError, r'config.eps=-0.1 must be at least 0\.'),
+    (_not_a_torch_checkpoint, ValueError,
+     r"notes.pth' is not a PyTorch state dict checkpoint that loads without running code"),
+    (_export_onto_a_file, FileExistsError, r'taken.pth exists; pass --overwrite'),
+], ids=['tiny_arch', 'learning_rate', 'width', 'idx', 'local_dir', 'eval_eps',
+        'torch_file', 'export'])
+def test_small_mistakes_are_one_clear_message(mistake, error, message, tmp_path):
+  with pytest.raises(error, match=message) as raised:
+    mistake(tmp_path)
+  assert 'weights_only=False' not in str(raised.value)
+
+
+def test_tiny_keeps_an_explicit_arch():
+  assert get_config('l2p,resnet20,cifar10,tiny').model.arch == 'resnet20'
+  assert get_config('l2p,tiny').model.arch == 'resnet8'
+
+
+def test_a_mistyped_override_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'train.py'), '--config',
+       f'{ROOT}/configs/cifar.py:tiny', '--workdir', str(tmp_path),
+       '--config.optim.lr=0.2'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "train.py: --config.optim.lr: the config has no field 'lr'; check the spelling "
+      'against the config file.')  # ml_collections suggests nothing for 'lr'.
+  assert 'Traceback' not in result.stderr

@@ -3,7 +3,8 @@
 Two sources give the same `HostSplit`: `tfds` (a prepared tensorflow-datasets
 dataset, read with `tfds.data_source`, no TensorFlow needed) and `local` (the files
 the dataset authors distribute, for machines without network). Nothing is downloaded
-unless asked, and a missing dataset fails fast with one error saying how to get it.
+unless asked, and a missing dataset fails fast with one error saying how to get it;
+a download that fails removes what it left and names the offline route.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import functools
 import gzip
 import importlib.util
 import pathlib
+import os
 import pickle
+import shutil
 import tarfile
 from typing import BinaryIO, Callable
 
@@ -33,6 +36,10 @@ KNOWN_CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 class DatasetNotFoundError(FileNotFoundError):
   """The requested dataset is not on this machine and may not be downloaded."""
+
+
+class DatasetFileError(ValueError):
+  """A dataset file is there but cannot be read (truncated, or of another format)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +123,21 @@ def _read_tfds(name: str, split: str, data_dir: str | None,
           name, f'no prepared TFDS dataset under {prepared}, and tfds '
           'needs TensorFlow to prepare (encode) image datasets, which is not '
           'installed (`pip install tensorflow-cpu` once, for preparing only)'))
-  # data_source picks array_record only when neither data_dir nor builder_kwargs are
-  # given; with data_dir it would default to TFRecord, which has no random access.
-  source = tfds.data_source(name, split=split, data_dir=root, download=download,
-                            builder_kwargs={'file_format': 'array_record'})
+  before = _tree(root)
+  try:
+    # data_source picks array_record only when neither data_dir nor builder_kwargs are
+    # given; with data_dir it would default to TFRecord, which has no random access.
+    source = tfds.data_source(name, split=split, data_dir=root, download=download,
+                              builder_kwargs={'file_format': 'array_record'})
+  except (OSError, tfds.download.DownloadError) as error:  # requests' errors are OSErrors.
+    if not download:
+      raise
+    removed = _remove_new(root, before)
+    raise DatasetNotFoundError(
+        f'Downloading {name!r} with tensorflow-datasets failed '
+        f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); '
+        f'removed the {removed} partial files and folders it left under {root}. '
+        f'Without network, {_offline_route(name)}.') from None
   features = source.dataset_info.features
   if None in features['image'].shape:
     raise ValueError(f'{name} has images of varying size {features["image"].shape}; '
@@ -128,6 +146,24 @@ def _read_tfds(name: str, split: str, data_dir: str | None,
   images = np.stack([example['image'] for example in examples])
   labels = np.array([example['label'] for example in examples])
   return images, labels, features['label'].num_classes
+
+
+def _tree(root: pathlib.Path) -> set[str]:
+  """Every file and folder under `root`."""
+  return {os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+def _remove_new(root: pathlib.Path, before: set[str]) -> int:
+  """Removes what appeared under `root` since `before` (outermost first); the count."""
+  removed = 0
+  for path in sorted(_tree(root) - before):
+    if os.path.lexists(path):
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+      removed += 1
+  return removed
 
 
 # --- original archives -------------------------------------------------------------
@@ -155,9 +191,22 @@ def _read_cifar(directory: pathlib.Path, split: str, *, archive: str, folder: st
 def _read_idx(path: pathlib.Path) -> np.ndarray:
   """Reads an MNIST idx file (4-byte magic, big-endian dims, bytes), gzipped or not."""
   gz = path.with_name(path.name + '.gz')
-  data = gzip.decompress(gz.read_bytes()) if gz.exists() else path.read_bytes()
-  ndim = data[3]
+  read = gz if gz.exists() else path
+  try:
+    data = gzip.decompress(read.read_bytes()) if read is gz else read.read_bytes()
+  except (EOFError, gzip.BadGzipFile) as error:
+    raise DatasetFileError(f'{read} is truncated or not gzip data ({error}); '
+                           'download it again.') from None
+  ndim = data[3] if len(data) >= 4 else 0
+  if not ndim or len(data) < 4 + 4 * ndim:
+    raise DatasetFileError(f'{read} is truncated or not an idx file: {len(data)} bytes '
+                           'without a complete idx header; download it again.')
   shape = np.frombuffer(data, dtype='>u4', count=ndim, offset=4)
+  expected = 4 + 4 * ndim + int(np.prod(shape))
+  if len(data) != expected:
+    raise DatasetFileError(
+        f'{read} is truncated or not an idx file: {len(data)} bytes, but its header '
+        f'describes {expected} ({"x".join(map(str, shape))}); download it again.')
   return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -212,6 +261,10 @@ def _read_local(name: str, split: str,
   if local_dir is None:
     raise ValueError('source=local needs local_dir, the directory holding the files.')
   directory = pathlib.Path(local_dir).expanduser()
+  if directory.exists() and not directory.is_dir():
+    raise DatasetNotFoundError(
+        f'data.local_dir={local_dir} is a file; it must be the folder holding '
+        f'{LOCAL_FORMATS[name].expected}.')
   try:
     images, labels = LOCAL_FORMATS[name].read(directory, split)
   except FileNotFoundError as e:
@@ -222,14 +275,17 @@ def _read_local(name: str, split: str,
 
 def _not_found_message(name: str, looked: str) -> str:
   """The one explanation of a missing dataset: where we looked and the two ways out."""
-  if name in LOCAL_FORMATS:
-    local = (f'--config.data.source=local --config.data.local_dir=DIR, where DIR '
-             f'holds {LOCAL_FORMATS[name].expected}')
-  else:
-    local = (f'--config.data.source=local (only for {", ".join(LOCAL_FORMATS)}; '
-             'there is none for this dataset)')
   return (f'Dataset {name!r} not found: {looked}. Get it one of two ways:\n'
           '  1. allow tensorflow-datasets to download and prepare it (network; '
           'TensorFlow for preparing): --config.data.source=tfds '
           '--config.data.download=True [--config.data.data_dir=DIR]\n'
-          f'  2. read the original files offline: {local}.')
+          f'  2. {_offline_route(name)}.')
+
+
+def _offline_route(name: str) -> str:
+  """How to read `name` from its original files without network."""
+  if name in LOCAL_FORMATS:
+    return (f'read the original files offline: --config.data.source=local '
+            f'--config.data.local_dir=DIR, where DIR holds {LOCAL_FORMATS[name].expected}')
+  return (f'read the original files offline: --config.data.source=local (only for '
+          f'{", ".join(LOCAL_FORMATS)}; there is none for this dataset)')

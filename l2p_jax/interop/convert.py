@@ -84,9 +84,15 @@ def torch_to_workdir(source: Any, config: ml_collections.ConfigDict, workdir: st
 
 
 def workdir_to_torch(workdir: str, path: str, layout: str,
-                     step: int | None = None) -> str:
+                     step: int | None = None, overwrite: bool = False) -> str:
   """Writes the variables of workdir's checkpoint `step` (default: latest) to `path`
-  as a PyTorch checkpoint in `layout`, with the model's Normalize layer in front."""
+  as a PyTorch checkpoint in `layout`, with the model's Normalize layer in front.
+
+  Refuses an existing `path` unless `overwrite`; creates a missing parent folder.
+  """
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass --overwrite to replace it, or name '
+                          'another file.')
   checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                           read_only=True)
   step = checkpoints.latest_step() if step is None else step
@@ -97,5 +103,6 @@ def workdir_to_torch(workdir: str, path: str, layout: str,
   checkpoints.close()
   variables = {name: jax.device_get(state[name]) for name in
                ('params', 'perturb', 'batch_stats') if state.get(name)}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_torch_checkpoint(path, variables, layout, mean=meta['mean'], std=meta['std'])
   return path

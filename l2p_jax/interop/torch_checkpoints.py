@@ -233,12 +233,14 @@ def _load_state_dict(source: Any) -> dict[str, Any]:
   if isinstance(source, (str, os.PathLike)):
     try:
       obj = torch.load(source, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+      reason = (str(error).splitlines() or [type(error).__name__])[0]
       raise ValueError(
-          f'{os.fspath(source)!r} holds pickled Python objects besides tensors (e.g. '
-          "PNI's 'recorder' or Learn2Perturb's torch.save(model)). If you trust the "
-          "file, load it with torch.load(path, map_location='cpu', weights_only=False) "
-          '(with the authors\' code importable) and pass the result.') from error
+          f'{os.fspath(source)!r} is not a PyTorch state dict checkpoint that loads '
+          f'without running code ({reason}). A file that pickles Python objects besides '
+          "tensors (PNI's 'recorder', Learn2Perturb's torch.save(model)) must be "
+          'turned into a state dict by the code that wrote it: '
+          'torch.save(model.state_dict(), path).') from None
   while True:
     if isinstance(obj, torch.nn.Module):
       obj = obj.state_dict()

@@ -30,7 +30,11 @@ def resnet_layout(arch: str, width: float = 1.0) -> dict[str, Any]:
   match = re.fullmatch(r'resnet(\d+)', arch)
   if width <= 0:
     raise ValueError(f'Width multiplier must be positive, got {width}.')
-  widen = lambda c: int(round(c * width))  # noqa: E731
+  def widen(channels: int) -> int:
+    if int(round(channels * width)) < 1:
+      raise ValueError(f'Width multiplier {width} leaves a {arch} layer of {channels} '
+                       f'channels with none; use a width of at least {1 / channels:g}.')
+    return int(round(channels * width))
   if arch == 'resnet18':
     return dict(stage_sizes=(2, 2, 2, 2),
                 stage_features=tuple(widen(c) for c in (64, 128, 256, 512)),
