@@ -37,8 +37,9 @@ def main(argv):
   config = FLAGS.config
   name = config.method + (f'_{config.l2p.alternation}' if config.method == 'l2p' else '')
   output = FLAGS.output or os.path.join('trajectories', name)
-  split, _ = train.load_data(config)
-  report = trajectory.compare(config, FLAGS.steps, split, batch_norm=FLAGS.batch_norm)
+  split, _, split_size = train.load_data(config)
+  report = trajectory.compare(config, FLAGS.steps, split, batch_norm=FLAGS.batch_norm,
+                              train_split_size=split_size)
   os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
   with open(output + '.json', 'w') as f:
     json.dump(report, f, indent=1)

@@ -150,7 +150,8 @@ def _collection_differences(ours: dict, theirs: dict) -> dict[str, dict[str, flo
 
 
 def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit,
-            *, batch_norm: str = 'ours', noise: bool = True) -> dict[str, Any]:
+            *, batch_norm: str = 'ours', noise: bool = True,
+            train_split_size: int | None = None) -> dict[str, Any]:
   """Trains `config` for `steps` optimizer steps with l2p_jax's `train_step` and with
   the authors' PyTorch step from the same start, on `split`'s batches in training
   order; returns the report (see the module docstring and README).
@@ -158,6 +159,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   batch_norm: 'ours' moves PyTorch's running statistics as Flax does; 'authors' keeps
   torch's BatchNorm2d (every training-mode pass, PGD's too, toward the unbiased variance).
   noise=False switches the noise layers off in both (the deterministic check).
+  train_split_size: the whole training split's size, Adv-BNN's N (default: split's).
   """
   torch, torch_reference, torch_step = _torch_modules()
   check_config(config, steps)
@@ -169,7 +171,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   state = jax.jit(functools.partial(train.create_train_state, model, optimizers,
                                     image_shape=image_shape))(
       jax.random.fold_in(jax.random.key(config.seed), train._INIT))  # pylint: disable=protected-access
-  kl_weight = train.kl_loss_weight(config, split.num_examples)
+  kl_weight = train.kl_loss_weight(config, train_split_size or split.num_examples)
   entries = _entries(state.variables)
 
   torch.manual_seed(config.seed)
