@@ -255,7 +255,13 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
   x_adv = None
   if phase.adversarial:
     frozen = jax.lax.stop_gradient(state.variables)
-    if config.adv.attack_batchnorm == 'running':  # Adv-BNN's code attacks net.eval().
+    if config.adv.attack_batchnorm == 'running':
+      # The codes attack in eval mode with the running statistics as the step's passes
+      # so far left them: after the clean pass (L2P's and PNI's code), or as the step
+      # found them when the loss has no clean term (Adv-BNN's code attacks first).
+      if config.adv.clean_weight > 0:
+        frozen = {**frozen, 'batch_stats': jax.lax.stop_gradient(
+            first_clean[2]['batch_stats'])}
       logits_fn = lambda inputs, key: model.apply(  # noqa: E731
           frozen, inputs, train=False, noise=phase.noise, rngs={'noise': key})
     else:

@@ -73,6 +73,17 @@ def test_one_step_with_shared_draws_and_pgd_start_matches_pytorch(method, altern
   assert record['pgd']['sign_flip_fraction'] == 0
 
 
+def test_pgd_on_running_statistics_matches_the_authors_eval_mode():
+  """adv.attack_batchnorm=running attacks with BatchNorm's running statistics, as the
+  authors' PGD does under model.eval(); at initialization these are far from the batch's,
+  so a side attacking in training mode would part at once."""
+  config = tiny('vanilla')
+  config.adv.attack_batchnorm = 'running'
+  report = trajectory.compare(config, 1, split(), noise=False)
+  assert_close(report, ['params', 'batch_stats'])
+  assert report['steps'][0]['pgd']['sign_flip_fraction'] == 0
+
+
 def test_twenty_clean_steps_stay_together_and_torch_batch_norm_parts():
   config = tiny('none')
   report = trajectory.compare(config, 20, split(32))  # 4 epochs of 4 steps
@@ -114,6 +125,10 @@ def test_unsupported_settings_and_missing_torch_are_clear(monkeypatch):
   config.model.l2p_per_example = True
   with pytest.raises(ValueError, match='l2p_per_example=True'):
     trajectory.compare(config, 1, split())
+  code = get_config('adv_bnn,resnet8,cifar10,authors_code,tiny')
+  with pytest.raises(ValueError, match=r"optim.optimizer='adam' \(the PyTorch reference "
+                                       r"has 'sgd' only\).*bnn.kl_scope='classifier'"):
+    trajectory.compare(code, 1, split())
   monkeypatch.setitem(sys.modules, 'torch', None)
   monkeypatch.delitem(sys.modules, 'l2p_jax.interop.torch_step', raising=False)
   monkeypatch.delitem(sys.modules, 'l2p_jax.interop.torch_reference', raising=False)

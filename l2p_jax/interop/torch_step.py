@@ -208,7 +208,8 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
                     momentum: float = 0.9, nesterov: bool = True,
                     weight_decay: float = 1e-4, kl_weight: float = 1 / 50000,
                     prior_sigma: float = 0.08, theta_floor: float = 0.01,
-                    attack_labels: str = 'prediction') -> Callable[..., torch.Tensor]:
+                    attack_labels: str = 'prediction',
+                    attack_batchnorm: str = 'batch') -> Callable[..., torch.Tensor]:
   """A function step(x, labels, *, lr, ...) -> loss doing one training iteration on
   `model` (from `build_model`), keeping its optimizers between calls.
 
@@ -217,7 +218,8 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
   random); draws ({'clean': d, 'adv': d, 'pgd': [d per PGD step]}, each d a
   `torch_reference.inject_draws` dict; None draws afresh); signs (a list receiving
   each PGD step's gradient sign). Adv-BNN's KL is `kl_weight` times the KL of every
-  Bayesian layer.
+  Bayesian layer. attack_batchnorm='running' runs PGD in eval mode (BatchNorm's running
+  statistics, the noise still on), as the authors' attacks/pgd.py does.
   """
   if alternation not in ALTERNATIONS:
     raise ValueError(f'Unknown alternation {alternation!r}; expected one of {ALTERNATIONS}.')
@@ -287,9 +289,11 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
     x_adv = None
     if adversarial:
       target = labels if attack_labels == 'true' else clean.detach().argmax(1)
+      model.train(attack_batchnorm != 'running')
       x_adv = pgd(model, x, target, eps=eps, steps=pgd_steps, step_size=step_size,
                   start=pgd_start, signs=signs,
                   before_step=lambda i: prepare('pgd', False, i))
+      model.train()
     loss = loss_of(clean, x_adv, not paper)
     if paper:  # theta with W fixed, then W at the new theta (same draws, same x_adv).
       descend([opt_perturb], loss + regularizer())

@@ -72,6 +72,11 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
     problems.append('model.l2p_per_example=True (the authors draw one eps per batch)')
   if steps < 1:
     problems.append(f'steps={steps} (needs at least 1)')
+  if (config.adv.attack_batchnorm == 'running' and config.method == 'l2p'
+      and config.l2p.alternation == 'paper'):
+    problems.append('adv.attack_batchnorm=running with l2p.alternation=paper (the '
+                    "reference's first clean pass of that alternation leaves the "
+                    'running statistics alone)')
   if config.adv.clean_weight == 0:
     problems.append('adv.clean_weight=0 (the reference always runs the clean pass '
                     'through BatchNorm)')
@@ -81,8 +86,7 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
         ('optim.restart_at_boundaries', config.optim.restart_at_boundaries, False),
         ('bnn.kl_scope', config.bnn.kl_scope, 'all'),
         ('model.bnn_batchnorm', config.model.bnn_batchnorm, False),
-        ('model.bnn_mean_init', config.model.bnn_mean_init, 'kaiming_normal'),
-        ('adv.attack_batchnorm', config.adv.attack_batchnorm, 'batch')):
+        ('model.bnn_mean_init', config.model.bnn_mean_init, 'kaiming_normal')):
       if value != paper:
         problems.append(f'{field}={value!r} (the PyTorch reference has {paper!r} only)')
   if problems:
@@ -194,7 +198,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
       momentum=config.optim.momentum, nesterov=config.optim.nesterov,
       weight_decay=config.optim.weight_decay, kl_weight=kl_weight,
       prior_sigma=config.bnn.prior_sigma, theta_floor=config.l2p.theta_floor,
-      attack_labels=config.adv.labels)
+      attack_labels=config.adv.labels, attack_batchnorm=config.adv.attack_batchnorm)
 
   jax_step = jax.jit(functools.partial(
       train.train_step, model=model, config=config, optimizers=optimizers,
@@ -273,13 +277,18 @@ def _step_inputs(state: train.TrainState, batch: dict[str, jax.Array],
   def recorded(key):
     return apply(x, key)[1].get(DRAWS, {})
 
-  clean_logits, _ = apply(x, keys['clean'])
+  clean_logits, updates = apply(x, keys['clean'])
   made = {'x': x, 'draws': {'clean': recorded(keys['clean'])}}
   if phase.adversarial:
     target = (batch['label'] if config.adv.labels == 'true'
               else jnp.argmax(clean_logits, axis=-1))
+    attack_logits = lambda inputs, key: apply(inputs, key)[0]  # noqa: E731
+    if config.adv.attack_batchnorm == 'running':  # As train.step_objective.
+      attacked = {**state.variables, 'batch_stats': updates['batch_stats']}
+      attack_logits = lambda inputs, key: model.apply(  # noqa: E731
+          attacked, inputs, train=False, noise=phase.noise, rngs={'noise': key})
     start, noise_keys, signs, _ = pgd_trace(
-        lambda inputs, key: apply(inputs, key)[0], keys['pgd'], x, target,
+        attack_logits, keys['pgd'], x, target,
         eps=config.adv.eps, steps=config.adv.steps, step_size=config.adv.step_size,
         random_start=config.adv.random_start)
     made.update(pgd_start=start, pgd_signs=signs)
