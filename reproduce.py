@@ -1,5 +1,5 @@
 r"""Reproduces the paper's tables and figures: trains and evaluates every run through
-train.py and eval.py, then writes REPORT.md; see l2p_jax/experiments.py for the grid.
+train.py and eval.py, then writes REPORT.md; see l2p_jax/paper_grid.py for the grid.
 
   python reproduce.py --workdir runs/paper --scale full
   python reproduce.py --workdir runs/small --scale small     # Fashion-MNIST, 2-core CPU
@@ -15,16 +15,16 @@ import sys
 
 from absl import app, flags
 
-from l2p_jax import experiments, paper_report, reproduce
+from l2p_jax import paper_grid, paper_report, reproduce
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder of the grid: runs/, transfer/, REPORT.md.')
-flags.DEFINE_enum('scale', 'full', list(experiments.SCALES),
+flags.DEFINE_enum('scale', 'full', list(paper_grid.SCALES),
                   'full: as published; small: Fashion-MNIST on ResNet-V1(8) x0.5 for '
                   'a 2-core CPU; tiny: for tests.')
 flags.DEFINE_list('tables', [], f'Tables to reproduce (default: the scale\'s): '
-                  f'{", ".join(experiments.TABLES)}.')
-flags.DEFINE_list('methods', [], f'Only these methods: {", ".join(experiments.METHODS)}.')
+                  f'{", ".join(paper_grid.TABLES)}.')
+flags.DEFINE_list('methods', [], f'Only these methods: {", ".join(paper_grid.METHODS)}.')
 flags.DEFINE_list('archs', [], 'Only these of the paper\'s networks: resnet20, '
                   'resnet20x1.5, resnet18, ...')
 flags.DEFINE_integer('seeds', 1, 'Runs per cell (seeds 0..N-1); cells report mean +- std.')
@@ -42,13 +42,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
-    plan = experiments.make_plan(
+    plan = paper_grid.make_plan(
         FLAGS.workdir, scale=FLAGS.scale, tables=FLAGS.tables, methods=FLAGS.methods,
         archs=FLAGS.archs, seeds=FLAGS.seeds, data_dir=FLAGS.data_dir)
   except ValueError as error:
     raise SystemExit(f'reproduce.py: {error}') from None
   if FLAGS.plan:
-    print('\n'.join(experiments.plan_lines(plan)))
+    print('\n'.join(paper_grid.plan_lines(plan)))
     return
   if FLAGS.slurm:
     assemble = ' '.join([a for a in sys.argv if not a.startswith('--slurm')]

@@ -1,4 +1,4 @@
-"""The reproduction's report: every table of a plan (see experiments.py) in the paper's
+"""The reproduction's report: every table of a plan (see paper_grid.py) in the paper's
 layout from the eval.py results its jobs left, each measured cell (mean +- std over
 seeds) beside the published number or "not published", written as report.json,
 REPORT.md and the figures (noise evolution, accuracy against eps) as PNG."""
@@ -8,13 +8,22 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from l2p_jax import plots, report
-from l2p_jax.experiments import (METHOD_TITLES, METHODS, PUBLISHED_FEW_PIXEL,
-                                 PUBLISHED_MAIN, PUBLISHED_TRANSFER, TABLES, Cell, Plan,
-                                 arch_name)
 from l2p_jax.metrics import read_metrics
+from l2p_jax.paper_grid import (
+  METHOD_TITLES,
+  METHODS,
+  PUBLISHED_FEW_PIXEL,
+  PUBLISHED_MAIN,
+  PUBLISHED_TRANSFER,
+  TABLES,
+  Cell,
+  Plan,
+  arch_name,
+)
 from l2p_jax.reproduce import is_done
 
 
@@ -42,10 +51,10 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
           'std': statistics.stdev(percent) if len(percent) > 1 else None}
 
 
-def _collect(cells: Sequence[Cell], key) -> dict[tuple, list[float]]:
+def _collect(cells: Sequence[Cell], key, sizes: set[int]) -> dict[tuple, list[float]]:
   """{key(cell, labels, record, eps): [accuracy per seed]} over the cells' records
   (labels: run name -> method; eps: the file's headline eps), where `key` returns None
-  for records that do not belong in the table."""
+  for records that do not belong in the table; adds the example counts to `sizes`."""
   found: dict[tuple, list[float]] = {}
   for cell in cells:
     labels = {run.name: method for method, run in cell.runs.items()}
@@ -54,13 +63,16 @@ def _collect(cells: Sequence[Cell], key) -> dict[tuple, list[float]]:
       k = key(cell, labels, record, eps)
       if k is not None:
         found.setdefault(k, []).append(record['accuracy'])
+        sizes.add(record['n'])
   return found
 
 
 def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
-  """Rows (setting, method), columns the attacks at the headline eps."""
+  """Rows (setting, method), columns the attacks at the headline eps; C&W cells also
+  hold the mean L2 of the perturbations that fooled the model."""
   columns: dict[str, tuple] = {}
   extra: dict[tuple, list[float]] = {}
+  sizes: set[int] = set()
 
   def key(cell, labels, record, eps):
     column = report.table_column(record, eps)
@@ -68,11 +80,11 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
       return None
     columns[column[1]] = column[0]
     method = labels[record['label']]
-    if record['mean_l2'] is not None:
+    if column[1] == report.CW_COLUMN and record['mean_l2'] is not None:
       extra.setdefault((cell.setting, method, column[1]), []).append(record['mean_l2'])
     return cell.setting, method, column[1]
 
-  found = _collect(cells, key)
+  found = _collect(cells, key, sizes)
   titles = sorted(columns, key=columns.get)
   rows = []
   for setting in dict.fromkeys(c.setting for c in cells):
@@ -88,7 +100,7 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
             'mean_l2': statistics.fmean(l2) if l2 else None,
             'published': published.get((*setting, method, title))}
       rows.append(row)
-  return {'columns': titles, 'rows': rows}
+  return {'columns': titles, 'rows': rows, 'examples': sorted(sizes)}
 
 
 def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
@@ -100,7 +112,8 @@ def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
     kind = 'FGSM' if record['attack'] == 'fgsm' else 'PGD'
     return cell.setting, source, labels[record['label']], kind
 
-  found = _collect(cells, key)
+  sizes: set[int] = set()
+  found = _collect(cells, key, sizes)
   rows = []
   for setting in dict.fromkeys(c.setting for c in cells):
     methods = [m for m in METHODS if any(m in c.runs for c in cells if c.setting == setting)]
@@ -111,7 +124,8 @@ def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
                           if (setting, source, target, kind) in found else None,
               'published': PUBLISHED_TRANSFER.get((*setting, source, target, kind))}
           for target in methods for kind in ('FGSM', 'PGD')}})
-  return {'targets': [m for m in METHODS if any(m in c.runs for c in cells)], 'rows': rows}
+  return {'targets': [m for m in METHODS if any(m in c.runs for c in cells)], 'rows': rows,
+          'examples': sorted(sizes)}
 
 
 def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
@@ -122,12 +136,14 @@ def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
       return None
     return name, labels[record['label']], round(record['params']['eps'] * 255, 6)
 
-  found = _collect(cells, key)
+  sizes: set[int] = set()
+  found = _collect(cells, key, sizes)
   curves: dict[str, dict[str, list]] = {}
-  for (name, method, eps), values in sorted(found.items()):
+  for (name, method, eps), values in sorted(
+      found.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]), item[0][2])):
     s = _summary(values)
     curves.setdefault(name, {}).setdefault(method, []).append([eps, s['mean'], s['std']])
-  return curves
+  return {'curves': curves, 'examples': sorted(sizes)}
 
 
 def _noise(cells: Sequence[Cell], plan: Plan) -> dict[str, Any]:
@@ -162,7 +178,7 @@ def assemble(plan: Plan) -> dict[str, Any]:
     elif name == 'figure1':
       body = {'runs': _noise(cells, plan)}
     else:
-      body = {'curves': _eps_curves(cells)}
+      body = _eps_curves(cells)
     models = {arch_name(*(scale.model or c.setting)) for c in cells}
     datasets = {r.dataset for c in cells for r in c.runs.values()}
     result['sections'][name] = {'title': TABLES[name].title, 'models': sorted(models),
@@ -212,8 +228,8 @@ def _noise_markdown(runs: dict[str, Any]) -> str:
       continue
     first, last = run['epochs'][0], run['epochs'][-1]
     peak = max(run['epochs'], key=lambda e: e[1])
-    rows.append([name, f'{first[1]:.4f} (epoch {first[0] + 1})',
-                 f'{peak[1]:.4f} (epoch {peak[0] + 1})', f'{last[1]:.4f} (epoch {last[0] + 1})'])
+    rows.append([name] + [f'{mean:.4f} (epoch {epoch + 1})'
+                          for epoch, mean in (first, peak, last)])
   return _table(['run', 'first epoch', 'largest', 'last epoch'], rows)
 
 
@@ -225,13 +241,15 @@ def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]])
            f"{content['seeds']} seed(s) per run; cells are accuracy (%)"
            + (', mean +- std over seeds' if content['seeds'] > 1 else '') + '.']
   if scale.model is not None:
-    lines += ['', f'At this scale every network is {arch_name(*scale.model)} and the data '
-              f'{scale.dataset}; the published numbers beside the cells are the paper\'s '
-              '(CIFAR, the network in parentheses), for orientation only.']
+    lines += ['', (f'At this scale every network is {arch_name(*scale.model)} and the data '
+                   f'{scale.dataset}; the published numbers beside the cells are the '
+                   "paper's (CIFAR, the network in parentheses), for orientation only.")]
   for name, section in content['sections'].items():
+    examples = ', '.join(map(str, section.get('examples', [])))
     lines += ['', f"## {section['title']}", '',
               f"Data: {', '.join(section['datasets'])}; networks: "
-              f"{', '.join(section['models'])}.", '']
+              f"{', '.join(section['models'])}"
+              + (f'; test examples per cell: {examples}' if examples else '') + '.', '']
     if name in ('main', 'few_pixel'):
       header = ['network', 'method'] + section['columns']
       rows = [[_setting(plan, r['setting']), METHOD_TITLES[r['method']]]

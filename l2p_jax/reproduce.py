@@ -1,4 +1,4 @@
-"""Runs a plan of experiments (see experiments.py) through train.py and eval.py as
+"""Runs a plan of experiments (see paper_grid.py) through train.py and eval.py as
 subprocesses: skips every step whose marker says it finished with the same command,
 resumes the rest (train.py continues from its workdir's checkpoint), and shows one
 progress bar over the jobs; or writes the plan as a SLURM array script instead.
@@ -11,11 +11,11 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from l2p_jax.experiments import ROOT, Job, Plan, Step, marker_text
+from l2p_jax.paper_grid import ROOT, Job, Plan, Step, marker_text
 
 Launcher = Callable[[Sequence[str], str], None]
 
@@ -109,20 +109,19 @@ def slurm_script(plan: Plan, assemble_command: str) -> str:
            f'#SBATCH --output={os.path.join(plan.workdir, "slurm", "%A_%a.out")}',
            f'# {len(plan.jobs)} tasks, one per job of the grid in {plan.workdir}.']
   if later:
-    lines += [f'# Tasks {later[0]}-{later[-1]} evaluate models that tasks '
-              f'{first[0]}-{first[-1]} train; submit them in two parts:',
+    lines += [(f'# Tasks {later[0]}-{later[-1]} evaluate models that tasks '
+               f'{first[0]}-{first[-1]} train; submit them in two parts:'),
               f'#   jobid=$(sbatch --parsable --array={first[0]}-{first[-1]} THIS_FILE)',
-              f'#   sbatch --array={later[0]}-{later[-1]} --dependency=afterok:$jobid '
-              'THIS_FILE']
+              (f'#   sbatch --array={later[0]}-{later[-1]} '
+               '--dependency=afterok:$jobid THIS_FILE')]
   lines += [f'# Then assemble the report: {assemble_command}', 'set -euo pipefail',
             f'cd {shlex.quote(str(ROOT))}', 'case "$SLURM_ARRAY_TASK_ID" in']
   for i, job in enumerate(plan.jobs):
     body = []
     for step in job.steps:
       folder = shlex.quote(os.path.dirname(step.marker))
-      body += [f'    mkdir -p {folder}', f'    {step.line}',
-               f'    printf "%s\\n" {shlex.quote(marker_text(step))} > '
-               f'{shlex.quote(step.marker)}']
+      marker = f'{shlex.quote(marker_text(step))} > {shlex.quote(step.marker)}'
+      body += [f'    mkdir -p {folder}', f'    {step.line}', f'    printf "%s\\n" {marker}']
     lines += [f'  {i})  # {job.name}', *body, '    ;;']
   lines += ['  *) echo "no task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', 'esac']
   return '\n'.join(lines) + '\n'

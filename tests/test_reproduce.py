@@ -10,11 +10,10 @@ import shutil
 import subprocess
 import sys
 
+import fake_datasets
 import pytest
 
-from l2p_jax import experiments, paper_report, reproduce
-
-import fake_datasets
+from l2p_jax import paper_grid, paper_report, reproduce
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +24,7 @@ def cifar(tmp_path_factory):
 
 
 def tiny_plan(workdir, cifar, **kwargs):
-  return experiments.make_plan(str(workdir), scale='tiny', methods=['vanilla', 'pni'],
+  return paper_grid.make_plan(str(workdir), scale='tiny', methods=['vanilla', 'pni'],
                                data_dir=str(cifar), **kwargs)
 
 
@@ -45,19 +44,20 @@ def read(path):
 # --- the plan -----------------------------------------------------------------------
 
 def test_full_plan_lists_every_run_of_the_paper(tmp_path):
-  plan = experiments.make_plan(str(tmp_path))
+  plan = paper_grid.make_plan(str(tmp_path))
   names = [job.name for job in plan.jobs]
   settings = ['resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet20x1.5', 'resnet20x2',
               'resnet20x4', 'resnet18']
-  expected = ([f'{m}-{a}-cifar10-s0' for a in settings for m in experiments.METHODS]
-              + [f'{m}-resnet18-cifar100-s0' for m in experiments.METHODS]
+  expected = ([f'{m}-{a}-cifar10-s0' for a in settings for m in paper_grid.METHODS]
+              + [f'{m}-resnet18-cifar100-s0' for m in paper_grid.METHODS]
               + ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0'])
   assert sorted(names) == sorted(expected)
   assert names[-2:] == ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0']
   jobs = {job.name: job for job in plan.jobs}
   # V1(20) is in the main table, few-pixel and transfer; V1(32) only in the main table.
   steps = [s.command for s in jobs['l2p-resnet20-cifar10-s0'].steps]
-  assert steps[0][:4] == ('python', 'train.py', '--config', 'configs/cifar.py:l2p,resnet20,cifar10')
+  assert steps[0][:4] == ('python', 'train.py', '--config',
+                          'configs/cifar.py:l2p,resnet20,cifar10')
   assert [c[c.index('--workdir') + 2] for c in steps[1:]] == [
       '--config.attacks=clean,fgsm,pgd,pgd20,pgd100,eot_pgd,apgd,cw',
       '--config.attacks=few_pixel']
@@ -65,7 +65,7 @@ def test_full_plan_lists_every_run_of_the_paper(tmp_path):
   assert '--config.model.width=4.0' in jobs['pni-resnet20x4-cifar10-s0'].steps[0].command
   assert jobs['transfer-resnet18-cifar10-s0'].needs == tuple(
       f'{m}-resnet18-cifar10-s0' for m in ('vanilla', 'pni', 'adv_bnn', 'l2p'))
-  narrowed = experiments.make_plan(str(tmp_path), tables=['main'], methods=['l2p', 'pni'],
+  narrowed = paper_grid.make_plan(str(tmp_path), tables=['main'], methods=['l2p', 'pni'],
                                    archs=['resnet20x2'], seeds=2)
   assert [j.name for j in narrowed.jobs] == [
       'pni-resnet20x2-cifar10-s0', 'l2p-resnet20x2-cifar10-s0',
@@ -77,35 +77,36 @@ def test_plan_command_prints_one_line_per_job(tmp_path):
       [sys.executable, 'reproduce.py', '--workdir', str(tmp_path), '--scale', 'small',
        '--plan'], cwd=ROOT, capture_output=True, text=True, check=True)
   lines = result.stdout.splitlines()
-  plan = experiments.make_plan(str(tmp_path), scale='small')
-  assert lines == experiments.plan_lines(plan)
+  plan = paper_grid.make_plan(str(tmp_path), scale='small')
+  assert lines == paper_grid.plan_lines(plan)
   assert len(lines) == 2 * 6  # Five methods and the transfer matrix.
   train = lines[1].split(' && ')[0]
-  assert train.startswith('python train.py --config configs/cifar.py:none,resnet8,fashion_mnist')
+  assert train.startswith(
+      'python train.py --config configs/cifar.py:none,resnet8,fashion_mnist')
   assert '--config.data.local_dir=/usr/share/datasets/fashion-mnist' in train
   bad = subprocess.run([sys.executable, 'reproduce.py', '--workdir', str(tmp_path),
                         '--tables', 'main,table9', '--plan'], cwd=ROOT, capture_output=True,
-                       text=True)
+                       text=True, check=False)
   assert bad.returncode == 1
   assert bad.stderr.strip() == ("reproduce.py: Unknown table 'table9'; accepted: main, "
                                 'few_pixel, transfer, figure1, figures23.')
 
 
 def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
-  l2p = experiments.train_config('l2p', 'resnet8', 'fashion_mnist')
+  l2p = paper_grid.train_config('l2p', 'resnet8', 'fashion_mnist')
   # 350 epochs -> 8: lr drops at 150 * 8/350 = 3.4 and 250 * 8/350 = 5.7; noise at
   # 10 * 8/350 = 0.2 and PGD at 0.5 still start after epoch 0 and after each other.
-  assert experiments.scaled_schedule(l2p, 8) == {
+  assert paper_grid.scaled_schedule(l2p, 8) == {
       'num_epochs': 8, 'optim.lr_boundaries': (3, 6), 'l2p.noise_start_epoch': 1,
       'adv.start_epoch': 2}
-  pni = experiments.train_config('pni', 'resnet8', 'fashion_mnist')  # PNI's 160 epochs.
-  assert experiments.scaled_schedule(pni, 8) == {
+  pni = paper_grid.train_config('pni', 'resnet8', 'fashion_mnist')  # PNI's 160 epochs.
+  assert paper_grid.scaled_schedule(pni, 8) == {
       'num_epochs': 8, 'optim.lr_boundaries': (4, 6), 'l2p.noise_start_epoch': 0,
       'adv.start_epoch': 1}
-  none = experiments.train_config('none', 'resnet8', 'fashion_mnist')
-  assert experiments.scaled_schedule(none, 8)['adv.start_epoch'] == -1
+  none = paper_grid.train_config('none', 'resnet8', 'fashion_mnist')
+  assert paper_grid.scaled_schedule(none, 8)['adv.start_epoch'] == -1
   with pytest.raises(ValueError, match='at least 2 epochs, got 1'):
-    experiments.scaled_schedule(l2p, 1)
+    paper_grid.scaled_schedule(l2p, 1)
 
 
 # --- running, skipping, resuming ----------------------------------------------------
@@ -122,7 +123,7 @@ def test_finished_steps_are_skipped_by_their_markers(grid):
   assert launched == []
   # A marker of another command (here: a different attack list) does not count.
   step = plan.jobs[0].steps[1]
-  other = experiments.Step(step.command[:-1] + ('--config.data.examples=9',), step.marker)
+  other = paper_grid.Step(step.command[:-1] + ('--config.data.examples=9',), step.marker)
   assert reproduce.is_done(step) and not reproduce.is_done(other)
   # Without its marker, only that step runs again (the checkpoint alone does not count).
   os.remove(step.marker)
@@ -189,6 +190,8 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
   assert rows['vanilla']['Clean']['published'] == 83.8
   assert rows['pni']['FGSM']['published'] == 54.5
   assert rows['pni']['PGD-2']['published'] is None
+  assert rows['pni']['FGSM']['mean_l2'] is None  # Only C&W cells show the L2.
+  assert main['examples'] == [8]
   with open(os.path.join(plan.workdir, 'transfer', 'transfer-resnet8x0.5-cifar10-s0',
                          'results.json')) as f:
     records = json.load(f)['records']
@@ -207,7 +210,7 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
 
 
 def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
-  plan = experiments.make_plan(str(tmp_path), scale='tiny', tables=['main'],
+  plan = paper_grid.make_plan(str(tmp_path), scale='tiny', tables=['main'],
                                methods=['vanilla'], seeds=3)
   with open(os.path.join(grid[0].workdir, 'runs', 'vanilla-resnet8x0.5-cifar10-s0', 'eval',
                          'main', 'results.json')) as f:
@@ -229,7 +232,7 @@ def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
 # --- SLURM --------------------------------------------------------------------------
 
 def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_path):
-  plan = experiments.make_plan(str(tmp_path / 'paper'))
+  plan = paper_grid.make_plan(str(tmp_path / 'paper'))
   script = reproduce.slurm_script(plan, 'python reproduce.py --workdir X --assemble')
   assert '#SBATCH --array=0-46' in script
   assert [f'  {i})  # {job.name}' for i, job in enumerate(plan.jobs)] == [
