@@ -11,7 +11,8 @@ train.py and eval.py, then writes REPORT.md; see l2p_jax/paper_grid.py for the g
 Rerunning the same command skips finished steps and resumes interrupted ones.
 """
 
-import sys
+import os
+import shlex
 
 from absl import app, flags
 
@@ -38,6 +39,18 @@ flags.DEFINE_bool('assemble', False, 'Only write REPORT.md from what has finishe
 flags.mark_flags_as_required(['workdir'])
 
 
+def assemble_command() -> str:
+  """This command line with --assemble instead of --plan/--slurm."""
+  words = ['python', 'reproduce.py', '--workdir', FLAGS.workdir, '--scale', FLAGS.scale,
+           f'--seeds={FLAGS.seeds}']
+  for name in ('tables', 'methods', 'archs'):
+    if FLAGS[name].value:
+      words.append(f'--{name}={",".join(FLAGS[name].value)}')
+  if FLAGS.data_dir is not None:
+    words.append(f'--data_dir={FLAGS.data_dir}')
+  return shlex.join(words + ['--assemble'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -51,10 +64,9 @@ def main(argv):
     print('\n'.join(paper_grid.plan_lines(plan)))
     return
   if FLAGS.slurm:
-    assemble = ' '.join([a for a in sys.argv if not a.startswith('--slurm')]
-                        + ['--assemble'])
+    os.makedirs(os.path.join(plan.workdir, 'slurm'), exist_ok=True)  # Tasks' output.
     with open(FLAGS.slurm, 'w') as f:
-      f.write(reproduce.slurm_script(plan, assemble))
+      f.write(reproduce.slurm_script(plan, assemble_command()))
     print(f'Wrote {FLAGS.slurm}: {len(plan.jobs)} array tasks.')
     return
   if not FLAGS.assemble:

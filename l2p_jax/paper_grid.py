@@ -329,6 +329,9 @@ def make_plan(workdir: str, *, scale: str = 'full', tables: Sequence[str] = (),
               jobs[run.name] = dataclasses.replace(job, steps=job.steps + (step,))
             results = os.path.join(out, 'results.json')
           cells.append(Cell(table_name, setting, seed, results, {run.method: run}))
+  if not jobs:
+    raise ValueError(f'No run of the tables {", ".join(tables)} has a method of '
+                     f'{", ".join(methods)} and a network of {", ".join(archs)}.')
   ordered = sorted(jobs.values(), key=lambda j: j.run is None)  # Trainings first.
   return Plan(tuple(ordered), tuple(cells), s, tuple(tables), workdir, seeds)
 
