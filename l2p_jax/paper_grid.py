@@ -306,12 +306,9 @@ def make_plan(workdir: str, *, scale: str = 'full', tables: Sequence[str] = (),
         if attacks == 'transfer':
           name = f'transfer-{arch_name(arch, width)}-{dataset}-s{seed}'
           out = os.path.join(workdir, 'transfer', name)
-          command = ('python', 'eval.py', '--config', s.eval_config, '--workdir',
-                     ','.join(os.path.join(workdir, 'runs', r.name) for r in runs.values()),
-                     '--config.attacks=transfer', f'--config.output_dir={out}',
-                     f'--config.seed={seed}', *_overrides(eval_fields))
-          jobs.setdefault(name, Job(name, (Step(command, os.path.join(out, 'done.json')),),
-                                    needs=tuple(r.name for r in runs.values())))
+          folders = [os.path.join(workdir, 'runs', r.name) for r in runs.values()]
+          step = _eval_step(s, folders, attacks, out, seed, eval_fields)
+          jobs.setdefault(name, Job(name, (step,), needs=tuple(r.name for r in runs.values())))
           cells.append(Cell(table_name, setting, seed, os.path.join(out, 'results.json'),
                             runs))
           continue
@@ -320,11 +317,8 @@ def make_plan(workdir: str, *, scale: str = 'full', tables: Sequence[str] = (),
           if attacks:
             folder = os.path.join(workdir, 'runs', run.name)
             out = os.path.join(folder, 'eval', table_name)
-            command = ('python', 'eval.py', '--config', s.eval_config, '--workdir', folder,
-                       f'--config.attacks={attacks}', f'--config.output_dir={out}',
-                       f'--config.seed={seed}', *_overrides(eval_fields))
             job = jobs[run.name]
-            step = Step(command, os.path.join(out, 'done.json'))
+            step = _eval_step(s, [folder], attacks, out, seed, eval_fields)
             if step not in job.steps:
               jobs[run.name] = dataclasses.replace(job, steps=job.steps + (step,))
             results = os.path.join(out, 'results.json')
@@ -336,8 +330,18 @@ def make_plan(workdir: str, *, scale: str = 'full', tables: Sequence[str] = (),
   return Plan(tuple(ordered), tuple(cells), s, tuple(tables), workdir, seeds)
 
 
+def _eval_step(scale: Scale, folders: Sequence[str], attacks: str, out: str, seed: int,
+               fields: dict[str, Any]) -> Step:
+  """eval.py of `attacks` on the models in `folders`, results into `out`."""
+  command = ('python', 'eval.py', '--config', scale.eval_config, '--workdir',
+             ','.join(folders), f'--config.attacks={attacks}',
+             f'--config.output_dir={out}', f'--config.seed={seed}', *_overrides(fields))
+  return Step(command, os.path.join(out, 'done.json'))
+
+
 def _add_training(jobs: dict[str, Job], run: Run, scale: Scale, workdir: str,
                   data: list[str]) -> None:
+  """Adds `run`'s job with its train.py command, unless another table added it."""
   if run.name in jobs:
     return
   folder = os.path.join(workdir, 'runs', run.name)
