@@ -1,0 +1,318 @@
+"""The reproduction's report: every table of a plan (see paper_grid.py) in the paper's
+layout from the eval.py results its jobs left, each measured cell (mean +- std over
+seeds) beside the published number or "not published", written as report.json,
+REPORT.md and the figures (noise evolution, accuracy against eps) as PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from l2p_jax import plots, report
+from l2p_jax.metrics import read_metrics
+from l2p_jax.paper_grid import (
+  METHOD_TITLES,
+  METHODS,
+  PUBLISHED_FEW_PIXEL,
+  PUBLISHED_MAIN,
+  PUBLISHED_TRANSFER,
+  TABLES,
+  Cell,
+  Plan,
+  arch_name,
+)
+from l2p_jax.reproduce import is_done
+
+
+def paper_arch(setting: tuple[str, float]) -> str:
+  """The paper's name of a network: ResNet-V1(20), ResNet-V1(20) x1.5, ResNet-V2(18)."""
+  arch, width = setting
+  depth = arch.removeprefix('resnet')
+  name = 'ResNet-V2(18)' if arch == 'resnet18' else f'ResNet-V1({depth})'
+  return name if width == 1 else f'{name} x{width:g}'
+
+
+def _load(path: str) -> tuple[list[dict[str, Any]], float]:
+  """The records of a results.json ([] if not there yet) and its headline eps."""
+  if not path or not os.path.exists(path):
+    return [], 0.0
+  with open(path) as f:
+    results = json.load(f)
+  return results['records'], results['config']['eps']
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+  """Mean and sample std (None for one value) of accuracies in [0, 1], as percent."""
+  percent = [100 * v for v in values]
+  return {'values': percent, 'mean': statistics.fmean(percent),
+          'std': statistics.stdev(percent) if len(percent) > 1 else None}
+
+
+def _collect(cells: Sequence[Cell], key, sizes: set[int]) -> dict[tuple, list[float]]:
+  """{key(cell, labels, record, eps): [accuracy per seed]} over the cells' records
+  (labels: run name -> method; eps: the file's headline eps), where `key` returns None
+  for records that do not belong in the table; adds the example counts to `sizes`."""
+  found: dict[tuple, list[float]] = {}
+  for cell in cells:
+    labels = {run.name: method for method, run in cell.runs.items()}
+    records, eps = _load(cell.results)
+    for record in records:
+      k = key(cell, labels, record, eps)
+      if k is not None:
+        found.setdefault(k, []).append(record['accuracy'])
+        sizes.add(record['n'])
+  return found
+
+
+def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
+  """Rows (setting, method), columns the attacks at the headline eps; C&W cells also
+  hold the mean L2 of the perturbations that fooled the model."""
+  columns: dict[str, tuple] = {}
+  extra: dict[tuple, list[float]] = {}
+  sizes: set[int] = set()
+
+  def key(cell, labels, record, eps):
+    column = report.table_column(record, eps)
+    if column is None or record['label'] not in labels:
+      return None
+    columns[column[1]] = column[0]
+    method = labels[record['label']]
+    if column[1] == report.CW_COLUMN and record['mean_l2'] is not None:
+      extra.setdefault((cell.setting, method, column[1]), []).append(record['mean_l2'])
+    return cell.setting, method, column[1]
+
+  found = _collect(cells, key, sizes)
+  titles = sorted(columns, key=columns.get)
+  rows = []
+  for setting in dict.fromkeys(c.setting for c in cells):
+    for method in METHODS:
+      if not any(method in c.runs for c in cells if c.setting == setting):
+        continue
+      row = {'setting': list(setting), 'method': method, 'cells': {}}
+      for title in titles:
+        measured = found.get((setting, method, title))
+        l2 = extra.get((setting, method, title))
+        row['cells'][title] = {
+            'measured': _summary(measured) if measured else None,
+            'mean_l2': statistics.fmean(l2) if l2 else None,
+            'published': published.get((*setting, method, title))}
+      rows.append(row)
+  return {'columns': titles, 'rows': rows, 'examples': sorted(sizes)}
+
+
+def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
+  """Rows (setting, source method), columns (target method, FGSM | PGD)."""
+  def key(cell, labels, record, eps):
+    source = record['source'] and labels.get(record['source']['label'])
+    if source is None or record['label'] not in labels:
+      return None
+    kind = 'FGSM' if record['attack'] == 'fgsm' else 'PGD'
+    return cell.setting, source, labels[record['label']], kind
+
+  sizes: set[int] = set()
+  found = _collect(cells, key, sizes)
+  rows = []
+  for setting in dict.fromkeys(c.setting for c in cells):
+    methods = [m for m in METHODS if any(m in c.runs for c in cells if c.setting == setting)]
+    for source in methods:
+      rows.append({'setting': list(setting), 'source': source, 'cells': {
+          f'{target} {kind}': {
+              'measured': _summary(found[setting, source, target, kind])
+                          if (setting, source, target, kind) in found else None,
+              'published': PUBLISHED_TRANSFER.get((*setting, source, target, kind))}
+          for target in methods for kind in ('FGSM', 'PGD')}})
+  return {'targets': [m for m in METHODS if any(m in c.runs for c in cells)], 'rows': rows,
+          'examples': sorted(sizes)}
+
+
+def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
+  """{attack: {method: [[eps_255, mean accuracy %, std], ...]}}, averaged over seeds."""
+  def key(cell, labels, record, eps):
+    name = report.curve_name(record)
+    if name is None or record['label'] not in labels:
+      return None
+    return name, labels[record['label']], round(record['params']['eps'] * 255, 6)
+
+  sizes: set[int] = set()
+  found = _collect(cells, key, sizes)
+  curves: dict[str, dict[str, list]] = {}
+  for (name, method, eps), values in sorted(
+      found.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]), item[0][2])):
+    s = _summary(values)
+    curves.setdefault(name, {}).setdefault(method, []).append([eps, s['mean'], s['std']])
+  return {'curves': curves, 'examples': sorted(sizes)}
+
+
+def _noise(cells: Sequence[Cell], plan: Plan) -> dict[str, Any]:
+  """Per run: the mean over layers of the mean noise parameter, per epoch."""
+  found = {}
+  for cell in cells:
+    for run in cell.runs.values():
+      path = os.path.join(plan.workdir, 'runs', run.name, 'metrics.jsonl')
+      if not os.path.exists(path):
+        continue
+      found[run.name] = {'method': run.method, 'seed': run.seed, 'epochs': [
+          [r['epoch'], statistics.fmean(v['mean'] for v in r['noise'].values())]
+          for r in read_metrics(path) if r.get('noise')]}
+  return found
+
+
+def assemble(plan: Plan) -> dict[str, Any]:
+  """The report's content: the plan's scale and progress, and every table it holds."""
+  done = sum(all(is_done(s) for s in job.steps) for job in plan.jobs)
+  scale = plan.scale
+  result: dict[str, Any] = {
+      'scale': scale.name, 'seeds': plan.seeds, 'tables': list(plan.tables),
+      'jobs': len(plan.jobs), 'jobs_done': done, 'sections': {}}
+  for name in plan.tables:
+    cells = [c for c in plan.cells if c.table == name]
+    if name == 'main':
+      body = _white_box_table(cells, PUBLISHED_MAIN)
+    elif name == 'few_pixel':
+      body = _white_box_table(cells, PUBLISHED_FEW_PIXEL)
+    elif name == 'transfer':
+      body = _transfer_table(cells)
+    elif name == 'figure1':
+      body = {'runs': _noise(cells, plan)}
+    else:
+      body = _eps_curves(cells)
+    models = {arch_name(*(scale.model or c.setting)) for c in cells}
+    datasets = {r.dataset for c in cells for r in c.runs.values()}
+    result['sections'][name] = {'title': TABLES[name].title, 'models': sorted(models),
+                                'datasets': sorted(datasets), **body}
+  return result
+
+
+def _value(summary: dict[str, Any] | None, digits: int = 2) -> str:
+  if summary is None:
+    return 'not run'
+  text = f"{summary['mean']:.{digits}f}"
+  return text if summary['std'] is None else f"{text} +- {summary['std']:.{digits}f}"
+
+
+def _published(value) -> str:
+  if value is None:
+    return 'not published'
+  if isinstance(value, tuple):
+    return f'paper {value[0]:.2f} +- {value[1]:.2f}'
+  return f'paper {value:g}'
+
+
+def _cell(cell: dict[str, Any]) -> str:
+  text = _value(cell['measured'])
+  if cell.get('mean_l2') is not None:
+    text += f" / L2 {cell['mean_l2']:.3f}"
+  return f"{text} ({_published(cell['published'])})"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def _setting(plan: Plan, setting: Sequence) -> str:
+  paper = paper_arch(tuple(setting))
+  if plan.scale.model is None:
+    return paper
+  return f'{arch_name(*plan.scale.model)} (for {paper})'
+
+
+def _noise_markdown(runs: dict[str, Any]) -> str:
+  rows = []
+  for name, run in runs.items():
+    if not run['epochs']:
+      rows.append([name, 'no noise parameters', '-', '-'])
+      continue
+    first, last = run['epochs'][0], run['epochs'][-1]
+    peak = max(run['epochs'], key=lambda e: e[1])
+    rows.append([name] + [f'{mean:.4f} (epoch {epoch + 1})'
+                          for epoch, mean in (first, peak, last)])
+  return _table(['run', 'first epoch', 'largest', 'last epoch'], rows)
+
+
+def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]]) -> str:
+  """REPORT.md from `assemble`'s content and the figure files (relative paths)."""
+  scale = plan.scale
+  lines = [f"# Reproduction report ({content['scale']} scale)", '',
+           f"{content['jobs_done']} of {content['jobs']} jobs finished; "
+           f"{content['seeds']} seed(s) per run; cells are accuracy (%)"
+           + (', mean +- std over seeds' if content['seeds'] > 1 else '') + '.']
+  if scale.model is not None:
+    lines += ['', (f'At this scale every network is {arch_name(*scale.model)} and the data '
+                   f'{scale.dataset}; the published numbers beside the cells are the '
+                   "paper's (CIFAR, the network in parentheses), for orientation only.")]
+  for name, section in content['sections'].items():
+    examples = ', '.join(map(str, section.get('examples', [])))
+    lines += ['', f"## {section['title']}", '',
+              f"Data: {', '.join(section['datasets'])}; networks: "
+              f"{', '.join(section['models'])}"
+              + (f'; test examples per cell: {examples}' if examples else '') + '.', '']
+    if name in ('main', 'few_pixel'):
+      header = ['network', 'method'] + section['columns']
+      rows = [[_setting(plan, r['setting']), METHOD_TITLES[r['method']]]
+              + [_cell(r['cells'][c]) for c in section['columns']] for r in section['rows']]
+      lines.append(_table(header, rows) if section['columns'] else 'Nothing measured yet.')
+    elif name == 'transfer':
+      keys = [f'{t} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
+      header = ['network', 'source \\ target'] + [
+          f'{METHOD_TITLES[t]} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
+      rows = [[_setting(plan, r['setting']), METHOD_TITLES[r['source']]]
+              + [_cell(r['cells'][k]) for k in keys] for r in section['rows']]
+      lines.append(_table(header, rows))
+    elif name == 'figure1':
+      lines.append(_noise_markdown(section['runs']) if section['runs']
+                   else 'Nothing measured yet.')
+    else:
+      curves = section['curves']
+      radii = sorted({p[0] for lines_ in curves.values() for pts in lines_.values()
+                      for p in pts})
+      rows = []
+      for attack, by_method in curves.items():
+        for method, points in by_method.items():
+          at = {p[0]: p for p in points}
+          rows.append([METHOD_TITLES[method], attack] + [
+              _value({'mean': at[e][1], 'std': at[e][2]}) if e in at else 'not run'
+              for e in radii])
+      lines.append(_table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
+                   if rows else 'Nothing measured yet.')
+      lines.append('\nNot published as numbers (the paper shows Figures 2-3 only).')
+    lines += [f'\n![{os.path.basename(f)}]({f})' for f in figures.get(name, [])]
+  return '\n'.join(lines) + '\n'
+
+
+def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list[str]]:
+  """Draws Figure 1 (one PNG per run) and Figures 2-3 (one PNG, all methods) into
+  `folder`; returns {section: [paths relative to the grid folder]}."""
+  os.makedirs(folder, exist_ok=True)
+  drawn: dict[str, list[str]] = {}
+  sections = content['sections']
+  for name in sections.get('figure1', {}).get('runs', {}):
+    path = os.path.join(folder, f'noise_evolution_{name}.png')  # Names are [\w.-].
+    records = read_metrics(os.path.join(plan.workdir, 'runs', name, 'metrics.jsonl'))
+    if plots.plot_noise_evolution(records, path, title=name):
+      drawn.setdefault('figure1', []).append(os.path.relpath(path, plan.workdir))
+  curves = sections.get('figures23', {}).get('curves')
+  if curves:
+    path = os.path.join(folder, 'accuracy_vs_eps.png')
+    lines = {attack: {METHOD_TITLES[m]: [(p[0] / 255, p[1] / 100) for p in points]
+                      for m, points in by_method.items()}
+             for attack, by_method in curves.items()}
+    if plots.plot_accuracy_vs_eps(lines, path):
+      drawn['figures23'] = [os.path.relpath(path, plan.workdir)]
+  return drawn
+
+
+def write(plan: Plan) -> list[str]:
+  """Writes report.json, REPORT.md and figures/ into the plan's folder; returns the
+  paths of the two files."""
+  content = assemble(plan)
+  figures = _figures(content, plan, os.path.join(plan.workdir, 'figures'))
+  paths = [os.path.join(plan.workdir, 'report.json'), os.path.join(plan.workdir, 'REPORT.md')]
+  with open(paths[0], 'w') as f:
+    json.dump(content, f, indent=2, sort_keys=True)
+  with open(paths[1], 'w') as f:
+    f.write(markdown(content, plan, figures))
+  return paths

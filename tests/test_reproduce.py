@@ -1,0 +1,250 @@
+"""reproduce.py end to end on a tiny grid (vanilla and PNI, ResNet-8 x0.5, fake CIFAR-10,
+the main table and the transfer matrix): the plan, skipping what finished, resuming a
+grid stopped midway to the same report, the report's measured and published cells,
+and the SLURM script."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import fake_datasets
+import pytest
+
+from l2p_jax import paper_grid, paper_report, reproduce
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def cifar(tmp_path_factory):
+  return fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=128, test=32)
+
+
+def tiny_plan(workdir, cifar, **kwargs):
+  return paper_grid.make_plan(str(workdir), scale='tiny', methods=['vanilla', 'pni'],
+                               data_dir=str(cifar), **kwargs)
+
+
+@pytest.fixture(scope='module')
+def grid(tmp_path_factory, cifar):
+  """The tiny grid run without interruption, and its report."""
+  plan = tiny_plan(tmp_path_factory.mktemp('grid'), cifar)
+  ran = reproduce.run_plan(plan, progress_bar=False)
+  paper_report.write(plan)
+  return plan, ran
+
+
+def read(path):
+  return pathlib.Path(path).read_text()
+
+
+# --- the plan -----------------------------------------------------------------------
+
+def test_full_plan_lists_every_run_of_the_paper(tmp_path):
+  plan = paper_grid.make_plan(str(tmp_path))
+  names = [job.name for job in plan.jobs]
+  settings = ['resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet20x1.5', 'resnet20x2',
+              'resnet20x4', 'resnet18']
+  expected = ([f'{m}-{a}-cifar10-s0' for a in settings for m in paper_grid.METHODS]
+              + [f'{m}-resnet18-cifar100-s0' for m in paper_grid.METHODS]
+              + ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0'])
+  assert sorted(names) == sorted(expected)
+  assert names[-2:] == ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0']
+  jobs = {job.name: job for job in plan.jobs}
+  # V1(20) is in the main table, few-pixel and transfer; V1(32) only in the main table.
+  steps = [s.command for s in jobs['l2p-resnet20-cifar10-s0'].steps]
+  assert steps[0][:4] == ('python', 'train.py', '--config',
+                          'configs/cifar.py:l2p,resnet20,cifar10')
+  assert [c[c.index('--workdir') + 2] for c in steps[1:]] == [
+      '--config.attacks=clean,fgsm,pgd,pgd20,pgd100,eot_pgd,apgd,cw',
+      '--config.attacks=few_pixel']
+  assert len(jobs['l2p-resnet32-cifar10-s0'].steps) == 2
+  assert '--config.model.width=4.0' in jobs['pni-resnet20x4-cifar10-s0'].steps[0].command
+  assert jobs['transfer-resnet18-cifar10-s0'].needs == tuple(
+      f'{m}-resnet18-cifar10-s0' for m in ('vanilla', 'pni', 'adv_bnn', 'l2p'))
+  narrowed = paper_grid.make_plan(str(tmp_path), tables=['main'], methods=['l2p', 'pni'],
+                                   archs=['resnet20x2'], seeds=2)
+  assert [j.name for j in narrowed.jobs] == [
+      'pni-resnet20x2-cifar10-s0', 'l2p-resnet20x2-cifar10-s0',
+      'pni-resnet20x2-cifar10-s1', 'l2p-resnet20x2-cifar10-s1']
+
+
+def test_plan_command_prints_one_line_per_job(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'reproduce.py', '--workdir', str(tmp_path), '--scale', 'small',
+       '--plan'], cwd=ROOT, capture_output=True, text=True, check=True)
+  lines = result.stdout.splitlines()
+  plan = paper_grid.make_plan(str(tmp_path), scale='small')
+  assert lines == paper_grid.plan_lines(plan)
+  assert len(lines) == 2 * 6  # Five methods and the transfer matrix.
+  train = lines[1].split(' && ')[0]
+  assert train.startswith(
+      'python train.py --config configs/cifar.py:none,resnet8,fashion_mnist')
+  assert '--config.data.local_dir=/usr/share/datasets/fashion-mnist' in train
+  bad = subprocess.run([sys.executable, 'reproduce.py', '--workdir', str(tmp_path),
+                        '--tables', 'main,table9', '--plan'], cwd=ROOT, capture_output=True,
+                       text=True, check=False)
+  assert bad.returncode == 1
+  assert bad.stderr.strip() == ("reproduce.py: Unknown table 'table9'; accepted: main, "
+                                'few_pixel, transfer, figure1, figures23.')
+
+
+def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
+  l2p = paper_grid.train_config('l2p', 'resnet8', 'fashion_mnist')
+  # 350 epochs -> 8: lr drops at 150 * 8/350 = 3.4 and 250 * 8/350 = 5.7; noise at
+  # 10 * 8/350 = 0.2 and PGD at 0.5 still start after epoch 0 and after each other.
+  assert paper_grid.scaled_schedule(l2p, 8) == {
+      'num_epochs': 8, 'optim.lr_boundaries': (3, 6), 'l2p.noise_start_epoch': 1,
+      'adv.start_epoch': 2}
+  pni = paper_grid.train_config('pni', 'resnet8', 'fashion_mnist')  # PNI's 160 epochs.
+  assert paper_grid.scaled_schedule(pni, 8) == {
+      'num_epochs': 8, 'optim.lr_boundaries': (4, 6), 'l2p.noise_start_epoch': 0,
+      'adv.start_epoch': 1}
+  none = paper_grid.train_config('none', 'resnet8', 'fashion_mnist')
+  assert paper_grid.scaled_schedule(none, 8)['adv.start_epoch'] == -1
+  with pytest.raises(ValueError, match='at least 2 epochs, got 1'):
+    paper_grid.scaled_schedule(l2p, 1)
+
+
+# --- running, skipping, resuming ----------------------------------------------------
+
+def test_finished_steps_are_skipped_by_their_markers(grid):
+  plan, ran = grid
+  assert ran == 5  # Two trainings, two main-table evaluations, one transfer matrix.
+  launched = []
+
+  def record(command, log):
+    launched.append(command)
+
+  assert reproduce.run_plan(plan, launch=record, progress_bar=False) == 0
+  assert launched == []
+  # A marker of another command (here: a different attack list) does not count.
+  step = plan.jobs[0].steps[1]
+  other = paper_grid.Step(step.command[:-1] + ('--config.data.examples=9',), step.marker)
+  assert reproduce.is_done(step) and not reproduce.is_done(other)
+  # Without its marker, only that step runs again (the checkpoint alone does not count).
+  os.remove(step.marker)
+  assert not reproduce.is_done(step)
+  assert reproduce.run_plan(plan, launch=record, progress_bar=False) == 1
+  assert launched == [step.command]
+
+
+def test_grid_stopped_midway_resumes_to_the_same_report(grid, cifar, tmp_path):
+  plan = tiny_plan(tmp_path, cifar)
+  calls = []
+
+  def dies_on_third(command, log):
+    calls.append(command)
+    if len(calls) == 3:
+      raise reproduce.ReproduceError('killed')
+    reproduce.launch_subprocess(command, log)
+
+  with pytest.raises(reproduce.ReproduceError, match='killed'):
+    reproduce.run_plan(plan, launch=dies_on_third, progress_bar=False)
+  done = [reproduce.is_done(s) for job in plan.jobs for s in job.steps]
+  assert done == [True, True, False, False, False]
+  assert reproduce.run_plan(plan, progress_bar=False) == 3
+  paper_report.write(plan)
+  uninterrupted = grid[0].workdir
+  assert read(tmp_path / 'report.json') == read(os.path.join(uninterrupted, 'report.json'))
+  assert read(tmp_path / 'REPORT.md') == read(os.path.join(uninterrupted, 'REPORT.md'))
+
+
+def test_a_failing_command_stops_the_grid_naming_it_and_its_log(tmp_path):
+  log = str(tmp_path / 'train.log')
+  command = ('python', 'train.py', '--config', 'configs/cifar.py:bogus',
+             '--workdir', str(tmp_path / 'run'))
+  with pytest.raises(reproduce.ReproduceError) as error:
+    reproduce.launch_subprocess(command, log)
+  message = str(error.value)
+  assert message.startswith(f'train.py exited with status 1; its output is in {log}')
+  assert "Unknown method 'bogus'" in message
+  assert message.endswith('Rerun the same reproduce.py command to continue from there.')
+
+
+# --- the report ---------------------------------------------------------------------
+
+def white_box_accuracy(plan, method, attack):
+  run = f'{method}-resnet8x0.5-cifar10-s0'
+  with open(os.path.join(plan.workdir, 'runs', run, 'eval', 'main', 'results.json')) as f:
+    [record] = [r for r in json.load(f)['records'] if r['attack'] == attack]
+  return 100 * record['accuracy']
+
+
+def test_report_holds_measured_cells_beside_published_numbers(grid):
+  plan, _ = grid
+  content = json.loads(read(os.path.join(plan.workdir, 'report.json')))
+  main = content['sections']['main']
+  assert main['columns'] == ['Clean', 'FGSM', 'PGD-2']
+  rows = {r['method']: r['cells'] for r in main['rows']}
+  assert list(rows) == ['vanilla', 'pni']
+  for method in rows:
+    assert rows[method]['Clean']['measured']['mean'] == white_box_accuracy(
+        plan, method, 'clean')
+    assert rows[method]['FGSM']['measured']['mean'] == white_box_accuracy(plan, method, 'fgsm')
+  # PNI Table 3, ResNet-V1(20): vanilla 83.8 / 46.6, PNI-W 84.9 / 54.5 (clean / FGSM);
+  # the tiny grid's PGD-2 is not the paper's PGD-7.
+  assert rows['vanilla']['Clean']['published'] == 83.8
+  assert rows['pni']['FGSM']['published'] == 54.5
+  assert rows['pni']['PGD-2']['published'] is None
+  assert rows['pni']['FGSM']['mean_l2'] is None  # Only C&W cells show the L2.
+  assert main['examples'] == [8]
+  with open(os.path.join(plan.workdir, 'transfer', 'transfer-resnet8x0.5-cifar10-s0',
+                         'results.json')) as f:
+    records = json.load(f)['records']
+  [cell] = [r for r in records if r['source'] and r['source']['label'].startswith('vanilla')
+            and r['label'].startswith('pni') and r['attack'] == 'fgsm']
+  transfer = {r['source']: r['cells'] for r in content['sections']['transfer']['rows']}
+  assert transfer['vanilla']['pni FGSM']['measured']['mean'] == 100 * cell['accuracy']
+  assert transfer['vanilla']['pni FGSM']['published'] == [60.32, 0.05]  # Table 2.
+  assert transfer['vanilla']['vanilla PGD']['published'] is None
+  text = read(os.path.join(plan.workdir, 'REPORT.md'))
+  clean = f"{white_box_accuracy(plan, 'vanilla', 'clean'):.2f}"
+  assert (f'| resnet8x0.5 (for ResNet-V1(20)) | Vanilla | {clean} (paper 83.8) |'
+          in text)
+  assert '(not published)' in text and 'paper 60.32 +- 0.05' in text
+  assert '3 of 3 jobs finished' in text
+
+
+def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
+  plan = paper_grid.make_plan(str(tmp_path), scale='tiny', tables=['main'],
+                               methods=['vanilla'], seeds=3)
+  with open(os.path.join(grid[0].workdir, 'runs', 'vanilla-resnet8x0.5-cifar10-s0', 'eval',
+                         'main', 'results.json')) as f:
+    results = json.load(f)
+  for cell, accuracy in zip(plan.cells, (0.5, 0.25, 0.75)):
+    os.makedirs(os.path.dirname(cell.results))
+    label = cell.runs['vanilla'].name
+    records = [{**r, 'label': label, 'accuracy': accuracy} for r in results['records']]
+    with open(cell.results, 'w') as f:
+      json.dump({**results, 'records': records}, f)
+  content = paper_report.assemble(plan)
+  clean = content['sections']['main']['rows'][0]['cells']['Clean']['measured']
+  assert clean == {'values': [50.0, 25.0, 75.0], 'mean': 50.0, 'std': 25.0}
+  assert '| Vanilla | 50.00 +- 25.00 (paper 83.8) |' in paper_report.markdown(
+      content, plan, {})
+
+
+# --- SLURM --------------------------------------------------------------------------
+
+def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_path):
+  plan = paper_grid.make_plan(str(tmp_path / 'paper'))
+  script = reproduce.slurm_script(plan, 'python reproduce.py --workdir X --assemble')
+  assert '#SBATCH --array=0-46' in script
+  assert [f'  {i})  # {job.name}' for i, job in enumerate(plan.jobs)] == [
+      line for line in script.splitlines() if line.startswith('  ') and ')  # ' in line]
+  assert '#   sbatch --array=45-46 --dependency=afterok:$jobid THIS_FILE' in script
+  # Run task 0 of a tiny grid with a `python` that only succeeds: its markers say done.
+  plan = tiny_plan(tmp_path / 'tiny', cifar)
+  path = tmp_path / 'grid.sbatch'
+  path.write_text(reproduce.slurm_script(plan, 'python reproduce.py --assemble'))
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  shutil.copy('/bin/true', bin_dir / 'python')
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_ARRAY_TASK_ID': '0'}
+  subprocess.run(['bash', str(path)], env=env, check=True)
+  assert [reproduce.is_done(s) for job in plan.jobs for s in job.steps] == [
+      True, True, False, False, False]
