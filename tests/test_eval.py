@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from l2p_jax import data, evaluation, report, train
+from l2p_jax import checkpointing, data, evaluation, experiment, report, train
 
 import fake_datasets
 
@@ -182,7 +182,7 @@ def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
   and the documented layout (batch b, then 1 for the prediction, draw 0)."""
   results, _ = evaluated
   record = white_box(results, 'l2p', 'clean', None)
-  checkpoint = evaluation.load_checkpoint(str(runs['l2p']))
+  checkpoint = checkpointing.load_checkpoint(str(runs['l2p']))
   split = evaluation.load_examples(evaluation.data_settings(eval_config(), checkpoint))
   key = jax.random.fold_in(jax.random.key(record['key']['seed']), record['key']['fold_in'][0])
   logits = jax.jit(lambda x, k: checkpoint.model.apply(
@@ -253,13 +253,13 @@ def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
 
 
 def test_variables_that_do_not_fit_the_described_model_are_named(runs):
-  checkpoint = evaluation.load_checkpoint(str(runs['l2p'] / 'checkpoints'))
-  wider = train.build_model(train_config('l2p,resnet8,cifar10'), 10, (0.5,) * 3, (0.25,) * 3)
-  with pytest.raises(evaluation.EvaluationError,
+  checkpoint = checkpointing.load_checkpoint(str(runs['l2p'] / 'checkpoints'))
+  wider = experiment.build_model(train_config('l2p,resnet8,cifar10'), 10, (0.5,) * 3, (0.25,) * 3)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r'(?s)in here do not fit the model its metadata describes.*'
                            r'params/classifier/kernel: checkpoint \(32, 10\), model '
                            r'\(64, 10\).*and \d+ more'):
-    evaluation.check_variables_fit(wider, checkpoint.variables, (32, 32, 3), 'here')
+    checkpointing.check_variables_fit(wider, checkpoint.variables, (32, 32, 3), 'here')
 
 
 @pytest.mark.parametrize('args,message', [

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2p_jax import data, objectives, optim, train
+from l2p_jax import data, experiment, objectives, optim, training
 from l2p_jax.attacks import core
 from l2p_jax.interop.torch_checkpoints import torch_entries
 from l2p_jax.models.layers import DRAWS
@@ -64,7 +64,7 @@ def pgd_trace(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Arr
 
 def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
   """Raises ValueError for what the PyTorch side cannot follow."""
-  train.validate_config(config)
+  experiment.validate_config(config)
   problems = []
   if config.model.dtype != 'float32':
     problems.append(f'model.dtype={config.model.dtype!r} (PyTorch runs float32)')
@@ -163,15 +163,15 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   """
   torch, torch_reference, torch_step = _torch_modules()
   check_config(config, steps)
-  mean, std = train.normalization(config, split)
-  model = train.build_model(config, split.num_classes, mean, std)
+  mean, std = experiment.normalization(config, split)
+  model = experiment.build_model(config, split.num_classes, mean, std)
   optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
                                      config.optim.weight_decay)
   image_shape = split.images.shape[1:]
-  state = jax.jit(functools.partial(train.create_train_state, model, optimizers,
+  state = jax.jit(functools.partial(training.create_train_state, model, optimizers,
                                     image_shape=image_shape))(
-      jax.random.fold_in(jax.random.key(config.seed), train._INIT))  # pylint: disable=protected-access
-  kl_weight = train.kl_loss_weight(config, train_split_size or split.num_examples)
+      jax.random.fold_in(jax.random.key(config.seed), training.INIT_STREAM))
+  kl_weight = training.kl_loss_weight(config, train_split_size or split.num_examples)
   entries = _entries(state.variables)
 
   torch.manual_seed(config.seed)
@@ -197,7 +197,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
       attack_labels=config.adv.labels)
 
   jax_step = jax.jit(functools.partial(
-      train.train_step, model=model, config=config, optimizers=optimizers,
+      training.train_step, model=model, config=config, optimizers=optimizers,
       kl_weight=kl_weight), static_argnames='phase')
   inputs = jax.jit(functools.partial(_step_inputs, model=model, config=config,
                                      optimizers=optimizers), static_argnames='phase')
@@ -206,11 +206,11 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   records = []
   for k in range(steps):
     epoch = k // steps_per_epoch
-    phase = train.phase_for_epoch(config, epoch)
+    phase = training.phase_for_epoch(config, epoch)
     phase = dataclasses.replace(phase, noise=phase.noise and noise)
     lr = optim.learning_rate(epoch, config.optim.learning_rate,
                              config.optim.lr_boundaries, config.optim.lr_decay)
-    reg_weight = train.regularizer_weight(config, epoch)
+    reg_weight = training.regularizer_weight(config, epoch)
     batch = data.train_batch(split, seed=config.seed, epoch=epoch,
                              step=k % steps_per_epoch, batch_size=config.batch_size)
     batch = jax.tree.map(jnp.asarray, batch)
@@ -222,7 +222,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
       draws['pgd'] = [torch_draws(jax.tree.map(lambda d: d[i], made['draws']['pgd']),
                                   entries) for i in range(config.adv.steps)]
     draws = jax.tree.map(torch.from_numpy, draws)
-    state = jax_step(train.reset_epoch_sums(state), batch, lr, reg_weight, phase=phase)
+    state = jax_step(training.reset_epoch_sums(state), batch, lr, reg_weight, phase=phase)
     torch_loss = float(torch_train_step(
         to_torch(made['x']), torch.from_numpy(np.asarray(batch['label'], np.int64)),
         lr=lr, reg_weight=reg_weight, noise=phase.noise, adversarial=phase.adversarial,
@@ -253,18 +253,18 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
           'batch_norm': batch_norm, 'steps': records, 'first_pgd_sign_flip': first_flip}
 
 
-def _step_inputs(state: train.TrainState, batch: dict[str, jax.Array],
-                 reg_weight: jax.Array, lr: jax.Array, *, phase: train.Phase, model,
+def _step_inputs(state: training.TrainState, batch: dict[str, jax.Array],
+                 reg_weight: jax.Array, lr: jax.Array, *, phase: training.Phase, model,
                  config: ml_collections.ConfigDict, optimizers: dict) -> dict[str, Any]:
   """What `train_step` will use at `state`, made with its keys: the augmented batch,
   every pass's noise draws ('clean', 'adv', 'pgd' stacked over PGD steps), PGD's start
   and each PGD step's gradient sign."""
-  keys = train.step_keys(config.seed, state.step)
+  keys = training.step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
   if (config.method == 'l2p' and phase.train_perturb
       and config.l2p.alternation == 'authors_code'):  # PGD comes after theta's step.
     g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
-    state = train.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
+    state = training.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
 
   def apply(inputs, key):
     return model.apply(state.variables, inputs, train=True, noise=phase.noise,
