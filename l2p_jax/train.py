@@ -8,6 +8,7 @@ normalization) in `l2p_jax.experiment`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import os
@@ -137,49 +138,78 @@ def resume(checkpoints: checkpointing.Checkpoints, config: ml_collections.Config
   return state, step
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        checkpoints: checkpointing.Checkpoints) -> TrainState:
-  """train_and_evaluate, in a workdir this run holds, saving to `checkpoints`."""
+@dataclasses.dataclass
+class _Saver:
+  """Saves checkpoints with the run's metadata, never a non-finite state nor one step
+  twice; `last` is the newest step saved (or resumed from), None before any."""
+  checkpoints: checkpointing.Checkpoints
+  meta: dict[str, Any]
+  last: int | None
+
+  def check(self, state: TrainState) -> None:
+    check_finite(state, self.checkpoints, self.last)
+
+  def save(self, step: int, state: TrainState) -> None:
+    self.check(state)
+    if step != self.last:
+      self.checkpoints.save(step, state, self.meta)
+      self.last = step
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every epoch of one run uses: its config, mesh, data and compiled functions."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  train_split: data.HostSplit
+  eval_split: data.HostSplit
+  device_split: Any  # The training split on the mesh with data.on_device, else None.
+  steps_per_epoch: int
+  step_fn: Any  # (state, *inputs, lr, reg_weight, phase=) -> state.
+  eval_fn: Any  # (variables, batch, key, noise=) -> (clean, robust) counts.
+  restart: Any  # state -> state with fresh optimizer states.
+  root: jax.Array  # The key of config.seed.
+
+
+def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of every device, refusing batch sizes it cannot split evenly."""
   mesh = sharding.make_mesh()
   try:
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh)
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  return mesh
+
+
+def _refuse_changed_steps(checkpoints: checkpointing.Checkpoints,
+                          config: ml_collections.ConfigDict) -> None:
+  """Refuses a changed model or step before the data is loaded (resume() checks
+  again the checkpoint it restores)."""
   latest = checkpoints.latest_step()
-  if latest is not None:  # Refuse a changed model or step before loading the data.
-    try:
-      checkpointing.check_compatible(checkpoints.meta(latest)['config'], config,
-                                     checkpoints.path(latest))
-    except checkpointing.CheckpointMismatchError:
-      raise
-    except Exception:  # pylint: disable=broad-except
-      pass  # An unreadable checkpoint: resume() warns and falls back to an older one.
-  train_split, eval_split, train_split_size = experiment.load_data(config)
-  mean, std = experiment.normalization(config, train_split)
-  model = experiment.build_model(config, train_split.num_classes, mean, std)
-  steps_per_epoch = data.steps_per_epoch(train_split.num_examples, config.batch_size)
-  optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
-                                     config.optim.weight_decay, config.optim.optimizer)
+  if latest is None:
+    return
+  try:
+    checkpointing.check_compatible(checkpoints.meta(latest)['config'], config,
+                                   checkpoints.path(latest))
+  except checkpointing.CheckpointMismatchError:
+    raise
+  except Exception:  # pylint: disable=broad-except
+    pass  # An unreadable checkpoint: resume() warns and falls back to an older one.
+
+
+def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+             model: models.ResNet, optimizers: dict, train_split: data.HostSplit,
+             train_split_size: int) -> tuple[Any, Any, Any, Any]:
+  """(step_fn, eval_fn, restart, device_split): the jitted training step (on batches
+  from the host, or gathered from the split put on the mesh), evaluation step and
+  optimizer restart."""
   replicated = sharding.replicated_sharding(mesh)
-  root = jax.random.key(config.seed)
-  init = jax.jit(functools.partial(training.create_train_state, model, optimizers,
-                                   image_shape=train_split.images.shape[1:]),
-                 out_shardings=replicated)
-  state = init(jax.random.fold_in(root, training.INIT_STREAM))
-
-  meta = {'config': config.to_dict(), 'num_classes': train_split.num_classes,
-          'mean': mean, 'std': std, 'image_shape': list(train_split.images.shape[1:])}
-  state, latest = resume(checkpoints, config, state, workdir)
-  config_path = os.path.join(workdir, 'config.json')
-  if jax.process_index() == 0 and not os.path.exists(config_path):
-    with open(config_path, 'w') as f:  # The first run's; changes go to config.STEP.json.
-      f.write(config.to_json_best_effort(indent=2))
-
   step_kwargs = dict(model=model, config=config, optimizers=optimizers,
                      kl_weight=training.kl_loss_weight(config, train_split_size))
   restart = jax.jit(functools.partial(training.restart_optimizers, optimizers=optimizers),
                     out_shardings=replicated)
+  device_split = None
   if config.data.on_device:
     device_split = data.put_on_mesh(mesh, train_split)
     step_fn = jax.jit(
@@ -191,81 +221,122 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       static_argnames='phase', donate_argnums=0)
   eval_fn = jax.jit(functools.partial(training.eval_step, model=model, config=config),
                     static_argnames='noise')
+  return step_fn, eval_fn, restart, device_split
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """WORKDIR/config.json, the first run's config (changes go to config.STEP.json)."""
+  config_path = os.path.join(workdir, 'config.json')
+  if jax.process_index() == 0 and not os.path.exists(config_path):
+    with open(config_path, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        checkpoints: checkpointing.Checkpoints) -> TrainState:
+  """train_and_evaluate, in a workdir this run holds, saving to `checkpoints`."""
+  mesh = _make_mesh(config)
+  _refuse_changed_steps(checkpoints, config)
+  train_split, eval_split, train_split_size = experiment.load_data(config)
+  mean, std = experiment.normalization(config, train_split)
+  model = experiment.build_model(config, train_split.num_classes, mean, std)
+  optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
+                                     config.optim.weight_decay, config.optim.optimizer)
+  root = jax.random.key(config.seed)
+  init = jax.jit(functools.partial(training.create_train_state, model, optimizers,
+                                   image_shape=train_split.images.shape[1:]),
+                 out_shardings=sharding.replicated_sharding(mesh))
+  state = init(jax.random.fold_in(root, training.INIT_STREAM))
+  meta = {'config': config.to_dict(), 'num_classes': train_split.num_classes,
+          'mean': mean, 'std': std, 'image_shape': list(train_split.images.shape[1:])}
+  state, latest = resume(checkpoints, config, state, workdir)
+  _write_config(config, workdir)
+  step_fn, eval_fn, restart, device_split = _compile(
+      config, mesh, model, optimizers, train_split, train_split_size)
+  run = _Run(config, mesh, train_split, eval_split, device_split,
+             data.steps_per_epoch(train_split.num_examples, config.batch_size),
+             step_fn, eval_fn, restart, root)
+  saver = _Saver(checkpoints, meta, latest)
   writer = MetricsWriter(workdir)
-  step = int(state.step)
-  writer.drop_epochs_from(step // steps_per_epoch)
-  last_saved = latest
-
-  def save(step_now: int) -> None:
-    nonlocal last_saved
-    check_finite(state, checkpoints, last_saved)
-    if step_now != last_saved:
-      checkpoints.save(step_now, state, meta)
-      last_saved = step_now
-
-  for epoch in range(step // steps_per_epoch, config.num_epochs):
-    phase = training.phase_for_epoch(config, epoch)
-    lr = optim.learning_rate(epoch, config.optim.learning_rate,
-                             config.optim.lr_boundaries, config.optim.lr_decay)
-    reg_weight = training.regularizer_weight(config, epoch)
-    start = step - epoch * steps_per_epoch
-    if start == 0:
-      state = training.reset_epoch_sums(state)
-      if config.optim.restart_at_boundaries and epoch in config.optim.lr_boundaries:
-        state = restart(state)
-    started = time.time()
-    # Per-epoch values go to the devices once here, not with every step.
-    lr_on_mesh, reg_weight_on_mesh, epoch_start = sharding.replicate(
-        mesh, (np.float32(lr), np.float32(reg_weight), np.int32(epoch * steps_per_epoch)))
-    if config.data.on_device:
-      order = data.epoch_order_on_mesh(mesh, config.seed, epoch,
-                                       train_split.num_examples)
-      inputs = itertools.repeat((device_split, order, epoch_start),
-                                steps_per_epoch - start)
-    else:
-      inputs = ((batch,) for batch in data.device_batches(mesh, data.train_batches(
-          train_split, seed=config.seed, epoch=epoch, batch_size=config.batch_size,
-          start_step=start)))
-    bar = tqdm(total=steps_per_epoch, initial=start, unit='step', dynamic_ncols=True,
-               desc=f'epoch {epoch + 1}/{config.num_epochs}',
-               disable=not config.progress_bar or jax.process_index() != 0)
-    for step_inputs in inputs:
-      state = step_fn(state, *step_inputs, lr_on_mesh, reg_weight_on_mesh, phase=phase)
-      step += 1
-      bar.update()
-      if step % config.log_every_steps == 0:
-        check_finite(state, checkpoints, last_saved)
-        loss = float(state.loss_sum) / (step - epoch * steps_per_epoch)
-        bar.set_postfix(loss=f'{loss:.4f}')
-        writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
-      # The epoch's last step is saved after its record is written (below), so that
-      # a crash in between redoes the epoch rather than lose its record.
-      if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
-        save(step)
-    bar.close()
-
-    record = {'epoch': epoch, 'step': step, 'learning_rate': lr,
-              'regularizer_weight': reg_weight,
-              'train_loss': float(state.loss_sum) / steps_per_epoch,
-              'train_accuracy': float(state.correct_sum) / int(state.seen),
-              'epoch_seconds': time.time() - started}
-    if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-      results = evaluate(functools.partial(eval_fn, noise=phase.noise),
-                         state.variables, eval_split, mesh, config.eval_batch_size,
-                         jax.random.fold_in(jax.random.fold_in(root, training.EVAL_STREAM), epoch))
-      record.update({f'eval_{k}': v for k, v in results.items()})
-    record['noise'] = objectives.noise_statistics(state.perturb)
-    check_finite(state, checkpoints, last_saved)
-    writer.epoch(record)
-    save(step)
-    if jax.process_index() == 0:
-      tqdm.write(summarize(record))
+  writer.drop_epochs_from(int(state.step) // run.steps_per_epoch)
+  for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
+    state = _train_epoch(run, state, epoch, saver, writer)
   checkpoints.wait()
   writer.close()
   if jax.process_index() == 0 and config.method in models.RANDOMIZED_METHODS:
     plot_noise_evolution(read_metrics(writer.path),
                          os.path.join(workdir, 'noise_evolution.png'),
                          title=f'{config.method} {config.model.arch}')
+  return state
+
+
+def _epoch_inputs(run: _Run, epoch: int, start: int, epoch_start: jax.Array):
+  """The step inputs (beyond state and per-epoch values) of the epoch's steps from
+  `start` on: batches from the host, or (split, order, epoch_start) on the mesh."""
+  config = run.config
+  if config.data.on_device:
+    order = data.epoch_order_on_mesh(run.mesh, config.seed, epoch,
+                                     run.train_split.num_examples)
+    return itertools.repeat((run.device_split, order, epoch_start),
+                            run.steps_per_epoch - start)
+  return ((batch,) for batch in data.device_batches(run.mesh, data.train_batches(
+      run.train_split, seed=config.seed, epoch=epoch, batch_size=config.batch_size,
+      start_step=start)))
+
+
+def _train_epoch(run: _Run, state: TrainState, epoch: int, saver: _Saver,
+                 writer: MetricsWriter) -> TrainState:
+  """The rest of epoch `epoch` from `state`, its record written and its end saved."""
+  config, steps_per_epoch = run.config, run.steps_per_epoch
+  step = int(state.step)
+  phase = training.phase_for_epoch(config, epoch)
+  lr = optim.learning_rate(epoch, config.optim.learning_rate,
+                           config.optim.lr_boundaries, config.optim.lr_decay)
+  reg_weight = training.regularizer_weight(config, epoch)
+  start = step - epoch * steps_per_epoch
+  if start == 0:
+    state = training.reset_epoch_sums(state)
+    if config.optim.restart_at_boundaries and epoch in config.optim.lr_boundaries:
+      state = run.restart(state)
+  started = time.time()
+  # Per-epoch values go to the devices once here, not with every step.
+  lr_on_mesh, reg_weight_on_mesh, epoch_start = sharding.replicate(
+      run.mesh, (np.float32(lr), np.float32(reg_weight),
+                 np.int32(epoch * steps_per_epoch)))
+  bar = tqdm(total=steps_per_epoch, initial=start, unit='step', dynamic_ncols=True,
+             desc=f'epoch {epoch + 1}/{config.num_epochs}',
+             disable=not config.progress_bar or jax.process_index() != 0)
+  for step_inputs in _epoch_inputs(run, epoch, start, epoch_start):
+    state = run.step_fn(state, *step_inputs, lr_on_mesh, reg_weight_on_mesh, phase=phase)
+    step += 1
+    bar.update()
+    if step % config.log_every_steps == 0:
+      saver.check(state)
+      loss = float(state.loss_sum) / (step - epoch * steps_per_epoch)
+      bar.set_postfix(loss=f'{loss:.4f}')
+      writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
+    # The epoch's last step is saved after its record is written (below), so that
+    # a crash in between redoes the epoch rather than lose its record.
+    if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
+      saver.save(step, state)
+  bar.close()
+  record = {'epoch': epoch, 'step': step, 'learning_rate': lr,
+            'regularizer_weight': reg_weight,
+            'train_loss': float(state.loss_sum) / steps_per_epoch,
+            'train_accuracy': float(state.correct_sum) / int(state.seen),
+            'epoch_seconds': time.time() - started}
+  if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+    results = evaluate(functools.partial(run.eval_fn, noise=phase.noise),
+                       state.variables, run.eval_split, run.mesh, config.eval_batch_size,
+                       jax.random.fold_in(jax.random.fold_in(run.root,
+                                                             training.EVAL_STREAM), epoch))
+    record.update({f'eval_{k}': v for k, v in results.items()})
+  record['noise'] = objectives.noise_statistics(state.perturb)
+  saver.check(state)
+  writer.epoch(record)
+  saver.save(step, state)
+  if jax.process_index() == 0:
+    tqdm.write(summarize(record))
   return state
 
 
