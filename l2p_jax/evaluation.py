@@ -39,8 +39,6 @@ DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws i
 KEY_LAYOUT = ('attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
               'fold_in(spec key, b); attack key = fold_in(batch_key, 0); prediction key '
               '= fold_in(batch_key, 1)')
-ATTACK_NAMES = ('clean', 'fgsm', 'pgd', 'pgd<N>', 'eot_pgd', 'eot_pgd<N>', 'eps_sweep',
-                'cw', 'apgd', 'few_pixel', 'few_pixel<N>', 'transfer')
 
 
 class EvaluationError(ValueError):
@@ -61,16 +59,11 @@ def _clean(logits_fn: attacks.LogitsFn, key: jax.Array, x: jax.Array,
   return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
 
 
-ATTACKS: dict[str, Callable[..., attacks.AttackResult]] = {
-    'clean': _clean, 'fgsm': attacks.fgsm, 'pgd': attacks.pgd, 'cw': attacks.cw_l2,
-    'apgd_rand': attacks.autoattack_rand, 'few_pixel': attacks.few_pixel}
-
-
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
   """One attack with every parameter that changes its result.
 
-  attack: a key of ATTACKS; params: its static keyword arguments; eps: the L-inf
+  attack: a key of ATTACK_FUNCTIONS; params: its static keyword arguments; eps: the L-inf
   radius (None for attacks without one), passed traced so that an eps sweep compiles
   once; examples: attack only the first N examples of the split (0: all).
   """
@@ -105,52 +98,100 @@ def _names(value: str | Sequence[str]) -> list[str]:
   return [name.strip() for item in items for name in item.split(',') if name.strip()]
 
 
+def _pgd(config: ml_collections.ConfigDict, steps: int, eps: float,
+         eot_draws: int = 1) -> AttackSpec:
+  """PGD (with EOT over `eot_draws` draws) of `steps` steps at `eps`, config.pgd's
+  other settings."""
+  p = config.pgd
+  return AttackSpec('pgd', (('steps', steps), ('step_size', p.step_size),
+                            ('random_start', p.random_start), ('restarts', p.restarts),
+                            ('eot_draws', eot_draws), ('unroll', _unroll(config))), eps)
+
+
+def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
+  """The few-pixel attack on `n_pixels` pixels with config.few_pixel's settings."""
+  f = config.few_pixel
+  return AttackSpec('few_pixel', (('n_pixels', n_pixels), ('population', f.population),
+                                  ('iterations', f.iterations),
+                                  ('chunk_size', f.chunk_size)), None, f.examples)
+
+
+def _cw(config: ml_collections.ConfigDict) -> AttackSpec:
+  """C&W L2 with config.cw's settings."""
+  cw = config.cw
+  return AttackSpec('cw', (('c_init', cw.c_init), ('learning_rate', cw.learning_rate),
+                           ('kappa', cw.kappa), ('binary_steps', cw.binary_steps),
+                           ('steps', cw.steps), ('unroll', _unroll(config))))
+
+
+def _apgd(config: ml_collections.ConfigDict) -> AttackSpec:
+  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT), config.apgd's."""
+  return AttackSpec('apgd_rand', (('steps', config.apgd.steps),
+                                  ('eot_draws', config.apgd.eot_draws),
+                                  ('unroll', _unroll(config))), config.eps)
+
+
+def _unroll(config: ml_collections.ConfigDict) -> bool | int:
+  return True if config.unroll else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredAttack:
+  """A name of config.attacks: the attack function it runs and the name its
+  AttackSpecs carry (both None for a plan of other attacks), the config section of
+  its parameters, and its specs as a function of (config, N of `name<N>`: 0 when not
+  given, accepted only when `counted`)."""
+  attack: str | None
+  function: Callable[..., attacks.AttackResult] | None
+  section: str | None
+  specs: Callable[[ml_collections.ConfigDict, int], list[AttackSpec]]
+  counted: bool = False
+
+
+# Every attack evaluation runs, by its name in config.attacks.
+ATTACKS: dict[str, RegisteredAttack] = {
+    'clean': RegisteredAttack('clean', _clean, None,
+                              lambda c, n: [AttackSpec('clean')]),
+    'fgsm': RegisteredAttack('fgsm', attacks.fgsm, None,
+                             lambda c, n: [AttackSpec('fgsm', (), c.eps)]),
+    'pgd': RegisteredAttack('pgd', attacks.pgd, 'pgd',
+                            lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True),
+    'eot_pgd': RegisteredAttack(
+        'pgd', attacks.pgd, 'eot',
+        lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)], counted=True),
+    'eps_sweep': RegisteredAttack(None, None, 'eps_sweep', lambda c, n: [
+        spec for e in c.eps_sweep.eps_255
+        for spec in (AttackSpec('fgsm', (), e / 255), _pgd(c, c.pgd.steps, e / 255))]),
+    'cw': RegisteredAttack('cw', attacks.cw_l2, 'cw', lambda c, n: [_cw(c)]),
+    'apgd': RegisteredAttack('apgd_rand', attacks.autoattack_rand, 'apgd',
+                             lambda c, n: [_apgd(c)]),
+    'few_pixel': RegisteredAttack(
+        'few_pixel', attacks.few_pixel, 'few_pixel',
+        lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)],
+        counted=True),
+    'transfer': RegisteredAttack(None, None, 'transfer', lambda c, n: []),
+}
+ATTACK_NAMES = tuple(f'{name}{suffix}' for name, entry in ATTACKS.items()
+                     for suffix in ('', '<N>')[:1 + entry.counted])
+# The function of an AttackSpec, by its `attack`.
+ATTACK_FUNCTIONS = {entry.attack: entry.function for entry in ATTACKS.values()
+                    if entry.function is not None}
+
+
 def plan_attacks(config: ml_collections.ConfigDict, names: str | Sequence[str] | None = None
                  ) -> tuple[list[AttackSpec], bool]:
   """The white-box attacks that `names` (default: config.attacks) asks for, with their
   parameters from `config` and duplicates removed (an eps-sweep point at the headline
   eps is the headline attack), and whether the transfer matrix is asked for."""
-  unroll = True if config.unroll else 1
-
-  def pgd(steps: int, eps: float, eot_draws: int = 1) -> AttackSpec:
-    p = config.pgd
-    return AttackSpec('pgd', (('steps', steps), ('step_size', p.step_size),
-                              ('random_start', p.random_start), ('restarts', p.restarts),
-                              ('eot_draws', eot_draws), ('unroll', unroll)), eps)
-
-  def few_pixel(n_pixels: int) -> AttackSpec:
-    f = config.few_pixel
-    return AttackSpec('few_pixel', (('n_pixels', n_pixels), ('population', f.population),
-                                    ('iterations', f.iterations),
-                                    ('chunk_size', f.chunk_size)), None, f.examples)
-
-  cw, apgd = config.cw, config.apgd
-  builders: dict[str, Callable[[int], list[AttackSpec]]] = {
-      'clean': lambda n: [AttackSpec('clean')],
-      'fgsm': lambda n: [AttackSpec('fgsm', (), config.eps)],
-      'pgd': lambda n: [pgd(n or config.pgd.steps, config.eps)],
-      'eot_pgd': lambda n: [pgd(n or config.pgd.steps, config.eps, config.eot.draws)],
-      'eps_sweep': lambda n: [spec for e in config.eps_sweep.eps_255 for spec in (
-          AttackSpec('fgsm', (), e / 255), pgd(config.pgd.steps, e / 255))],
-      'cw': lambda n: [AttackSpec('cw', (
-          ('c_init', cw.c_init), ('learning_rate', cw.learning_rate),
-          ('kappa', cw.kappa), ('binary_steps', cw.binary_steps), ('steps', cw.steps),
-          ('unroll', unroll)))],
-      'apgd': lambda n: [AttackSpec('apgd_rand', (
-          ('steps', apgd.steps), ('eot_draws', apgd.eot_draws), ('unroll', unroll)),
-          config.eps)],
-      'few_pixel': lambda n: [few_pixel(p) for p in ((n,) if n else config.few_pixel.pixels)],
-      'transfer': lambda n: [],
-  }
   specs, transfer = [], False
   for name in _names(config.attacks if names is None else names):
     base, number = re.fullmatch(r'(.*?)(\d*)', name).groups()
-    if base not in builders or (number and base not in ('pgd', 'eot_pgd', 'few_pixel')):
+    if base not in ATTACKS or (number and not ATTACKS[base].counted):
       raise EvaluationError(f'Unknown attack {name!r} in config.attacks; accepted: '
                             f'{", ".join(ATTACK_NAMES)}.')
     if number and int(number) < 1:
       raise EvaluationError(f'Attack {name!r} needs a count of at least 1.')
-    specs += builders[base](int(number or 0))
+    specs += ATTACKS[base].specs(config, int(number or 0))
     transfer |= base == 'transfer'
   return list(dict.fromkeys(specs)), transfer
 
@@ -229,7 +270,7 @@ def _attack_batch(variables: dict[str, Any], images: jax.Array, labels: jax.Arra
                   attack: str, params: tuple, noise: bool) -> jax.Array:
   """The attack's inputs for one uint8 batch; compiled once per (model, attack, params)."""
   kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
-  return ATTACKS[attack](models.inference_logits(model, variables, noise), key,
+  return ATTACK_FUNCTIONS[attack](models.inference_logits(model, variables, noise), key,
                          data.to_float(images), labels, **kwargs).x_adv
 
 
