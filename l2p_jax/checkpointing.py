@@ -244,13 +244,13 @@ def find_checkpoint(path: str) -> tuple[str, int]:
   return directory, step
 
 
-def check_expected_model(meta: dict[str, Any], where: str, *, arch: str = '',
-                         width: float = 0.0) -> None:
+def check_expected_model(meta: dict[str, Any], where: str, *, arch: str | None = None,
+                         width: float | None = None) -> None:
   """Raises CheckpointMismatchError when the checkpoint's architecture or width is not the one
-  asked for ('' and 0 ask for nothing)."""
+  asked for (None asks for nothing)."""
   saved = meta['config']['model']
   for field, asked in (('arch', arch), ('width', width)):
-    if asked and asked != saved[field]:
+    if asked is not None and asked != saved[field]:
       raise CheckpointMismatchError(
           f'The checkpoint {where} holds a {meta["config"]["method"]} {saved["arch"]} of '
           f'width {saved["width"]}, but --config.model.{field}={asked} was asked for. '
@@ -281,8 +281,8 @@ def check_variables_fit(model: models.ResNet, variables: dict[str, Any],
         + (f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''))
 
 
-def restore_checkpoint(directory: str, step: int, *, arch: str = '',
-                       width: float = 0.0, fallback: bool = False) -> Checkpoint:
+def restore_checkpoint(directory: str, step: int, *, arch: str | None = None,
+                       width: float | None = None, fallback: bool = False) -> Checkpoint:
   """Checkpoint `step` of `directory` with its model rebuilt from the saved metadata,
   refused if it is not the architecture/width asked for or its variables do not fit.
 
@@ -305,7 +305,8 @@ def restore_checkpoint(directory: str, step: int, *, arch: str = '',
   return Checkpoint(where, step, model, variables, meta)
 
 
-def load_checkpoint(path: str, *, arch: str = '', width: float = 0.0) -> Checkpoint:
+def load_checkpoint(path: str, *, arch: str | None = None,
+                    width: float | None = None) -> Checkpoint:
   """The checkpoint `path` names (see find_checkpoint), ready to evaluate: for a
   checkpoints folder or workdir, the newest that reads."""
   return restore_checkpoint(*find_checkpoint(path), arch=arch, width=width,

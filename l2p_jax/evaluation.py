@@ -227,12 +227,12 @@ def data_settings(config: ml_collections.ConfigDict,
                   checkpoint: Checkpoint) -> tuple[tuple[str, Any], ...]:
   """The data to evaluate on, as sorted (field, value) pairs of the training config's
   `data` section: the checkpoint's dataset and eval split unless config.data overrides
-  them ('' and -1 keep the checkpoint's value)."""
+  them (None keeps the checkpoint's value)."""
   d = dict(checkpoint.meta['config']['data'])
   for field, saved in (('dataset', 'dataset'), ('source', 'source'),
                        ('data_dir', 'data_dir'), ('local_dir', 'local_dir'),
                        ('split', 'eval_split'), ('examples', 'eval_examples')):
-    if config.data[field] not in ('', -1):
+    if config.data[field] is not None:
       d[saved] = config.data[field]
   return tuple(sorted(d.items()))
 

@@ -3,8 +3,6 @@ N of alpha/N, the code's Adam with restarts, Bayesian BatchNorm, parameter count
 and the authors' 50-draw prediction rule as the evaluation default."""
 
 import functools
-import importlib.util
-import pathlib
 
 from flax import traverse_util
 import jax
@@ -17,21 +15,14 @@ from l2p_jax import (checkpointing, data, evaluation, experiment, optim, predict
                      sharding, train, training)
 from l2p_jax.models import bayes_kl, create_model
 
+from configs import cifar as cifar_configs
+from configs import eval as eval_configs
 import fake_datasets
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE = (8, 8, 3)
 
 
-def load_get_config(name):
-  spec = importlib.util.spec_from_file_location(f'{name}_config_bnn',
-                                                ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
-
-
-get_config, get_eval_config = load_get_config('cifar'), load_get_config('eval')
+get_config, get_eval_config = cifar_configs.get_config, eval_configs.get_config
 
 
 def numpy_kl(mean, log_sigma, prior_sigma):

@@ -4,7 +4,6 @@ schema, the markdown tables and plots, bit-identical reruns, transfer to itself 
 to white-box, and one clear message per user error. The attacks themselves are
 checked against hand-computed answers in test_attacks*.py."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -16,20 +15,14 @@ import pytest
 
 from l2p_jax import checkpointing, data, evaluation, experiment, report, train
 
+from configs import cifar as cifar_configs
+from configs import eval as eval_configs
 import fake_datasets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_get_config(name):
-  spec = importlib.util.spec_from_file_location(f'{name}_config',
-                                                ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
-
-
-train_config, eval_config_file = load_get_config('cifar'), load_get_config('eval')
+train_config, eval_config_file = cifar_configs.get_config, eval_configs.get_config
 
 
 def eval_config(**fields):

@@ -2,7 +2,6 @@
 end to end (outputs, resume after a kill, 1 vs 8 devices, errors) on a tiny config."""
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,20 +21,14 @@ from l2p_jax import (checkpointing, data, evaluation, experiment, locking, metri
                      objectives, optim, sharding, train, training)
 from l2p_jax.metrics import read_metrics
 
+from configs import cifar as cifar_configs
+from configs import eval as eval_configs
 import fake_datasets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config_module():
-  spec = importlib.util.spec_from_file_location('cifar_config',
-                                                ROOT / 'configs' / 'cifar.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-get_config = load_config_module().get_config
+get_config = cifar_configs.get_config
 
 
 # --- configs and schedules --------------------------------------------------------
@@ -203,7 +197,7 @@ def test_every_method_trains_a_few_steps(method):
   again = state
   for i in range(3):
     again = step(again, batch(i), 0.05, 1e-2, phase=phase)
-  chex_equal(new, again)  # Same state and data: the same bits.
+  chex.assert_trees_all_equal(new, again)  # Same state and data: the same bits.
 
 
 def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
@@ -235,12 +229,7 @@ def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
     batch = data.train_batch(split, seed=4, epoch=1, step=i, batch_size=16)
     on_host = host_step(on_host, sharding.shard_batch(mesh, batch), 0.05, 1e-2,
                         phase=phase)
-  chex_equal(on_device, on_host)
-
-
-def chex_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(on_device, on_host)
 
 
 @pytest.mark.parametrize('alternation', ['paper', 'authors_code'])
@@ -304,13 +293,13 @@ def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():
   ones = lambda tree: jax.tree.map(jnp.ones_like, tree)  # noqa: E731
   theta_step = training.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers,
                                 0.01)
-  chex_equal((theta_step.params, theta_step.opt_state['params']),
+  chex.assert_trees_all_equal((theta_step.params, theta_step.opt_state['params']),
              (state.params, state.opt_state['params']))
   assert not np.array_equal(jax.tree.leaves(theta_step.perturb)[0],
                             jax.tree.leaves(state.perturb)[0])
   w_step = training.descend(theta_step, 'params', ones(state.params), 0.1, optimizers,
                             0.01)
-  chex_equal((w_step.perturb, w_step.opt_state['perturb']),
+  chex.assert_trees_all_equal((w_step.perturb, w_step.opt_state['perturb']),
              (theta_step.perturb, theta_step.opt_state['perturb']))
   assert not np.array_equal(jax.tree.leaves(w_step.params)[0],
                             jax.tree.leaves(state.params)[0])
@@ -417,7 +406,7 @@ def test_killed_run_resumes_bit_identical(reference_run, cifar_dir, tmp_path):
   assert 'Resuming from' in result.stdout + result.stderr
   resumed, meta = restore_state(workdir, 24)
   reference, _ = restore_state(reference_run[0], 24)
-  chex_equal(resumed, reference)
+  chex.assert_trees_all_equal(resumed, reference)
   assert meta['config']['method'] == 'l2p'
   drop_time = lambda rs: [{k: v for k, v in r.items() if k != 'epoch_seconds'}  # noqa
                           for r in rs]
@@ -513,7 +502,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
     checkpointing.load_checkpoint(str(broken))  # Named explicitly: one message.
   train.train_and_evaluate(tiny(cifar_dir), str(workdir))
   assert (workdir / 'unreadable_checkpoints' / '24' / 'state').is_dir()
-  chex_equal(restore_state(workdir, 24)[0], restore_state(reference_run[0], 24)[0])
+  chex.assert_trees_all_equal(restore_state(workdir, 24)[0], restore_state(reference_run[0], 24)[0])
 
 
 def test_a_second_run_on_a_workdir_is_refused_but_a_stale_lock_is_not(
@@ -609,10 +598,7 @@ def _export_onto_a_file(tmp_path):
 
 
 def _eval_eps(tmp_path):
-  spec = importlib.util.spec_from_file_location('eval_config', ROOT / 'configs' / 'eval.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('tiny')
+  config = eval_configs.get_config('tiny')
   config.eps = -0.1
   evaluation.validate_config(config)
 
