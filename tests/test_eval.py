@@ -28,9 +28,7 @@ train_config, eval_config_file = cifar_configs.get_config, eval_configs.get_conf
 def eval_config(**fields):
   """configs/eval.py:tiny with `section__field=value` overrides."""
   config = eval_config_file('tiny')
-  for field, value in fields.items():
-    section, _, name = field.rpartition('__')
-    setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
   return config
 
 

@@ -74,8 +74,7 @@ def test_config_is_locked_and_bad_arguments_are_clear():
 ])
 def test_invalid_config_values_name_field_and_choices(field, value, message):
   config = get_config('tiny')
-  section, _, name = field.rpartition('.')
-  setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message):
     experiment.validate_config(config)
 
@@ -329,9 +328,7 @@ def tiny(cifar_dir, method='l2p', **fields):
   config.data.source = 'local'
   config.data.local_dir = str(cifar_dir)
   config.progress_bar = False
-  for field, value in fields.items():
-    section, _, name = field.rpartition('__')
-    setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
   return config
 
 
@@ -570,9 +567,7 @@ def test_one_and_eight_devices_agree(cifar_dir, tmp_path):
 
 def _tiny_mistake(**fields):
   config = get_config('tiny')
-  for field, value in fields.items():
-    section, _, name = field.rpartition('__')
-    setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
   experiment.validate_config(config)
 
 
