@@ -15,7 +15,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from l2p_jax import train
+from l2p_jax import experiment
 from l2p_jax.interop import trajectory
 from l2p_jax.plots import plot_divergence
 
@@ -37,7 +37,7 @@ def main(argv):
   config = FLAGS.config
   name = config.method + (f'_{config.l2p.alternation}' if config.method == 'l2p' else '')
   output = FLAGS.output or os.path.join('trajectories', name)
-  split, _, split_size = train.load_data(config)
+  split, _, split_size = experiment.load_data(config)
   report = trajectory.compare(config, FLAGS.steps, split, batch_norm=FLAGS.batch_norm,
                               train_split_size=split_size)
   os.makedirs(os.path.dirname(output) or '.', exist_ok=True)

@@ -41,7 +41,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/ and l2p_jax.
 
 from benchmarks import render  # noqa: E402
-from l2p_jax import attacks, data, models, optim, sharding, train  # noqa: E402
+from l2p_jax import (attacks, data, experiment, models, optim, sharding,  # noqa: E402
+                     training)
 
 try:
   import torch
@@ -85,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help='device (split kept on the device), host or device,host (JAX)')
   parser.add_argument('--split-examples', type=int, default=TRAIN_EXAMPLES,
                       help='random uint8 training split the steps draw batches from')
-  parser.add_argument('--alternation', choices=train.ALTERNATIONS, default='paper',
+  parser.add_argument('--alternation', choices=experiment.ALTERNATIONS, default='paper',
                       help="L2P's update order (both frameworks)")
   parser.add_argument('--attacks', default=','.join(ATTACKS))
   parser.add_argument('--attack-methods', default='l2p',
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   for name, allowed in (('methods', models.METHODS), ('attack_methods', models.METHODS),
-                        ('attacks', ATTACKS), ('dtypes', tuple(train.DTYPES)),
+                        ('attacks', ATTACKS), ('dtypes', tuple(experiment.DTYPES)),
                         ('inputs', INPUTS),
                         ('unrolls', ('0', '1'))):
     values = [v for v in getattr(args, name).split(',') if v]
@@ -164,7 +165,7 @@ def code_info() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
       return None
   status = git('status', '--porcelain', '--', 'l2p_jax')
-  return {'l2p_jax': os.path.dirname(train.__file__), 'commit': git('rev-parse', 'HEAD'),
+  return {'l2p_jax': os.path.dirname(training.__file__), 'commit': git('rev-parse', 'HEAD'),
           'l2p_jax_modified': bool(status) if status is not None else None}
 
 
@@ -361,10 +362,10 @@ def jax_model_and_state(config, mesh: jax.sharding.Mesh):
 def _initializer(method: str, arch: str, width: float, dtype: str,
                  mesh: jax.sharding.Mesh):
   config = experiment_config(method, arch, width=width, dtype=dtype)
-  model = train.build_model(config, NUM_CLASSES, *MEAN_STD)
+  model = experiment.build_model(config, NUM_CLASSES, *MEAN_STD)
   optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
                                      config.optim.weight_decay)
-  init = jax.jit(functools.partial(train.create_train_state, model, optimizers,
+  init = jax.jit(functools.partial(training.create_train_state, model, optimizers,
                                    image_shape=IMAGE_SHAPE),
                  out_shardings=sharding.replicated_sharding(mesh))
   return model, optimizers, init
@@ -393,16 +394,16 @@ def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: s
              np.int32(0)))
   step_kwargs = dict(model=model, config=config, optimizers=optimizers,
                      kl_weight=1.0 / TRAIN_EXAMPLES)
-  phase = train.phase_for_epoch(config, 0)
+  phase = training.phase_for_epoch(config, 0)
   if inputs == 'device':
-    step = functools.partial(train.train_step_on_split, batch_size=args.batch,
+    step = functools.partial(training.train_step_on_split, batch_size=args.batch,
                              batch_sharding=sharding.data_sharding(mesh), **step_kwargs)
     # Call k takes batch k of epoch 0 (past the epoch's end, its last batch again).
     call_inputs = itertools.repeat((data.put_on_mesh(mesh, split),
                                data.epoch_order_on_mesh(mesh, 0, 0, split.num_examples),
                                epoch_start))
   else:
-    step = functools.partial(train.train_step, **step_kwargs)
+    step = functools.partial(training.train_step, **step_kwargs)
     call_inputs = ((batch,) for batch in data.device_batches(mesh, itertools.chain.from_iterable(
         data.train_batches(split, seed=0, epoch=e, batch_size=args.batch)
         for e in itertools.count())))
@@ -452,7 +453,7 @@ def prepare_jax_attack(args: argparse.Namespace, method: str, arch: str, attack:
   model, _, state = jax_model_and_state(config, mesh)
   batch = sharding.shard_batch(mesh, random_batch(args.batch, seed=1))
   fn, _, _ = attack_fn(attack, args, unroll)
-  noise = train.phase_for_epoch(config, 0).noise
+  noise = training.phase_for_epoch(config, 0).noise
 
   def run(variables, key, images, labels):
     def logits_fn(x, k):
@@ -500,7 +501,7 @@ def prepare_torch_train(args: argparse.Namespace, method: str, arch: str
   """The PyTorch reference of the same training iteration (same network, batch, PGD)."""
   config = args_config(args, method, arch)
   model = torch_model(method, arch, args, config)
-  adversarial = train.phase_for_epoch(config, 0).adversarial
+  adversarial = training.phase_for_epoch(config, 0).adversarial
   step = torch_step.make_train_step(
       model, pgd_steps=config.adv.steps, eps=config.adv.eps,
       step_size=config.adv.step_size, clean_weight=config.adv.clean_weight,

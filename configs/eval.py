@@ -34,7 +34,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_size = 256  # Global batch of examples attacked at once.
   c.noise = True  # Noise layers draw noise in attacks and predictions (False: off).
   c.unroll = False  # Unroll attack loops (much faster on XLA:CPU, slower compile).
-  c.output_dir = ''  # Where results go; '' is WORKDIR/eval of the first --workdir.
+  c.output_dir = placeholder(str)  # Where results go; None: WORKDIR/eval of the first --workdir.
   c.progress_bar = True  # tqdm bar with rate and ETA per attack.
 
   # How a randomized model predicts. None: as the method's authors judge it, which is
@@ -45,16 +45,16 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.predict.draws = placeholder(int)  # Draws for vote and mean_softmax (None: 50).
 
   c.model = ml_collections.ConfigDict()  # Checks only: the model comes from the checkpoint.
-  c.model.arch = ''  # Refuse a checkpoint of another architecture ('' accepts any).
-  c.model.width = 0.0  # Refuse a checkpoint of another width (0 accepts any).
+  c.model.arch = placeholder(str)  # Refuse a checkpoint of another architecture.
+  c.model.width = placeholder(float)  # Refuse a checkpoint of another width.
 
-  c.data = ml_collections.ConfigDict()  # '' (and -1) keep the checkpoint's setting.
-  c.data.dataset = ''  # TFDS name.
-  c.data.source = ''  # tfds | local.
-  c.data.data_dir = ''  # TFDS data directory.
-  c.data.local_dir = ''  # Folder with the original archives, for source=local.
-  c.data.split = ''  # Split to evaluate (the checkpoint's data.eval_split).
-  c.data.examples = -1  # First N examples; 0 all; -1 the checkpoint's eval_examples.
+  c.data = ml_collections.ConfigDict()  # None keeps the checkpoint's setting.
+  c.data.dataset = placeholder(str)  # TFDS name.
+  c.data.source = placeholder(str)  # tfds | local.
+  c.data.data_dir = placeholder(str)  # TFDS data directory.
+  c.data.local_dir = placeholder(str)  # Folder with the original archives, for source=local.
+  c.data.split = placeholder(str)  # Split to evaluate (the checkpoint's data.eval_split).
+  c.data.examples = placeholder(int)  # First N examples; 0 all (the checkpoint's eval_examples).
 
   c.eps = 8 / 255  # L-inf radius of FGSM, PGD, EOT-PGD, APGD and transfer.
 

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 from tqdm import tqdm
 
-from l2p_jax import attacks, checkpointing, data, models, prediction, report, sharding, train
+from l2p_jax import (attacks, checkpointing, data, experiment, models, prediction, report,
+                     sharding)
+from l2p_jax.checkpointing import Checkpoint
 
-RANDOMIZED_METHODS = ('l2p', 'pni', 'adv_bnn')
 # The prediction rule each method's authors judge it by: Adv-BNN's acc_under_attack.py
 # sums the softmax of 50 weight draws; the others predict from one draw.
 AUTHORS_PREDICTION = {'adv_bnn': ('mean_softmax', 50)}
@@ -39,8 +39,6 @@ DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws i
 KEY_LAYOUT = ('attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
               'fold_in(spec key, b); attack key = fold_in(batch_key, 0); prediction key '
               '= fold_in(batch_key, 1)')
-ATTACK_NAMES = ('clean', 'fgsm', 'pgd', 'pgd<N>', 'eot_pgd', 'eot_pgd<N>', 'eps_sweep',
-                'cw', 'apgd', 'few_pixel', 'few_pixel<N>', 'transfer')
 
 
 class EvaluationError(ValueError):
@@ -61,16 +59,11 @@ def _clean(logits_fn: attacks.LogitsFn, key: jax.Array, x: jax.Array,
   return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
 
 
-ATTACKS: dict[str, Callable[..., attacks.AttackResult]] = {
-    'clean': _clean, 'fgsm': attacks.fgsm, 'pgd': attacks.pgd, 'cw': attacks.cw_l2,
-    'apgd_rand': attacks.autoattack_rand, 'few_pixel': attacks.few_pixel}
-
-
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
   """One attack with every parameter that changes its result.
 
-  attack: a key of ATTACKS; params: its static keyword arguments; eps: the L-inf
+  attack: a key of ATTACK_FUNCTIONS; params: its static keyword arguments; eps: the L-inf
   radius (None for attacks without one), passed traced so that an eps sweep compiles
   once; examples: attack only the first N examples of the split (0: all).
   """
@@ -105,52 +98,100 @@ def _names(value: str | Sequence[str]) -> list[str]:
   return [name.strip() for item in items for name in item.split(',') if name.strip()]
 
 
+def _pgd(config: ml_collections.ConfigDict, steps: int, eps: float,
+         eot_draws: int = 1) -> AttackSpec:
+  """PGD (with EOT over `eot_draws` draws) of `steps` steps at `eps`, config.pgd's
+  other settings."""
+  p = config.pgd
+  return AttackSpec('pgd', (('steps', steps), ('step_size', p.step_size),
+                            ('random_start', p.random_start), ('restarts', p.restarts),
+                            ('eot_draws', eot_draws), ('unroll', _unroll(config))), eps)
+
+
+def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
+  """The few-pixel attack on `n_pixels` pixels with config.few_pixel's settings."""
+  f = config.few_pixel
+  return AttackSpec('few_pixel', (('n_pixels', n_pixels), ('population', f.population),
+                                  ('iterations', f.iterations),
+                                  ('chunk_size', f.chunk_size)), None, f.examples)
+
+
+def _cw(config: ml_collections.ConfigDict) -> AttackSpec:
+  """C&W L2 with config.cw's settings."""
+  cw = config.cw
+  return AttackSpec('cw', (('c_init', cw.c_init), ('learning_rate', cw.learning_rate),
+                           ('kappa', cw.kappa), ('binary_steps', cw.binary_steps),
+                           ('steps', cw.steps), ('unroll', _unroll(config))))
+
+
+def _apgd(config: ml_collections.ConfigDict) -> AttackSpec:
+  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT), config.apgd's."""
+  return AttackSpec('apgd_rand', (('steps', config.apgd.steps),
+                                  ('eot_draws', config.apgd.eot_draws),
+                                  ('unroll', _unroll(config))), config.eps)
+
+
+def _unroll(config: ml_collections.ConfigDict) -> bool | int:
+  return True if config.unroll else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredAttack:
+  """A name of config.attacks: the attack function it runs and the name its
+  AttackSpecs carry (both None for a plan of other attacks), the config section of
+  its parameters, and its specs as a function of (config, N of `name<N>`: 0 when not
+  given, accepted only when `counted`)."""
+  attack: str | None
+  function: Callable[..., attacks.AttackResult] | None
+  section: str | None
+  specs: Callable[[ml_collections.ConfigDict, int], list[AttackSpec]]
+  counted: bool = False
+
+
+# Every attack evaluation runs, by its name in config.attacks.
+ATTACKS: dict[str, RegisteredAttack] = {
+    'clean': RegisteredAttack('clean', _clean, None,
+                              lambda c, n: [AttackSpec('clean')]),
+    'fgsm': RegisteredAttack('fgsm', attacks.fgsm, None,
+                             lambda c, n: [AttackSpec('fgsm', (), c.eps)]),
+    'pgd': RegisteredAttack('pgd', attacks.pgd, 'pgd',
+                            lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True),
+    'eot_pgd': RegisteredAttack(
+        'pgd', attacks.pgd, 'eot',
+        lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)], counted=True),
+    'eps_sweep': RegisteredAttack(None, None, 'eps_sweep', lambda c, n: [
+        spec for e in c.eps_sweep.eps_255
+        for spec in (AttackSpec('fgsm', (), e / 255), _pgd(c, c.pgd.steps, e / 255))]),
+    'cw': RegisteredAttack('cw', attacks.cw_l2, 'cw', lambda c, n: [_cw(c)]),
+    'apgd': RegisteredAttack('apgd_rand', attacks.autoattack_rand, 'apgd',
+                             lambda c, n: [_apgd(c)]),
+    'few_pixel': RegisteredAttack(
+        'few_pixel', attacks.few_pixel, 'few_pixel',
+        lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)],
+        counted=True),
+    'transfer': RegisteredAttack(None, None, 'transfer', lambda c, n: []),
+}
+ATTACK_NAMES = tuple(f'{name}{suffix}' for name, entry in ATTACKS.items()
+                     for suffix in ('', '<N>')[:1 + entry.counted])
+# The function of an AttackSpec, by its `attack`.
+ATTACK_FUNCTIONS = {entry.attack: entry.function for entry in ATTACKS.values()
+                    if entry.function is not None}
+
+
 def plan_attacks(config: ml_collections.ConfigDict, names: str | Sequence[str] | None = None
                  ) -> tuple[list[AttackSpec], bool]:
   """The white-box attacks that `names` (default: config.attacks) asks for, with their
   parameters from `config` and duplicates removed (an eps-sweep point at the headline
   eps is the headline attack), and whether the transfer matrix is asked for."""
-  unroll = True if config.unroll else 1
-
-  def pgd(steps: int, eps: float, eot_draws: int = 1) -> AttackSpec:
-    p = config.pgd
-    return AttackSpec('pgd', (('steps', steps), ('step_size', p.step_size),
-                              ('random_start', p.random_start), ('restarts', p.restarts),
-                              ('eot_draws', eot_draws), ('unroll', unroll)), eps)
-
-  def few_pixel(n_pixels: int) -> AttackSpec:
-    f = config.few_pixel
-    return AttackSpec('few_pixel', (('n_pixels', n_pixels), ('population', f.population),
-                                    ('iterations', f.iterations),
-                                    ('chunk_size', f.chunk_size)), None, f.examples)
-
-  cw, apgd = config.cw, config.apgd
-  builders: dict[str, Callable[[int], list[AttackSpec]]] = {
-      'clean': lambda n: [AttackSpec('clean')],
-      'fgsm': lambda n: [AttackSpec('fgsm', (), config.eps)],
-      'pgd': lambda n: [pgd(n or config.pgd.steps, config.eps)],
-      'eot_pgd': lambda n: [pgd(n or config.pgd.steps, config.eps, config.eot.draws)],
-      'eps_sweep': lambda n: [spec for e in config.eps_sweep.eps_255 for spec in (
-          AttackSpec('fgsm', (), e / 255), pgd(config.pgd.steps, e / 255))],
-      'cw': lambda n: [AttackSpec('cw', (
-          ('c_init', cw.c_init), ('learning_rate', cw.learning_rate),
-          ('kappa', cw.kappa), ('binary_steps', cw.binary_steps), ('steps', cw.steps),
-          ('unroll', unroll)))],
-      'apgd': lambda n: [AttackSpec('apgd_rand', (
-          ('steps', apgd.steps), ('eot_draws', apgd.eot_draws), ('unroll', unroll)),
-          config.eps)],
-      'few_pixel': lambda n: [few_pixel(p) for p in ((n,) if n else config.few_pixel.pixels)],
-      'transfer': lambda n: [],
-  }
   specs, transfer = [], False
   for name in _names(config.attacks if names is None else names):
     base, number = re.fullmatch(r'(.*?)(\d*)', name).groups()
-    if base not in builders or (number and base not in ('pgd', 'eot_pgd', 'few_pixel')):
+    if base not in ATTACKS or (number and not ATTACKS[base].counted):
       raise EvaluationError(f'Unknown attack {name!r} in config.attacks; accepted: '
                             f'{", ".join(ATTACK_NAMES)}.')
     if number and int(number) < 1:
       raise EvaluationError(f'Attack {name!r} needs a count of at least 1.')
-    specs += builders[base](int(number or 0))
+    specs += ATTACKS[base].specs(config, int(number or 0))
     transfer |= base == 'transfer'
   return list(dict.fromkeys(specs)), transfer
 
@@ -182,142 +223,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise EvaluationError(f'config.{field}={value} must be at least {low}.')
 
 
-# --- checkpoints ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Checkpoint:
-  """A restored checkpoint: the model its metadata describes and its variables."""
-  path: str  # The step folder.
-  step: int
-  model: models.ResNet
-  variables: dict[str, Any]  # params, perturb, batch_stats.
-  meta: dict[str, Any]  # config (the training config), num_classes, mean, std, ...
-
-  @property
-  def workdir(self) -> str:
-    """The training run's folder (the parent of checkpoints/)."""
-    return os.path.dirname(os.path.dirname(self.path))
-
-  @property
-  def randomized(self) -> bool:
-    return self.meta['config']['method'] in RANDOMIZED_METHODS
-
-  def describe(self) -> dict[str, Any]:
-    """Where the checkpoint is and which model it holds, JSON-ready."""
-    c = self.meta['config']
-    return {'checkpoint': self.path, 'step': self.step, 'workdir': self.workdir,
-            'method': c['method'], 'arch': c['model']['arch'],
-            'width': c['model']['width']}
-
-
-def is_step_folder(path: str) -> bool:
-  """Whether `path` is one checkpoint's folder (not a checkpoints/ folder or workdir)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  return all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'meta'))
-
-
-def find_checkpoint(path: str) -> tuple[str, int]:
-  """The checkpoints folder and step that `path` names: a step folder, or the latest
-  step of a checkpoints folder or of a training workdir."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if is_step_folder(path):
-    return os.path.dirname(path), int(os.path.basename(path))
-  inner = os.path.join(path, 'checkpoints')
-  directory = inner if os.path.isdir(inner) else path
-  step = None
-  if os.path.isdir(directory):
-    manager = checkpointing.Checkpoints(directory, read_only=True)
-    step = manager.latest_step()
-    manager.close()
-  if step is None:
-    raise EvaluationError(
-        f'No checkpoint found in {directory}. Train one with `python train.py --config '
-        f'configs/cifar.py:METHOD,ARCH,DATASET --workdir {path}`, or name an existing '
-        'one with --checkpoint (a checkpoints/ folder or one of its step folders).')
-  return directory, step
-
-
-def check_expected_model(meta: dict[str, Any], where: str, *, arch: str = '',
-                         width: float = 0.0) -> None:
-  """Raises EvaluationError when the checkpoint's architecture or width is not the one
-  asked for ('' and 0 ask for nothing)."""
-  saved = meta['config']['model']
-  for field, asked in (('arch', arch), ('width', width)):
-    if asked and asked != saved[field]:
-      raise EvaluationError(
-          f'The checkpoint {where} holds a {meta["config"]["method"]} {saved["arch"]} of '
-          f'width {saved["width"]}, but --config.model.{field}={asked} was asked for. '
-          'Drop that flag to evaluate the model the checkpoint holds, or name a '
-          f'checkpoint of that {field}.')
-
-
-def check_variables_fit(model: models.ResNet, variables: dict[str, Any],
-                        image_shape: Sequence[int], where: str) -> None:
-  """Raises EvaluationError naming every variable that is missing, unexpected or of
-  another shape than `model` has for inputs of `image_shape`."""
-  key = jax.random.key(0)
-  expected = jax.eval_shape(lambda: model.init(
-      {'params': key, 'noise': key}, jnp.zeros((1, *image_shape), jnp.float32)))
-  flat = lambda tree: {'/'.join(k): tuple(v.shape) for k, v in  # noqa: E731
-                       traverse_util.flatten_dict(dict(tree)).items()}
-  want = flat({c: expected.get(c, {}) for c in ('params', 'perturb', 'batch_stats')})
-  have = flat(variables)
-  problems = ([f'{k}: missing from the checkpoint' for k in sorted(set(want) - set(have))]
-              + [f'{k}: not in the model' for k in sorted(set(have) - set(want))]
-              + [f'{k}: checkpoint {have[k]}, model {want[k]}'
-                 for k in sorted(set(want) & set(have)) if want[k] != have[k]])
-  if problems:
-    raise EvaluationError(
-        f'The variables in {where} do not fit the model its metadata describes '
-        f'({model.num_classes} classes, stages {tuple(model.stage_sizes)}, channels '
-        f'{tuple(model.stage_features)}):\n  ' + '\n  '.join(problems[:20])
-        + (f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''))
-
-
-def restore_checkpoint(directory: str, step: int, *, arch: str = '',
-                       width: float = 0.0, fallback: bool = False) -> Checkpoint:
-  """Checkpoint `step` of `directory` with its model rebuilt from the saved metadata,
-  refused if it is not the architecture/width asked for or its variables do not fit.
-
-  With `fallback`, an unreadable `step` gives way to the newest older one that reads,
-  with a warning naming the unreadable one.
-  """
-  manager = checkpointing.Checkpoints(directory, read_only=True)
-  steps = [s for s in manager.steps() if s <= step] if fallback else [step]
-  try:
-    step, state, meta, _ = manager.restore_newest_readable(
-        check=functools.partial(check_expected_model, arch=arch, width=width),
-        steps=steps)
-  except checkpointing.CheckpointUnreadableError as error:
-    raise EvaluationError(str(error)) from None
-  finally:
-    manager.close()
-  where = manager.path(step)
-  model = train.build_model(ml_collections.ConfigDict(meta['config']),
-                            meta['num_classes'], meta['mean'], meta['std'])
-  variables = {c: state[c] for c in ('params', 'perturb', 'batch_stats')}
-  check_variables_fit(model, variables, meta['image_shape'], where)
-  return Checkpoint(where, step, model, variables, meta)
-
-
-def load_checkpoint(path: str, *, arch: str = '', width: float = 0.0) -> Checkpoint:
-  """The checkpoint `path` names (see find_checkpoint), ready to evaluate: for a
-  checkpoints folder or workdir, the newest that reads."""
-  return restore_checkpoint(*find_checkpoint(path), arch=arch, width=width,
-                            fallback=not is_step_folder(path))
-
-
 def data_settings(config: ml_collections.ConfigDict,
                   checkpoint: Checkpoint) -> tuple[tuple[str, Any], ...]:
   """The data to evaluate on, as sorted (field, value) pairs of the training config's
   `data` section: the checkpoint's dataset and eval split unless config.data overrides
-  them ('' and -1 keep the checkpoint's value)."""
+  them (None keeps the checkpoint's value)."""
   d = dict(checkpoint.meta['config']['data'])
   for field, saved in (('dataset', 'dataset'), ('source', 'source'),
                        ('data_dir', 'data_dir'), ('local_dir', 'local_dir'),
                        ('split', 'eval_split'), ('examples', 'eval_examples')):
-    if config.data[field] not in ('', -1):
+    if config.data[field] is not None:
       d[saved] = config.data[field]
   return tuple(sorted(d.items()))
 
@@ -329,7 +244,7 @@ def load_examples(settings: tuple[tuple[str, Any], ...]) -> data.HostSplit:
                           data_dir=d['data_dir'] or None,
                           local_dir=d['local_dir'] or None, download=d['download'])
   try:
-    return train.first_examples(split, d['eval_examples'], 'data.examples')
+    return experiment.first_examples(split, d['eval_examples'], 'data.examples')
   except ValueError as error:
     raise EvaluationError(str(error)) from None
 
@@ -349,20 +264,13 @@ def check_split_fits(split: data.HostSplit, checkpoint: Checkpoint) -> None:
 # --- running attacks ------------------------------------------------------------------
 
 
-def _logits_fn(model: models.ResNet, variables: dict[str, Any],
-               noise: bool) -> attacks.LogitsFn:
-  """The model in inference mode as a function of (inputs, noise key)."""
-  return lambda x, key: model.apply(variables, x, train=False, noise=noise,
-                                    rngs={'noise': key})
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'attack', 'params', 'noise'))
 def _attack_batch(variables: dict[str, Any], images: jax.Array, labels: jax.Array,
                   key: jax.Array, eps: jax.Array | None, *, model: models.ResNet,
                   attack: str, params: tuple, noise: bool) -> jax.Array:
   """The attack's inputs for one uint8 batch; compiled once per (model, attack, params)."""
   kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
-  return ATTACKS[attack](_logits_fn(model, variables, noise), key,
+  return ATTACK_FUNCTIONS[attack](models.inference_logits(model, variables, noise), key,
                          data.to_float(images), labels, **kwargs).x_adv
 
 
@@ -373,7 +281,8 @@ def _judge_batch(variables: dict[str, Any], images: jax.Array, x_adv: jax.Array,
   """(correct, fooled, L2 sum of fooled) over the batch's real examples: predictions
   on x_adv made by `rule` over `draws` noise draws; fooled examples are those predicted
   right on the clean images (same key) and wrong on x_adv."""
-  predict = functools.partial(prediction.predict, _logits_fn(model, variables, noise), key,
+  predict = functools.partial(prediction.predict,
+                              models.inference_logits(model, variables, noise), key,
                               draws=draws, rule=rule)
   x = data.to_float(images)
   mask = mask.astype(bool)
@@ -393,8 +302,8 @@ def attack_accuracy(spec: AttackSpec, source: Checkpoint, targets: Sequence[Chec
   Returns per target: accuracy, correct, n, fooled (right on the clean input, wrong on
   the attack's) and mean_l2 (mean L2 of the fooled perturbations, None if none).
   """
-  split = train.first_examples(split, min(spec.examples, split.num_examples),
-                               'few_pixel.examples')
+  split = experiment.first_examples(split, min(spec.examples, split.num_examples),
+                                    'few_pixel.examples')
   key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
   eps = None if spec.eps is None else jnp.float32(spec.eps)
   totals = np.zeros((len(targets), 3))
@@ -513,10 +422,13 @@ def evaluate_workdirs(config: ml_collections.ConfigDict, workdirs: str | Sequenc
   restored: dict[tuple[str, int], Checkpoint] = {}
 
   def load(path: str) -> Checkpoint:
-    found = find_checkpoint(path)
-    if found not in restored:
-      restored[found] = load_checkpoint(path, arch=config.model.arch,
-                                        width=config.model.width)
+    try:
+      found = checkpointing.find_checkpoint(path)
+      if found not in restored:
+        restored[found] = checkpointing.load_checkpoint(
+            path, arch=config.model.arch, width=config.model.width)
+    except checkpointing.RESTORE_ERRORS as error:
+      raise EvaluationError(str(error)) from None
     return restored[found]
 
   evaluated = [load(path) for path in checkpoints or workdirs]

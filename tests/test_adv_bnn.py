@@ -3,8 +3,6 @@ N of alpha/N, the code's Adam with restarts, Bayesian BatchNorm, parameter count
 and the authors' 50-draw prediction rule as the evaluation default."""
 
 import functools
-import importlib.util
-import pathlib
 
 from flax import traverse_util
 import jax
@@ -13,24 +11,18 @@ import numpy as np
 import optax
 import pytest
 
-from l2p_jax import data, evaluation, optim, prediction, sharding, train
+from l2p_jax import (checkpointing, data, evaluation, experiment, optim, prediction,
+                     sharding, train, training)
 from l2p_jax.models import bayes_kl, create_model
 
+from configs import cifar as cifar_configs
+from configs import eval as eval_configs
 import fake_datasets
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE = (8, 8, 3)
 
 
-def load_get_config(name):
-  spec = importlib.util.spec_from_file_location(f'{name}_config_bnn',
-                                                ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
-
-
-get_config, get_eval_config = load_get_config('cifar'), load_get_config('eval')
+get_config, get_eval_config = cifar_configs.get_config, eval_configs.get_config
 
 
 def numpy_kl(mean, log_sigma, prior_sigma):
@@ -89,14 +81,14 @@ def objective_of(scope):
   config.model.width, config.model.bnn_batchnorm = 0.25, True
   model, variables = bnn_variables(True)
   optimizers = optim.make_optimizers(0.9, True, 0.0)
-  state = train.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
+  state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
   state = state.replace(params=variables['params'], perturb=variables['perturb'])
-  phase = train.Phase(noise=True, adversarial=False, train_perturb=True)
+  phase = training.Phase(noise=True, adversarial=False, train_perturb=True)
 
   def objective(params, perturb, kl_weight):
-    return train.step_objective(state, batch(), 0.0, phase=phase, model=model,
-                                config=config, kl_weight=kl_weight).objective(
-                                    params, perturb)[0]
+    return training.step_objective(state, batch(), 0.0, phase=phase, model=model,
+                                   config=config, kl_weight=kl_weight).objective(
+                                       params, perturb)[0]
   return jax.jit(objective), variables
 
 
@@ -115,16 +107,16 @@ def test_kl_weight_is_alpha_over_the_whole_training_split(tmp_path):
   config = get_config('adv_bnn,resnet8,cifar10,tiny')
   config.data.source, config.data.local_dir = 'local', str(cifar)
   config.data.train_examples, config.data.eval_examples = 20, 10
-  train_split, _, full_size = train.load_data(config)
+  train_split, _, full_size = experiment.load_data(config)
   assert (train_split.num_examples, full_size) == (20, 60)
-  assert train.kl_loss_weight(config, full_size) == 1 / 60  # Not 1/20: same prior.
+  assert training.kl_loss_weight(config, full_size) == 1 / 60  # Not 1/20: same prior.
   config.bnn.kl_alpha = 0.02
-  assert train.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 60)
+  assert training.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 60)
   config.bnn.kl_examples = 1000
-  assert train.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 1000)
+  assert training.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 1000)
   config.bnn.kl_examples = 0
   with pytest.raises(ValueError, match=r'bnn.kl_examples=0 positive'):
-    train.validate_config(config)
+    experiment.validate_config(config)
 
 
 def test_authors_code_variant_sets_every_field_the_code_differs_in():
@@ -212,18 +204,18 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
   is a first Adam step again."""
   config = get_config('adv_bnn,resnet8,cifar10,authors_code,tiny')
   config.model.width, config.adv.eps = 0.25, 0.0
-  model = train.build_model(config, 10, (0.5,) * 3, (0.25,) * 3)
+  model = experiment.build_model(config, 10, (0.5,) * 3, (0.25,) * 3)
   optimizers = optim.make_optimizers(0.9, True, 0.0, 'adam')
-  state = train.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
-  phase = train.phase_for_epoch(config, 0)
-  assert phase == train.Phase(noise=True, adversarial=True, train_perturb=True)
+  state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
+  phase = training.phase_for_epoch(config, 0)
+  assert phase == training.Phase(noise=True, adversarial=True, train_perturb=True)
   kl_weight, lr = 0.5, 0.01
-  step = jax.jit(functools.partial(train.train_step, phase=phase, model=model,
+  step = jax.jit(functools.partial(training.train_step, phase=phase, model=model,
                                    config=config, optimizers=optimizers,
                                    kl_weight=kl_weight))
 
   def code_loss(params, perturb, batch_stats, b, step_index):
-    keys = train.step_keys(config.seed, step_index)
+    keys = training.step_keys(config.seed, step_index)
     x = data.augment(keys['augment'], b['image'])
     logits, updates = model.apply(
         {'params': params, 'perturb': perturb, 'batch_stats': batch_stats}, x,
@@ -236,7 +228,7 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
   start, grads, new = state, [], state
   for i in range(2):
     if restart and i == 1:
-      new = train.restart_optimizers(new, optimizers)
+      new = training.restart_optimizers(new, optimizers)
     (g_params, g_perturb), updates = grad_fn(new.params, new.perturb, new.batch_stats,
                                              batch(i), i)
     grads.append((g_params, g_perturb))
@@ -285,7 +277,7 @@ def test_adv_bnn_is_judged_by_the_mean_softmax_of_50_draws_by_default():
   variables = model.init({'params': jax.random.key(3), 'noise': jax.random.key(4)},
                          jnp.zeros((1, *IMAGE)))
   images = np.random.default_rng(0).integers(0, 256, (24, *IMAGE), np.uint8)
-  checkpoint = evaluation.Checkpoint(
+  checkpoint = checkpointing.Checkpoint(
       '/nowhere/checkpoints/1', 1, model, variables,
       {'config': {'method': 'adv_bnn', 'model': {'arch': 'resnet8', 'width': 0.25}}})
   [spec] = evaluation.plan_attacks(get_eval_config('tiny'), 'clean')[0]

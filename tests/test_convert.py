@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from l2p_jax import checkpointing, train  # noqa: E402
+from l2p_jax import checkpointing, experiment  # noqa: E402
 from l2p_jax.interop import convert, import_torch_checkpoint  # noqa: E402
 
 from l2p_jax.interop import torch_reference as ref  # noqa: E402
@@ -57,8 +57,8 @@ def test_cli_import_writes_a_checkpoint_with_the_model_metadata(pni_file, tmp_pa
     for a, b in zip(jax.tree.leaves(state[name]), jax.tree.leaves(expected[name])):
       np.testing.assert_array_equal(a, b)
   # The metadata rebuilds a model that takes these variables.
-  model = train.build_model(ml_collections.ConfigDict(meta['config']), meta['num_classes'], meta['mean'],
-                            meta['std'])
+  model = experiment.build_model(ml_collections.ConfigDict(meta['config']), meta['num_classes'], meta['mean'],
+                                 meta['std'])
   logits = model.apply({k: state[k] for k in ('params', 'perturb', 'batch_stats')},
                        np.zeros((2, 32, 32, 3), np.float32), noise=False)
   assert logits.shape == (2, 10)

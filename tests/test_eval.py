@@ -4,7 +4,6 @@ schema, the markdown tables and plots, bit-identical reruns, transfer to itself 
 to white-box, and one clear message per user error. The attacks themselves are
 checked against hand-computed answers in test_attacks*.py."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -14,30 +13,22 @@ import jax
 import numpy as np
 import pytest
 
-from l2p_jax import data, evaluation, report, train
+from l2p_jax import checkpointing, data, evaluation, experiment, report, train
 
+from configs import cifar as cifar_configs
+from configs import eval as eval_configs
 import fake_datasets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_get_config(name):
-  spec = importlib.util.spec_from_file_location(f'{name}_config',
-                                                ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
-
-
-train_config, eval_config_file = load_get_config('cifar'), load_get_config('eval')
+train_config, eval_config_file = cifar_configs.get_config, eval_configs.get_config
 
 
 def eval_config(**fields):
   """configs/eval.py:tiny with `section__field=value` overrides."""
   config = eval_config_file('tiny')
-  for field, value in fields.items():
-    section, _, name = field.rpartition('__')
-    setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
   return config
 
 
@@ -182,7 +173,7 @@ def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
   and the documented layout (batch b, then 1 for the prediction, draw 0)."""
   results, _ = evaluated
   record = white_box(results, 'l2p', 'clean', None)
-  checkpoint = evaluation.load_checkpoint(str(runs['l2p']))
+  checkpoint = checkpointing.load_checkpoint(str(runs['l2p']))
   split = evaluation.load_examples(evaluation.data_settings(eval_config(), checkpoint))
   key = jax.random.fold_in(jax.random.key(record['key']['seed']), record['key']['fold_in'][0])
   logits = jax.jit(lambda x, k: checkpoint.model.apply(
@@ -253,13 +244,13 @@ def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
 
 
 def test_variables_that_do_not_fit_the_described_model_are_named(runs):
-  checkpoint = evaluation.load_checkpoint(str(runs['l2p'] / 'checkpoints'))
-  wider = train.build_model(train_config('l2p,resnet8,cifar10'), 10, (0.5,) * 3, (0.25,) * 3)
-  with pytest.raises(evaluation.EvaluationError,
+  checkpoint = checkpointing.load_checkpoint(str(runs['l2p'] / 'checkpoints'))
+  wider = experiment.build_model(train_config('l2p,resnet8,cifar10'), 10, (0.5,) * 3, (0.25,) * 3)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r'(?s)in here do not fit the model its metadata describes.*'
                            r'params/classifier/kernel: checkpoint \(32, 10\), model '
                            r'\(64, 10\).*and \d+ more'):
-    evaluation.check_variables_fit(wider, checkpoint.variables, (32, 32, 3), 'here')
+    checkpointing.check_variables_fit(wider, checkpoint.variables, (32, 32, 3), 'here')
 
 
 @pytest.mark.parametrize('args,message', [

@@ -2,7 +2,6 @@
 end to end (outputs, resume after a kill, 1 vs 8 devices, errors) on a tiny config."""
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,29 +11,24 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2p_jax import (checkpointing, data, evaluation, locking, metrics, objectives, optim,
-                     sharding, train)
+from l2p_jax import (checkpointing, data, evaluation, experiment, locking, metrics,
+                     objectives, optim, sharding, train, training)
 from l2p_jax.metrics import read_metrics
 
+from configs import cifar as cifar_configs
+from configs import eval as eval_configs
 import fake_datasets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config_module():
-  spec = importlib.util.spec_from_file_location('cifar_config',
-                                                ROOT / 'configs' / 'cifar.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-get_config = load_config_module().get_config
+get_config = cifar_configs.get_config
 
 
 # --- configs and schedules --------------------------------------------------------
@@ -80,21 +74,20 @@ def test_config_is_locked_and_bad_arguments_are_clear():
 ])
 def test_invalid_config_values_name_field_and_choices(field, value, message):
   config = get_config('tiny')
-  section, _, name = field.rpartition('.')
-  setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    experiment.validate_config(config)
 
 
 def test_impossible_method_and_adversarial_combinations():
   config = get_config('none,resnet8,cifar10,tiny')
   config.adv.start_epoch = 0
   with pytest.raises(ValueError, match='method=none trains on clean images only'):
-    train.validate_config(config)
+    experiment.validate_config(config)
   config = get_config('vanilla,resnet8,cifar10,tiny')
   config.adv.start_epoch = -1
   with pytest.raises(ValueError, match='method=vanilla needs adversarial training'):
-    train.validate_config(config)
+    experiment.validate_config(config)
 
 
 def test_regularizer_weight_is_gamma_over_harmonic_tau():
@@ -102,22 +95,22 @@ def test_regularizer_weight_is_gamma_over_harmonic_tau():
   expected = {9: 0.0, 10: 1e-4, 11: 1e-4 / 1.5, 12: 1e-4 / (11 / 6),
               13: 1e-4 / (25 / 12)}
   for epoch, weight in expected.items():
-    assert train.regularizer_weight(config, epoch) == pytest.approx(weight, rel=1e-12)
+    assert training.regularizer_weight(config, epoch) == pytest.approx(weight, rel=1e-12)
   assert objectives.harmonic_tau(10, 10) == 1.0
   with pytest.raises(ValueError, match='undefined before noise starts'):
     objectives.harmonic_tau(9, 10)
-  assert train.regularizer_weight(get_config('pni'), 50) == 0.0
+  assert training.regularizer_weight(get_config('pni'), 50) == 0.0
 
 
 def test_phases_switch_noise_and_adversarial_training_on_at_their_epochs():
   l2p = get_config('l2p')
-  assert train.phase_for_epoch(l2p, 9) == train.Phase(False, False, False)
-  assert train.phase_for_epoch(l2p, 10) == train.Phase(True, False, True)
-  assert train.phase_for_epoch(l2p, 20) == train.Phase(True, True, True)
-  assert train.phase_for_epoch(get_config('pni'), 4) == train.Phase(True, False, True)
-  assert train.phase_for_epoch(get_config('pni'), 5) == train.Phase(True, True, True)
-  assert train.phase_for_epoch(get_config('vanilla'), 0) == train.Phase(False, True, False)
-  assert train.phase_for_epoch(get_config('none'), 99) == train.Phase(False, False, False)
+  assert training.phase_for_epoch(l2p, 9) == training.Phase(False, False, False)
+  assert training.phase_for_epoch(l2p, 10) == training.Phase(True, False, True)
+  assert training.phase_for_epoch(l2p, 20) == training.Phase(True, True, True)
+  assert training.phase_for_epoch(get_config('pni'), 4) == training.Phase(True, False, True)
+  assert training.phase_for_epoch(get_config('pni'), 5) == training.Phase(True, True, True)
+  assert training.phase_for_epoch(get_config('vanilla'), 0) == training.Phase(False, True, False)
+  assert training.phase_for_epoch(get_config('none'), 99) == training.Phase(False, False, False)
 
 
 @pytest.mark.parametrize('choice,std0', [('dataset', 0.2470), ('l2p_code', 0.2023),
@@ -127,16 +120,16 @@ def test_normalization_choices(choice, std0):
   config.data.normalization = choice
   split = data.HostSplit('cifar10', 'train', np.zeros((2, 4, 4, 3), np.uint8),
                          np.zeros(2, np.int32), 10)
-  mean, std = train.normalization(config, split)
+  mean, std = experiment.normalization(config, split)
   assert std[0] == pytest.approx(std0) and len(mean) == 3
   config.data.normalization = 'imagenet'
   with pytest.raises(ValueError, match=r"Unknown data.normalization 'imagenet'"):
-    train.normalization(config, split)
+    experiment.normalization(config, split)
   config.data.normalization, config.data.dataset = 'l2p_code', 'mnist'
   gray = data.HostSplit('mnist', 'train', np.zeros((2, 4, 4, 1), np.uint8),
                         np.zeros(2, np.int32), 10)
   with pytest.raises(ValueError, match='has 3 channels but mnist images have 1'):
-    train.normalization(config, gray)
+    experiment.normalization(config, gray)
 
 
 def test_learning_rate_schedule():
@@ -177,11 +170,11 @@ def step_setup(method, alternation='paper'):
   config.l2p.alternation = alternation
   if method != 'none':
     config.adv.start_epoch = 0
-  model = train.build_model(config, 10, (0.5,) * 3, (0.25,) * 3)
+  model = experiment.build_model(config, 10, (0.5,) * 3, (0.25,) * 3)
   optimizers = optim.make_optimizers(0.9, True, config.optim.weight_decay)
-  state = train.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
+  state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
   kwargs = dict(model=model, config=config, kl_weight=1e-3)
-  step = jax.jit(functools.partial(train.train_step, optimizers=optimizers, **kwargs),
+  step = jax.jit(functools.partial(training.train_step, optimizers=optimizers, **kwargs),
                  static_argnames='phase')
   return config, optimizers, state, step, kwargs
 
@@ -189,7 +182,7 @@ def step_setup(method, alternation='paper'):
 @pytest.mark.parametrize('method', ['none', 'vanilla', 'pni', 'adv_bnn', 'l2p'])
 def test_every_method_trains_a_few_steps(method):
   config, _, state, step, _ = step_setup(method)
-  phase = train.phase_for_epoch(config, 0)
+  phase = training.phase_for_epoch(config, 0)
   new = state
   for i in range(3):
     new = step(new, batch(i), 0.05, 1e-2, phase=phase)
@@ -203,7 +196,7 @@ def test_every_method_trains_a_few_steps(method):
   again = state
   for i in range(3):
     again = step(again, batch(i), 0.05, 1e-2, phase=phase)
-  chex_equal(new, again)  # Same state and data: the same bits.
+  chex.assert_trees_all_equal(new, again)  # Same state and data: the same bits.
 
 
 def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
@@ -211,14 +204,14 @@ def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
   under transfer_guard('disallow') (no host-device copy) and give the same bits as
   steps on the same batches gathered on the host."""
   config, optimizers, state, host_step, kwargs = step_setup('vanilla')
-  phase = train.phase_for_epoch(config, 0)
+  phase = training.phase_for_epoch(config, 0)
   mesh = sharding.make_mesh()
   rng = np.random.default_rng(3)
   split = data.HostSplit('toy', 'train', num_classes=10,
                          images=rng.integers(0, 256, (40, *IMAGE), dtype=np.uint8),
                          labels=rng.integers(0, 10, 40).astype(np.int32))
   device_step = jax.jit(functools.partial(
-      train.train_step_on_split, batch_size=16,
+      training.train_step_on_split, batch_size=16,
       batch_sharding=sharding.data_sharding(mesh), optimizers=optimizers, **kwargs),
       static_argnames='phase')
   on_mesh = data.put_on_mesh(mesh, split)
@@ -235,12 +228,7 @@ def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
     batch = data.train_batch(split, seed=4, epoch=1, step=i, batch_size=16)
     on_host = host_step(on_host, sharding.shard_batch(mesh, batch), 0.05, 1e-2,
                         phase=phase)
-  chex_equal(on_device, on_host)
-
-
-def chex_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(on_device, on_host)
 
 
 @pytest.mark.parametrize('alternation', ['paper', 'authors_code'])
@@ -249,12 +237,12 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   W fixed and then W with the new theta fixed; in the authors' order, theta first
   steps on the regularizer alone, then W and theta step jointly on the loss alone."""
   config, optimizers, state, step, kwargs = step_setup('l2p', alternation)
-  phase = train.Phase(noise=True, adversarial=False, train_perturb=True)  # PGD aside
+  phase = training.Phase(noise=True, adversarial=False, train_perturb=True)  # PGD aside
   lr, reg, m, wd, floor = 0.05, 0.5, 0.9, config.optim.weight_decay, 0.01
   b = batch(7)
   # The authors' joint step is on the loss alone: the regularizer had its own step.
-  objective = train.step_objective(state, b, reg if alternation == 'paper' else 0.0,
-                                   phase=phase, **kwargs).objective
+  objective = training.step_objective(state, b, reg if alternation == 'paper' else 0.0,
+                                      phase=phase, **kwargs).objective
   grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
   sgd1 = lambda v, g, decay=0.0: jax.tree.map(  # noqa: E731  first Nesterov step
       lambda v, g: v - lr * (1 + m) * (g + decay * v), v, g)
@@ -286,12 +274,12 @@ def test_reused_clean_pass_gives_the_objectives_gradient():
   the gradient of the rest of the loss, equals jax.grad of the whole objective (the
   pullback into `perturb` is checked by the L2P alternation test)."""
   config, _, state, _, kwargs = step_setup('vanilla')
-  phase = train.phase_for_epoch(config, 0)
+  phase = training.phase_for_epoch(config, 0)
   assert phase.adversarial
   parts = jax.jit(lambda s, b: (lambda o: (
       o.gradients(s.params, s.perturb, o.first_clean),
       jax.grad(o.objective, argnums=(0, 1), has_aux=True)(s.params, s.perturb)))(
-          train.step_objective(s, b, 1e-2, phase=phase, **kwargs)))
+          training.step_objective(s, b, 1e-2, phase=phase, **kwargs)))
   (reused, aux), (plain, plain_aux) = parts(state, batch(5))
   for x, y in zip(jax.tree.leaves(reused), jax.tree.leaves(plain)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
@@ -302,15 +290,15 @@ def test_reused_clean_pass_gives_the_objectives_gradient():
 def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():
   _, optimizers, state, _, _ = step_setup('l2p')
   ones = lambda tree: jax.tree.map(jnp.ones_like, tree)  # noqa: E731
-  theta_step = train.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers,
-                             0.01)
-  chex_equal((theta_step.params, theta_step.opt_state['params']),
+  theta_step = training.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers,
+                                0.01)
+  chex.assert_trees_all_equal((theta_step.params, theta_step.opt_state['params']),
              (state.params, state.opt_state['params']))
   assert not np.array_equal(jax.tree.leaves(theta_step.perturb)[0],
                             jax.tree.leaves(state.perturb)[0])
-  w_step = train.descend(theta_step, 'params', ones(state.params), 0.1, optimizers,
-                         0.01)
-  chex_equal((w_step.perturb, w_step.opt_state['perturb']),
+  w_step = training.descend(theta_step, 'params', ones(state.params), 0.1, optimizers,
+                            0.01)
+  chex.assert_trees_all_equal((w_step.perturb, w_step.opt_state['perturb']),
              (theta_step.perturb, theta_step.opt_state['perturb']))
   assert not np.array_equal(jax.tree.leaves(w_step.params)[0],
                             jax.tree.leaves(state.params)[0])
@@ -320,7 +308,7 @@ def test_theta_floor_holds_after_updates():
   config, _, state, step, _ = step_setup('l2p')
   low = state.replace(perturb=jax.tree.map(lambda t: jnp.full_like(t, 0.011),
                                            state.perturb))
-  new = step(low, batch(3), 5.0, 0.0, phase=train.phase_for_epoch(config, 0))
+  new = step(low, batch(3), 5.0, 0.0, phase=training.phase_for_epoch(config, 0))
   leaves = jax.tree.leaves(new.perturb)
   assert min(float(t.min()) for t in leaves) == pytest.approx(0.01)
   assert any(float(t.min()) == np.float32(0.01) for t in leaves)
@@ -340,9 +328,7 @@ def tiny(cifar_dir, method='l2p', **fields):
   config.data.source = 'local'
   config.data.local_dir = str(cifar_dir)
   config.progress_bar = False
-  for field, value in fields.items():
-    section, _, name = field.rpartition('__')
-    setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
   return config
 
 
@@ -417,7 +403,7 @@ def test_killed_run_resumes_bit_identical(reference_run, cifar_dir, tmp_path):
   assert 'Resuming from' in result.stdout + result.stderr
   resumed, meta = restore_state(workdir, 24)
   reference, _ = restore_state(reference_run[0], 24)
-  chex_equal(resumed, reference)
+  chex.assert_trees_all_equal(resumed, reference)
   assert meta['config']['method'] == 'l2p'
   drop_time = lambda rs: [{k: v for k, v in r.items() if k != 'epoch_seconds'}  # noqa
                           for r in rs]
@@ -506,13 +492,14 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
   victim = max((p for p in (broken / 'state').rglob('*') if p.is_file()),
                key=lambda p: p.stat().st_size)
   victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
-  assert evaluation.load_checkpoint(str(workdir)).step == 20
+  assert checkpointing.load_checkpoint(str(workdir)).step == 20
   assert f'{broken} is unreadable' in caplog.text
-  with pytest.raises(evaluation.EvaluationError, match='No readable checkpoint in'):
-    evaluation.load_checkpoint(str(broken))  # Named explicitly: one message.
+  with pytest.raises(checkpointing.CheckpointUnreadableError,
+                     match='No readable checkpoint in'):
+    checkpointing.load_checkpoint(str(broken))  # Named explicitly: one message.
   train.train_and_evaluate(tiny(cifar_dir), str(workdir))
   assert (workdir / 'unreadable_checkpoints' / '24' / 'state').is_dir()
-  chex_equal(restore_state(workdir, 24)[0], restore_state(reference_run[0], 24)[0])
+  chex.assert_trees_all_equal(restore_state(workdir, 24)[0], restore_state(reference_run[0], 24)[0])
 
 
 def test_a_second_run_on_a_workdir_is_refused_but_a_stale_lock_is_not(
@@ -535,13 +522,13 @@ def sharded_step_result(path):
   saves the new variables, flattened, to `path`."""
   config, optimizers, _, _, kwargs = step_setup('l2p')
   mesh = sharding.make_mesh()
-  state = jax.jit(lambda k: train.create_train_state(kwargs['model'], optimizers, k,
-                                                     IMAGE),
+  state = jax.jit(lambda k: training.create_train_state(kwargs['model'], optimizers, k,
+                                                        IMAGE),
                   out_shardings=sharding.replicated_sharding(mesh))(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, optimizers=optimizers, **kwargs),
+  step = jax.jit(functools.partial(training.train_step, optimizers=optimizers, **kwargs),
                  static_argnames='phase')
   new = step(state, sharding.shard_batch(mesh, jax.device_get(batch(1, n=64))), 0.1,
-             1e-4, phase=train.phase_for_epoch(config, 0))
+             1e-4, phase=training.phase_for_epoch(config, 0))
   np.save(path, np.concatenate([np.ravel(x) for x in jax.tree.leaves(
       (new.params, new.perturb, new.batch_stats))]))
 
@@ -580,10 +567,8 @@ def test_one_and_eight_devices_agree(cifar_dir, tmp_path):
 
 def _tiny_mistake(**fields):
   config = get_config('tiny')
-  for field, value in fields.items():
-    section, _, name = field.rpartition('__')
-    setattr(config[section] if section else config, name, value)
-  train.validate_config(config)
+  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
+  experiment.validate_config(config)
 
 
 def _truncated_idx(tmp_path):
@@ -608,10 +593,7 @@ def _export_onto_a_file(tmp_path):
 
 
 def _eval_eps(tmp_path):
-  spec = importlib.util.spec_from_file_location('eval_config', ROOT / 'configs' / 'eval.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('tiny')
+  config = eval_configs.get_config('tiny')
   config.eps = -0.1
   evaluation.validate_config(config)
 
@@ -619,9 +601,9 @@ def _eval_eps(tmp_path):
 @pytest.mark.parametrize('mistake,error,message', [
     (lambda _: get_config('l2p,resnet7,cifar10,tiny'), ValueError,
      r"Unknown architecture 'resnet7'"),
-    (lambda _: _tiny_mistake(optim__learning_rate=-0.1), train.ConfigError,
+    (lambda _: _tiny_mistake(optim__learning_rate=-0.1), experiment.ConfigError,
      r'optim.learning_rate must be positive, got -0.1'),
-    (lambda _: _tiny_mistake(model__width=0.01), train.ConfigError,
+    (lambda _: _tiny_mistake(model__width=0.01), experiment.ConfigError,
      r'model.width=0.01: Width multiplier 0.01 leaves a resnet8 layer of 16 channels '
      r'with none; use a width of at least 0.0625'),
     (_truncated_idx, data.DatasetFileError,

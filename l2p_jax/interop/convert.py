@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from l2p_jax import checkpointing, data, train
+from l2p_jax import checkpointing, data, experiment
 from l2p_jax.interop.torch_checkpoints import (import_torch_checkpoint,
                                                read_torch_normalization,
                                                save_torch_checkpoint)
@@ -51,8 +51,8 @@ def torch_to_workdir(source: Any, config: ml_collections.ConfigDict, workdir: st
                      '--num_classes.')
   normalization = read_torch_normalization(source)
   if normalization is None:
-    if config.data.normalization in train.CODE_NORMALIZATIONS:
-      normalization = train.CODE_NORMALIZATIONS[config.data.normalization]
+    if config.data.normalization in experiment.CODE_NORMALIZATIONS:
+      normalization = experiment.CODE_NORMALIZATIONS[config.data.normalization]
     elif dataset in data.KNOWN_CHANNEL_STATS:
       normalization = data.KNOWN_CHANNEL_STATS[dataset]
     else:

@@ -214,7 +214,7 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
   `model` (from `build_model`), keeping its optimizers between calls.
 
   step's keywords: lr; reg_weight (L2P's gamma / tau); noise, adversarial,
-  train_perturb (the phase, as `l2p_jax.train.Phase`); pgd_start (PGD's start, else
+  train_perturb (the phase, as `l2p_jax.training.Phase`); pgd_start (PGD's start, else
   random); draws ({'clean': d, 'adv': d, 'pgd': [d per PGD step]}, each d a
   `torch_reference.inject_draws` dict; None draws afresh); signs (a list receiving
   each PGD step's gradient sign). Adv-BNN's KL is `kl_weight` times the KL of every
@@ -223,21 +223,36 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
   """
   if alternation not in ALTERNATIONS:
     raise ValueError(f'Unknown alternation {alternation!r}; expected one of {ALTERNATIONS}.')
-  net = model[1]
-  weights, perturb = split_parameters(model)
-  sgd = lambda params, decay: torch.optim.SGD(  # noqa: E731
-      params, lr=0.0, momentum=momentum, nesterov=nesterov, weight_decay=decay)
-  opt_weights = sgd(weights, weight_decay)
-  opt_perturb = sgd(perturb, 0.0) if perturb else None
-  thetas = [p for n, p in model.named_parameters() if n.endswith('sigma_map')]
-  bayes = [m for m in model.modules() if isinstance(m, _Bayes)]
+  return _TrainStep(model, pgd_steps=pgd_steps, eps=eps, step_size=step_size,
+                    clean_weight=clean_weight, adv_weight=adv_weight,
+                    alternation=alternation, momentum=momentum, nesterov=nesterov,
+                    weight_decay=weight_decay, kl_weight=kl_weight,
+                    prior_sigma=prior_sigma, theta_floor=theta_floor,
+                    attack_labels=attack_labels, attack_batchnorm=attack_batchnorm)
 
-  def floor_thetas() -> None:
-    with torch.no_grad():
-      for t in thetas:
-        t.clamp_(min=theta_floor)
 
-  def descend(optimizers: Sequence[torch.optim.Optimizer], objective: torch.Tensor) -> None:
+class _TrainStep:
+  """The authors' training iteration on one model with its two SGD optimizers (see
+  make_train_step); calling it does one step."""
+
+  def __init__(self, model: nn.Module, *, momentum: float, nesterov: bool,
+               weight_decay: float, **settings: Any):
+    self.model, self.net = model, model[1]
+    self.settings = settings
+    weights, self.perturb = split_parameters(model)
+
+    def sgd(params, decay):
+      return torch.optim.SGD(params, lr=0.0, momentum=momentum, nesterov=nesterov,
+                             weight_decay=decay)
+
+    self.opt_weights = sgd(weights, weight_decay)
+    self.opt_perturb = sgd(self.perturb, 0.0) if self.perturb else None
+    self.thetas = [p for n, p in model.named_parameters() if n.endswith('sigma_map')]
+    self.bayes = [m for m in model.modules() if isinstance(m, _Bayes)]
+
+  def descend(self, optimizers: Sequence[torch.optim.Optimizer],
+              objective: torch.Tensor) -> None:
+    """One step of `optimizers` on `objective`, L2P's maps floored after."""
     # Gradients of the updated collections only, as XLA computes only what is used.
     params = [p for opt in optimizers for group in opt.param_groups for p in group['params']]
     grads = torch.autograd.grad(objective, params, allow_unused=True)
@@ -245,61 +260,68 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
       p.grad = torch.zeros_like(p) if g is None else g
     for opt in optimizers:
       opt.step()
-    floor_thetas()
+    with torch.no_grad():
+      for t in self.thetas:
+        t.clamp_(min=self.settings['theta_floor'])
 
-  def step(x: torch.Tensor, labels: torch.Tensor, *, lr: float, reg_weight: float = 0.0,
-           noise: bool = True, adversarial: bool = True, train_perturb: bool = True,
-           pgd_start: torch.Tensor | None = None, draws: dict[str, Any] | None = None,
-           signs: list[torch.Tensor] | None = None) -> torch.Tensor:
-    model.train()
-    ref.set_noise(net, noise)
-    for opt in (opt_weights, opt_perturb):
+  def prepare(self, draws: dict[str, Any], site: str, update_stats: bool,
+              index: int | None = None) -> None:
+    """Injects the draws of pass `site` (PGD step `index`) and sets BatchNorm's mode."""
+    site_draws = draws.get(site, {})
+    ref.inject_draws(self.net, site_draws[index] if index is not None and site_draws
+                     else site_draws)
+    _set_update_stats(self.model, update_stats)
+
+  def forward(self, inputs: torch.Tensor, draws: dict[str, Any], site: str,
+              update_stats: bool) -> torch.Tensor:
+    self.prepare(draws, site, update_stats)
+    return self.model(inputs)
+
+  def loss_of(self, clean: torch.Tensor, x_adv: torch.Tensor | None,
+              labels: torch.Tensor, draws: dict[str, Any],
+              update_stats: bool) -> torch.Tensor:
+    """The mixed clean/adversarial cross-entropy, plus Adv-BNN's weighted KL."""
+    s = self.settings
+    loss = F.cross_entropy(clean, labels)
+    if x_adv is not None:
+      adv = self.forward(x_adv, draws, 'adv', update_stats)
+      loss = s['clean_weight'] * loss + s['adv_weight'] * F.cross_entropy(adv, labels)
+    if self.bayes:
+      loss = loss + s['kl_weight'] * sum(m.kl(s['prior_sigma']) for m in self.bayes)
+    return loss
+
+  def __call__(self, x: torch.Tensor, labels: torch.Tensor, *, lr: float,
+               reg_weight: float = 0.0, noise: bool = True, adversarial: bool = True,
+               train_perturb: bool = True, pgd_start: torch.Tensor | None = None,
+               draws: dict[str, Any] | None = None,
+               signs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    s = self.settings
+    self.model.train()
+    ref.set_noise(self.net, noise)
+    for opt in (self.opt_weights, self.opt_perturb):
       for group in (opt.param_groups if opt else ()):
         group['lr'] = lr
     draws = draws or {}
-    l2p = bool(thetas) and train_perturb
-    paper = l2p and alternation == 'paper'
-
-    def prepare(site: str, update_stats: bool, index: int | None = None) -> None:
-      site_draws = draws.get(site, {})
-      ref.inject_draws(net, site_draws[index] if index is not None and site_draws
-                       else site_draws)
-      _set_update_stats(model, update_stats)
-
-    def forward(inputs: torch.Tensor, site: str, update_stats: bool) -> torch.Tensor:
-      prepare(site, update_stats)
-      return model(inputs)
-
-    def loss_of(clean: torch.Tensor, x_adv: torch.Tensor | None,
-                update_stats: bool) -> torch.Tensor:
-      loss = F.cross_entropy(clean, labels)
-      if x_adv is not None:
-        adv = forward(x_adv, 'adv', update_stats)
-        loss = clean_weight * loss + adv_weight * F.cross_entropy(adv, labels)
-      if bayes:
-        loss = loss + kl_weight * sum(m.kl(prior_sigma) for m in bayes)
-      return loss
-
-    def regularizer() -> torch.Tensor:
-      return -reg_weight * sum(t.sqrt().sum() for t in thetas)
-
+    l2p = bool(self.thetas) and train_perturb
+    paper = l2p and s['alternation'] == 'paper'
+    regularizer = lambda: -reg_weight * sum(t.sqrt().sum() for t in self.thetas)  # noqa: E731
     if l2p and not paper:  # The authors' code: a theta step on the regularizer alone.
-      descend([opt_perturb], regularizer())
-    clean = forward(x, 'clean', not paper)
+      self.descend([self.opt_perturb], regularizer())
+    clean = self.forward(x, draws, 'clean', not paper)
     x_adv = None
     if adversarial:
-      target = labels if attack_labels == 'true' else clean.detach().argmax(1)
-      model.train(attack_batchnorm != 'running')
-      x_adv = pgd(model, x, target, eps=eps, steps=pgd_steps, step_size=step_size,
-                  start=pgd_start, signs=signs,
-                  before_step=lambda i: prepare('pgd', False, i))
-      model.train()
-    loss = loss_of(clean, x_adv, not paper)
+      target = labels if s['attack_labels'] == 'true' else clean.detach().argmax(1)
+      self.model.train(s['attack_batchnorm'] != 'running')
+      x_adv = pgd(self.model, x, target, eps=s['eps'], steps=s['pgd_steps'],
+                  step_size=s['step_size'], start=pgd_start, signs=signs,
+                  before_step=lambda i: self.prepare(draws, 'pgd', False, i))
+      self.model.train()
+    loss = self.loss_of(clean, x_adv, labels, draws, not paper)
     if paper:  # theta with W fixed, then W at the new theta (same draws, same x_adv).
-      descend([opt_perturb], loss + regularizer())
-      descend([opt_weights], loss_of(forward(x, 'clean', True), x_adv, True))
+      self.descend([self.opt_perturb], loss + regularizer())
+      self.descend([self.opt_weights], self.loss_of(
+          self.forward(x, draws, 'clean', True), x_adv, labels, draws, True))
     else:
-      descend([opt_weights] + ([opt_perturb] if perturb and train_perturb else []), loss)
+      self.descend([self.opt_weights] + ([self.opt_perturb]
+                                         if self.perturb and train_perturb else []), loss)
     return loss.detach()
-
-  return step

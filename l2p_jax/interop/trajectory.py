@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2p_jax import data, objectives, optim, train
+from l2p_jax import data, experiment, objectives, optim, training
 from l2p_jax.attacks import core
 from l2p_jax.interop.torch_checkpoints import torch_entries
 from l2p_jax.models.layers import DRAWS
@@ -64,7 +64,7 @@ def pgd_trace(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Arr
 
 def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
   """Raises ValueError for what the PyTorch side cannot follow."""
-  train.validate_config(config)
+  experiment.validate_config(config)
   problems = []
   if config.model.dtype != 'float32':
     problems.append(f'model.dtype={config.model.dtype!r} (PyTorch runs float32)')
@@ -165,19 +165,51 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   noise=False switches the noise layers off in both (the deterministic check).
   train_split_size: the whole training split's size, Adv-BNN's N (default: split's).
   """
-  torch, torch_reference, torch_step = _torch_modules()
   check_config(config, steps)
-  mean, std = train.normalization(config, split)
-  model = train.build_model(config, split.num_classes, mean, std)
+  mean, std = experiment.normalization(config, split)
+  model = experiment.build_model(config, split.num_classes, mean, std)
   optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
                                      config.optim.weight_decay)
-  image_shape = split.images.shape[1:]
-  state = jax.jit(functools.partial(train.create_train_state, model, optimizers,
-                                    image_shape=image_shape))(
-      jax.random.fold_in(jax.random.key(config.seed), train._INIT))  # pylint: disable=protected-access
-  kl_weight = train.kl_loss_weight(config, train_split_size or split.num_examples)
+  state = jax.jit(functools.partial(training.create_train_state, model, optimizers,
+                                    image_shape=split.images.shape[1:]))(
+      jax.random.fold_in(jax.random.key(config.seed), training.INIT_STREAM))
+  kl_weight = training.kl_loss_weight(config, train_split_size or split.num_examples)
   entries = _entries(state.variables)
+  net, torch_train_step = _torch_twin(config, split, state, entries, mean, std,
+                                      batch_norm, kl_weight)
+  jax_step = jax.jit(functools.partial(
+      training.train_step, model=model, config=config, optimizers=optimizers,
+      kl_weight=kl_weight), static_argnames='phase')
+  inputs = jax.jit(functools.partial(_step_inputs, model=model, config=config,
+                                     optimizers=optimizers), static_argnames='phase')
+  steps_per_epoch = data.steps_per_epoch(split.num_examples, config.batch_size)
+  records = []
+  for k in range(steps):
+    epoch = k // steps_per_epoch
+    phase = training.phase_for_epoch(config, epoch)
+    phase = dataclasses.replace(phase, noise=phase.noise and noise)
+    lr = optim.learning_rate(epoch, config.optim.learning_rate,
+                             config.optim.lr_boundaries, config.optim.lr_decay)
+    reg_weight = training.regularizer_weight(config, epoch)
+    batch = data.train_batch(split, seed=config.seed, epoch=epoch,
+                             step=k % steps_per_epoch, batch_size=config.batch_size)
+    batch = jax.tree.map(jnp.asarray, batch)
+    made = inputs(state, batch, reg_weight, lr, phase=phase)
+    state = jax_step(training.reset_epoch_sums(state), batch, lr, reg_weight, phase=phase)
+    torch_loss, torch_signs = _torch_step(torch_train_step, made, batch, entries, config,
+                                          lr=lr, reg_weight=reg_weight, phase=phase)
+    records.append(_step_record(k, epoch, lr, phase, state, net, entries, made,
+                                torch_loss, torch_signs))
+  return _report(config, batch_norm, records)
 
+
+def _torch_twin(config: ml_collections.ConfigDict, split: data.HostSplit, state: Any,
+                entries: dict, mean: Any, std: Any, batch_norm: str,
+                kl_weight: float) -> tuple[Any, Any]:
+  """(net, step): the authors' PyTorch network holding `state`'s variables, and its
+  training step with `config`'s settings."""
+  torch, _, torch_step = _torch_modules()
+  image_shape = split.images.shape[1:]
   torch.manual_seed(config.seed)
   torch_model = torch_step.build_model(
       config.method, config.model.arch, num_classes=split.num_classes,
@@ -191,7 +223,7 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   if unexpected or any(not k.endswith('num_batches_tracked') for k in missing):
     raise RuntimeError(f'Export to the PyTorch reference failed: missing {missing}, '
                        f'unexpected {unexpected}.')
-  torch_train_step = torch_step.make_train_step(
+  return net, torch_step.make_train_step(
       torch_model, pgd_steps=config.adv.steps, eps=config.adv.eps,
       step_size=config.adv.step_size, clean_weight=config.adv.clean_weight,
       adv_weight=config.adv.adv_weight, alternation=config.l2p.alternation,
@@ -200,54 +232,64 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
       prior_sigma=config.bnn.prior_sigma, theta_floor=config.l2p.theta_floor,
       attack_labels=config.adv.labels, attack_batchnorm=config.adv.attack_batchnorm)
 
-  jax_step = jax.jit(functools.partial(
-      train.train_step, model=model, config=config, optimizers=optimizers,
-      kl_weight=kl_weight), static_argnames='phase')
-  inputs = jax.jit(functools.partial(_step_inputs, model=model, config=config,
-                                     optimizers=optimizers), static_argnames='phase')
-  to_torch = lambda a: torch.from_numpy(np.array(a).transpose(0, 3, 1, 2))  # noqa: E731
-  steps_per_epoch = data.steps_per_epoch(split.num_examples, config.batch_size)
-  records = []
-  for k in range(steps):
-    epoch = k // steps_per_epoch
-    phase = train.phase_for_epoch(config, epoch)
-    phase = dataclasses.replace(phase, noise=phase.noise and noise)
-    lr = optim.learning_rate(epoch, config.optim.learning_rate,
-                             config.optim.lr_boundaries, config.optim.lr_decay)
-    reg_weight = train.regularizer_weight(config, epoch)
-    batch = data.train_batch(split, seed=config.seed, epoch=epoch,
-                             step=k % steps_per_epoch, batch_size=config.batch_size)
-    batch = jax.tree.map(jnp.asarray, batch)
-    made = inputs(state, batch, reg_weight, lr, phase=phase)
-    draws = {'clean': torch_draws(made['draws']['clean'], entries)}
-    torch_signs = []
-    if phase.adversarial:
-      draws['adv'] = torch_draws(made['draws']['adv'], entries)
-      draws['pgd'] = [torch_draws(jax.tree.map(lambda d: d[i], made['draws']['pgd']),
-                                  entries) for i in range(config.adv.steps)]
-    draws = jax.tree.map(torch.from_numpy, draws)
-    state = jax_step(train.reset_epoch_sums(state), batch, lr, reg_weight, phase=phase)
-    torch_loss = float(torch_train_step(
-        to_torch(made['x']), torch.from_numpy(np.asarray(batch['label'], np.int64)),
-        lr=lr, reg_weight=reg_weight, noise=phase.noise, adversarial=phase.adversarial,
-        train_perturb=phase.train_perturb,
-        pgd_start=to_torch(made['pgd_start']) if phase.adversarial else None,
-        draws=draws, signs=torch_signs))
-    ours = traverse_util.flatten_dict(jax.device_get(state.variables))
-    theirs = from_torch_state(net.state_dict(), state.variables, entries)
-    jax_loss = float(state.loss_sum)
-    record = {'step': k + 1, 'epoch': epoch, 'learning_rate': lr,
-              'noise': phase.noise, 'adversarial': phase.adversarial,
-              'loss': {'jax': jax_loss, 'torch': torch_loss,
-                       **_difference(np.float64(jax_loss), np.float64(torch_loss))},
-              **_collection_differences(ours, theirs)}
-    if phase.adversarial:
-      ours_signs = np.asarray(made['pgd_signs']).transpose(0, 1, 4, 2, 3)
-      differ = ours_signs != torch.stack(torch_signs).numpy()
-      flipped = np.flatnonzero(differ.reshape(len(differ), -1).any(axis=1))
-      record['pgd'] = {'sign_flip_fraction': float(differ.mean()),
-                       'first_flip_iteration': int(flipped[0]) if flipped.size else None}
-    records.append(record)
+
+def _to_torch_images(images: jax.Array) -> Any:
+  """NHWC arrays as a torch NCHW tensor."""
+  torch = _torch_modules()[0]
+  return torch.from_numpy(np.array(images).transpose(0, 3, 1, 2))
+
+
+def _torch_step(torch_train_step, made: dict[str, Any], batch: dict[str, jax.Array],
+                entries: dict, config: ml_collections.ConfigDict, *, lr: float,
+                reg_weight: float, phase: training.Phase) -> tuple[float, list]:
+  """The PyTorch step on the inputs and draws our step uses: (its loss, the gradient
+  sign of each PGD step)."""
+  torch = _torch_modules()[0]
+  draws = {'clean': torch_draws(made['draws']['clean'], entries)}
+  torch_signs = []
+  if phase.adversarial:
+    draws['adv'] = torch_draws(made['draws']['adv'], entries)
+    draws['pgd'] = [torch_draws(jax.tree.map(lambda d: d[i], made['draws']['pgd']),
+                                entries) for i in range(config.adv.steps)]
+  draws = jax.tree.map(torch.from_numpy, draws)
+  loss = float(torch_train_step(
+      _to_torch_images(made['x']),
+      torch.from_numpy(np.asarray(batch['label'], np.int64)),
+      lr=lr, reg_weight=reg_weight, noise=phase.noise, adversarial=phase.adversarial,
+      train_perturb=phase.train_perturb,
+      pgd_start=_to_torch_images(made['pgd_start']) if phase.adversarial else None,
+      draws=draws, signs=torch_signs))
+  return loss, torch_signs
+
+
+def _step_record(k: int, epoch: int, lr: float, phase: training.Phase,
+                 state: training.TrainState, net: Any, entries: dict,
+                 made: dict[str, Any], torch_loss: float,
+                 torch_signs: list) -> dict[str, Any]:
+  """Step k+1's record: both losses, every collection's largest difference and, for
+  an adversarial step, how many PGD gradient signs differ and from when."""
+  torch = _torch_modules()[0]
+  ours = traverse_util.flatten_dict(jax.device_get(state.variables))
+  theirs = from_torch_state(net.state_dict(), state.variables, entries)
+  jax_loss = float(state.loss_sum)
+  record = {'step': k + 1, 'epoch': epoch, 'learning_rate': lr,
+            'noise': phase.noise, 'adversarial': phase.adversarial,
+            'loss': {'jax': jax_loss, 'torch': torch_loss,
+                     **_difference(np.float64(jax_loss), np.float64(torch_loss))},
+            **_collection_differences(ours, theirs)}
+  if phase.adversarial:
+    ours_signs = np.asarray(made['pgd_signs']).transpose(0, 1, 4, 2, 3)
+    differ = ours_signs != torch.stack(torch_signs).numpy()
+    flipped = np.flatnonzero(differ.reshape(len(differ), -1).any(axis=1))
+    record['pgd'] = {'sign_flip_fraction': float(differ.mean()),
+                     'first_flip_iteration': int(flipped[0]) if flipped.size else None}
+  return record
+
+
+def _report(config: ml_collections.ConfigDict, batch_norm: str,
+            records: list[dict[str, Any]]) -> dict[str, Any]:
+  """The comparison's report: the run's settings, every step's record and the first
+  PGD gradient-sign flip."""
   first_flip = next(({'step': r['step'], 'iteration': r['pgd']['first_flip_iteration']}
                      for r in records if r.get('pgd', {}).get('first_flip_iteration')
                      is not None), None)
@@ -257,18 +299,18 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
           'batch_norm': batch_norm, 'steps': records, 'first_pgd_sign_flip': first_flip}
 
 
-def _step_inputs(state: train.TrainState, batch: dict[str, jax.Array],
-                 reg_weight: jax.Array, lr: jax.Array, *, phase: train.Phase, model,
+def _step_inputs(state: training.TrainState, batch: dict[str, jax.Array],
+                 reg_weight: jax.Array, lr: jax.Array, *, phase: training.Phase, model,
                  config: ml_collections.ConfigDict, optimizers: dict) -> dict[str, Any]:
   """What `train_step` will use at `state`, made with its keys: the augmented batch,
   every pass's noise draws ('clean', 'adv', 'pgd' stacked over PGD steps), PGD's start
   and each PGD step's gradient sign."""
-  keys = train.step_keys(config.seed, state.step)
+  keys = training.step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
   if (config.method == 'l2p' and phase.train_perturb
       and config.l2p.alternation == 'authors_code'):  # PGD comes after theta's step.
     g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
-    state = train.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
+    state = training.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
 
   def apply(inputs, key):
     return model.apply(state.variables, inputs, train=True, noise=phase.noise,
@@ -283,7 +325,7 @@ def _step_inputs(state: train.TrainState, batch: dict[str, jax.Array],
     target = (batch['label'] if config.adv.labels == 'true'
               else jnp.argmax(clean_logits, axis=-1))
     attack_logits = lambda inputs, key: apply(inputs, key)[0]  # noqa: E731
-    if config.adv.attack_batchnorm == 'running':  # As train.step_objective.
+    if config.adv.attack_batchnorm == 'running':  # As training.step_objective.
       attacked = {**state.variables, 'batch_stats': updates['batch_stats']}
       attack_logits = lambda inputs, key: model.apply(  # noqa: E731
           attacked, inputs, train=False, noise=phase.noise, rngs={'noise': key})

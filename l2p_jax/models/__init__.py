@@ -7,7 +7,9 @@ decides which randomization the network carries.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import jax
 
 import jax.numpy as jnp
 
@@ -17,10 +19,11 @@ from l2p_jax.models.layers import (BAYES_MEAN_INITS, KL_SCOPES, FeatureNoise,
 from l2p_jax.models.resnet import ResNet
 
 METHODS = ('none', 'vanilla', 'pni', 'adv_bnn', 'l2p')
+RANDOMIZED_METHODS = ('l2p', 'pni', 'adv_bnn')  # Their networks draw noise.
 ARCHITECTURES_HELP = ("'resnet<6n+2>' (ResNet-V1: resnet20, resnet32, resnet44, "
                       "resnet56, ...) or 'resnet18' (ResNet-V2(18))")
 
-__all__ = ['METHODS', 'BAYES_MEAN_INITS', 'KL_SCOPES', 'ResNet', 'WeightNoise', 'FeatureNoise', 'create_model',
+__all__ = ['METHODS', 'RANDOMIZED_METHODS', 'inference_logits', 'BAYES_MEAN_INITS', 'KL_SCOPES', 'ResNet', 'WeightNoise', 'FeatureNoise', 'create_model',
            'bayes_kl', 'gaussian_kl', 'project_perturb', 'PERTURB', 'NOISE_RNG',
            'resnet_layout']
 
@@ -72,3 +75,11 @@ def create_model(arch: str, num_classes: int, method: str = 'none', *,
                                bayes_batchnorm=bnn_batchnorm),
       feature_noise=method == 'l2p', feature_noise_init=l2p_init,
       feature_noise_per_example=l2p_per_example, dtype=dtype)
+
+
+def inference_logits(model: ResNet, variables: dict[str, Any], noise: bool
+                     ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The model in inference mode (BatchNorm's running statistics) as a function of
+  (inputs, noise key), the form the attacks and prediction rules take."""
+  return lambda x, key: model.apply(variables, x, train=False, noise=noise,
+                                    rngs={'noise': key})
