@@ -203,8 +203,8 @@ def prediction_rule(config: ml_collections.ConfigDict, method: str
   origin says which ('config' or 'authors')."""
   rule, draws = config.predict.rule, config.predict.draws
   if rule is None:
-    authors_rule, authors_draws = AUTHORS_PREDICTION.get(method, ('single', 1))
-    return authors_rule, draws or authors_draws, 'authors'
+    rule, authors_draws = AUTHORS_PREDICTION.get(method, ('single', 1))
+    return rule, 1 if rule == 'single' else draws or authors_draws, 'authors'
   return rule, 1 if rule == 'single' else draws or DEFAULT_DRAWS, 'config'
 
 

@@ -311,4 +311,8 @@ def test_adv_bnn_is_judged_by_the_mean_softmax_of_50_draws_by_default():
   assert (single['rule'], single['draws'], single['rule_from']) == ('single', 1, 'config')
   assert default['accuracy'] == 1.0
   assert single['correct'] == np.sum(by_hand('single', 1) == labels)
-  assert evaluation.prediction_rule(get_eval_config(''), 'l2p') == ('single', 1, 'authors')
+  config = get_eval_config('')
+  assert evaluation.prediction_rule(config, 'l2p') == ('single', 1, 'authors')
+  config.predict.draws = 10  # Draws ask nothing of a one-draw rule.
+  assert evaluation.prediction_rule(config, 'l2p') == ('single', 1, 'authors')
+  assert evaluation.prediction_rule(config, 'adv_bnn') == ('mean_softmax', 10, 'authors')
