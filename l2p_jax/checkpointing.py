@@ -171,9 +171,14 @@ def _among(field: str, fields: Sequence[str]) -> bool:
 def check_compatible(saved_config: dict[str, Any],
                      config: ml_collections.ConfigDict, where: str) -> list[str]:
   """Raises CheckpointMismatchError naming every STEP_FIELDS difference; returns the
-  other differences as 'field: checkpoint has X, config has Y' lines."""
+  other differences (and fields the saved config does not have) as
+  'field: checkpoint has X, config has Y' lines."""
   differences = config_differences(saved_config, config)
-  refused = [f'{key}: {change}' for key, change in differences if _among(key, STEP_FIELDS)]
+  # A field the checkpoint's config lacks is newer than the checkpoint; its default
+  # keeps the behaviour the run had, so it is reported, not refused.
+  saved = traverse_util.flatten_dict(saved_config, sep='.')
+  refused = [f'{key}: {change}' for key, change in differences
+             if _among(key, STEP_FIELDS) and key in saved]
   if refused:
     raise CheckpointMismatchError(
         f'The checkpoint in {where} was written for a different model or different '

@@ -468,6 +468,20 @@ def _interrupt():
   raise KeyboardInterrupt
 
 
+def test_a_field_newer_than_the_checkpoint_is_reported_not_refused():
+  """A checkpoint written before model.bnn_batchnorm existed resumes (the field's
+  default is the old behaviour); a changed model field it does have is refused."""
+  config = get_config('adv_bnn,resnet8,cifar10,tiny')
+  saved = config.to_dict()
+  del saved['model']['bnn_batchnorm']
+  notes = checkpointing.check_compatible(saved, config, 'ckpt')
+  assert notes == ["model.bnn_batchnorm: checkpoint has '<absent>', config has False"]
+  config.model.width = 1.0
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"model.width: checkpoint has 0.5, config has 1.0"):
+    checkpointing.check_compatible(saved, config, 'ckpt')
+
+
 def test_resume_refuses_a_changed_step_and_keeps_the_original_config(
     reference_run, cifar_dir, tmp_path, caplog):
   workdir = copy_run(reference_run, tmp_path)
