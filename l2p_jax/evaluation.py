@@ -307,6 +307,7 @@ def attack_accuracy(spec: AttackSpec, source: Checkpoint, targets: Sequence[Chec
   key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
   eps = None if spec.eps is None else jnp.float32(spec.eps)
   totals = np.zeros((len(targets), 3))
+  rules = [prediction_rule(config, t.meta['config']['method'])[:2] for t in targets]
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
   bar = tqdm(batches, total=data.num_eval_batches(split.num_examples, config.batch_size),
              desc=desc or spec.name, unit='batch', dynamic_ncols=True,
@@ -316,8 +317,7 @@ def attack_accuracy(spec: AttackSpec, source: Checkpoint, targets: Sequence[Chec
     x_adv = _attack_batch(source.variables, batch['image'], batch['label'],
                           jax.random.fold_in(batch_key, 0), eps, model=source.model,
                           attack=spec.attack, params=spec.params, noise=config.noise)
-    for t, target in enumerate(targets):
-      rule, draws, _ = prediction_rule(config, target.meta['config']['method'])
+    for t, (target, (rule, draws)) in enumerate(zip(targets, rules)):
       totals[t] += np.asarray(_judge_batch(
           target.variables, batch['image'], x_adv, batch['label'], batch['mask'],
           jax.random.fold_in(batch_key, 1), model=target.model, noise=config.noise,
