@@ -20,14 +20,22 @@ from l2p_jax.interop import trajectory
 from l2p_jax.plots import plot_divergence
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE.py[:ARG]).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file (FILE.py[:ARG]).', lock_config=True
+)
 flags.DEFINE_integer('steps', 50, 'Optimizer steps to take in each framework.')
-flags.DEFINE_enum('batch_norm', 'ours', ('ours', 'authors'),
-                  "PyTorch's running statistics: moved as ours, or as torch's "
-                  'BatchNorm2d in the authors\' code (PGD passes too, unbiased variance).')
-flags.DEFINE_string('output', None, 'Path prefix of the JSON and PNG; default '
-                    'trajectories/METHOD (L2P: METHOD_ALTERNATION).')
+flags.DEFINE_enum(
+  'batch_norm',
+  'ours',
+  ('ours', 'authors'),
+  "PyTorch's running statistics: moved as ours, or as torch's "
+  "BatchNorm2d in the authors' code (PGD passes too, unbiased variance).",
+)
+flags.DEFINE_string(
+  'output',
+  None,
+  'Path prefix of the JSON and PNG; default trajectories/METHOD (L2P: METHOD_ALTERNATION).',
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -38,8 +46,9 @@ def main(argv):
   name = config.method + (f'_{config.l2p.alternation}' if config.method == 'l2p' else '')
   output = FLAGS.output or os.path.join('trajectories', name)
   split, _, split_size = experiment.load_data(config)
-  report = trajectory.compare(config, FLAGS.steps, split, batch_norm=FLAGS.batch_norm,
-                              train_split_size=split_size)
+  report = trajectory.compare(
+    config, FLAGS.steps, split, batch_norm=FLAGS.batch_norm, train_split_size=split_size
+  )
   os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
   with open(output + '.json', 'w') as f:
     json.dump(report, f, indent=1)

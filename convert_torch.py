@@ -15,8 +15,9 @@ from l2p_jax import cli
 from l2p_jax.interop import LAYOUTS, convert
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config naming method, arch, dataset '
-                                '(for import).', lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Config naming method, arch, dataset (for import).', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Workdir to write (import) or read (export).')
 flags.DEFINE_string('torch_checkpoint', None, 'PyTorch checkpoint to read or write.')
 flags.DEFINE_bool('export', False, 'Write the workdir as a PyTorch checkpoint.')
@@ -40,13 +41,23 @@ def convert_as_flagged() -> None:
   if FLAGS.export:
     if FLAGS.layout == 'auto':
       raise app.UsageError(f'--export needs --layout, one of {LAYOUTS}.')
-    print(convert.workdir_to_torch(FLAGS.workdir, FLAGS.torch_checkpoint, FLAGS.layout,
-                                   overwrite=FLAGS.overwrite))
+    print(
+      convert.workdir_to_torch(
+        FLAGS.workdir, FLAGS.torch_checkpoint, FLAGS.layout, overwrite=FLAGS.overwrite
+      )
+    )
   else:
     if FLAGS.config is None:
       raise app.UsageError('Importing needs --config (method, arch and dataset).')
-    print(convert.torch_to_workdir(FLAGS.torch_checkpoint, FLAGS.config, FLAGS.workdir,
-                                   layout=FLAGS.layout, num_classes=FLAGS.num_classes))
+    print(
+      convert.torch_to_workdir(
+        FLAGS.torch_checkpoint,
+        FLAGS.config,
+        FLAGS.workdir,
+        layout=FLAGS.layout,
+        num_classes=FLAGS.num_classes,
+      )
+    )
 
 
 if __name__ == '__main__':

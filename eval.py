@@ -18,14 +18,20 @@ from l2p_jax import cli, distributed, evaluation
 FLAGS = flags.FLAGS
 try:  # With a default file, config_flags applies the overrides here, at import.
   config_flags.DEFINE_config_file(
-      'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
-                             'eval.py'),
-      'Evaluation config file (FILE.py[:ARG]).', lock_config=True)
+    'config',
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'eval.py'),
+    'Evaluation config file (FILE.py[:ARG]).',
+    lock_config=True,
+  )
 except (AttributeError, KeyError) as error:
   raise SystemExit(cli.unknown_field_message('eval.py', error, sys.argv)) from None
 flags.DEFINE_list('workdir', None, 'Training run folder(s) to evaluate, comma-separated.')
-flags.DEFINE_list('checkpoint', [], 'Checkpoint to evaluate instead of the latest, one '
-                  'per --workdir: a checkpoints/ folder or one of its step folders.')
+flags.DEFINE_list(
+  'checkpoint',
+  [],
+  'Checkpoint to evaluate instead of the latest, one '
+  'per --workdir: a checkpoints/ folder or one of its step folders.',
+)
 flags.mark_flags_as_required(['workdir'])
 
 

@@ -20,29 +20,45 @@ from l2p_jax import paper_grid, paper_report, reproduce
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder of the grid: runs/, transfer/, REPORT.md.')
-flags.DEFINE_enum('scale', 'full', list(paper_grid.SCALES),
-                  'full: as published; small: Fashion-MNIST on ResNet-V1(8) x0.5 for '
-                  'a 2-core CPU; tiny: for tests.')
-flags.DEFINE_list('tables', [], f'Tables to reproduce (default: the scale\'s): '
-                  f'{", ".join(paper_grid.TABLES)}.')
+flags.DEFINE_enum(
+  'scale',
+  'full',
+  list(paper_grid.SCALES),
+  'full: as published; small: Fashion-MNIST on ResNet-V1(8) x0.5 for '
+  'a 2-core CPU; tiny: for tests.',
+)
+flags.DEFINE_list(
+  'tables', [], f"Tables to reproduce (default: the scale's): {', '.join(paper_grid.TABLES)}."
+)
 flags.DEFINE_list('methods', [], f'Only these methods: {", ".join(paper_grid.METHODS)}.')
-flags.DEFINE_list('archs', [], 'Only these of the paper\'s networks: resnet20, '
-                  'resnet20x1.5, resnet18, ...')
+flags.DEFINE_list(
+  'archs', [], "Only these of the paper's networks: resnet20, resnet20x1.5, resnet18, ..."
+)
 flags.DEFINE_integer('seeds', 1, 'Runs per cell (seeds 0..N-1); cells report mean +- std.')
-flags.DEFINE_string('data_dir', None, 'Folder with the dataset\'s original files (idx '
-                    'or CIFAR archives); default: /usr/share/datasets/fashion-mnist at '
-                    'the small scale, TFDS at the full scale; \'\' reads TFDS.')
+flags.DEFINE_string(
+  'data_dir',
+  None,
+  "Folder with the dataset's original files (idx "
+  'or CIFAR archives); default: /usr/share/datasets/fashion-mnist at '
+  "the small scale, TFDS at the full scale; '' reads TFDS.",
+)
 flags.DEFINE_bool('plan', False, 'Print every job as one command line and stop.')
-flags.DEFINE_string('slurm', None, 'Write a SLURM array script (one task per job) here '
-                    'and stop.')
+flags.DEFINE_string('slurm', None, 'Write a SLURM array script (one task per job) here and stop.')
 flags.DEFINE_bool('assemble', False, 'Only write REPORT.md from what has finished.')
 flags.mark_flags_as_required(['workdir'])
 
 
 def assemble_command() -> str:
   """This command line with --assemble instead of --plan/--slurm."""
-  words = ['python', 'reproduce.py', '--workdir', FLAGS.workdir, '--scale', FLAGS.scale,
-           f'--seeds={FLAGS.seeds}']
+  words = [
+    'python',
+    'reproduce.py',
+    '--workdir',
+    FLAGS.workdir,
+    '--scale',
+    FLAGS.scale,
+    f'--seeds={FLAGS.seeds}',
+  ]
   for name in ('tables', 'methods', 'archs'):
     if FLAGS[name].value:
       words.append(f'--{name}={",".join(FLAGS[name].value)}')
@@ -56,8 +72,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     plan = paper_grid.make_plan(
-        FLAGS.workdir, scale=FLAGS.scale, tables=FLAGS.tables, methods=FLAGS.methods,
-        archs=FLAGS.archs, seeds=FLAGS.seeds, data_dir=FLAGS.data_dir)
+      FLAGS.workdir,
+      scale=FLAGS.scale,
+      tables=FLAGS.tables,
+      methods=FLAGS.methods,
+      archs=FLAGS.archs,
+      seeds=FLAGS.seeds,
+      data_dir=FLAGS.data_dir,
+    )
   except ValueError as error:
     raise SystemExit(f'reproduce.py: {error}') from None
   if FLAGS.plan:

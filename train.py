@@ -13,8 +13,9 @@ from ml_collections import config_flags
 from l2p_jax import cli, distributed, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE.py[:ARG]).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file (FILE.py[:ARG]).', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
 flags.mark_flags_as_required(['config', 'workdir'])
 

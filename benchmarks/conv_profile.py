@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +44,18 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
 def jax_passes(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]]:
   """Jitted forward, input-gradient and kernel-gradient convolutions (NHWC, HWIO)."""
   conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
-      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   x, w = jnp.asarray(x), jnp.asarray(w)
   g = conv(x, w)
   forward = jax.jit(conv)
   grad_x = jax.jit(lambda x, w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
   grad_w = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
-  return {'forward': lambda: forward(x, w).block_until_ready(),
-          'input gradient': lambda: grad_x(x, w, g).block_until_ready(),
-          'kernel gradient': lambda: grad_w(x, w, g).block_until_ready()}
+  return {
+    'forward': lambda: forward(x, w).block_until_ready(),
+    'input gradient': lambda: grad_x(x, w, g).block_until_ready(),
+    'kernel gradient': lambda: grad_w(x, w, g).block_until_ready(),
+  }
 
 
 def torch_passes(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]]:
@@ -62,9 +65,10 @@ def torch_passes(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]
   g = F.conv2d(xt, wt, padding=1)
   size = xt.shape
   return {
-      'forward': lambda: F.conv2d(xt, wt, padding=1),
-      'input gradient': lambda: torch.nn.grad.conv2d_input(size, wt, g, padding=1),
-      'kernel gradient': lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, g, padding=1)}
+    'forward': lambda: F.conv2d(xt, wt, padding=1),
+    'input gradient': lambda: torch.nn.grad.conv2d_input(size, wt, g, padding=1),
+    'kernel gradient': lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, g, padding=1),
+  }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,8 +79,10 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if torch is not None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-  print(f'load {os.getloadavg()[0]:.2f}, jax {jax.__version__}, torch '
-        f'{torch.__version__ if torch else "not installed"}, batch {args.batch}')
+  print(
+    f'load {os.getloadavg()[0]:.2f}, jax {jax.__version__}, torch '
+    f'{torch.__version__ if torch else "not installed"}, batch {args.batch}'
+  )
   print('| stage (HxW, channels) | pass | JAX GFLOP/s | PyTorch GFLOP/s | PyTorch/JAX |')
   print('|---|---|---|---|---|')
   rng = np.random.default_rng(0)
@@ -88,10 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     torch_calls = torch_passes(x, w) if torch is not None else {}
     for name, call in jax_calls.items():
       jax_rate = flops / median_seconds(call, args.repeats) / 1e9
-      torch_rate = (flops / median_seconds(torch_calls[name], args.repeats) / 1e9
-                    if torch_calls else float('nan'))
-      print(f'| {side}x{side}, {channels} | {name} | {jax_rate:.1f} | {torch_rate:.1f} | '
-            f'{torch_rate / jax_rate:.2f} |', flush=True)
+      torch_rate = (
+        flops / median_seconds(torch_calls[name], args.repeats) / 1e9
+        if torch_calls
+        else float('nan')
+      )
+      print(
+        f'| {side}x{side}, {channels} | {name} | {jax_rate:.1f} | {torch_rate:.1f} | '
+        f'{torch_rate / jax_rate:.2f} |',
+        flush=True,
+      )
   print(f'load {os.getloadavg()[0]:.2f}')
 
 

@@ -25,23 +25,24 @@ NOISY = 1.25  # Timed calls whose slowest took this much longer than the fastest
 def _seconds(case: dict[str, Any]) -> str:
   times = case['times_s']
   noisy = ' noisy' if max(times) > NOISY * min(times) else ''
-  return f"{case['median_s']:.3g} [{min(times):.3g}-{max(times):.3g}]{noisy}"
+  return f'{case["median_s"]:.3g} [{min(times):.3g}-{max(times):.3g}]{noisy}'
 
 
 def _compile(case: dict[str, Any]) -> str:
   xla = case.get('compile')
-  return f"{xla['trace_s'] + xla['compile_s']:.1f}" if xla else '-'
+  return f'{xla["trace_s"] + xla["compile_s"]:.1f}' if xla else '-'
 
 
 def _load(case: dict[str, Any]) -> str:
-  return f"{case['load_before'][0]:.1f}->{case['load_after'][0]:.1f}"
+  return f'{case["load_before"][0]:.1f}->{case["load_after"][0]:.1f}'
 
 
 def _memory(case: dict[str, Any]) -> str:
   memory = case['memory']
   growth = memory.get('growth_bytes')
-  return f"{memory['peak_bytes'] / MIB:.0f}" + (
-      f' (+{growth / MIB:.0f})' if growth is not None else '')
+  return f'{memory["peak_bytes"] / MIB:.0f}' + (
+    f' (+{growth / MIB:.0f})' if growth is not None else ''
+  )
 
 
 def _loop(case: dict[str, Any]) -> str:
@@ -53,8 +54,9 @@ def _same_work(a: dict[str, Any], b: dict[str, Any]) -> bool:
   return all(a.get(k) == b.get(k) for k in keys)
 
 
-def ratio(case: dict[str, Any], cases: list[dict[str, Any]],
-          statistic=lambda c: c['median_s']) -> float | None:
+def ratio(
+  case: dict[str, Any], cases: list[dict[str, Any]], statistic=lambda c: c['median_s']
+) -> float | None:
   """PyTorch's seconds per call over JAX's (JAX's speed-up) for the same work in the
   same run, from the medians or another statistic of the timed calls."""
   if case['framework'] != 'jax':
@@ -81,32 +83,102 @@ def train_table(cases: list[dict[str, Any]]) -> str:
     if c['suite'] != 'train':
       continue
     checks = c.get('checks', {})
-    check = (f"{checks['donated_buffers']}/{checks['state_buffers']} donated, "
-             f"{checks['host_callbacks']} callbacks" if checks else '-')
+    check = (
+      f'{checks["donated_buffers"]}/{checks["state_buffers"]} donated, '
+      f'{checks["host_callbacks"]} callbacks'
+      if checks
+      else '-'
+    )
     xla = c.get('compile') or {}
-    flops = f"{xla['flops'] / 1e9:.0f}" if xla.get('flops') else '-'
-    rows.append([c['arch'], c['method'], c['framework'], c['dtype'], _loop(c),
-                 c.get('input', '-'), str(c['pgd_steps']), str(c['batch']),
-                 f"{c['images_per_s']:.1f}",
-                 _seconds(c), _ratio(c, cases), _compile(c), flops, _memory(c),
-                 check, _load(c)])
-  return _table(['arch', 'method', 'framework', 'dtype', 'PGD loop', 'batches from',
-                 'PGD steps', 'batch',
-                 'images/s', 'step s: median [min-max]', 'JAX/PyTorch (best)', 'compile s',
-                 'XLA GFLOP*', 'peak MiB', 'checks', 'load 1-min'], rows)
+    flops = f'{xla["flops"] / 1e9:.0f}' if xla.get('flops') else '-'
+    rows.append(
+      [
+        c['arch'],
+        c['method'],
+        c['framework'],
+        c['dtype'],
+        _loop(c),
+        c.get('input', '-'),
+        str(c['pgd_steps']),
+        str(c['batch']),
+        f'{c["images_per_s"]:.1f}',
+        _seconds(c),
+        _ratio(c, cases),
+        _compile(c),
+        flops,
+        _memory(c),
+        check,
+        _load(c),
+      ]
+    )
+  return _table(
+    [
+      'arch',
+      'method',
+      'framework',
+      'dtype',
+      'PGD loop',
+      'batches from',
+      'PGD steps',
+      'batch',
+      'images/s',
+      'step s: median [min-max]',
+      'JAX/PyTorch (best)',
+      'compile s',
+      'XLA GFLOP*',
+      'peak MiB',
+      'checks',
+      'load 1-min',
+    ],
+    rows,
+  )
 
 
 def attack_table(cases: list[dict[str, Any]]) -> str:
   """One row per measured attack."""
-  rows = [[c['arch'], c['method'], c['attack'], c['framework'], c['dtype'], _loop(c),
-           str(c['eot_draws']), str(c['grads_per_example']), str(c['batch']),
-           f"{c['images_per_s']:.2f}", f"{c['images_per_s'] * c['grads_per_example']:.0f}",
-           _seconds(c), _ratio(c, cases), _compile(c), _memory(c), _load(c)]
-          for c in cases if c['suite'] == 'attacks']
-  return _table(['arch', 'method', 'attack', 'framework', 'dtype', 'loop', 'EOT draws',
-                 'gradients/example', 'batch', 'images/s', 'gradient-images/s',
-                 'call s: median [min-max]', 'JAX/PyTorch (best)', 'compile s', 'peak MiB',
-                 'load 1-min'], rows)
+  rows = [
+    [
+      c['arch'],
+      c['method'],
+      c['attack'],
+      c['framework'],
+      c['dtype'],
+      _loop(c),
+      str(c['eot_draws']),
+      str(c['grads_per_example']),
+      str(c['batch']),
+      f'{c["images_per_s"]:.2f}',
+      f'{c["images_per_s"] * c["grads_per_example"]:.0f}',
+      _seconds(c),
+      _ratio(c, cases),
+      _compile(c),
+      _memory(c),
+      _load(c),
+    ]
+    for c in cases
+    if c['suite'] == 'attacks'
+  ]
+  return _table(
+    [
+      'arch',
+      'method',
+      'attack',
+      'framework',
+      'dtype',
+      'loop',
+      'EOT draws',
+      'gradients/example',
+      'batch',
+      'images/s',
+      'gradient-images/s',
+      'call s: median [min-max]',
+      'JAX/PyTorch (best)',
+      'compile s',
+      'peak MiB',
+      'load 1-min',
+    ],
+    rows,
+  )
 
 
 def render_result(name: str, result: dict[str, Any]) -> str:
@@ -114,18 +186,19 @@ def render_result(name: str, result: dict[str, Any]) -> str:
   m, s, code = result['machine'], result['settings'], result['code']
   v = m['versions']
   parts = [
-      f"### `{os.path.basename(name)}` ({result['created']})",
-      f"Machine: {m['cpu']}, {m['usable_cores']} usable cores of {m['cpu_count']}, "
-      f"GPU: {m['gpu'] or 'none'}; JAX backend {m['jax_backend']}; PyTorch on "
-      f"{m['torch_device'] or '-'} with {m['torch_threads'] or '-'} threads"
-      f"{', denormals flushed' if m.get('torch_flush_denormal') else ''}. Python "
-      f"{v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, optax "
-      f"{v['optax']}, torch {v['torch'] or 'not installed'}. Environment: "
-      f"{', '.join(f'{k}={x}' for k, x in m.get('env', {}).items()) or 'no overrides'}. "
-      f"Code: commit "
-      f"{(code['commit'] or '?')[:10]}{' with l2p_jax modified' if code['l2p_jax_modified'] else ''}.",
-      f"Command: `{' '.join(result['command'])}` ({s['repeats']} timed repeats after "
-      f"{s['warmup']} warm-up call(s)).",
+    f'### `{os.path.basename(name)}` ({result["created"]})',
+    f'Machine: {m["cpu"]}, {m["usable_cores"]} usable cores of {m["cpu_count"]}, '
+    f'GPU: {m["gpu"] or "none"}; JAX backend {m["jax_backend"]}; PyTorch on '
+    f'{m["torch_device"] or "-"} with {m["torch_threads"] or "-"} threads'
+    f'{", denormals flushed" if m.get("torch_flush_denormal") else ""}. Python '
+    f'{v["python"]}, jax {v["jax"]}, jaxlib {v["jaxlib"]}, flax {v["flax"]}, optax '
+    f'{v["optax"]}, torch {v["torch"] or "not installed"}. Environment: '
+    f'{", ".join(f"{k}={x}" for k, x in m.get("env", {}).items()) or "no overrides"}. '
+    f'Code: commit '
+    f'{(code["commit"] or "?")[:10]}'
+    f'{" with l2p_jax modified" if code["l2p_jax_modified"] else ""}.',
+    f'Command: `{" ".join(result["command"])}` ({s["repeats"]} timed repeats after '
+    f'{s["warmup"]} warm-up call(s)).',
   ]
   parts += [f'Note: {note}' for note in result['notes']]
   cases = result['cases']
@@ -134,9 +207,13 @@ def render_result(name: str, result: dict[str, Any]) -> str:
   if any(c['suite'] == 'attacks' for c in cases):
     parts.append(attack_table(cases))
   if result['failed']:
-    parts.append('Failed: ' + '; '.join(
-        f"{f['framework']} {f.get('suite')} {f.get('method')} {f.get('arch')}: {f['error']}"
-        for f in result['failed']))
+    parts.append(
+      'Failed: '
+      + '; '.join(
+        f'{f["framework"]} {f.get("suite")} {f.get("method")} {f.get("arch")}: {f["error"]}'
+        for f in result['failed']
+      )
+    )
   return '\n\n'.join(parts)
 
 
@@ -146,23 +223,25 @@ def render(paths: list[str]) -> str:
   for path in sorted(paths):
     with open(path) as f:
       sections.append(render_result(path, json.load(f)))
-  legend = ('Columns: images/s = batch / median seconds per call; "noisy" marks a case '
-            f'whose slowest timed call took over {NOISY}x its fastest (other processes '
-            'competed for the CPU); JAX/PyTorch = JAX '
-            'images/s over the PyTorch reference\'s for the same work in the same run '
-            '(from medians; in parentheses from the fastest timed call of each, the '
-            'estimate least disturbed by other processes); '
-            'compile s = trace + XLA compile; *XLA GFLOP from cost_analysis() counts a '
-            'while-loop body once (a rolled PGD loop is undercounted); peak MiB = device '
-            'peak on GPU, else the process RSS peak while the case was compiled and warmed '
-            'up (it includes the Python runtime, both frameworks and what earlier cases '
-            'left resident), in parentheses its growth over the RSS when the case began; '
-            'batches from = the training split kept on the device (gathered inside the '
-            'step, the training loop\'s default) or the host (gathered there and '
-            'transferred, two batches ahead); checks = state buffers reused by '
-            'donation and host callbacks in the compiled step; load 1-min = '
-            'os.getloadavg()[0] before -> after the interleaved timed calls of the case and '
-            'those it is compared with.')
+  legend = (
+    'Columns: images/s = batch / median seconds per call; "noisy" marks a case '
+    f'whose slowest timed call took over {NOISY}x its fastest (other processes '
+    'competed for the CPU); JAX/PyTorch = JAX '
+    "images/s over the PyTorch reference's for the same work in the same run "
+    '(from medians; in parentheses from the fastest timed call of each, the '
+    'estimate least disturbed by other processes); '
+    'compile s = trace + XLA compile; *XLA GFLOP from cost_analysis() counts a '
+    'while-loop body once (a rolled PGD loop is undercounted); peak MiB = device '
+    'peak on GPU, else the process RSS peak while the case was compiled and warmed '
+    'up (it includes the Python runtime, both frameworks and what earlier cases '
+    'left resident), in parentheses its growth over the RSS when the case began; '
+    'batches from = the training split kept on the device (gathered inside the '
+    "step, the training loop's default) or the host (gathered there and "
+    'transferred, two batches ahead); checks = state buffers reused by '
+    'donation and host callbacks in the compiled step; load 1-min = '
+    'os.getloadavg()[0] before -> after the interleaved timed calls of the case and '
+    'those it is compared with.'
+  )
   return '\n\n'.join([BEGIN, legend, *sections, END])
 
 
@@ -170,7 +249,7 @@ def update_markdown(path: str, block: str) -> None:
   """Replaces the generated block of `path` (appends it when the markers are missing)."""
   text = pathlib.Path(path).read_text() if os.path.exists(path) else '# Benchmarks\n'
   if BEGIN in text and END in text:
-    text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
   else:
     text = text.rstrip('\n') + '\n\n' + block + '\n'
   pathlib.Path(path).write_text(text)
@@ -179,8 +258,11 @@ def update_markdown(path: str, block: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   """Renders every results file into BENCHMARKS.md."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--results', nargs='*',
-                      default=sorted(glob.glob(str(ROOT / 'benchmarks' / 'results' / '*.json'))))
+  parser.add_argument(
+    '--results',
+    nargs='*',
+    default=sorted(glob.glob(str(ROOT / 'benchmarks' / 'results' / '*.json'))),
+  )
   parser.add_argument('--out', default=str(ROOT / 'BENCHMARKS.md'))
   args = parser.parse_args(argv)
   update_markdown(args.out, render(args.results))

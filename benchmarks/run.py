@@ -32,7 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -41,19 +42,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/ and l2p_jax.
 
 from benchmarks import render  # noqa: E402
-from l2p_jax import (attacks, data, experiment, models, optim, sharding,  # noqa: E402
-                     training)
+from l2p_jax import attacks, data, experiment, models, optim, sharding, training  # noqa: E402
 
 try:
   import torch
+
   from l2p_jax.interop import torch_step
 except ImportError:  # torch is optional: the JAX figures stand alone.
   torch = None
 
 SUITES = ('train', 'attacks', 'all')
 # Settings that change the speed of XLA:CPU or PyTorch's OpenMP threads, kept with results.
-ENV_VARS = ('XLA_FLAGS', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT',
-            'MKL_NUM_THREADS', 'CUDA_VISIBLE_DEVICES')
+ENV_VARS = (
+  'XLA_FLAGS',
+  'OMP_NUM_THREADS',
+  'OMP_WAIT_POLICY',
+  'GOMP_SPINCOUNT',
+  'MKL_NUM_THREADS',
+  'CUDA_VISIBLE_DEVICES',
+)
 ATTACKS = ('pgd7', 'eot_pgd', 'apgd')
 # Where a training step's batch comes from: the split kept on the device (the default
 # of the training loop) or the host, gathered and transferred ahead of the step.
@@ -63,38 +70,60 @@ NUM_CLASSES = 10
 MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 TRAIN_EXAMPLES = 50_000  # Adv-BNN's KL weight is 1 / N_train, as on CIFAR-10.
 # --quick: a small network and batch, so the whole run takes a minute or two on a CPU.
-QUICK = dict(archs='resnet8', width=0.5, batch=16, repeats=2, apgd_steps=4,
-             eot_draws=2, split_examples=1024)
+QUICK = dict(
+  archs='resnet8', width=0.5, batch=16, repeats=2, apgd_steps=4, eot_draws=2, split_examples=1024
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   """The command line; with --quick, the QUICK settings unless given explicitly."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--suite', choices=SUITES, default='all')
-  parser.add_argument('--methods', default=','.join(models.METHODS),
-                      help='comma-separated training methods (train suite)')
+  parser.add_argument(
+    '--methods',
+    default=','.join(models.METHODS),
+    help='comma-separated training methods (train suite)',
+  )
   parser.add_argument('--archs', default='resnet20,resnet18')
   parser.add_argument('--width', type=float, default=1.0)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--repeats', type=int, default=3, help='timed calls per case')
-  parser.add_argument('--warmup', type=int, default=1,
-                      help='untimed calls after compiling (at least 1)')
+  parser.add_argument(
+    '--warmup', type=int, default=1, help='untimed calls after compiling (at least 1)'
+  )
   parser.add_argument('--dtypes', default='float32', help='float32,bfloat16 (JAX only)')
-  parser.add_argument('--unrolls', default='0',
-                      help='0 (rolled fori_loop), 1 (unrolled) or 0,1 (JAX only)')
-  parser.add_argument('--inputs', default='device',
-                      help='device (split kept on the device), host or device,host (JAX)')
-  parser.add_argument('--split-examples', type=int, default=TRAIN_EXAMPLES,
-                      help='random uint8 training split the steps draw batches from')
-  parser.add_argument('--alternation', choices=experiment.ALTERNATIONS, default='paper',
-                      help="L2P's update order (both frameworks)")
+  parser.add_argument(
+    '--unrolls', default='0', help='0 (rolled fori_loop), 1 (unrolled) or 0,1 (JAX only)'
+  )
+  parser.add_argument(
+    '--inputs',
+    default='device',
+    help='device (split kept on the device), host or device,host (JAX)',
+  )
+  parser.add_argument(
+    '--split-examples',
+    type=int,
+    default=TRAIN_EXAMPLES,
+    help='random uint8 training split the steps draw batches from',
+  )
+  parser.add_argument(
+    '--alternation',
+    choices=experiment.ALTERNATIONS,
+    default='paper',
+    help="L2P's update order (both frameworks)",
+  )
   parser.add_argument('--attacks', default=','.join(ATTACKS))
-  parser.add_argument('--attack-methods', default='l2p',
-                      help='methods whose (randomly initialized) networks are attacked')
-  parser.add_argument('--eot-draws', type=int, default=20,
-                      help='EOT draws of eot_pgd and apgd (AutoAttack-rand: 20)')
-  parser.add_argument('--apgd-steps', type=int, default=100,
-                      help='iterations of each of APGD-CE and APGD-DLR')
+  parser.add_argument(
+    '--attack-methods',
+    default='l2p',
+    help='methods whose (randomly initialized) networks are attacked',
+  )
+  parser.add_argument(
+    '--eot-draws', type=int, default=20, help='EOT draws of eot_pgd and apgd (AutoAttack-rand: 20)'
+  )
+  parser.add_argument(
+    '--apgd-steps', type=int, default=100, help='iterations of each of APGD-CE and APGD-DLR'
+  )
   parser.add_argument('--devices', type=int, default=1, help='devices on the data mesh')
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--quick', action='store_true', help=f'defaults {QUICK}')
@@ -104,10 +133,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
-  for name, allowed in (('methods', models.METHODS), ('attack_methods', models.METHODS),
-                        ('attacks', ATTACKS), ('dtypes', tuple(experiment.DTYPES)),
-                        ('inputs', INPUTS),
-                        ('unrolls', ('0', '1'))):
+  for name, allowed in (
+    ('methods', models.METHODS),
+    ('attack_methods', models.METHODS),
+    ('attacks', ATTACKS),
+    ('dtypes', tuple(experiment.DTYPES)),
+    ('inputs', INPUTS),
+    ('unrolls', ('0', '1')),
+  ):
     values = [v for v in getattr(args, name).split(',') if v]
     bad = [v for v in values if v not in allowed]
     if bad:
@@ -120,8 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   if min(args.repeats, args.batch, args.devices, args.warmup) < 1:
     parser.error('--repeats, --batch, --devices and --warmup must be at least 1')
   if args.split_examples < args.batch:
-    parser.error(f'--split-examples {args.split_examples} is smaller than --batch '
-                 f'{args.batch}')
+    parser.error(f'--split-examples {args.split_examples} is smaller than --batch {args.batch}')
   return args
 
 
@@ -130,43 +162,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def machine_info() -> dict[str, Any]:
   """CPU model, cores, memory, accelerators and library versions of this machine."""
+
   def first(path: str, key: str) -> str | None:
     try:
       with open(path) as f:
-        return next((line.split(':', 1)[1].strip() for line in f if line.startswith(key)),
-                    None)
+        return next((line.split(':', 1)[1].strip() for line in f if line.startswith(key)), None)
     except OSError:
       return None
+
   devices = jax.devices()
-  versions = {'python': platform.python_version(), 'jax': jax.__version__,
-              'jaxlib': importlib.metadata.version('jaxlib'),
-              'flax': importlib.metadata.version('flax'),
-              'optax': importlib.metadata.version('optax'),
-              'torch': torch.__version__ if torch else None}
+  versions = {
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+    'jaxlib': importlib.metadata.version('jaxlib'),
+    'flax': importlib.metadata.version('flax'),
+    'optax': importlib.metadata.version('optax'),
+    'torch': torch.__version__ if torch else None,
+  }
   return {
-      'cpu': first('/proc/cpuinfo', 'model name') or platform.processor(),
-      'cpu_count': os.cpu_count(), 'usable_cores': len(os.sched_getaffinity(0)),
-      'memory_total': first('/proc/meminfo', 'MemTotal'),
-      'platform': platform.platform(), 'jax_backend': jax.default_backend(),
-      'devices': [d.device_kind for d in devices],
-      'gpu': devices[0].device_kind if devices[0].platform == 'gpu' else None,
-      'torch_threads': torch.get_num_threads() if torch else None,
-      'torch_device': torch_device() if torch else None,
-      'env': {k: os.environ[k] for k in ENV_VARS if k in os.environ},
-      'versions': versions}
+    'cpu': first('/proc/cpuinfo', 'model name') or platform.processor(),
+    'cpu_count': os.cpu_count(),
+    'usable_cores': len(os.sched_getaffinity(0)),
+    'memory_total': first('/proc/meminfo', 'MemTotal'),
+    'platform': platform.platform(),
+    'jax_backend': jax.default_backend(),
+    'devices': [d.device_kind for d in devices],
+    'gpu': devices[0].device_kind if devices[0].platform == 'gpu' else None,
+    'torch_threads': torch.get_num_threads() if torch else None,
+    'torch_device': torch_device() if torch else None,
+    'env': {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+    'versions': versions,
+  }
 
 
 def code_info() -> dict[str, Any]:
   """Which l2p_jax was measured: its path, the git commit and whether it was modified."""
+
   def git(*cmd: str) -> str | None:
     try:
-      return subprocess.run(['git', '-C', str(ROOT), *cmd], capture_output=True,
-                            text=True, check=True).stdout.strip()
+      return subprocess.run(
+        ['git', '-C', str(ROOT), *cmd], capture_output=True, text=True, check=True
+      ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
       return None
+
   status = git('status', '--porcelain', '--', 'l2p_jax')
-  return {'l2p_jax': os.path.dirname(training.__file__), 'commit': git('rev-parse', 'HEAD'),
-          'l2p_jax_modified': bool(status) if status is not None else None}
+  return {
+    'l2p_jax': os.path.dirname(training.__file__),
+    'commit': git('rev-parse', 'HEAD'),
+    'l2p_jax_modified': bool(status) if status is not None else None,
+  }
 
 
 def torch_device() -> str:
@@ -204,17 +249,23 @@ def peak_memory(framework: str, reset: bool, start_bytes: int | None) -> dict[st
   the process RSS peak (ru_maxrss, since the case began when `reset`) and its growth
   over the RSS at the start (what the case added to what was resident before)."""
   if framework == 'torch' and torch_device() == 'cuda':
-    return {'source': 'torch.cuda.max_memory_allocated',
-            'peak_bytes': torch.cuda.max_memory_allocated()}
+    return {
+      'source': 'torch.cuda.max_memory_allocated',
+      'peak_bytes': torch.cuda.max_memory_allocated(),
+    }
   stats = jax.devices()[0].memory_stats() if framework == 'jax' else None
   if stats and 'peak_bytes_in_use' in stats:
-    return {'source': 'jax memory_stats peak_bytes_in_use (process lifetime)',
-            'peak_bytes': stats['peak_bytes_in_use']}
+    return {
+      'source': 'jax memory_stats peak_bytes_in_use (process lifetime)',
+      'peak_bytes': stats['peak_bytes_in_use'],
+    }
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  return {'source': 'process RSS peak (ru_maxrss' + (
-      ', reset before the case)' if reset else ', process lifetime)'),
-          'peak_bytes': peak,
-          'growth_bytes': peak - start_bytes if reset and start_bytes else None}
+  return {
+    'source': 'process RSS peak (ru_maxrss'
+    + (', reset before the case)' if reset else ', process lifetime)'),
+    'peak_bytes': peak,
+    'growth_bytes': peak - start_bytes if reset and start_bytes else None,
+  }
 
 
 def warm_up(call: Callable[[], Any], calls: int) -> float:
@@ -252,13 +303,15 @@ def compile_jax(jitted, *args, **static) -> tuple[Any, dict[str, Any]]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
   return compiled, {
-      'trace_s': traced - start, 'compile_s': done - traced,
-      'flops': float(cost.get('flops', 0.0)) if cost else None,
-      'argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
-      'output_bytes': getattr(memory, 'output_size_in_bytes', None),
-      'alias_bytes': getattr(memory, 'alias_size_in_bytes', None),
-      'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
-      'host_callbacks': lowered.as_text().count('callback')}
+    'trace_s': traced - start,
+    'compile_s': done - traced,
+    'flops': float(cost.get('flops', 0.0)) if cost else None,
+    'argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
+    'output_bytes': getattr(memory, 'output_size_in_bytes', None),
+    'alias_bytes': getattr(memory, 'alias_size_in_bytes', None),
+    'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
+    'host_callbacks': lowered.as_text().count('callback'),
+  }
 
 
 # A case to measure: (framework, record fields, function preparing it). Preparing
@@ -266,8 +319,7 @@ def compile_jax(jitted, *args, **static) -> tuple[Any, dict[str, Any]]:
 Case = tuple[str, dict[str, Any], Callable[[], tuple[Callable[[], Any], dict[str, Any]]]]
 
 
-def measure_group(cases: list[Case], args: argparse.Namespace,
-                  results: dict[str, Any]) -> None:
+def measure_group(cases: list[Case], args: argparse.Namespace, results: dict[str, Any]) -> None:
   """Prepares each case (with its peak memory), times all of them interleaved, appends
   their records to `results` and rewrites the JSON file (a long run keeps what it has)."""
   prepared = []
@@ -280,18 +332,36 @@ def measure_group(cases: list[Case], args: argparse.Namespace,
       print(f'  FAILED: {error!r}', flush=True)
       results['failed'].append({'framework': framework, **record, 'error': repr(error)})
       continue
-    prepared.append((call, {'framework': framework, **record, **info,
-                            'memory': peak_memory(framework, reset, start_bytes)}))
+    prepared.append(
+      (
+        call,
+        {
+          'framework': framework,
+          **record,
+          **info,
+          'memory': peak_memory(framework, reset, start_bytes),
+        },
+      )
+    )
   load_before = list(os.getloadavg())
   times = time_interleaved([call for call, _ in prepared], args.repeats)
   load_after = list(os.getloadavg())
   for (_, record), spent in zip(prepared, times):
     median = statistics.median(spent)
-    results['cases'].append({**record, 'times_s': spent, 'median_s': median,
-                             'images_per_s': args.batch / median,
-                             'load_before': load_before, 'load_after': load_after})
-    print(f"  {record['framework']}: median {median:.3f} s, "
-          f"{args.batch / median:.1f} images/s", flush=True)
+    results['cases'].append(
+      {
+        **record,
+        'times_s': spent,
+        'median_s': median,
+        'images_per_s': args.batch / median,
+        'load_before': load_before,
+        'load_after': load_after,
+      }
+    )
+    print(
+      f'  {record["framework"]}: median {median:.3f} s, {args.batch / median:.1f} images/s',
+      flush=True,
+    )
   print(f'  load {load_before[0]:.2f} -> {load_after[0]:.2f}', flush=True)
   write_json(results, args.out)
 
@@ -316,9 +386,16 @@ def load_get_config() -> Callable[[str], Any]:
   return module.get_config
 
 
-def experiment_config(method: str, arch: str, *, width: float = 1.0, batch: int = 128,
-                      alternation: str = 'paper', dtype: str = 'float32',
-                      unroll: bool = False):
+def experiment_config(
+  method: str,
+  arch: str,
+  *,
+  width: float = 1.0,
+  batch: int = 128,
+  alternation: str = 'paper',
+  dtype: str = 'float32',
+  unroll: bool = False,
+):
   """The paper's config of `method` on `arch`, in the phase where everything is on:
   noise (from epoch 0), PGD examples (except method none), noise-parameter updates."""
   config = load_get_config()(f'{method},{arch},cifar10')
@@ -336,8 +413,10 @@ def experiment_config(method: str, arch: str, *, width: float = 1.0, batch: int 
 def random_batch(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """A uint8 NHWC image batch and labels, as the data pipeline yields them."""
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (batch, *IMAGE_SHAPE), dtype=np.uint8),
-          'label': rng.integers(0, NUM_CLASSES, batch).astype(np.int32)}
+  return {
+    'image': rng.integers(0, 256, (batch, *IMAGE_SHAPE), dtype=np.uint8),
+    'label': rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+  }
 
 
 @functools.lru_cache(maxsize=1)
@@ -345,40 +424,47 @@ def random_split(num_examples: int) -> data.HostSplit:
   """A CIFAR-sized uint8 training split of random images, as the loader returns one."""
   rng = np.random.default_rng(3)
   return data.HostSplit(
-      'random', 'train', num_classes=NUM_CLASSES,
-      images=rng.integers(0, 256, (num_examples, *IMAGE_SHAPE), dtype=np.uint8),
-      labels=rng.integers(0, NUM_CLASSES, num_examples).astype(np.int32))
+    'random',
+    'train',
+    num_classes=NUM_CLASSES,
+    images=rng.integers(0, 256, (num_examples, *IMAGE_SHAPE), dtype=np.uint8),
+    labels=rng.integers(0, NUM_CLASSES, num_examples).astype(np.int32),
+  )
 
 
 def jax_model_and_state(config, mesh: jax.sharding.Mesh):
   """The model, optimizers and a fresh initial train state (replicated on `mesh`) of
   `config`; the jitted initializer is compiled once per network and reused."""
   model, optimizers, init = _initializer(
-      config.method, config.model.arch, config.model.width, config.model.dtype, mesh)
+    config.method, config.model.arch, config.model.width, config.model.dtype, mesh
+  )
   return model, optimizers, init(jax.random.key(config.seed))
 
 
-@functools.lru_cache(maxsize=None)
-def _initializer(method: str, arch: str, width: float, dtype: str,
-                 mesh: jax.sharding.Mesh):
+@functools.cache
+def _initializer(method: str, arch: str, width: float, dtype: str, mesh: jax.sharding.Mesh):
   config = experiment_config(method, arch, width=width, dtype=dtype)
   model = experiment.build_model(config, NUM_CLASSES, *MEAN_STD)
-  optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
-                                     config.optim.weight_decay)
-  init = jax.jit(functools.partial(training.create_train_state, model, optimizers,
-                                   image_shape=IMAGE_SHAPE),
-                 out_shardings=sharding.replicated_sharding(mesh))
+  optimizers = optim.make_optimizers(
+    config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
+  )
+  init = jax.jit(
+    functools.partial(training.create_train_state, model, optimizers, image_shape=IMAGE_SHAPE),
+    out_shardings=sharding.replicated_sharding(mesh),
+  )
   return model, optimizers, init
 
 
 def args_config(args: argparse.Namespace, method: str, arch: str, **kwargs):
   """experiment_config with the command line's width, batch and L2P alternation."""
-  return experiment_config(method, arch, width=args.width, batch=args.batch,
-                           alternation=args.alternation, **kwargs)
+  return experiment_config(
+    method, arch, width=args.width, batch=args.batch, alternation=args.alternation, **kwargs
+  )
 
 
-def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: str,
-                      unroll: bool, inputs: str) -> tuple[Callable[[], None], dict[str, Any]]:
+def prepare_jax_train(
+  args: argparse.Namespace, method: str, arch: str, dtype: str, unroll: bool, inputs: str
+) -> tuple[Callable[[], None], dict[str, Any]]:
   """One training step as the training loop jits it (state donated), compiled ahead of
   time, with a check that the donated state buffers were reused. inputs='device': the
   loop's default, batches gathered inside the step from a split kept on the device,
@@ -390,23 +476,39 @@ def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: s
   model, optimizers, state = jax_model_and_state(config, mesh)
   split = random_split(args.split_examples)
   lr, reg_weight, epoch_start = sharding.replicate(
-      mesh, (np.float32(config.optim.learning_rate), np.float32(config.l2p.gamma),
-             np.int32(0)))
-  step_kwargs = dict(model=model, config=config, optimizers=optimizers,
-                     kl_weight=1.0 / TRAIN_EXAMPLES)
+    mesh, (np.float32(config.optim.learning_rate), np.float32(config.l2p.gamma), np.int32(0))
+  )
+  step_kwargs = dict(
+    model=model, config=config, optimizers=optimizers, kl_weight=1.0 / TRAIN_EXAMPLES
+  )
   phase = training.phase_for_epoch(config, 0)
   if inputs == 'device':
-    step = functools.partial(training.train_step_on_split, batch_size=args.batch,
-                             batch_sharding=sharding.data_sharding(mesh), **step_kwargs)
+    step = functools.partial(
+      training.train_step_on_split,
+      batch_size=args.batch,
+      batch_sharding=sharding.data_sharding(mesh),
+      **step_kwargs,
+    )
     # Call k takes batch k of epoch 0 (past the epoch's end, its last batch again).
-    call_inputs = itertools.repeat((data.put_on_mesh(mesh, split),
-                               data.epoch_order_on_mesh(mesh, 0, 0, split.num_examples),
-                               epoch_start))
+    call_inputs = itertools.repeat(
+      (
+        data.put_on_mesh(mesh, split),
+        data.epoch_order_on_mesh(mesh, 0, 0, split.num_examples),
+        epoch_start,
+      )
+    )
   else:
     step = functools.partial(training.train_step, **step_kwargs)
-    call_inputs = ((batch,) for batch in data.device_batches(mesh, itertools.chain.from_iterable(
-        data.train_batches(split, seed=0, epoch=e, batch_size=args.batch)
-        for e in itertools.count())))
+    call_inputs = (
+      (batch,)
+      for batch in data.device_batches(
+        mesh,
+        itertools.chain.from_iterable(
+          data.train_batches(split, seed=0, epoch=e, batch_size=args.batch)
+          for e in itertools.count()
+        ),
+      )
+    )
   step_inputs = next(call_inputs)
   guard = 'disallow' if inputs == 'device' else 'allow'
   jitted = jax.jit(step, static_argnames='phase', donate_argnums=0)
@@ -423,30 +525,42 @@ def prepare_jax_train(args: argparse.Namespace, method: str, arch: str, dtype: s
   first = warm_up(call, args.warmup)
   donated = sum(b.is_deleted() for b in state_buffers)
   return call, {
-      'compile': xla, 'first_call_s': first,
-      'pgd_steps': config.adv.steps if phase.adversarial else 0,
-      'checks': {'state_buffers': len(state_buffers), 'donated_buffers': int(donated),
-                 'transfer_guard': guard,
-                 'host_callbacks': xla['host_callbacks']}}
+    'compile': xla,
+    'first_call_s': first,
+    'pgd_steps': config.adv.steps if phase.adversarial else 0,
+    'checks': {
+      'state_buffers': len(state_buffers),
+      'donated_buffers': int(donated),
+      'transfer_guard': guard,
+      'host_callbacks': xla['host_callbacks'],
+    },
+  }
 
 
-def attack_fn(name: str, args: argparse.Namespace, unroll: bool
-              ) -> tuple[Callable, int, int]:
+def attack_fn(name: str, args: argparse.Namespace, unroll: bool) -> tuple[Callable, int, int]:
   """(attack, EOT draws, input gradients per example) of an attack named in ATTACKS."""
   loop_unroll = True if unroll else 1
-  pgd = functools.partial(attacks.pgd, eps=8 / 255, steps=7, step_size=0.01,
-                          unroll=loop_unroll)
+  pgd = functools.partial(attacks.pgd, eps=8 / 255, steps=7, step_size=0.01, unroll=loop_unroll)
   if name == 'pgd7':
     return pgd, 1, 7
   if name == 'eot_pgd':
     return functools.partial(pgd, eot_draws=args.eot_draws), args.eot_draws, 7 * args.eot_draws
-  return (functools.partial(attacks.autoattack_rand, eps=8 / 255, steps=args.apgd_steps,
-                            eot_draws=args.eot_draws, unroll=loop_unroll),
-          args.eot_draws, 2 * (args.apgd_steps + 1) * args.eot_draws)
+  return (
+    functools.partial(
+      attacks.autoattack_rand,
+      eps=8 / 255,
+      steps=args.apgd_steps,
+      eot_draws=args.eot_draws,
+      unroll=loop_unroll,
+    ),
+    args.eot_draws,
+    2 * (args.apgd_steps + 1) * args.eot_draws,
+  )
 
 
-def prepare_jax_attack(args: argparse.Namespace, method: str, arch: str, attack: str,
-                       dtype: str, unroll: bool) -> tuple[Callable[[], None], dict[str, Any]]:
+def prepare_jax_attack(
+  args: argparse.Namespace, method: str, arch: str, attack: str, dtype: str, unroll: bool
+) -> tuple[Callable[[], None], dict[str, Any]]:
   """One jitted attack on a batch, the network in evaluation mode with its noise on."""
   config = args_config(args, method, arch, dtype=dtype, unroll=unroll)
   mesh = sharding.make_mesh(args.devices)
@@ -458,6 +572,7 @@ def prepare_jax_attack(args: argparse.Namespace, method: str, arch: str, attack:
   def run(variables, key, images, labels):
     def logits_fn(x, k):
       return model.apply(variables, x, train=False, noise=noise, rngs={'noise': k})
+
     return fn(logits_fn, key, data.to_float(images), labels).x_adv
 
   key = jax.device_put(jax.random.key(2), sharding.replicated_sharding(mesh))
@@ -468,9 +583,11 @@ def prepare_jax_attack(args: argparse.Namespace, method: str, arch: str, attack:
     with jax.transfer_guard('disallow'):
       jax.block_until_ready(compiled(*inputs))
 
-  return call, {'compile': xla, 'first_call_s': warm_up(call, args.warmup),
-                'checks': {'transfer_guard': 'disallow',
-                           'host_callbacks': xla['host_callbacks']}}
+  return call, {
+    'compile': xla,
+    'first_call_s': warm_up(call, args.warmup),
+    'checks': {'transfer_guard': 'disallow', 'host_callbacks': xla['host_callbacks']},
+  }
 
 
 def torch_inputs(batch: int, seed: int) -> tuple[Any, Any]:
@@ -491,43 +608,64 @@ def torch_model(method: str, arch: str, args: argparse.Namespace, config):
   """The authors' network for `method` on the reference's device."""
   torch.manual_seed(0)
   return torch_step.build_model(
-      method, arch, num_classes=NUM_CLASSES, width=args.width, mean=MEAN_STD[0],
-      std=MEAN_STD[1], pni_mode=config.model.pni_mode,
-      bnn_init_sigma=config.model.bnn_init_sigma).to(torch_device())
+    method,
+    arch,
+    num_classes=NUM_CLASSES,
+    width=args.width,
+    mean=MEAN_STD[0],
+    std=MEAN_STD[1],
+    pni_mode=config.model.pni_mode,
+    bnn_init_sigma=config.model.bnn_init_sigma,
+  ).to(torch_device())
 
 
-def prepare_torch_train(args: argparse.Namespace, method: str, arch: str
-                        ) -> tuple[Callable[[], None], dict[str, Any]]:
+def prepare_torch_train(
+  args: argparse.Namespace, method: str, arch: str
+) -> tuple[Callable[[], None], dict[str, Any]]:
   """The PyTorch reference of the same training iteration (same network, batch, PGD)."""
   config = args_config(args, method, arch)
   model = torch_model(method, arch, args, config)
   adversarial = training.phase_for_epoch(config, 0).adversarial
   step = torch_step.make_train_step(
-      model, pgd_steps=config.adv.steps, eps=config.adv.eps,
-      step_size=config.adv.step_size, clean_weight=config.adv.clean_weight,
-      adv_weight=config.adv.adv_weight, alternation=config.l2p.alternation,
-      weight_decay=config.optim.weight_decay, kl_weight=1.0 / TRAIN_EXAMPLES,
-      prior_sigma=config.bnn.prior_sigma, theta_floor=config.l2p.theta_floor)
+    model,
+    pgd_steps=config.adv.steps,
+    eps=config.adv.eps,
+    step_size=config.adv.step_size,
+    clean_weight=config.adv.clean_weight,
+    adv_weight=config.adv.adv_weight,
+    alternation=config.l2p.alternation,
+    weight_decay=config.optim.weight_decay,
+    kl_weight=1.0 / TRAIN_EXAMPLES,
+    prior_sigma=config.bnn.prior_sigma,
+    theta_floor=config.l2p.theta_floor,
+  )
   images, labels = torch_inputs(args.batch, 0)
 
   def call() -> None:
-    step(torch_step.augment(images), labels, lr=config.optim.learning_rate,
-         reg_weight=config.l2p.gamma, adversarial=adversarial)
+    step(
+      torch_step.augment(images),
+      labels,
+      lr=config.optim.learning_rate,
+      reg_weight=config.l2p.gamma,
+      adversarial=adversarial,
+    )
     torch_sync()
 
-  return call, {'first_call_s': warm_up(call, args.warmup),
-                'pgd_steps': config.adv.steps if adversarial else 0}
+  return call, {
+    'first_call_s': warm_up(call, args.warmup),
+    'pgd_steps': config.adv.steps if adversarial else 0,
+  }
 
 
-def prepare_torch_pgd(args: argparse.Namespace, method: str, arch: str
-                      ) -> tuple[Callable[[], None], dict[str, Any]]:
+def prepare_torch_pgd(
+  args: argparse.Namespace, method: str, arch: str
+) -> tuple[Callable[[], None], dict[str, Any]]:
   """PyTorch PGD-7 on the authors' network in evaluation mode, noise on."""
   model = torch_model(method, arch, args, args_config(args, method, arch)).eval()
   images, labels = torch_inputs(args.batch, 1)
 
   def call() -> None:
-    torch_step.pgd(model, images.float() / 255, labels, eps=8 / 255, steps=7,
-                             step_size=0.01)
+    torch_step.pgd(model, images.float() / 255, labels, eps=8 / 255, steps=7, step_size=0.01)
     torch_sync()
 
   return call, {'first_call_s': warm_up(call, args.warmup)}
@@ -558,41 +696,72 @@ def run_suites(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_flush_denormal(True)
   notes = []
   if torch is None:
-    notes.append('PyTorch is not installed: no reference step was measured '
-                 '(pip install -e ".[torch]").')
-  results = {'schema': 1, 'created': datetime.datetime.now().isoformat(timespec='seconds'),
-             'command': ['python', 'benchmarks/run.py', *args.argv],
-             'machine': {**machine_info(), 'torch_flush_denormal': use_torch},
-             'code': code_info(),
-             'settings': {k: v for k, v in vars(args).items() if k not in ('out', 'argv')},
-             'notes': notes, 'cases': [], 'failed': []}
+    notes.append(
+      'PyTorch is not installed: no reference step was measured (pip install -e ".[torch]").'
+    )
+  results = {
+    'schema': 1,
+    'created': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': ['python', 'benchmarks/run.py', *args.argv],
+    'machine': {**machine_info(), 'torch_flush_denormal': use_torch},
+    'code': code_info(),
+    'settings': {k: v for k, v in vars(args).items() if k not in ('out', 'argv')},
+    'notes': notes,
+    'cases': [],
+    'failed': [],
+  }
   variants = [(dtype, unroll) for dtype in args.dtypes for unroll in args.unrolls]
   for arch in args.archs:
     common = dict(arch=arch, width=args.width, batch=args.batch)
     if args.suite in ('train', 'all'):
       for method in args.methods:
         info = dict(suite='train', method=method, **common)
-        group = [('jax', {**info, 'dtype': dtype, 'unroll': unroll, 'input': inputs},
-                  functools.partial(prepare_jax_train, args, method, arch, dtype, unroll,
-                                    inputs))
-                 for dtype, unroll in variants for inputs in args.inputs]
+        group = [
+          (
+            'jax',
+            {**info, 'dtype': dtype, 'unroll': unroll, 'input': inputs},
+            functools.partial(prepare_jax_train, args, method, arch, dtype, unroll, inputs),
+          )
+          for dtype, unroll in variants
+          for inputs in args.inputs
+        ]
         if use_torch:
-          group.append(('torch', {**info, 'dtype': 'float32'},
-                        functools.partial(prepare_torch_train, args, method, arch)))
+          group.append(
+            (
+              'torch',
+              {**info, 'dtype': 'float32'},
+              functools.partial(prepare_torch_train, args, method, arch),
+            )
+          )
         measure_group(group, args, results)
     if args.suite in ('attacks', 'all'):
       for method in args.attack_methods:
         for attack in args.attacks:
           _, draws, grads = attack_fn(attack, args, False)
-          info = dict(suite='attacks', method=method, attack=attack, **common,
-                      eot_draws=draws, grads_per_example=grads)
-          group = [('jax', {**info, 'dtype': dtype, 'unroll': unroll},
-                    functools.partial(prepare_jax_attack, args, method, arch, attack,
-                                      dtype, unroll))
-                   for dtype, unroll in variants]
+          info = dict(
+            suite='attacks',
+            method=method,
+            attack=attack,
+            **common,
+            eot_draws=draws,
+            grads_per_example=grads,
+          )
+          group = [
+            (
+              'jax',
+              {**info, 'dtype': dtype, 'unroll': unroll},
+              functools.partial(prepare_jax_attack, args, method, arch, attack, dtype, unroll),
+            )
+            for dtype, unroll in variants
+          ]
           if use_torch and attack == 'pgd7':
-            group.append(('torch', {**info, 'dtype': 'float32'},
-                          functools.partial(prepare_torch_pgd, args, method, arch)))
+            group.append(
+              (
+                'torch',
+                {**info, 'dtype': 'float32'},
+                functools.partial(prepare_torch_pgd, args, method, arch),
+              )
+            )
           measure_group(group, args, results)
   print(render.render_result(args.out, results))
   return results

@@ -29,14 +29,13 @@ MODIFIERS = ('authors_code', 'tiny')
 
 # Per-method changes to the supplementary's schedule (section 1.4).
 _METHOD_OVERRIDES = {
-    'none': dict(adv_start_epoch=-1),
-    'vanilla': dict(adv_start_epoch=0),
-    'l2p': dict(noise_start_epoch=10, adv_start_epoch=20),
-    # PNI (He et al. 2019): 160 epochs, lr x0.1 at 80 and 120, wd 3e-4, AT after 5.
-    'pni': dict(num_epochs=160, lr_boundaries=(80, 120), weight_decay=3e-4,
-                adv_start_epoch=5),
-    # Adv-BNN (Liu et al. 2019): prior and initial sigma 0.08, PGD-10 in training.
-    'adv_bnn': dict(adv_start_epoch=0, adv_steps=10),
+  'none': dict(adv_start_epoch=-1),
+  'vanilla': dict(adv_start_epoch=0),
+  'l2p': dict(noise_start_epoch=10, adv_start_epoch=20),
+  # PNI (He et al. 2019): 160 epochs, lr x0.1 at 80 and 120, wd 3e-4, AT after 5.
+  'pni': dict(num_epochs=160, lr_boundaries=(80, 120), weight_decay=3e-4, adv_start_epoch=5),
+  # Adv-BNN (Liu et al. 2019): prior and initial sigma 0.08, PGD-10 in training.
+  'adv_bnn': dict(adv_start_epoch=0, adv_steps=10),
 }
 
 # Adv-BNN's code (main_adv_vi.py, models/layers/*.py, utils/loss.py) where it differs
@@ -47,12 +46,21 @@ _METHOD_OVERRIDES = {
 # on true labels; PGD-10 of step 0.007 without random start, run with net.eval()
 # (BatchNorm's running statistics).
 _ADV_BNN_CODE = {
-    'model.bnn_mean_init': 'adv_bnn_code', 'model.bnn_batchnorm': True,
-    'bnn.kl_scope': 'classifier', 'optim.optimizer': 'adam',
-    'optim.learning_rate': 0.01, 'optim.lr_boundaries': (80, 140, 180),
-    'optim.restart_at_boundaries': True, 'optim.weight_decay': 0.0, 'num_epochs': 200,
-    'adv.clean_weight': 0.0, 'adv.adv_weight': 1.0, 'adv.labels': 'true',
-    'adv.step_size': 0.007, 'adv.random_start': False, 'adv.attack_batchnorm': 'running',
+  'model.bnn_mean_init': 'adv_bnn_code',
+  'model.bnn_batchnorm': True,
+  'bnn.kl_scope': 'classifier',
+  'optim.optimizer': 'adam',
+  'optim.learning_rate': 0.01,
+  'optim.lr_boundaries': (80, 140, 180),
+  'optim.restart_at_boundaries': True,
+  'optim.weight_decay': 0.0,
+  'num_epochs': 200,
+  'adv.clean_weight': 0.0,
+  'adv.adv_weight': 1.0,
+  'adv.labels': 'true',
+  'adv.step_size': 0.007,
+  'adv.random_start': False,
+  'adv.attack_batchnorm': 'running',
 }
 
 
@@ -63,18 +71,24 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   parts = [p for p in parts if p not in MODIFIERS]
   defaults = ['l2p', 'resnet20', 'cifar10']
   if len(parts) > 3:
-    raise ValueError(f'Config argument {arg!r} has too many parts; expected '
-                     'METHOD,ARCH,DATASET[,authors_code][,tiny].')
-  method, arch, dataset = parts + defaults[len(parts):]
+    raise ValueError(
+      f'Config argument {arg!r} has too many parts; expected '
+      'METHOD,ARCH,DATASET[,authors_code][,tiny].'
+    )
+  method, arch, dataset = parts + defaults[len(parts) :]
   if method not in METHODS:
-    raise ValueError(f'Unknown method {method!r} in config argument {arg!r}; '
-                     f'expected one of {METHODS}.')
+    raise ValueError(
+      f'Unknown method {method!r} in config argument {arg!r}; expected one of {METHODS}.'
+    )
   if 'authors_code' in modifiers and method != 'adv_bnn':
-    raise ValueError(f'authors_code in config argument {arg!r} applies to adv_bnn only; '
-                     'for l2p use --config.l2p.alternation=authors_code.')
+    raise ValueError(
+      f'authors_code in config argument {arg!r} applies to adv_bnn only; '
+      'for l2p use --config.l2p.alternation=authors_code.'
+    )
   resnet_layout(arch)  # An unknown ARCH fails here, naming the accepted ones.
-  over = dict(num_epochs=350, lr_boundaries=(150, 250), weight_decay=1e-4,
-              noise_start_epoch=0, adv_steps=7)
+  over = dict(
+    num_epochs=350, lr_boundaries=(150, 250), weight_decay=1e-4, noise_start_epoch=0, adv_steps=7
+  )
   over.update(_METHOD_OVERRIDES[method])
 
   c = ml_collections.ConfigDict()

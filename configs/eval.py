@@ -28,8 +28,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   if arg not in ('', 'tiny'):
     raise ValueError(f"Unknown eval config argument {arg!r}; expected '' or 'tiny'.")
   c = ml_collections.ConfigDict()
-  c.attacks = ('clean,fgsm,pgd,pgd20,pgd100,eot_pgd,cw,apgd,few_pixel,'
-               'eps_sweep')  # Comma-separated attack names (module docstring).
+  c.attacks = (
+    'clean,fgsm,pgd,pgd20,pgd100,eot_pgd,cw,apgd,few_pixel,'
+    'eps_sweep'
+  )  # Comma-separated attack names (module docstring).
   c.seed = 0  # Root of every attack's and prediction's key.
   c.batch_size = 256  # Global batch of examples attacked at once.
   c.noise = True  # Noise layers draw noise in attacks and predictions (False: off).

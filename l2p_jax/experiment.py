@@ -25,77 +25,119 @@ class ConfigError(ValueError):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for values no run can use, naming the field and what is accepted."""
+
   def check(ok, message):
     if not ok:
       raise ConfigError(message)
-  check(config.method in models.METHODS,
-        f'Unknown method {config.method!r}; expected one of {models.METHODS}.')
+
+  check(
+    config.method in models.METHODS,
+    f'Unknown method {config.method!r}; expected one of {models.METHODS}.',
+  )
   try:
     models.resnet_layout(config.model.arch, config.model.width)
   except ValueError as error:
-    raise ConfigError(f'model.arch={config.model.arch!r}, model.width='
-                      f'{config.model.width}: {error}') from None
-  check(config.optim.learning_rate > 0,
-        f'optim.learning_rate must be positive, got {config.optim.learning_rate}.')
-  check(config.model.dtype in DTYPES,
-        f'Unknown model.dtype {config.model.dtype!r}; expected one of {tuple(DTYPES)}.')
-  check(config.adv.labels in ADV_LABELS,
-        f'Unknown adv.labels {config.adv.labels!r}; expected one of {ADV_LABELS}.')
-  check(config.l2p.alternation in ALTERNATIONS,
-        f'Unknown l2p.alternation {config.l2p.alternation!r}; expected one of '
-        f'{ALTERNATIONS}.')
-  check(config.method != 'none' or config.adv.start_epoch < 0,
-        f'method=none trains on clean images only, but adv.start_epoch='
-        f'{config.adv.start_epoch}; use method=vanilla for PGD training or set '
-        'adv.start_epoch=-1.')
-  check(config.method in ('none',) or config.adv.start_epoch >= 0,
-        f'method={config.method} needs adversarial training, but adv.start_epoch='
-        f'{config.adv.start_epoch}; use method=none for clean training.')
-  check(config.adv.clean_weight >= 0 and config.adv.adv_weight >= 0 and
-        config.adv.clean_weight + config.adv.adv_weight > 0,
-        f'adv.clean_weight={config.adv.clean_weight} and adv.adv_weight='
-        f'{config.adv.adv_weight} must be non-negative and not both zero.')
+    raise ConfigError(
+      f'model.arch={config.model.arch!r}, model.width={config.model.width}: {error}'
+    ) from None
+  check(
+    config.optim.learning_rate > 0,
+    f'optim.learning_rate must be positive, got {config.optim.learning_rate}.',
+  )
+  check(
+    config.model.dtype in DTYPES,
+    f'Unknown model.dtype {config.model.dtype!r}; expected one of {tuple(DTYPES)}.',
+  )
+  check(
+    config.adv.labels in ADV_LABELS,
+    f'Unknown adv.labels {config.adv.labels!r}; expected one of {ADV_LABELS}.',
+  )
+  check(
+    config.l2p.alternation in ALTERNATIONS,
+    f'Unknown l2p.alternation {config.l2p.alternation!r}; expected one of {ALTERNATIONS}.',
+  )
+  check(
+    config.method != 'none' or config.adv.start_epoch < 0,
+    f'method=none trains on clean images only, but adv.start_epoch='
+    f'{config.adv.start_epoch}; use method=vanilla for PGD training or set '
+    'adv.start_epoch=-1.',
+  )
+  check(
+    config.method in ('none',) or config.adv.start_epoch >= 0,
+    f'method={config.method} needs adversarial training, but adv.start_epoch='
+    f'{config.adv.start_epoch}; use method=none for clean training.',
+  )
+  check(
+    config.adv.clean_weight >= 0
+    and config.adv.adv_weight >= 0
+    and config.adv.clean_weight + config.adv.adv_weight > 0,
+    f'adv.clean_weight={config.adv.clean_weight} and adv.adv_weight='
+    f'{config.adv.adv_weight} must be non-negative and not both zero.',
+  )
   check(config.num_epochs > 0, f'num_epochs must be positive, got {config.num_epochs}.')
-  check(0 <= config.l2p.noise_start_epoch < config.num_epochs,
-        f'l2p.noise_start_epoch={config.l2p.noise_start_epoch} must be in '
-        f'[0, num_epochs={config.num_epochs}).')
-  check(config.adv.eps >= 0 and config.adv.steps >= 1 and config.eval.pgd_steps >= 1,
-        f'adv.eps={config.adv.eps} must be >= 0 and adv.steps={config.adv.steps}, '
-        f'eval.pgd_steps={config.eval.pgd_steps} at least 1.')
-  check(config.adv.attack_batchnorm in ATTACK_BATCHNORMS,
-        f'Unknown adv.attack_batchnorm {config.adv.attack_batchnorm!r}; expected one of '
-        f'{ATTACK_BATCHNORMS}.')
-  check(config.optim.optimizer in optim.OPTIMIZERS,
-        f'Unknown optim.optimizer {config.optim.optimizer!r}; expected one of '
-        f'{optim.OPTIMIZERS}.')
-  check(config.bnn.prior_sigma > 0 and config.model.bnn_init_sigma > 0,
-        f'bnn.prior_sigma={config.bnn.prior_sigma} and model.bnn_init_sigma='
-        f'{config.model.bnn_init_sigma} must be positive.')
-  check(config.bnn.kl_scope in models.KL_SCOPES,
-        f'Unknown bnn.kl_scope {config.bnn.kl_scope!r}; expected one of '
-        f'{models.KL_SCOPES}.')
-  check(config.model.bnn_mean_init in models.BAYES_MEAN_INITS,
-        f'Unknown model.bnn_mean_init {config.model.bnn_mean_init!r}; expected one of '
-        f'{models.BAYES_MEAN_INITS}.')
-  check(config.bnn.kl_alpha >= 0 and (config.bnn.kl_examples is None
-                                      or config.bnn.kl_examples > 0),
-        f'bnn.kl_alpha={config.bnn.kl_alpha} must be >= 0 and bnn.kl_examples='
-        f'{config.bnn.kl_examples} positive (or None for the training split\'s size).')
+  check(
+    0 <= config.l2p.noise_start_epoch < config.num_epochs,
+    f'l2p.noise_start_epoch={config.l2p.noise_start_epoch} must be in '
+    f'[0, num_epochs={config.num_epochs}).',
+  )
+  check(
+    config.adv.eps >= 0 and config.adv.steps >= 1 and config.eval.pgd_steps >= 1,
+    f'adv.eps={config.adv.eps} must be >= 0 and adv.steps={config.adv.steps}, '
+    f'eval.pgd_steps={config.eval.pgd_steps} at least 1.',
+  )
+  check(
+    config.adv.attack_batchnorm in ATTACK_BATCHNORMS,
+    f'Unknown adv.attack_batchnorm {config.adv.attack_batchnorm!r}; expected one of '
+    f'{ATTACK_BATCHNORMS}.',
+  )
+  check(
+    config.optim.optimizer in optim.OPTIMIZERS,
+    f'Unknown optim.optimizer {config.optim.optimizer!r}; expected one of {optim.OPTIMIZERS}.',
+  )
+  check(
+    config.bnn.prior_sigma > 0 and config.model.bnn_init_sigma > 0,
+    f'bnn.prior_sigma={config.bnn.prior_sigma} and model.bnn_init_sigma='
+    f'{config.model.bnn_init_sigma} must be positive.',
+  )
+  check(
+    config.bnn.kl_scope in models.KL_SCOPES,
+    f'Unknown bnn.kl_scope {config.bnn.kl_scope!r}; expected one of {models.KL_SCOPES}.',
+  )
+  check(
+    config.model.bnn_mean_init in models.BAYES_MEAN_INITS,
+    f'Unknown model.bnn_mean_init {config.model.bnn_mean_init!r}; expected one of '
+    f'{models.BAYES_MEAN_INITS}.',
+  )
+  check(
+    config.bnn.kl_alpha >= 0 and (config.bnn.kl_examples is None or config.bnn.kl_examples > 0),
+    f'bnn.kl_alpha={config.bnn.kl_alpha} must be >= 0 and bnn.kl_examples='
+    f"{config.bnn.kl_examples} positive (or None for the training split's size).",
+  )
   for name in ('checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints'):
     check(config[name] > 0, f'{name} must be positive, got {config[name]}.')
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                mean: Any, std: Any) -> models.ResNet:
+def build_model(
+  config: ml_collections.ConfigDict, num_classes: int, mean: Any, std: Any
+) -> models.ResNet:
   """The network of `config.method` and `config.model`, normalizing with mean/std."""
   m = config.model
   return models.create_model(
-      m.arch, num_classes, config.method, width=m.width, mean=tuple(mean),
-      std=tuple(std), l2p_init=m.l2p_init, l2p_per_example=m.l2p_per_example,
-      pni_mode=m.pni_mode, pni_init=m.pni_init, bnn_init_sigma=m.bnn_init_sigma,
-      bnn_mean_init=m.get('bnn_mean_init', 'kaiming_normal'),
-      bnn_batchnorm=m.get('bnn_batchnorm', False), dtype=DTYPES[m.dtype])
-
+    m.arch,
+    num_classes,
+    config.method,
+    width=m.width,
+    mean=tuple(mean),
+    std=tuple(std),
+    l2p_init=m.l2p_init,
+    l2p_per_example=m.l2p_per_example,
+    pni_mode=m.pni_mode,
+    pni_init=m.pni_init,
+    bnn_init_sigma=m.bnn_init_sigma,
+    bnn_mean_init=m.get('bnn_mean_init', 'kaiming_normal'),
+    bnn_batchnorm=m.get('bnn_batchnorm', False),
+    dtype=DTYPES[m.dtype],
+  )
 
 
 def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
@@ -103,50 +145,61 @@ def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
   if n == 0:
     return split
   if not 0 < n <= split.num_examples:
-    raise ConfigError(f'{field}={n} must be between 1 and the {split.num_examples} '
-                     f'examples of {split.name}/{split.split} (0 means all).')
+    raise ConfigError(
+      f'{field}={n} must be between 1 and the {split.num_examples} '
+      f'examples of {split.name}/{split.split} (0 means all).'
+    )
   return dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
 
 
-def load_data(config: ml_collections.ConfigDict
-              ) -> tuple[data.HostSplit, data.HostSplit, int]:
+def load_data(config: ml_collections.ConfigDict) -> tuple[data.HostSplit, data.HostSplit, int]:
   """The configured training and evaluation splits in host memory, and the size of
   the whole training split (before data.train_examples takes its first examples)."""
   d = config.data
-  load = functools.partial(data.load_split, d.dataset, source=d.source,
-                           data_dir=d.data_dir or None, local_dir=d.local_dir or None,
-                           download=d.download)
+  load = functools.partial(
+    data.load_split,
+    d.dataset,
+    source=d.source,
+    data_dir=d.data_dir or None,
+    local_dir=d.local_dir or None,
+    download=d.download,
+  )
   full_train = load(d.train_split)
   train = first_examples(full_train, d.train_examples, 'data.train_examples')
-  evaluation = first_examples(load(d.eval_split), d.eval_examples,
-                              'data.eval_examples')
+  evaluation = first_examples(load(d.eval_split), d.eval_examples, 'data.eval_examples')
   return train, evaluation, full_train.num_examples
 
 
 # The constants of the PyTorch codes, for runs that must match them: the L2P code's
 # std is the widespread (0.2023, 0.1994, 0.2010), not CIFAR-10's true pixel std.
 CODE_NORMALIZATIONS = {
-    'l2p_code': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    'pni_code': (tuple(v / 255 for v in (125.3, 123.0, 113.9)),
-                 tuple(v / 255 for v in (63.0, 62.1, 66.7))),
+  'l2p_code': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+  'pni_code': (
+    tuple(v / 255 for v in (125.3, 123.0, 113.9)),
+    tuple(v / 255 for v in (63.0, 62.1, 66.7)),
+  ),
 }
 
 
-def normalization(config: ml_collections.ConfigDict,
-                  split: data.HostSplit) -> tuple[list[float], list[float]]:
+def normalization(
+  config: ml_collections.ConfigDict, split: data.HostSplit
+) -> tuple[list[float], list[float]]:
   """Per-channel mean and std for the model: by default the dataset's own (known
   values, else computed from the training split); or one of CODE_NORMALIZATIONS."""
   choice = config.data.normalization
   if choice in CODE_NORMALIZATIONS:
     mean, std = CODE_NORMALIZATIONS[choice]
   elif choice != 'dataset':
-    raise ValueError(f'Unknown data.normalization {choice!r}; expected one of '
-                     f"{('dataset', *CODE_NORMALIZATIONS)}.")
+    raise ValueError(
+      f'Unknown data.normalization {choice!r}; expected one of {("dataset", *CODE_NORMALIZATIONS)}.'
+    )
   elif config.data.dataset in data.KNOWN_CHANNEL_STATS:
     mean, std = data.KNOWN_CHANNEL_STATS[config.data.dataset]
   else:
     mean, std = data.channel_stats(split.images)
   if len(mean) != split.images.shape[-1]:
-    raise ValueError(f'data.normalization={choice!r} has {len(mean)} channels but '
-                     f'{split.name} images have {split.images.shape[-1]}.')
+    raise ValueError(
+      f'data.normalization={choice!r} has {len(mean)} channels but '
+      f'{split.name} images have {split.images.shape[-1]}.'
+    )
   return [float(v) for v in mean], [float(v) for v in std]

@@ -33,9 +33,10 @@ class WorkdirLock:
       holder = f.read().strip() or 'an unknown process'
       f.close()
       raise WorkdirLockedError(
-          f'{os.path.dirname(self.path)} is in use by another training run ({holder}, '
-          f'lock file {self.path}). Wait for it to finish or stop it, or use another '
-          '--workdir.') from None
+        f'{os.path.dirname(self.path)} is in use by another training run ({holder}, '
+        f'lock file {self.path}). Wait for it to finish or stop it, or use another '
+        '--workdir.'
+      ) from None
     f.seek(0)
     f.truncate()
     f.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')

@@ -20,6 +20,7 @@ class MetricsWriter:
     self._tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # Only process 0 imports the writer.
+
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def drop_epochs_from(self, epoch: int) -> None:
@@ -42,8 +43,7 @@ class MetricsWriter:
     if self.active:
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
-      self.scalars(record['step'], {k: v for k, v in record.items()
-                                    if k not in ('epoch', 'step')})
+      self.scalars(record['step'], {k: v for k, v in record.items() if k not in ('epoch', 'step')})
       self._tb.flush()
 
   def close(self) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -16,15 +16,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def mixed_loss(clean_logits: jax.Array, adv_logits: jax.Array | None,
-               labels: jax.Array, clean_weight: float,
-               adv_weight: float) -> jax.Array:
+def mixed_loss(
+  clean_logits: jax.Array,
+  adv_logits: jax.Array | None,
+  labels: jax.Array,
+  clean_weight: float,
+  adv_weight: float,
+) -> jax.Array:
   """alpha * CE(clean) + beta * CE(adversarial) (supplementary eq. 3); plain CE on the
   clean batch when there are no adversarial logits (before adversarial training starts)."""
   if adv_logits is None:
     return cross_entropy(clean_logits, labels)
-  return (clean_weight * cross_entropy(clean_logits, labels)
-          + adv_weight * cross_entropy(adv_logits, labels))
+  return clean_weight * cross_entropy(clean_logits, labels) + adv_weight * cross_entropy(
+    adv_logits, labels
+  )
 
 
 def harmonic_tau(epoch: int, noise_start_epoch: int) -> float:
@@ -34,8 +39,10 @@ def harmonic_tau(epoch: int, noise_start_epoch: int) -> float:
   authors' code in the first noise epoch; the count starts at 1 here (tau(s) = 1).
   """
   if epoch < noise_start_epoch:
-    raise ValueError(f'tau is undefined before noise starts: epoch {epoch} < '
-                     f'noise_start_epoch {noise_start_epoch}.')
+    raise ValueError(
+      f'tau is undefined before noise starts: epoch {epoch} < '
+      f'noise_start_epoch {noise_start_epoch}.'
+    )
   return sum(1.0 / i for i in range(1, epoch - noise_start_epoch + 2))
 
 
@@ -43,8 +50,9 @@ def l2p_regularizer(perturb: Any) -> jax.Array:
   """sum over every L2P noise map of sum(sqrt(theta)); the loss adds -gamma/tau times it,
   which rewards larger noise with a weight that fades as training goes on."""
   flat = traverse_util.flatten_dict(perturb or {})
-  return sum((jnp.sum(jnp.sqrt(v)) for k, v in flat.items() if k[-1] == 'theta'),
-             jnp.zeros((), jnp.float32))
+  return sum(
+    (jnp.sum(jnp.sqrt(v)) for k, v in flat.items() if k[-1] == 'theta'), jnp.zeros((), jnp.float32)
+  )
 
 
 def noise_statistics(perturb: Any) -> dict[str, dict[str, float]]:
@@ -54,9 +62,11 @@ def noise_statistics(perturb: Any) -> dict[str, dict[str, float]]:
   for path, value in traverse_util.flatten_dict(perturb or {}).items():
     name = path[-1]
     if name.endswith('_log_sigma'):
-      value, name = jnp.exp(value), name[:-len('_log_sigma')] + '_sigma'
+      value, name = jnp.exp(value), name[: -len('_log_sigma')] + '_sigma'
     value = jax.device_get(value)
     stats['/'.join(path[:-1] + (name,))] = {
-        'mean': float(value.mean()), 'min': float(value.min()),
-        'max': float(value.max())}
+      'mean': float(value.mean()),
+      'min': float(value.min()),
+      'max': float(value.max()),
+    }
   return stats

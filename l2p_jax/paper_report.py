@@ -47,8 +47,11 @@ def _load(path: str) -> tuple[list[dict[str, Any]], float]:
 def _summary(values: Sequence[float]) -> dict[str, Any]:
   """Mean and sample std (None for one value) of accuracies in [0, 1], as percent."""
   percent = [100 * v for v in values]
-  return {'values': percent, 'mean': statistics.fmean(percent),
-          'std': statistics.stdev(percent) if len(percent) > 1 else None}
+  return {
+    'values': percent,
+    'mean': statistics.fmean(percent),
+    'std': statistics.stdev(percent) if len(percent) > 1 else None,
+  }
 
 
 def _collect(cells: Sequence[Cell], key, sizes: set[int]) -> dict[tuple, list[float]]:
@@ -96,15 +99,17 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
         measured = found.get((setting, method, title))
         l2 = extra.get((setting, method, title))
         row['cells'][title] = {
-            'measured': _summary(measured) if measured else None,
-            'mean_l2': statistics.fmean(l2) if l2 else None,
-            'published': published.get((*setting, method, title))}
+          'measured': _summary(measured) if measured else None,
+          'mean_l2': statistics.fmean(l2) if l2 else None,
+          'published': published.get((*setting, method, title)),
+        }
       rows.append(row)
   return {'columns': titles, 'rows': rows, 'examples': sorted(sizes)}
 
 
 def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
   """Rows (setting, source method), columns (target method, FGSM | PGD)."""
+
   def key(cell, labels, record, eps):
     source = record['source'] and labels.get(record['source']['label'])
     if source is None or record['label'] not in labels:
@@ -118,18 +123,32 @@ def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
   for setting in dict.fromkeys(c.setting for c in cells):
     methods = [m for m in METHODS if any(m in c.runs for c in cells if c.setting == setting)]
     for source in methods:
-      rows.append({'setting': list(setting), 'source': source, 'cells': {
-          f'{target} {kind}': {
+      rows.append(
+        {
+          'setting': list(setting),
+          'source': source,
+          'cells': {
+            f'{target} {kind}': {
               'measured': _summary(found[setting, source, target, kind])
-                          if (setting, source, target, kind) in found else None,
-              'published': PUBLISHED_TRANSFER.get((*setting, source, target, kind))}
-          for target in methods for kind in ('FGSM', 'PGD')}})
-  return {'targets': [m for m in METHODS if any(m in c.runs for c in cells)], 'rows': rows,
-          'examples': sorted(sizes)}
+              if (setting, source, target, kind) in found
+              else None,
+              'published': PUBLISHED_TRANSFER.get((*setting, source, target, kind)),
+            }
+            for target in methods
+            for kind in ('FGSM', 'PGD')
+          },
+        }
+      )
+  return {
+    'targets': [m for m in METHODS if any(m in c.runs for c in cells)],
+    'rows': rows,
+    'examples': sorted(sizes),
+  }
 
 
 def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
   """{attack: {method: [[eps_255, mean accuracy %, std], ...]}}, averaged over seeds."""
+
   def key(cell, labels, record, eps):
     name = report.curve_name(record)
     if name is None or record['label'] not in labels:
@@ -140,7 +159,8 @@ def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
   found = _collect(cells, key, sizes)
   curves: dict[str, dict[str, list]] = {}
   for (name, method, eps), values in sorted(
-      found.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]), item[0][2])):
+    found.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]), item[0][2])
+  ):
     s = _summary(values)
     curves.setdefault(name, {}).setdefault(method, []).append([eps, s['mean'], s['std']])
   return {'curves': curves, 'examples': sorted(sizes)}
@@ -154,9 +174,15 @@ def _noise(cells: Sequence[Cell], plan: Plan) -> dict[str, Any]:
       path = os.path.join(plan.workdir, 'runs', run.name, 'metrics.jsonl')
       if not os.path.exists(path):
         continue
-      found[run.name] = {'method': run.method, 'seed': run.seed, 'epochs': [
+      found[run.name] = {
+        'method': run.method,
+        'seed': run.seed,
+        'epochs': [
           [r['epoch'], statistics.fmean(v['mean'] for v in r['noise'].values())]
-          for r in read_metrics(path) if r.get('noise')]}
+          for r in read_metrics(path)
+          if r.get('noise')
+        ],
+      }
   return found
 
 
@@ -165,8 +191,13 @@ def assemble(plan: Plan) -> dict[str, Any]:
   done = sum(all(is_done(s) for s in job.steps) for job in plan.jobs)
   scale = plan.scale
   result: dict[str, Any] = {
-      'scale': scale.name, 'seeds': plan.seeds, 'tables': list(plan.tables),
-      'jobs': len(plan.jobs), 'jobs_done': done, 'sections': {}}
+    'scale': scale.name,
+    'seeds': plan.seeds,
+    'tables': list(plan.tables),
+    'jobs': len(plan.jobs),
+    'jobs_done': done,
+    'sections': {},
+  }
   for name in plan.tables:
     cells = [c for c in plan.cells if c.table == name]
     if name == 'main':
@@ -181,16 +212,20 @@ def assemble(plan: Plan) -> dict[str, Any]:
       body = _eps_curves(cells)
     models = {arch_name(*(scale.model or c.setting)) for c in cells}
     datasets = {r.dataset for c in cells for r in c.runs.values()}
-    result['sections'][name] = {'title': TABLES[name].title, 'models': sorted(models),
-                                'datasets': sorted(datasets), **body}
+    result['sections'][name] = {
+      'title': TABLES[name].title,
+      'models': sorted(models),
+      'datasets': sorted(datasets),
+      **body,
+    }
   return result
 
 
 def _value(summary: dict[str, Any] | None, digits: int = 2) -> str:
   if summary is None:
     return 'not run'
-  text = f"{summary['mean']:.{digits}f}"
-  return text if summary['std'] is None else f"{text} +- {summary['std']:.{digits}f}"
+  text = f'{summary["mean"]:.{digits}f}'
+  return text if summary['std'] is None else f'{text} +- {summary["std"]:.{digits}f}'
 
 
 def _published(value) -> str:
@@ -204,8 +239,8 @@ def _published(value) -> str:
 def _cell(cell: dict[str, Any]) -> str:
   text = _value(cell['measured'])
   if cell.get('mean_l2') is not None:
-    text += f" / L2 {cell['mean_l2']:.3f}"
-  return f"{text} ({_published(cell['published'])})"
+    text += f' / L2 {cell["mean_l2"]:.3f}'
+  return f'{text} ({_published(cell["published"])})'
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -228,56 +263,79 @@ def _noise_markdown(runs: dict[str, Any]) -> str:
       continue
     first, last = run['epochs'][0], run['epochs'][-1]
     peak = max(run['epochs'], key=lambda e: e[1])
-    rows.append([name] + [f'{mean:.4f} (epoch {epoch + 1})'
-                          for epoch, mean in (first, peak, last)])
+    rows.append([name] + [f'{mean:.4f} (epoch {epoch + 1})' for epoch, mean in (first, peak, last)])
   return _table(['run', 'first epoch', 'largest', 'last epoch'], rows)
 
 
 def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]]) -> str:
   """REPORT.md from `assemble`'s content and the figure files (relative paths)."""
   scale = plan.scale
-  lines = [f"# Reproduction report ({content['scale']} scale)", '',
-           f"{content['jobs_done']} of {content['jobs']} jobs finished; "
-           f"{content['seeds']} seed(s) per run; cells are accuracy (%)"
-           + (', mean +- std over seeds' if content['seeds'] > 1 else '') + '.']
+  lines = [
+    f'# Reproduction report ({content["scale"]} scale)',
+    '',
+    f'{content["jobs_done"]} of {content["jobs"]} jobs finished; '
+    f'{content["seeds"]} seed(s) per run; cells are accuracy (%)'
+    + (', mean +- std over seeds' if content['seeds'] > 1 else '')
+    + '.',
+  ]
   if scale.model is not None:
-    lines += ['', (f'At this scale every network is {arch_name(*scale.model)} and the data '
-                   f'{scale.dataset}; the published numbers beside the cells are the '
-                   "paper's (CIFAR, the network in parentheses), for orientation only.")]
+    lines += [
+      '',
+      (
+        f'At this scale every network is {arch_name(*scale.model)} and the data '
+        f'{scale.dataset}; the published numbers beside the cells are the '
+        "paper's (CIFAR, the network in parentheses), for orientation only."
+      ),
+    ]
   for name, section in content['sections'].items():
     examples = ', '.join(map(str, section.get('examples', [])))
-    lines += ['', f"## {section['title']}", '',
-              f"Data: {', '.join(section['datasets'])}; networks: "
-              f"{', '.join(section['models'])}"
-              + (f'; test examples per cell: {examples}' if examples else '') + '.', '']
+    lines += [
+      '',
+      f'## {section["title"]}',
+      '',
+      f'Data: {", ".join(section["datasets"])}; networks: '
+      f'{", ".join(section["models"])}'
+      + (f'; test examples per cell: {examples}' if examples else '')
+      + '.',
+      '',
+    ]
     if name in ('main', 'few_pixel'):
       header = ['network', 'method'] + section['columns']
-      rows = [[_setting(plan, r['setting']), METHOD_TITLES[r['method']]]
-              + [_cell(r['cells'][c]) for c in section['columns']] for r in section['rows']]
+      rows = [
+        [_setting(plan, r['setting']), METHOD_TITLES[r['method']]]
+        + [_cell(r['cells'][c]) for c in section['columns']]
+        for r in section['rows']
+      ]
       lines.append(_table(header, rows) if section['columns'] else 'Nothing measured yet.')
     elif name == 'transfer':
       keys = [f'{t} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
       header = ['network', 'source \\ target'] + [
-          f'{METHOD_TITLES[t]} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
-      rows = [[_setting(plan, r['setting']), METHOD_TITLES[r['source']]]
-              + [_cell(r['cells'][k]) for k in keys] for r in section['rows']]
+        f'{METHOD_TITLES[t]} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')
+      ]
+      rows = [
+        [_setting(plan, r['setting']), METHOD_TITLES[r['source']]]
+        + [_cell(r['cells'][k]) for k in keys]
+        for r in section['rows']
+      ]
       lines.append(_table(header, rows))
     elif name == 'figure1':
-      lines.append(_noise_markdown(section['runs']) if section['runs']
-                   else 'Nothing measured yet.')
+      lines.append(_noise_markdown(section['runs']) if section['runs'] else 'Nothing measured yet.')
     else:
       curves = section['curves']
-      radii = sorted({p[0] for lines_ in curves.values() for pts in lines_.values()
-                      for p in pts})
+      radii = sorted({p[0] for lines_ in curves.values() for pts in lines_.values() for p in pts})
       rows = []
       for attack, by_method in curves.items():
         for method, points in by_method.items():
           at = {p[0]: p for p in points}
-          rows.append([METHOD_TITLES[method], attack] + [
-              _value({'mean': at[e][1], 'std': at[e][2]}) if e in at else 'not run'
-              for e in radii])
-      lines.append(_table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
-                   if rows else 'Nothing measured yet.')
+          rows.append(
+            [METHOD_TITLES[method], attack]
+            + [_value({'mean': at[e][1], 'std': at[e][2]}) if e in at else 'not run' for e in radii]
+          )
+      lines.append(
+        _table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
+        if rows
+        else 'Nothing measured yet.'
+      )
       lines.append('\nNot published as numbers (the paper shows Figures 2-3 only).')
     lines += [f'\n![{os.path.basename(f)}]({f})' for f in figures.get(name, [])]
   return '\n'.join(lines) + '\n'
@@ -297,9 +355,13 @@ def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list
   curves = sections.get('figures23', {}).get('curves')
   if curves:
     path = os.path.join(folder, 'accuracy_vs_eps.png')
-    lines = {attack: {METHOD_TITLES[m]: [(p[0] / 255, p[1] / 100) for p in points]
-                      for m, points in by_method.items()}
-             for attack, by_method in curves.items()}
+    lines = {
+      attack: {
+        METHOD_TITLES[m]: [(p[0] / 255, p[1] / 100) for p in points]
+        for m, points in by_method.items()
+      }
+      for attack, by_method in curves.items()
+    }
     if plots.plot_accuracy_vs_eps(lines, path):
       drawn['figures23'] = [os.path.relpath(path, plan.workdir)]
   return drawn

@@ -5,7 +5,8 @@ PyTorch counterpart part over training steps."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -14,8 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 
-def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str,
-                         title: str = '') -> bool:
+def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str, title: str = '') -> bool:
   """Plots, per epoch, the mean of every layer's noise parameters (thin lines) and
   their average over layers (thick line) to `path`; False when there is no noise."""
   epochs = [r['epoch'] for r in records if r.get('noise')]
@@ -24,12 +24,19 @@ def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str,
   layers = sorted(records[-1]['noise'])
   fig, ax = plt.subplots(figsize=(6, 4))
   for layer in layers:
-    ax.plot(epochs, [r['noise'][layer]['mean'] for r in records if r.get('noise')],
-            lw=0.7, alpha=0.5, marker='.')
-  average = [sum(r['noise'][l]['mean'] for l in layers) / len(layers)
-             for r in records if r.get('noise')]
-  ax.plot(epochs, average, lw=2.5, color='black', marker='o',
-          label='mean over layers')
+    ax.plot(
+      epochs,
+      [r['noise'][layer]['mean'] for r in records if r.get('noise')],
+      lw=0.7,
+      alpha=0.5,
+      marker='.',
+    )
+  average = [
+    sum(r['noise'][name]['mean'] for name in layers) / len(layers)
+    for r in records
+    if r.get('noise')
+  ]
+  ax.plot(epochs, average, lw=2.5, color='black', marker='o', label='mean over layers')
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel('epoch')
   ax.set_ylabel('mean noise parameter')
@@ -41,20 +48,19 @@ def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str,
   return True
 
 
-def plot_accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
-                         path: str, title: str = '') -> bool:
+def plot_accuracy_vs_eps(
+  curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str, title: str = ''
+) -> bool:
   """Plots one panel per attack (e.g. FGSM, PGD-7) of accuracy against eps, one line per
   checkpoint, from {attack: {checkpoint: [(eps, accuracy), ...]}} with eps in [0, 1]
   and accuracy in [0, 1] units, to `path`; False when there is nothing to plot."""
   if not curves:
     return False
-  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), sharey=True,
-                           squeeze=False)
+  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), sharey=True, squeeze=False)
   for ax, (attack, lines) in zip(axes[0], curves.items()):
     for label, points in lines.items():
       eps, accuracy = zip(*sorted(points))
-      ax.plot([e * 255 for e in eps], [100 * a for a in accuracy], marker='o',
-              label=label)
+      ax.plot([e * 255 for e in eps], [100 * a for a in accuracy], marker='o', label=label)
     ax.set_xlabel('eps (x 1/255)')
     ax.set_title(attack)
     ax.grid(alpha=0.3)
@@ -76,25 +82,36 @@ def plot_divergence(report: dict[str, Any], path: str) -> None:
   records = report['steps']
   steps = [r['step'] for r in records]
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  series = [('params', 'weights'), ('perturb', 'noise parameters'),
-            ('batch_stats', 'BatchNorm statistics'), ('loss', 'loss')]
+  series = [
+    ('params', 'weights'),
+    ('perturb', 'noise parameters'),
+    ('batch_stats', 'BatchNorm statistics'),
+    ('loss', 'loss'),
+  ]
   for key, label in series:
     if key in records[0]:
-      ax.plot(steps, [max(r[key]['max_abs'], 1e-12) for r in records], marker='.',
-              label=f'{label} (max abs)')
+      ax.plot(
+        steps,
+        [max(r[key]['max_abs'], 1e-12) for r in records],
+        marker='.',
+        label=f'{label} (max abs)',
+      )
   adversarial = [r for r in records if 'pgd' in r]
   if adversarial:
-    ax.plot([r['step'] for r in adversarial],
-            [max(r['pgd']['sign_flip_fraction'], 1e-12) for r in adversarial],
-            marker='x', ls='--', color='black', label='PGD signs differing (fraction)')
+    ax.plot(
+      [r['step'] for r in adversarial],
+      [max(r['pgd']['sign_flip_fraction'], 1e-12) for r in adversarial],
+      marker='x',
+      ls='--',
+      color='black',
+      label='PGD signs differing (fraction)',
+    )
   ax.set_yscale('log')
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel('optimizer step')
   ax.set_ylabel('JAX vs PyTorch')
-  name = report['method'] + (f" ({report['alternation']})"
-                             if report['method'] == 'l2p' else '')
-  ax.set_title(f"{name}, {report['arch']} x{report['width']}, "
-               f"BatchNorm {report['batch_norm']}")
+  name = report['method'] + (f' ({report["alternation"]})' if report['method'] == 'l2p' else '')
+  ax.set_title(f'{name}, {report["arch"]} x{report["width"]}, BatchNorm {report["batch_norm"]}')
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -8,7 +8,7 @@ fold_in(key, j).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,21 +34,20 @@ def combine_draws(logits: jax.Array, rule: str) -> jax.Array:
   return jnp.argmax(jax.nn.softmax(logits, axis=-1).mean(axis=0), axis=-1)
 
 
-def predict(logits_fn: LogitsFn, key: jax.Array, x: jax.Array, *, draws: int = 1,
-            rule: str = 'single') -> jax.Array:
+def predict(
+  logits_fn: LogitsFn, key: jax.Array, x: jax.Array, *, draws: int = 1, rule: str = 'single'
+) -> jax.Array:
   """Predicted labels (N,) of a possibly randomized model under `rule` over `draws`
   noise draws, run one draw at a time ('single' runs only the first)."""
   _check_rule(rule)
   if draws < 1:
     raise ValueError(f'draws must be at least 1, got {draws}.')
   draws = 1 if rule == 'single' else draws
-  logits = jax.lax.map(lambda j: logits_fn(x, jax.random.fold_in(key, j)),
-                       jnp.arange(draws))
+  logits = jax.lax.map(lambda j: logits_fn(x, jax.random.fold_in(key, j)), jnp.arange(draws))
   return combine_draws(logits, rule)
 
 
-def accuracy(predictions: jax.Array, labels: jax.Array,
-             mask: jax.Array | None = None) -> jax.Array:
+def accuracy(predictions: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Fraction of correct predictions among the examples where `mask` is true (all if
   None), so that padded batches do not count; weight it by mask.sum() to aggregate."""
   correct = predictions == labels
@@ -58,14 +57,23 @@ def accuracy(predictions: jax.Array, labels: jax.Array,
   return jnp.sum(correct & mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def transfer_matrix(adversarial: Mapping[str, jax.Array], labels: jax.Array,
-                    targets: Mapping[str, LogitsFn], key: jax.Array, *, draws: int = 1,
-                    rule: str = 'single', mask: jax.Array | None = None
-                    ) -> dict[str, dict[str, jax.Array]]:
+def transfer_matrix(
+  adversarial: Mapping[str, jax.Array],
+  labels: jax.Array,
+  targets: Mapping[str, LogitsFn],
+  key: jax.Array,
+  *,
+  draws: int = 1,
+  rule: str = 'single',
+  mask: jax.Array | None = None,
+) -> dict[str, dict[str, jax.Array]]:
   """Accuracy of every target model on every source's adversarial examples,
   matrix[source][target]; every cell uses the same noise key, so a model's diagonal cell
   equals its white-box accuracy computed with that key."""
-  return {source: {target: accuracy(predict(fn, key, x_adv, draws=draws, rule=rule),
-                                    labels, mask)
-                   for target, fn in targets.items()}
-          for source, x_adv in adversarial.items()}
+  return {
+    source: {
+      target: accuracy(predict(fn, key, x_adv, draws=draws, rule=rule), labels, mask)
+      for target, fn in targets.items()
+    }
+    for source, x_adv in adversarial.items()
+  }

@@ -23,15 +23,40 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from l2p_jax import plots
 from l2p_jax.metrics import read_metrics
 
-RECORD_FIELDS = ('label', 'checkpoint', 'step', 'workdir', 'method', 'arch', 'width',
-                 'dataset', 'split', 'attack', 'name', 'params', 'source', 'accuracy',
-                 'correct', 'n', 'fooled', 'mean_l2', 'seconds', 'rule', 'draws',
-                 'rule_from', 'noise', 'randomized', 'key', 'batch_size')
+RECORD_FIELDS = (
+  'label',
+  'checkpoint',
+  'step',
+  'workdir',
+  'method',
+  'arch',
+  'width',
+  'dataset',
+  'split',
+  'attack',
+  'name',
+  'params',
+  'source',
+  'accuracy',
+  'correct',
+  'n',
+  'fooled',
+  'mean_l2',
+  'seconds',
+  'rule',
+  'draws',
+  'rule_from',
+  'noise',
+  'randomized',
+  'key',
+  'batch_size',
+)
 CW_COLUMN = 'C&W acc / L2'
 
 
@@ -43,10 +68,13 @@ def attack_title(record: dict[str, Any]) -> str:
   1 px."""
   p, attack = record['params'], record['attack']
   if attack == 'pgd':
-    return (f"PGD-{p['steps']}" if p['eot_draws'] == 1
-            else f"EOT-PGD-{p['steps']} ({p['eot_draws']} draws)")
+    return (
+      f'PGD-{p["steps"]}'
+      if p['eot_draws'] == 1
+      else f'EOT-PGD-{p["steps"]} ({p["eot_draws"]} draws)'
+    )
   if attack == 'few_pixel':
-    return f"{p['n_pixels']} px"
+    return f'{p["n_pixels"]} px'
   return {'clean': 'Clean', 'fgsm': 'FGSM', 'cw': CW_COLUMN, 'apgd_rand': 'APGD-rand'}[attack]
 
 
@@ -56,22 +84,27 @@ def table_column(record: dict[str, Any], eps: float) -> tuple[tuple, str] | None
   p = record['params']
   if record['source'] is not None or p['eps'] not in (None, eps):
     return None
-  order = (ATTACK_ORDER.index(record['attack']), p.get('eot_draws', 1),
-           p.get('n_pixels', p.get('steps', 0)))
+  order = (
+    ATTACK_ORDER.index(record['attack']),
+    p.get('eot_draws', 1),
+    p.get('n_pixels', p.get('steps', 0)),
+  )
   return order, attack_title(record)
 
 
 def curve_name(record: dict[str, Any]) -> str | None:
   """The accuracy-vs-eps curve a white-box record is a point of: 'FGSM' or 'PGD-<steps>'
   (without EOT); None otherwise."""
-  if record['source'] is None and (record['attack'] == 'fgsm' or (
-      record['attack'] == 'pgd' and record['params']['eot_draws'] == 1)):
+  if record['source'] is None and (
+    record['attack'] == 'fgsm' or (record['attack'] == 'pgd' and record['params']['eot_draws'] == 1)
+  ):
     return attack_title(record)
   return None
 
 
-def eps_curves(records: Sequence[dict[str, Any]]
-               ) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def eps_curves(
+  records: Sequence[dict[str, Any]],
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
   """{curve: {checkpoint label: [(eps, accuracy), ...]}} for the curves measured at two
   radii or more."""
   curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
@@ -79,10 +112,13 @@ def eps_curves(records: Sequence[dict[str, Any]]
     name = curve_name(r)
     if name:
       curves.setdefault(name, {}).setdefault(r['label'], []).append(
-          (r['params']['eps'], r['accuracy']))
-  return {name: {label: sorted(points) for label, points in lines.items()}
-          for name, lines in curves.items()
-          if len({eps for points in lines.values() for eps, _ in points}) > 1}
+        (r['params']['eps'], r['accuracy'])
+      )
+  return {
+    name: {label: sorted(points) for label, points in lines.items()}
+    for name, lines in curves.items()
+    if len({eps for points in lines.values() for eps, _ in points}) > 1
+  }
 
 
 def _percent(value: float) -> str:
@@ -95,9 +131,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _row_label(checkpoint: dict[str, Any]) -> str:
-  width = '' if checkpoint['width'] == 1 else f" x{checkpoint['width']:g}"
-  return (f"{checkpoint['label']} ({checkpoint['method']} {checkpoint['arch']}{width}, "
-          f"step {checkpoint['step']})")
+  width = '' if checkpoint['width'] == 1 else f' x{checkpoint["width"]:g}'
+  return (
+    f'{checkpoint["label"]} ({checkpoint["method"]} {checkpoint["arch"]}{width}, '
+    f'step {checkpoint["step"]})'
+  )
 
 
 def _summary(records: Sequence[dict[str, Any]], eps: float) -> str:
@@ -105,14 +143,22 @@ def _summary(records: Sequence[dict[str, Any]], eps: float) -> str:
   first = records[0]
   sizes = sorted({(r['attack'], r['n']) for r in records}, key=lambda a: -a[1])
   fewer = ', '.join(f'{attack}: {n}' for attack, n in sizes if n != sizes[0][1])
-  rules = {r['label']: f"{r['rule']} over {r['draws']} noise draw(s)" for r in records}
-  rule = (next(iter(rules.values())) if len(set(rules.values())) == 1 else
-          '; '.join(f'{label}: {text}' for label, text in rules.items()))
-  return (f"Accuracy (%) on {first['dataset']}/{first['split']}, {sizes[0][1]} examples"
-          f"{f' ({fewer})' if fewer else ''}; eps = {eps * 255:g}/255; prediction rule "
-          f"{rule}, noise {'on' if first['noise'] else 'off'}."
-          + (' C&W: accuracy / mean L2 of the perturbations that fooled the model.'
-             if any(r['attack'] == 'cw' for r in records) else ''))
+  rules = {r['label']: f'{r["rule"]} over {r["draws"]} noise draw(s)' for r in records}
+  rule = (
+    next(iter(rules.values()))
+    if len(set(rules.values())) == 1
+    else '; '.join(f'{label}: {text}' for label, text in rules.items())
+  )
+  return (
+    f'Accuracy (%) on {first["dataset"]}/{first["split"]}, {sizes[0][1]} examples'
+    f'{f" ({fewer})" if fewer else ""}; eps = {eps * 255:g}/255; prediction rule '
+    f'{rule}, noise {"on" if first["noise"] else "off"}.'
+    + (
+      ' C&W: accuracy / mean L2 of the perturbations that fooled the model.'
+      if any(r['attack'] == 'cw' for r in records)
+      else ''
+    )
+  )
 
 
 def _attack_table(results: dict[str, Any]) -> str | None:
@@ -125,16 +171,19 @@ def _attack_table(results: dict[str, Any]) -> str | None:
     if column:
       columns.add(column)
       cells[r['label'], column[1]] = (
-          f"{_percent(r['accuracy'])} / "
-          f"{'-' if r['mean_l2'] is None else format(r['mean_l2'], '.3f')}"
-          if column[1] == CW_COLUMN else _percent(r['accuracy']))
+        f'{_percent(r["accuracy"])} / '
+        f'{"-" if r["mean_l2"] is None else format(r["mean_l2"], ".3f")}'
+        if column[1] == CW_COLUMN
+        else _percent(r['accuracy'])
+      )
   if not columns:
     return None
   titles = [title for _, title in sorted(columns)]
   rows = [c for c in results['checkpoints'] if any(label == c['label'] for label, _ in cells)]
   return '## Accuracy under attack\n\n' + _table(
-      ['checkpoint'] + titles,
-      [[_row_label(c)] + [cells.get((c['label'], t), '-') for t in titles] for c in rows])
+    ['checkpoint'] + titles,
+    [[_row_label(c)] + [cells.get((c['label'], t), '-') for t in titles] for c in rows],
+  )
 
 
 def _eps_table(records: Sequence[dict[str, Any]]) -> str | None:
@@ -143,13 +192,21 @@ def _eps_table(records: Sequence[dict[str, Any]]) -> str | None:
   if not curves:
     return None
   radii = sorted({e for lines in curves.values() for line in lines.values() for e, _ in line})
-  points = {(name, label, e): a for name, lines in curves.items()
-            for label, line in lines.items() for e, a in line}
+  points = {
+    (name, label, e): a
+    for name, lines in curves.items()
+    for label, line in lines.items()
+    for e, a in line
+  }
   return '## Accuracy against eps\n\n' + _table(
-      ['checkpoint', 'attack'] + [f'{e * 255:g}/255' for e in radii],
-      [[label, name] + [_percent(points[name, label, e]) if (name, label, e) in points
-                        else '-' for e in radii]
-       for name, lines in curves.items() for label in lines])
+    ['checkpoint', 'attack'] + [f'{e * 255:g}/255' for e in radii],
+    [
+      [label, name]
+      + [_percent(points[name, label, e]) if (name, label, e) in points else '-' for e in radii]
+      for name, lines in curves.items()
+      for label in lines
+    ],
+  )
 
 
 def _transfer_table(records: Sequence[dict[str, Any]]) -> str | None:
@@ -160,11 +217,13 @@ def _transfer_table(records: Sequence[dict[str, Any]]) -> str | None:
   targets = list(dict.fromkeys(r['label'] for r in transfer))
   sources = list(dict.fromkeys(r['source']['label'] for r in transfer))
   kinds = list(dict.fromkeys(attack_title(r) for r in transfer))
-  value = {(r['source']['label'], r['label'], attack_title(r)): _percent(r['accuracy'])
-           for r in transfer}
+  value = {
+    (r['source']['label'], r['label'], attack_title(r)): _percent(r['accuracy']) for r in transfer
+  }
   return '## Transfer (rows: source model, columns: target model)\n\n' + _table(
-      ['source \\ target'] + [f'{t} {k}' for t in targets for k in kinds],
-      [[s] + [value.get((s, t, k), '-') for t in targets for k in kinds] for s in sources])
+    ['source \\ target'] + [f'{t} {k}' for t in targets for k in kinds],
+    [[s] + [value.get((s, t, k), '-') for t in targets for k in kinds] for s in sources],
+  )
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -174,8 +233,12 @@ def markdown(results: dict[str, Any]) -> str:
   records = results['records']
   if not records:
     return 'No results.\n'
-  sections = [_summary(records, results['config']['eps']), _attack_table(results),
-              _eps_table(records), _transfer_table(records)]
+  sections = [
+    _summary(records, results['config']['eps']),
+    _attack_table(results),
+    _eps_table(records),
+    _transfer_table(records),
+  ]
   return '\n\n'.join(s for s in sections if s) + '\n'
 
 
@@ -183,8 +246,16 @@ def _identity(record: dict[str, Any]) -> tuple:
   """What a record measured: the checkpoint, the attack with its parameters, the data
   and the prediction rule; a newer record of the same identity replaces an older one."""
   source = record['source'] and record['source']['checkpoint']
-  return (record['checkpoint'], source, record['name'], record['dataset'],
-          record['split'], record['rule'], record['draws'], record['noise'])
+  return (
+    record['checkpoint'],
+    source,
+    record['name'],
+    record['dataset'],
+    record['split'],
+    record['rule'],
+    record['draws'],
+    record['noise'],
+  )
 
 
 def merge_previous(results: dict[str, Any], output_dir: str) -> dict[str, Any]:
@@ -197,11 +268,12 @@ def merge_previous(results: dict[str, Any], output_dir: str) -> dict[str, Any]:
     previous = json.load(f)
   redone = {_identity(r) for r in results['records']}
   listed = {c['checkpoint'] for c in results['checkpoints']}
-  return {**results,
-          'checkpoints': [c for c in previous['checkpoints'] if c['checkpoint'] not in listed]
-                         + results['checkpoints'],
-          'records': [r for r in previous['records'] if _identity(r) not in redone]
-                     + results['records']}
+  return {
+    **results,
+    'checkpoints': [c for c in previous['checkpoints'] if c['checkpoint'] not in listed]
+    + results['checkpoints'],
+    'records': [r for r in previous['records'] if _identity(r) not in redone] + results['records'],
+  }
 
 
 def write_report(results: dict[str, Any], output_dir: str) -> list[str]:
@@ -222,6 +294,7 @@ def write_report(results: dict[str, Any], output_dir: str) -> list[str]:
     name = re.sub(r'[^\w.-]+', '_', c['label'])
     plot = os.path.join(output_dir, f'noise_evolution_{name}.png')
     if os.path.exists(metrics) and plots.plot_noise_evolution(
-        read_metrics(metrics), plot, title=f"{c['label']}: {c['method']} {c['arch']}"):
+      read_metrics(metrics), plot, title=f'{c["label"]}: {c["method"]} {c["arch"]}'
+    ):
       paths.append(plot)
   return paths

@@ -54,30 +54,39 @@ def launch_subprocess(command: Sequence[str], log: str) -> None:
   with open(log, 'a') as f:
     f.write(f'$ {shlex.join(command)}\n')
     f.flush()
-    code = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, stdout=f,
-                          stderr=subprocess.STDOUT, check=False).returncode
+    code = subprocess.run(
+      [sys.executable, *command[1:]], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False
+    ).returncode
   if code:
     with open(log) as f:
       tail = ''.join(f.readlines()[-5:])
-    raise ReproduceError(f'{command[1]} exited with status {code}; its output is in '
-                         f'{log}, ending:\n{tail}Rerun the same reproduce.py command to '
-                         'continue from there.')
+    raise ReproduceError(
+      f'{command[1]} exited with status {code}; its output is in '
+      f'{log}, ending:\n{tail}Rerun the same reproduce.py command to '
+      'continue from there.'
+    )
 
 
-def run_plan(plan: Plan, launch: Launcher = launch_subprocess,
-             progress_bar: bool = True) -> int:
+def run_plan(plan: Plan, launch: Launcher = launch_subprocess, progress_bar: bool = True) -> int:
   """Runs every unfinished step of the plan's jobs in order, writing each step's marker
   after it succeeds, with a progress bar (rate and ETA) over the jobs; returns the
   number of steps run. A failure stops the grid with ReproduceError; rerunning
   continues with the failed step."""
   for name in ROOT / 'train.py', ROOT / 'eval.py':
     if not name.exists():
-      raise ReproduceError(f'{name} is missing; reproduce.py runs from a checkout of '
-                           'the repository.')
+      raise ReproduceError(
+        f'{name} is missing; reproduce.py runs from a checkout of the repository.'
+      )
   todo = [job for job in plan.jobs if not all(is_done(s) for s in job.steps)]
   ran = 0
-  with tqdm(total=len(plan.jobs), initial=len(plan.jobs) - len(todo), unit='run',
-            desc='reproduce', dynamic_ncols=True, disable=not progress_bar) as bar:
+  with tqdm(
+    total=len(plan.jobs),
+    initial=len(plan.jobs) - len(todo),
+    unit='run',
+    desc='reproduce',
+    dynamic_ncols=True,
+    disable=not progress_bar,
+  ) as bar:
     for job in todo:
       bar.set_postfix_str(job.name)
       ran += _run_job(job, launch)
@@ -104,18 +113,28 @@ def slurm_script(plan: Plan, assemble_command: str) -> str:
   Transfer jobs need the trainings first; the header says how to submit both parts."""
   first = [i for i, job in enumerate(plan.jobs) if not job.needs]
   later = [i for i, job in enumerate(plan.jobs) if job.needs]
-  lines = ['#!/bin/bash', '#SBATCH --job-name=l2p-reproduce',
-           f'#SBATCH --array=0-{len(plan.jobs) - 1}',
-           f'#SBATCH --output={os.path.join(plan.workdir, "slurm", "%A_%a.out")}',
-           f'# {len(plan.jobs)} tasks, one per job of the grid in {plan.workdir}.']
+  lines = [
+    '#!/bin/bash',
+    '#SBATCH --job-name=l2p-reproduce',
+    f'#SBATCH --array=0-{len(plan.jobs) - 1}',
+    f'#SBATCH --output={os.path.join(plan.workdir, "slurm", "%A_%a.out")}',
+    f'# {len(plan.jobs)} tasks, one per job of the grid in {plan.workdir}.',
+  ]
   if later:
-    lines += [(f'# Tasks {later[0]}-{later[-1]} evaluate models that tasks '
-               f'{first[0]}-{first[-1]} train; submit them in two parts:'),
-              f'#   jobid=$(sbatch --parsable --array={first[0]}-{first[-1]} THIS_FILE)',
-              (f'#   sbatch --array={later[0]}-{later[-1]} '
-               '--dependency=afterok:$jobid THIS_FILE')]
-  lines += [f'# Then assemble the report: {assemble_command}', 'set -euo pipefail',
-            f'cd {shlex.quote(str(ROOT))}', 'case "$SLURM_ARRAY_TASK_ID" in']
+    lines += [
+      (
+        f'# Tasks {later[0]}-{later[-1]} evaluate models that tasks '
+        f'{first[0]}-{first[-1]} train; submit them in two parts:'
+      ),
+      f'#   jobid=$(sbatch --parsable --array={first[0]}-{first[-1]} THIS_FILE)',
+      (f'#   sbatch --array={later[0]}-{later[-1]} --dependency=afterok:$jobid THIS_FILE'),
+    ]
+  lines += [
+    f'# Then assemble the report: {assemble_command}',
+    'set -euo pipefail',
+    f'cd {shlex.quote(str(ROOT))}',
+    'case "$SLURM_ARRAY_TASK_ID" in',
+  ]
   for i, job in enumerate(plan.jobs):
     body = []
     for step in job.steps:

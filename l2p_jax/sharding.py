@@ -22,8 +22,9 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   devices = jax.devices()
   if num_devices is None:
     num_devices = len(devices)
-  return jax.make_mesh((num_devices,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                       devices=devices[:num_devices])
+  return jax.make_mesh(
+    (num_devices,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:num_devices]
+  )
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -39,8 +40,10 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises ValueError unless the global batch splits evenly over the mesh's devices."""
   if batch_size <= 0 or batch_size % mesh.size:
-    raise ValueError(f'Global batch size {batch_size} must be a positive multiple of '
-                     f'the number of devices {mesh.size}.')
+    raise ValueError(
+      f'Global batch size {batch_size} must be a positive multiple of '
+      f'the number of devices {mesh.size}.'
+    )
 
 
 def shard_batch(mesh: Mesh, batch: Any) -> Any:
@@ -51,7 +54,8 @@ def shard_batch(mesh: Mesh, batch: Any) -> Any:
   for leaf in jax.tree.leaves(batch):
     check_batch_size(np.shape(leaf)[0] * jax.process_count(), mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
@@ -62,4 +66,5 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
   def put(value):
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
   return jax.tree.map(put, tree)

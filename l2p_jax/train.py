@@ -15,28 +15,43 @@ import os
 import time
 from typing import Any
 
-from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2p_jax import (checkpointing, data, experiment, locking, models, objectives, optim,
-                     sharding, training)
+from l2p_jax import (
+  checkpointing,
+  data,
+  experiment,
+  locking,
+  models,
+  objectives,
+  optim,
+  sharding,
+  training,
+)
 from l2p_jax.experiment import ConfigError
 from l2p_jax.metrics import MetricsWriter, read_metrics
 from l2p_jax.plots import plot_noise_evolution
 from l2p_jax.training import TrainState
 
+
 def summarize(record: dict[str, Any]) -> str:
   """One console line for an epoch's record."""
-  parts = [f"epoch {record['epoch'] + 1}", f"lr {record['learning_rate']:.4g}",
-           f"loss {record['train_loss']:.4f}",
-           f"train acc {record['train_accuracy']:.4f}"]
+  parts = [
+    f'epoch {record["epoch"] + 1}',
+    f'lr {record["learning_rate"]:.4g}',
+    f'loss {record["train_loss"]:.4f}',
+    f'train acc {record["train_accuracy"]:.4f}',
+  ]
   if 'eval_clean_accuracy' in record:
-    parts += [f"clean acc {record['eval_clean_accuracy']:.4f}",
-              f"PGD acc {record['eval_pgd_accuracy']:.4f}"]
+    parts += [
+      f'clean acc {record["eval_clean_accuracy"]:.4f}',
+      f'PGD acc {record["eval_pgd_accuracy"]:.4f}',
+    ]
   if record['noise']:
     means = [v['mean'] for v in record['noise'].values()]
     parts.append(f'mean noise {sum(means) / len(means):.4f}')
@@ -51,9 +66,14 @@ class TrainingInterrupted(RuntimeError):
   """The run was stopped by Ctrl-C (KeyboardInterrupt); it resumes from a checkpoint."""
 
 
-
-def evaluate(eval_fn, variables: dict[str, Any], split: data.HostSplit,
-             mesh: jax.sharding.Mesh, batch_size: int, key: jax.Array) -> dict[str, float]:
+def evaluate(
+  eval_fn,
+  variables: dict[str, Any],
+  split: data.HostSplit,
+  mesh: jax.sharding.Mesh,
+  batch_size: int,
+  key: jax.Array,
+) -> dict[str, float]:
   """Clean and PGD accuracy over a whole split, every example counted once."""
   clean = robust = 0
   batches = data.device_batches(mesh, data.eval_batches(split, batch_size))
@@ -65,10 +85,16 @@ def evaluate(eval_fn, variables: dict[str, Any], split: data.HostSplit,
 
 
 # Errors whose message is the whole story: train.py prints them without a traceback.
-USER_ERRORS = (ConfigError, NonFiniteLossError, TrainingInterrupted,
-               data.DatasetNotFoundError, data.DatasetFileError,
-               checkpointing.CheckpointMismatchError,
-               checkpointing.CheckpointUnreadableError, locking.WorkdirLockedError)
+USER_ERRORS = (
+  ConfigError,
+  NonFiniteLossError,
+  TrainingInterrupted,
+  data.DatasetNotFoundError,
+  data.DatasetFileError,
+  checkpointing.CheckpointMismatchError,
+  checkpointing.CheckpointUnreadableError,
+  locking.WorkdirLockedError,
+)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -84,8 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # The processes of one run share the workdir.
       stack.enter_context(locking.WorkdirLock(workdir))
-    checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                            keep=config.keep_checkpoints)
+    checkpoints = checkpointing.Checkpoints(
+      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
+    )
     stack.callback(checkpoints.close)
     try:
       return _train_and_evaluate(config, workdir, checkpoints)
@@ -93,13 +120,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       checkpoints.wait()  # A save under way completes: the rerun starts from it.
       step = checkpoints.latest_step()
       raise TrainingInterrupted(
-          'interrupted; rerun the same command to resume from ' +
-          (f'step {step}.' if step is not None else 'the start (no checkpoint yet).')
+        'interrupted; rerun the same command to resume from '
+        + (f'step {step}.' if step is not None else 'the start (no checkpoint yet).')
       ) from None
 
 
-def resume(checkpoints: checkpointing.Checkpoints, config: ml_collections.ConfigDict,
-           state: TrainState, workdir: str) -> tuple[TrainState, int | None]:
+def resume(
+  checkpoints: checkpointing.Checkpoints,
+  config: ml_collections.ConfigDict,
+  state: TrainState,
+  workdir: str,
+) -> tuple[TrainState, int | None]:
   """The state of the newest readable checkpoint compatible with `config` (`state`
   itself, step None, when there is none) after refusing a config that changes what a
   step means and warning about (and recording) any other change.
@@ -115,22 +146,26 @@ def resume(checkpoints: checkpointing.Checkpoints, config: ml_collections.Config
     changes[:] = checkpointing.check_compatible(meta['config'], config, where)
 
   step, state, _, unreadable = checkpoints.restore_newest_readable(
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                   state), check=check)
+    jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state),
+    check=check,
+  )
   if jax.process_index() == 0:
     for bad in unreadable:
       aside = os.path.join(workdir, 'unreadable_checkpoints', str(bad))
       os.makedirs(os.path.dirname(aside), exist_ok=True)
       os.replace(checkpoints.path(bad), aside)
-      logging.warning('Moved the unreadable checkpoint %s to %s.', checkpoints.path(bad),
-                      aside)
+      logging.warning('Moved the unreadable checkpoint %s to %s.', checkpoints.path(bad), aside)
     tqdm.write(f'Resuming from {checkpoints.path(step)}.')
     if changes:
       changed = os.path.join(workdir, f'config.{step}.json')
       with open(changed, 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
-      logging.warning('Resuming %s with a changed config (written to %s):\n  %s',
-                      checkpoints.path(step), changed, '\n  '.join(changes))
+      logging.warning(
+        'Resuming %s with a changed config (written to %s):\n  %s',
+        checkpoints.path(step),
+        changed,
+        '\n  '.join(changes),
+      )
   if unreadable:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('l2p_jax: unreadable checkpoints moved')
@@ -142,6 +177,7 @@ def resume(checkpoints: checkpointing.Checkpoints, config: ml_collections.Config
 class _Saver:
   """Saves checkpoints with the run's metadata, never a non-finite state nor one step
   twice; `last` is the newest step saved (or resumed from), None before any."""
+
   checkpoints: checkpointing.Checkpoints
   meta: dict[str, Any]
   last: int | None
@@ -159,6 +195,7 @@ class _Saver:
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What every epoch of one run uses: its config, mesh, data and compiled functions."""
+
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   train_split: data.HostSplit
@@ -182,45 +219,67 @@ def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return mesh
 
 
-def _refuse_changed_steps(checkpoints: checkpointing.Checkpoints,
-                          config: ml_collections.ConfigDict) -> None:
+def _refuse_changed_steps(
+  checkpoints: checkpointing.Checkpoints, config: ml_collections.ConfigDict
+) -> None:
   """Refuses a changed model or step before the data is loaded (resume() checks
   again the checkpoint it restores)."""
   latest = checkpoints.latest_step()
   if latest is None:
     return
   try:
-    checkpointing.check_compatible(checkpoints.meta(latest)['config'], config,
-                                   checkpoints.path(latest))
+    checkpointing.check_compatible(
+      checkpoints.meta(latest)['config'], config, checkpoints.path(latest)
+    )
   except checkpointing.CheckpointMismatchError:
     raise
   except Exception:  # pylint: disable=broad-except
     pass  # An unreadable checkpoint: resume() warns and falls back to an older one.
 
 
-def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-             model: models.ResNet, optimizers: dict, train_split: data.HostSplit,
-             train_split_size: int) -> tuple[Any, Any, Any, Any]:
+def _compile(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  model: models.ResNet,
+  optimizers: dict,
+  train_split: data.HostSplit,
+  train_split_size: int,
+) -> tuple[Any, Any, Any, Any]:
   """(step_fn, eval_fn, restart, device_split): the jitted training step (on batches
   from the host, or gathered from the split put on the mesh), evaluation step and
   optimizer restart."""
   replicated = sharding.replicated_sharding(mesh)
-  step_kwargs = dict(model=model, config=config, optimizers=optimizers,
-                     kl_weight=training.kl_loss_weight(config, train_split_size))
-  restart = jax.jit(functools.partial(training.restart_optimizers, optimizers=optimizers),
-                    out_shardings=replicated)
+  step_kwargs = dict(
+    model=model,
+    config=config,
+    optimizers=optimizers,
+    kl_weight=training.kl_loss_weight(config, train_split_size),
+  )
+  restart = jax.jit(
+    functools.partial(training.restart_optimizers, optimizers=optimizers), out_shardings=replicated
+  )
   device_split = None
   if config.data.on_device:
     device_split = data.put_on_mesh(mesh, train_split)
     step_fn = jax.jit(
-        functools.partial(training.train_step_on_split, batch_size=config.batch_size,
-                          batch_sharding=sharding.data_sharding(mesh), **step_kwargs),
-        static_argnames='phase', donate_argnums=0)
+      functools.partial(
+        training.train_step_on_split,
+        batch_size=config.batch_size,
+        batch_sharding=sharding.data_sharding(mesh),
+        **step_kwargs,
+      ),
+      static_argnames='phase',
+      donate_argnums=0,
+    )
   else:
-    step_fn = jax.jit(functools.partial(training.train_step, **step_kwargs),
-                      static_argnames='phase', donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(training.eval_step, model=model, config=config),
-                    static_argnames='noise')
+    step_fn = jax.jit(
+      functools.partial(training.train_step, **step_kwargs),
+      static_argnames='phase',
+      donate_argnums=0,
+    )
+  eval_fn = jax.jit(
+    functools.partial(training.eval_step, model=model, config=config), static_argnames='noise'
+  )
   return step_fn, eval_fn, restart, device_split
 
 
@@ -232,30 +291,50 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        checkpoints: checkpointing.Checkpoints) -> TrainState:
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpointing.Checkpoints
+) -> TrainState:
   """train_and_evaluate, in a workdir this run holds, saving to `checkpoints`."""
   mesh = _make_mesh(config)
   _refuse_changed_steps(checkpoints, config)
   train_split, eval_split, train_split_size = experiment.load_data(config)
   mean, std = experiment.normalization(config, train_split)
   model = experiment.build_model(config, train_split.num_classes, mean, std)
-  optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
-                                     config.optim.weight_decay, config.optim.optimizer)
+  optimizers = optim.make_optimizers(
+    config.optim.momentum, config.optim.nesterov, config.optim.weight_decay, config.optim.optimizer
+  )
   root = jax.random.key(config.seed)
-  init = jax.jit(functools.partial(training.create_train_state, model, optimizers,
-                                   image_shape=train_split.images.shape[1:]),
-                 out_shardings=sharding.replicated_sharding(mesh))
+  init = jax.jit(
+    functools.partial(
+      training.create_train_state, model, optimizers, image_shape=train_split.images.shape[1:]
+    ),
+    out_shardings=sharding.replicated_sharding(mesh),
+  )
   state = init(jax.random.fold_in(root, training.INIT_STREAM))
-  meta = {'config': config.to_dict(), 'num_classes': train_split.num_classes,
-          'mean': mean, 'std': std, 'image_shape': list(train_split.images.shape[1:])}
+  meta = {
+    'config': config.to_dict(),
+    'num_classes': train_split.num_classes,
+    'mean': mean,
+    'std': std,
+    'image_shape': list(train_split.images.shape[1:]),
+  }
   state, latest = resume(checkpoints, config, state, workdir)
   _write_config(config, workdir)
   step_fn, eval_fn, restart, device_split = _compile(
-      config, mesh, model, optimizers, train_split, train_split_size)
-  run = _Run(config, mesh, train_split, eval_split, device_split,
-             data.steps_per_epoch(train_split.num_examples, config.batch_size),
-             step_fn, eval_fn, restart, root)
+    config, mesh, model, optimizers, train_split, train_split_size
+  )
+  run = _Run(
+    config,
+    mesh,
+    train_split,
+    eval_split,
+    device_split,
+    data.steps_per_epoch(train_split.num_examples, config.batch_size),
+    step_fn,
+    eval_fn,
+    restart,
+    root,
+  )
   saver = _Saver(checkpoints, meta, latest)
   writer = MetricsWriter(workdir)
   writer.drop_epochs_from(int(state.step) // run.steps_per_epoch)
@@ -264,9 +343,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpoints.wait()
   writer.close()
   if jax.process_index() == 0 and config.method in models.RANDOMIZED_METHODS:
-    plot_noise_evolution(read_metrics(writer.path),
-                         os.path.join(workdir, 'noise_evolution.png'),
-                         title=f'{config.method} {config.model.arch}')
+    plot_noise_evolution(
+      read_metrics(writer.path),
+      os.path.join(workdir, 'noise_evolution.png'),
+      title=f'{config.method} {config.model.arch}',
+    )
   return state
 
 
@@ -275,23 +356,33 @@ def _epoch_inputs(run: _Run, epoch: int, start: int, epoch_start: jax.Array):
   `start` on: batches from the host, or (split, order, epoch_start) on the mesh."""
   config = run.config
   if config.data.on_device:
-    order = data.epoch_order_on_mesh(run.mesh, config.seed, epoch,
-                                     run.train_split.num_examples)
-    return itertools.repeat((run.device_split, order, epoch_start),
-                            run.steps_per_epoch - start)
-  return ((batch,) for batch in data.device_batches(run.mesh, data.train_batches(
-      run.train_split, seed=config.seed, epoch=epoch, batch_size=config.batch_size,
-      start_step=start)))
+    order = data.epoch_order_on_mesh(run.mesh, config.seed, epoch, run.train_split.num_examples)
+    return itertools.repeat((run.device_split, order, epoch_start), run.steps_per_epoch - start)
+  return (
+    (batch,)
+    for batch in data.device_batches(
+      run.mesh,
+      data.train_batches(
+        run.train_split,
+        seed=config.seed,
+        epoch=epoch,
+        batch_size=config.batch_size,
+        start_step=start,
+      ),
+    )
+  )
 
 
-def _train_epoch(run: _Run, state: TrainState, epoch: int, saver: _Saver,
-                 writer: MetricsWriter) -> TrainState:
+def _train_epoch(
+  run: _Run, state: TrainState, epoch: int, saver: _Saver, writer: MetricsWriter
+) -> TrainState:
   """The rest of epoch `epoch` from `state`, its record written and its end saved."""
   config, steps_per_epoch = run.config, run.steps_per_epoch
   step = int(state.step)
   phase = training.phase_for_epoch(config, epoch)
-  lr = optim.learning_rate(epoch, config.optim.learning_rate,
-                           config.optim.lr_boundaries, config.optim.lr_decay)
+  lr = optim.learning_rate(
+    epoch, config.optim.learning_rate, config.optim.lr_boundaries, config.optim.lr_decay
+  )
   reg_weight = training.regularizer_weight(config, epoch)
   start = step - epoch * steps_per_epoch
   if start == 0:
@@ -301,11 +392,16 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, saver: _Saver,
   started = time.time()
   # Per-epoch values go to the devices once here, not with every step.
   lr_on_mesh, reg_weight_on_mesh, epoch_start = sharding.replicate(
-      run.mesh, (np.float32(lr), np.float32(reg_weight),
-                 np.int32(epoch * steps_per_epoch)))
-  bar = tqdm(total=steps_per_epoch, initial=start, unit='step', dynamic_ncols=True,
-             desc=f'epoch {epoch + 1}/{config.num_epochs}',
-             disable=not config.progress_bar or jax.process_index() != 0)
+    run.mesh, (np.float32(lr), np.float32(reg_weight), np.int32(epoch * steps_per_epoch))
+  )
+  bar = tqdm(
+    total=steps_per_epoch,
+    initial=start,
+    unit='step',
+    dynamic_ncols=True,
+    desc=f'epoch {epoch + 1}/{config.num_epochs}',
+    disable=not config.progress_bar or jax.process_index() != 0,
+  )
   for step_inputs in _epoch_inputs(run, epoch, start, epoch_start):
     state = run.step_fn(state, *step_inputs, lr_on_mesh, reg_weight_on_mesh, phase=phase)
     step += 1
@@ -320,16 +416,24 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, saver: _Saver,
     if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
       saver.save(step, state)
   bar.close()
-  record = {'epoch': epoch, 'step': step, 'learning_rate': lr,
-            'regularizer_weight': reg_weight,
-            'train_loss': float(state.loss_sum) / steps_per_epoch,
-            'train_accuracy': float(state.correct_sum) / int(state.seen),
-            'epoch_seconds': time.time() - started}
+  record = {
+    'epoch': epoch,
+    'step': step,
+    'learning_rate': lr,
+    'regularizer_weight': reg_weight,
+    'train_loss': float(state.loss_sum) / steps_per_epoch,
+    'train_accuracy': float(state.correct_sum) / int(state.seen),
+    'epoch_seconds': time.time() - started,
+  }
   if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-    results = evaluate(functools.partial(run.eval_fn, noise=phase.noise),
-                       state.variables, run.eval_split, run.mesh, config.eval_batch_size,
-                       jax.random.fold_in(jax.random.fold_in(run.root,
-                                                             training.EVAL_STREAM), epoch))
+    results = evaluate(
+      functools.partial(run.eval_fn, noise=phase.noise),
+      state.variables,
+      run.eval_split,
+      run.mesh,
+      config.eval_batch_size,
+      jax.random.fold_in(jax.random.fold_in(run.root, training.EVAL_STREAM), epoch),
+    )
     record.update({f'eval_{k}': v for k, v in results.items()})
   record['noise'] = objectives.noise_statistics(state.perturb)
   saver.check(state)
@@ -340,16 +444,20 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, saver: _Saver,
   return state
 
 
-def check_finite(state: TrainState, checkpoints: checkpointing.Checkpoints,
-                 last_saved: int | None) -> None:
+def check_finite(
+  state: TrainState, checkpoints: checkpointing.Checkpoints, last_saved: int | None
+) -> None:
   """Raises NonFiniteLossError naming the step and the last good checkpoint."""
   bad = int(state.nonfinite_step)
   if bad >= 0:
-    where = (checkpoints.path(last_saved) if last_saved is not None
-             else 'none (no checkpoint was written yet)')
+    where = (
+      checkpoints.path(last_saved)
+      if last_saved is not None
+      else 'none (no checkpoint was written yet)'
+    )
     raise NonFiniteLossError(
-        f'Non-finite loss or train state (parameters, noise parameters or optimizer '
-        f'state) at step {bad}. Last good checkpoint: {where}. '
-        'Lower optim.learning_rate or check the data; rerunning the same command '
-        'resumes from that checkpoint.')
-
+      f'Non-finite loss or train state (parameters, noise parameters or optimizer '
+      f'state) at step {bad}. Last good checkpoint: {where}. '
+      'Lower optim.learning_rate or check the data; rerunning the same command '
+      'resumes from that checkpoint.'
+    )

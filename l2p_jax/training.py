@@ -25,6 +25,7 @@ INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
 @flax.struct.dataclass
 class TrainState:
   """Everything a step reads and writes, and all a checkpoint needs to resume."""
+
   step: jax.Array
   params: Any
   perturb: Any
@@ -37,13 +38,13 @@ class TrainState:
 
   @property
   def variables(self) -> dict[str, Any]:
-    return {'params': self.params, 'perturb': self.perturb,
-            'batch_stats': self.batch_stats}
+    return {'params': self.params, 'perturb': self.perturb, 'batch_stats': self.batch_stats}
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """What changes between epochs and changes the compiled step."""
+
   noise: bool  # Noise layers draw noise.
   adversarial: bool  # The loss includes PGD examples.
   train_perturb: bool  # The perturb collection is updated.
@@ -53,8 +54,7 @@ def phase_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> Phase:
   """Noise on from l2p.noise_start_epoch for L2P (always for PNI and Adv-BNN), PGD
   examples from adv.start_epoch, noise parameters trained while noise is on."""
   has_noise = config.method in models.RANDOMIZED_METHODS
-  noise = has_noise and (config.method != 'l2p'
-                         or epoch >= config.l2p.noise_start_epoch)
+  noise = has_noise and (config.method != 'l2p' or epoch >= config.l2p.noise_start_epoch)
   adversarial = config.adv.start_epoch >= 0 and epoch >= config.adv.start_epoch
   return Phase(noise=noise, adversarial=adversarial, train_perturb=noise)
 
@@ -66,35 +66,46 @@ def regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
   return config.l2p.gamma / objectives.harmonic_tau(epoch, config.l2p.noise_start_epoch)
 
 
-
-def create_train_state(model: models.ResNet, optimizers: dict, key: jax.Array,
-                       image_shape: tuple[int, ...]) -> TrainState:
+def create_train_state(
+  model: models.ResNet, optimizers: dict, key: jax.Array, image_shape: tuple[int, ...]
+) -> TrainState:
   """Initial variables (from `key`) and optimizer states, with empty epoch sums."""
   params_key, noise_key = jax.random.split(key)
-  variables = model.init({'params': params_key, 'noise': noise_key},
-                         jnp.zeros((1, *image_shape), jnp.float32))
+  variables = model.init(
+    {'params': params_key, 'noise': noise_key}, jnp.zeros((1, *image_shape), jnp.float32)
+  )
   perturb = variables.get('perturb', {})
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables['params'], perturb=perturb,
-      batch_stats=variables['batch_stats'],
-      opt_state={'params': optimizers['params'].init(variables['params']),
-                 'perturb': optimizers['perturb'].init(perturb)},
-      loss_sum=jnp.zeros((), jnp.float32), correct_sum=jnp.zeros((), jnp.int32),
-      seen=jnp.zeros((), jnp.int32), nonfinite_step=-jnp.ones((), jnp.int32))
+    step=jnp.zeros((), jnp.int32),
+    params=variables['params'],
+    perturb=perturb,
+    batch_stats=variables['batch_stats'],
+    opt_state={
+      'params': optimizers['params'].init(variables['params']),
+      'perturb': optimizers['perturb'].init(perturb),
+    },
+    loss_sum=jnp.zeros((), jnp.float32),
+    correct_sum=jnp.zeros((), jnp.int32),
+    seen=jnp.zeros((), jnp.int32),
+    nonfinite_step=-jnp.ones((), jnp.int32),
+  )
 
 
 def reset_epoch_sums(state: TrainState) -> TrainState:
   """Zeroes the per-epoch accumulators at the start of an epoch."""
-  return state.replace(loss_sum=jnp.zeros_like(state.loss_sum),
-                       correct_sum=jnp.zeros_like(state.correct_sum),
-                       seen=jnp.zeros_like(state.seen))
+  return state.replace(
+    loss_sum=jnp.zeros_like(state.loss_sum),
+    correct_sum=jnp.zeros_like(state.correct_sum),
+    seen=jnp.zeros_like(state.seen),
+  )
 
 
 def restart_optimizers(state: TrainState, optimizers: dict) -> TrainState:
   """Fresh optimizer states for both collections (Adv-BNN's code makes a new Adam
   at every learning-rate stage); the variables stay as they are."""
-  return state.replace(opt_state={c: optimizers[c].init(getattr(state, c))
-                                  for c in ('params', 'perturb')})
+  return state.replace(
+    opt_state={c: optimizers[c].init(getattr(state, c)) for c in ('params', 'perturb')}
+  )
 
 
 def kl_loss_weight(config: ml_collections.ConfigDict, train_split_size: int) -> float:
@@ -106,15 +117,21 @@ def kl_loss_weight(config: ml_collections.ConfigDict, train_split_size: int) -> 
 def step_keys(seed: int, step: jax.Array) -> dict[str, jax.Array]:
   """The keys of training step `step`: augmentation, clean noise, PGD, adversarial noise."""
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), TRAIN_STREAM), step)
-  return {name: jax.random.fold_in(key, i)
-          for i, name in enumerate(('augment', 'clean', 'pgd', 'adv'))}
+  return {
+    name: jax.random.fold_in(key, i) for i, name in enumerate(('augment', 'clean', 'pgd', 'adv'))
+  }
 
 
 def pgd_attack(config: ml_collections.ConfigDict, steps: int):
   """The configured L-inf PGD with `steps` steps, as a function of (logits_fn, key, x, y)."""
   return functools.partial(
-      attacks.pgd, eps=config.adv.eps, steps=steps, step_size=config.adv.step_size,
-      random_start=config.adv.random_start, unroll=True if config.adv.unroll else 1)
+    attacks.pgd,
+    eps=config.adv.eps,
+    steps=steps,
+    step_size=config.adv.step_size,
+    random_start=config.adv.random_start,
+    unroll=True if config.adv.unroll else 1,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +147,22 @@ class StepObjective:
   first_clean: (logits, vjp, batch_stats updates) of the clean pass at the state's
     variables.
   """
+
   objective: Any
   gradients: Any
   first_clean: Any
 
 
-def step_objective(state: TrainState, batch: dict[str, jax.Array],
-                   reg_weight: jax.Array, *, phase: Phase, model: models.ResNet,
-                   config: ml_collections.ConfigDict, kl_weight: float) -> StepObjective:
+def step_objective(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  reg_weight: jax.Array,
+  *,
+  phase: Phase,
+  model: models.ResNet,
+  config: ml_collections.ConfigDict,
+  kl_weight: float,
+) -> StepObjective:
   """The objective of training step `state.step` as a function of (params, perturb).
 
   Augmentation, noise draws and the PGD examples (made once, with the state's
@@ -150,10 +175,14 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
   y = batch['label']
 
   def forward(params, perturb, batch_stats, inputs, key):
-    return model.apply({'params': params, 'perturb': perturb,
-                        'batch_stats': batch_stats}, inputs, train=True,
-                       noise=phase.noise, rngs={'noise': key},
-                       mutable=['batch_stats'])
+    return model.apply(
+      {'params': params, 'perturb': perturb, 'batch_stats': batch_stats},
+      inputs,
+      train=True,
+      noise=phase.noise,
+      rngs={'noise': key},
+      mutable=['batch_stats'],
+    )
 
   def clean_pass(params, perturb):
     return forward(params, perturb, state.batch_stats, x, keys['clean'])
@@ -167,29 +196,29 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
       # so far left them: after the clean pass (L2P's and PNI's code), or as the step
       # found them when the loss has no clean term (Adv-BNN's code attacks first).
       if config.adv.clean_weight > 0:
-        frozen = {**frozen, 'batch_stats': jax.lax.stop_gradient(
-            first_clean[2]['batch_stats'])}
+        frozen = {**frozen, 'batch_stats': jax.lax.stop_gradient(first_clean[2]['batch_stats'])}
       logits_fn = models.inference_logits(model, frozen, phase.noise)
     else:
       logits_fn = lambda inputs, key: forward(  # noqa: E731
-          frozen['params'], frozen['perturb'], frozen['batch_stats'], inputs, key)[0]
+        frozen['params'], frozen['perturb'], frozen['batch_stats'], inputs, key
+      )[0]
     target = y if config.adv.labels == 'true' else jnp.argmax(first_clean[0], axis=-1)
-    x_adv = pgd_attack(config, config.adv.steps)(
-        logits_fn, keys['pgd'], x, target).x_adv
+    x_adv = pgd_attack(config, config.adv.steps)(logits_fn, keys['pgd'], x, target).x_adv
 
   def rest(params, perturb, clean_logits, updates):
     adv_logits = None
     if x_adv is not None:
       # A loss of the adversarial term alone (Adv-BNN's code) runs only the
       # adversarial batch through the network: its statistics alone move BatchNorm's.
-      stats = (state.batch_stats if config.adv.clean_weight == 0
-               else updates['batch_stats'])
+      stats = state.batch_stats if config.adv.clean_weight == 0 else updates['batch_stats']
       adv_logits, updates = forward(params, perturb, stats, x_adv, keys['adv'])
-    loss = objectives.mixed_loss(clean_logits, adv_logits, y,
-                                 config.adv.clean_weight, config.adv.adv_weight)
+    loss = objectives.mixed_loss(
+      clean_logits, adv_logits, y, config.adv.clean_weight, config.adv.adv_weight
+    )
     if config.method == 'adv_bnn':
-      loss += kl_weight * models.bayes_kl(params, perturb, config.bnn.prior_sigma,
-                                          config.bnn.kl_scope)
+      loss += kl_weight * models.bayes_kl(
+        params, perturb, config.bnn.prior_sigma, config.bnn.kl_scope
+      )
     total = loss - reg_weight * objectives.l2p_regularizer(perturb)
     return total, (loss, updates['batch_stats'], clean_logits)
 
@@ -197,48 +226,72 @@ def step_objective(state: TrainState, batch: dict[str, jax.Array],
     return rest(params, perturb, *clean_pass(params, perturb))
 
   def gradients(params, perturb, clean=None):
-    logits, pullback, updates = clean or jax.vjp(clean_pass, params, perturb,
-                                                 has_aux=True)
-    (g_params, g_perturb, g_logits), aux = jax.grad(
-        rest, argnums=(0, 1, 2), has_aux=True)(params, perturb, logits, updates)
+    logits, pullback, updates = clean or jax.vjp(clean_pass, params, perturb, has_aux=True)
+    (g_params, g_perturb, g_logits), aux = jax.grad(rest, argnums=(0, 1, 2), has_aux=True)(
+      params, perturb, logits, updates
+    )
     c_params, c_perturb = pullback(g_logits)
-    return (jax.tree.map(jnp.add, g_params, c_params),
-            jax.tree.map(jnp.add, g_perturb, c_perturb)), aux
+    return (
+      jax.tree.map(jnp.add, g_params, c_params),
+      jax.tree.map(jnp.add, g_perturb, c_perturb),
+    ), aux
 
   return StepObjective(objective, gradients, first_clean)
 
 
-def descend(state: TrainState, collection: str, grads: Any, lr: jax.Array,
-            optimizers: dict, theta_floor: float) -> TrainState:
+def descend(
+  state: TrainState,
+  collection: str,
+  grads: Any,
+  lr: jax.Array,
+  optimizers: dict,
+  theta_floor: float,
+) -> TrainState:
   """One SGD update of one collection ('params' or 'perturb'); the other collection
   and its optimizer state stay exactly as they were. L2P maps are floored after."""
-  variables, opt_state = optim.update(optimizers[collection], grads,
-                                      state.opt_state[collection],
-                                      getattr(state, collection), lr)
+  variables, opt_state = optim.update(
+    optimizers[collection], grads, state.opt_state[collection], getattr(state, collection), lr
+  )
   if collection == 'perturb':
     variables = models.project_perturb(variables, theta_floor)
-  return state.replace(**{collection: variables},
-                       opt_state={**state.opt_state, collection: opt_state})
+  return state.replace(
+    **{collection: variables}, opt_state={**state.opt_state, collection: opt_state}
+  )
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
-               reg_weight: jax.Array, *, phase: Phase, model: models.ResNet,
-               config: ml_collections.ConfigDict, optimizers: dict,
-               kl_weight: float) -> TrainState:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  lr: jax.Array,
+  reg_weight: jax.Array,
+  *,
+  phase: Phase,
+  model: models.ResNet,
+  config: ml_collections.ConfigDict,
+  optimizers: dict,
+  kl_weight: float,
+) -> TrainState:
   """One training iteration of `config.method` in `phase` on a uint8 batch."""
-  step = functools.partial(descend, lr=lr, optimizers=optimizers,
-                           theta_floor=config.l2p.theta_floor)
+  step = functools.partial(
+    descend, lr=lr, optimizers=optimizers, theta_floor=config.l2p.theta_floor
+  )
   start = state
   l2p_noise = config.method == 'l2p' and phase.train_perturb
   paper = l2p_noise and config.l2p.alternation == 'paper'
   if l2p_noise and not paper:
     # The authors' code: a theta step on the regularizer alone, then (at the new
     # theta) the clean pass, PGD and a joint step on the loss without it.
-    g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(
-        state.perturb)
+    g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
     state = step(state, 'perturb', g_reg)
-  objective = step_objective(state, batch, reg_weight if paper else 0.0, phase=phase,
-                             model=model, config=config, kl_weight=kl_weight)
+  objective = step_objective(
+    state,
+    batch,
+    reg_weight if paper else 0.0,
+    phase=phase,
+    model=model,
+    config=config,
+    kl_weight=kl_weight,
+  )
   grad = objective.gradients
   if paper:
     # Alternating back-propagation: theta with W fixed, then W with the new theta.
@@ -247,8 +300,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
     (g_params, _), (_, batch_stats, _) = grad(state.params, state.perturb)
     state = step(state, 'params', g_params)
   else:
-    (g_params, g_perturb), aux = grad(state.params, state.perturb,
-                                      objective.first_clean)
+    (g_params, g_perturb), aux = grad(state.params, state.perturb, objective.first_clean)
     batch_stats = aux[1]
     state = step(state, 'params', g_params)
     if phase.train_perturb:
@@ -257,13 +309,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array,
   correct = jnp.sum(jnp.argmax(clean_logits, -1) == batch['label'])
   # NaN weights can give finite logits (XLA:CPU did), so the state is checked too.
   finite = jnp.isfinite(loss) & all_finite(
-      (state.params, state.perturb, state.opt_state, batch_stats))
+    (state.params, state.perturb, state.opt_state, batch_stats)
+  )
   nonfinite = (start.nonfinite_step < 0) & ~finite
   return state.replace(
-      step=start.step + 1, batch_stats=batch_stats,
-      loss_sum=start.loss_sum + loss, correct_sum=start.correct_sum + correct,
-      seen=start.seen + batch['label'].shape[0],
-      nonfinite_step=jnp.where(nonfinite, start.step, start.nonfinite_step))
+    step=start.step + 1,
+    batch_stats=batch_stats,
+    loss_sum=start.loss_sum + loss,
+    correct_sum=start.correct_sum + correct,
+    seen=start.seen + batch['label'].shape[0],
+    nonfinite_step=jnp.where(nonfinite, start.step, start.nonfinite_step),
+  )
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -271,10 +327,18 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step_on_split(state: TrainState, split: dict[str, jax.Array],
-                        order: jax.Array, epoch_start: jax.Array, lr: jax.Array,
-                        reg_weight: jax.Array, *, batch_size: int,
-                        batch_sharding: jax.sharding.Sharding, **step_kwargs) -> TrainState:
+def train_step_on_split(
+  state: TrainState,
+  split: dict[str, jax.Array],
+  order: jax.Array,
+  epoch_start: jax.Array,
+  lr: jax.Array,
+  reg_weight: jax.Array,
+  *,
+  batch_size: int,
+  batch_sharding: jax.sharding.Sharding,
+  **step_kwargs,
+) -> TrainState:
   """`train_step` on batch `state.step - epoch_start` of the epoch ordered by `order`,
   gathered from a split kept on the device, so a step needs nothing from the host."""
   batch = data.take_train_batch(split, order, state.step - epoch_start, batch_size)
@@ -282,9 +346,15 @@ def train_step_on_split(state: TrainState, split: dict[str, jax.Array],
   return train_step(state, batch, lr, reg_weight, **step_kwargs)
 
 
-def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array],
-              key: jax.Array, *, noise: bool, model: models.ResNet,
-              config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+def eval_step(
+  variables: dict[str, Any],
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  *,
+  noise: bool,
+  model: models.ResNet,
+  config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array]:
   """Correct predictions on clean and PGD inputs of a masked batch (one noise draw,
   BatchNorm running statistics, true labels)."""
   x, y, mask = data.to_float(batch['image']), batch['label'], batch['mask']

@@ -7,7 +7,8 @@ import tempfile
 import jax
 
 CACHE_DIR = os.environ.setdefault(
-    'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'l2p_jax_test_xla_cache'))
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'l2p_jax_test_xla_cache')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 jax.config.update('jax_compilation_cache_dir', CACHE_DIR)

@@ -10,16 +10,18 @@ import pickle
 import numpy as np
 
 
-def learnable_images(rng: np.random.Generator, labels: np.ndarray,
-                     num_classes: int = 10) -> np.ndarray:
+def learnable_images(
+  rng: np.random.Generator, labels: np.ndarray, num_classes: int = 10
+) -> np.ndarray:
   """uint8 (N, 32, 32, 3) images whose colour depends on the label."""
   palette = rng.integers(40, 216, (num_classes, 3))
   noise = rng.normal(0, 25, (len(labels), 32, 32, 3))
   return np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
 
 
-def write_cifar10(directory: pathlib.Path, train: int = 500, test: int = 100,
-                  seed: int = 0) -> pathlib.Path:
+def write_cifar10(
+  directory: pathlib.Path, train: int = 500, test: int = 100, seed: int = 0
+) -> pathlib.Path:
   """Writes cifar-10-batches-py/ with `train` and `test` examples into `directory`."""
   rng = np.random.default_rng(seed)
   folder = pathlib.Path(directory) / 'cifar-10-batches-py'
@@ -30,6 +32,5 @@ def write_cifar10(directory: pathlib.Path, train: int = 500, test: int = 100,
     labels = rng.integers(0, 10, n)
     images = learnable_images(np.random.default_rng(seed + 1), labels)
     rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # CHW rows, as CIFAR stores.
-    (folder / name).write_bytes(pickle.dumps(
-        {b'data': rows, b'labels': labels.tolist()}))
+    (folder / name).write_bytes(pickle.dumps({b'data': rows, b'labels': labels.tolist()}))
   return pathlib.Path(directory)

@@ -4,20 +4,28 @@ and the authors' 50-draw prediction rule as the evaluation default."""
 
 import functools
 
-from flax import traverse_util
+import fake_datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from l2p_jax import (checkpointing, data, evaluation, experiment, optim, prediction,
-                     sharding, train, training)
-from l2p_jax.models import bayes_kl, create_model
+from flax import traverse_util
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-import fake_datasets
+from l2p_jax import (
+  checkpointing,
+  data,
+  evaluation,
+  experiment,
+  optim,
+  prediction,
+  sharding,
+  train,
+  training,
+)
+from l2p_jax.models import bayes_kl, create_model
 
 IMAGE = (8, 8, 3)
 
@@ -29,19 +37,22 @@ def numpy_kl(mean, log_sigma, prior_sigma):
   """KL(N(mean, sigma^2) || N(0, prior^2)) summed, written out in NumPy."""
   mean, log_sigma = np.asarray(mean, np.float64), np.asarray(log_sigma, np.float64)
   sigma2 = np.exp(2 * log_sigma)
-  return np.sum(np.log(prior_sigma) - log_sigma
-                + (sigma2 + mean**2) / (2 * prior_sigma**2) - 0.5)
+  return np.sum(np.log(prior_sigma) - log_sigma + (sigma2 + mean**2) / (2 * prior_sigma**2) - 0.5)
 
 
 def bnn_variables(batchnorm, sigma=0.08, width=0.25):
-  model = create_model('resnet8', 10, 'adv_bnn', width=width, bnn_init_sigma=sigma,
-                       bnn_batchnorm=batchnorm)
-  variables = jax.jit(lambda: model.init(
-      {'params': jax.random.key(0), 'noise': jax.random.key(1)},
-      jnp.zeros((2, *IMAGE)), train=True))()
+  model = create_model(
+    'resnet8', 10, 'adv_bnn', width=width, bnn_init_sigma=sigma, bnn_batchnorm=batchnorm
+  )
+  variables = jax.jit(
+    lambda: model.init(
+      {'params': jax.random.key(0), 'noise': jax.random.key(1)}, jnp.zeros((2, *IMAGE)), train=True
+    )
+  )()
   # Spread the log-sigmas so that a wrong pairing of mean and sigma shows.
-  perturb = jax.tree.map(lambda v: v + 0.3 * jax.random.normal(
-      jax.random.key(v.size), v.shape), variables['perturb'])
+  perturb = jax.tree.map(
+    lambda v: v + 0.3 * jax.random.normal(jax.random.key(v.size), v.shape), variables['perturb']
+  )
   return model, {**variables, 'perturb': perturb}
 
 
@@ -72,7 +83,7 @@ def test_kl_scope_picks_exactly_which_layers_enter(batchnorm):
     bayes_kl(*args, scope='last')
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def objective_of(scope):
   """The training objective of one adv_bnn step (no PGD) as f(params, perturb,
   kl_weight), for a model with Bayesian BatchNorm."""
@@ -86,9 +97,10 @@ def objective_of(scope):
   phase = training.Phase(noise=True, adversarial=False, train_perturb=True)
 
   def objective(params, perturb, kl_weight):
-    return training.step_objective(state, batch(), 0.0, phase=phase, model=model,
-                                   config=config, kl_weight=kl_weight).objective(
-                                       params, perturb)[0]
+    return training.step_objective(
+      state, batch(), 0.0, phase=phase, model=model, config=config, kl_weight=kl_weight
+    ).objective(params, perturb)[0]
+
   return jax.jit(objective), variables
 
 
@@ -122,27 +134,44 @@ def test_kl_weight_is_alpha_over_the_whole_training_split(tmp_path):
 def test_authors_code_variant_sets_every_field_the_code_differs_in():
   paper = get_config('adv_bnn,resnet20,cifar10')
   code = get_config('adv_bnn,resnet20,cifar10,authors_code')
-  assert (paper.bnn.kl_scope, paper.optim.optimizer, paper.model.bnn_batchnorm,
-          paper.adv.clean_weight, paper.adv.random_start) == ('all', 'sgd', False, 0.5,
-                                                              True)
-  assert (code.bnn.kl_scope, code.optim.optimizer, code.optim.learning_rate,
-          tuple(code.optim.lr_boundaries), code.num_epochs,
-          code.optim.restart_at_boundaries, code.optim.weight_decay) == (
-              'classifier', 'adam', 0.01, (80, 140, 180), 200, True, 0.0)
+  assert (
+    paper.bnn.kl_scope,
+    paper.optim.optimizer,
+    paper.model.bnn_batchnorm,
+    paper.adv.clean_weight,
+    paper.adv.random_start,
+  ) == ('all', 'sgd', False, 0.5, True)
+  assert (
+    code.bnn.kl_scope,
+    code.optim.optimizer,
+    code.optim.learning_rate,
+    tuple(code.optim.lr_boundaries),
+    code.num_epochs,
+    code.optim.restart_at_boundaries,
+    code.optim.weight_decay,
+  ) == ('classifier', 'adam', 0.01, (80, 140, 180), 200, True, 0.0)
   assert (code.model.bnn_mean_init, code.model.bnn_batchnorm) == ('adv_bnn_code', True)
-  assert (code.adv.clean_weight, code.adv.adv_weight, code.adv.labels, code.adv.steps,
-          code.adv.step_size, code.adv.random_start, code.adv.attack_batchnorm) == (
-              0.0, 1.0, 'true', 10, 0.007, False, 'running')
+  assert (
+    code.adv.clean_weight,
+    code.adv.adv_weight,
+    code.adv.labels,
+    code.adv.steps,
+    code.adv.step_size,
+    code.adv.random_start,
+    code.adv.attack_batchnorm,
+  ) == (0.0, 1.0, 'true', 10, 0.007, False, 'running')
   assert code.bnn.kl_examples is None and paper.bnn.kl_examples is None
   with pytest.raises(ValueError, match=r'authors_code .* applies to adv_bnn only'):
     get_config('l2p,resnet20,cifar10,authors_code')
 
 
 def test_adv_bnn_code_init_is_uniform_fan_in_and_batchnorm_scale_uniform():
-  model = create_model('resnet8', 10, 'adv_bnn', width=1, bnn_mean_init='adv_bnn_code',
-                       bnn_batchnorm=True)
-  variables = model.init({'params': jax.random.key(0), 'noise': jax.random.key(1)},
-                         jnp.zeros((1, *IMAGE)))
+  model = create_model(
+    'resnet8', 10, 'adv_bnn', width=1, bnn_mean_init='adv_bnn_code', bnn_batchnorm=True
+  )
+  variables = model.init(
+    {'params': jax.random.key(0), 'noise': jax.random.key(1)}, jnp.zeros((1, *IMAGE))
+  )
   params = traverse_util.flatten_dict(variables['params'])
   conv = np.asarray(params[('stage1_block1', 'conv1', 'kernel')])  # fan_in 3*3*16
   assert np.abs(conv).max() <= 1 / 12 and np.abs(conv).max() > 0.95 / 12
@@ -153,22 +182,32 @@ def test_adv_bnn_code_init_is_uniform_fan_in_and_batchnorm_scale_uniform():
   assert 0 <= scale.min() and scale.max() < 1 and len(set(scale.tolist())) == 16
   assert not np.any(np.asarray(params[('stage1_block1', 'bn1', 'bias')]))
   assert ('stage1_block1', 'bn1', 'stats', 'mean') in traverse_util.flatten_dict(
-      variables['batch_stats'])
+    variables['batch_stats']
+  )
 
 
-@pytest.mark.parametrize('arch,params,perturb_plain_bn,batch_stats', [
-    ('resnet20', 269_722, 268_346, 1_376), ('resnet18', 11_173_962, 11_164_362, 9_600)])
+@pytest.mark.parametrize(
+  'arch,params,perturb_plain_bn,batch_stats',
+  [('resnet20', 269_722, 268_346, 1_376), ('resnet18', 11_173_962, 11_164_362, 9_600)],
+)
 def test_bayesian_model_parameter_counts(arch, params, perturb_plain_bn, batch_stats):
   """Means as many as the plain network's weights; one log-sigma per conv and dense
   weight and bias, plus one per BatchNorm scale and bias when BatchNorm is Bayesian."""
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   for batchnorm, perturb in ((False, perturb_plain_bn), (True, params)):
     model = create_model(arch, 10, 'adv_bnn', bnn_batchnorm=batchnorm)
-    shapes = jax.eval_shape(lambda m=model: m.init(
+    shapes = jax.eval_shape(
+      lambda m=model: m.init(
         {'params': jax.random.key(0), 'noise': jax.random.key(1)},
-        jnp.zeros((1, 32, 32, 3)), train=True))
-    assert (count(shapes['params']), count(shapes['perturb']),
-            count(shapes['batch_stats'])) == (params, perturb, batch_stats)
+        jnp.zeros((1, 32, 32, 3)),
+        train=True,
+      )
+    )
+    assert (count(shapes['params']), count(shapes['perturb']), count(shapes['batch_stats'])) == (
+      params,
+      perturb,
+      batch_stats,
+    )
 
 
 # --- the code's optimizer --------------------------------------------------------
@@ -176,8 +215,10 @@ def test_bayesian_model_parameter_counts(arch, params, perturb_plain_bn, batch_s
 
 def batch(seed=0, n=8):
   rng = np.random.default_rng(seed)
-  return {'image': jnp.asarray(rng.integers(0, 256, (n, *IMAGE), dtype=np.uint8)),
-          'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+  return {
+    'image': jnp.asarray(rng.integers(0, 256, (n, *IMAGE), dtype=np.uint8)),
+    'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+  }
 
 
 def numpy_adam(grads, lr, restart_before=()):
@@ -210,18 +251,29 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
   phase = training.phase_for_epoch(config, 0)
   assert phase == training.Phase(noise=True, adversarial=True, train_perturb=True)
   kl_weight, lr = 0.5, 0.01
-  step = jax.jit(functools.partial(training.train_step, phase=phase, model=model,
-                                   config=config, optimizers=optimizers,
-                                   kl_weight=kl_weight))
+  step = jax.jit(
+    functools.partial(
+      training.train_step,
+      phase=phase,
+      model=model,
+      config=config,
+      optimizers=optimizers,
+      kl_weight=kl_weight,
+    )
+  )
 
   def code_loss(params, perturb, batch_stats, b, step_index):
     keys = training.step_keys(config.seed, step_index)
     x = data.augment(keys['augment'], b['image'])
     logits, updates = model.apply(
-        {'params': params, 'perturb': perturb, 'batch_stats': batch_stats}, x,
-        train=True, noise=True, rngs={'noise': keys['adv']}, mutable=['batch_stats'])
-    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
-                                       b['label'][:, None], 1))
+      {'params': params, 'perturb': perturb, 'batch_stats': batch_stats},
+      x,
+      train=True,
+      noise=True,
+      rngs={'noise': keys['adv']},
+      mutable=['batch_stats'],
+    )
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), b['label'][:, None], 1))
     return ce + kl_weight * bayes_kl(params, perturb, 0.08, 'classifier'), updates
 
   grad_fn = jax.jit(jax.grad(code_loss, argnums=(0, 1), has_aux=True))
@@ -229,24 +281,26 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
   for i in range(2):
     if restart and i == 1:
       new = training.restart_optimizers(new, optimizers)
-    (g_params, g_perturb), updates = grad_fn(new.params, new.perturb, new.batch_stats,
-                                             batch(i), i)
+    (g_params, g_perturb), updates = grad_fn(new.params, new.perturb, new.batch_stats, batch(i), i)
     grads.append((g_params, g_perturb))
     new = step(new, batch(i), jnp.float32(lr), jnp.float32(0.0))
     # BatchNorm moved by the adversarial batch alone (the clean pass leaves it).
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
-                 new.batch_stats, updates['batch_stats'])
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+      new.batch_stats,
+      updates['batch_stats'],
+    )
   for c, collection in enumerate(('params', 'perturb')):
     for path, value in traverse_util.flatten_dict(getattr(new, collection)).items():
-      sequence = [np.asarray(traverse_util.flatten_dict(g[c])[path], np.float64)
-                  for g in grads]
+      sequence = [np.asarray(traverse_util.flatten_dict(g[c])[path], np.float64) for g in grads]
       moves = numpy_adam(sequence, lr, restart_before=(1,) if restart else ())
       initial = np.asarray(traverse_util.flatten_dict(getattr(start, collection))[path])
       # Adam moves a weight whose gradient is rounding noise around 0 by up to
       # lr * |g| / (|g| + 1e-8): atol allows 0.2% of a step for those, far below the
       # 3x of a missing bias correction or the whole step of a missed restart.
-      np.testing.assert_allclose(value, initial + moves[0] + moves[1], rtol=1e-5,
-                                 atol=2e-5, err_msg=f'{collection} {path}')
+      np.testing.assert_allclose(
+        value, initial + moves[0] + moves[1], rtol=1e-5, atol=2e-5, err_msg=f'{collection} {path}'
+      )
 
 
 def test_loop_restarts_the_optimizer_at_each_stage(tmp_path):
@@ -261,9 +315,13 @@ def test_loop_restarts_the_optimizer_at_each_stage(tmp_path):
   config.optim.lr_boundaries, config.adv.steps = (2,), 1
   state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 6  # 3 epochs of 128 / 64 steps.
-  adam_states = [s for s in jax.tree.leaves(
-      state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-                 if isinstance(s, optax.ScaleByAdamState)]
+  adam_states = [
+    s
+    for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState)
+    )
+    if isinstance(s, optax.ScaleByAdamState)
+  ]
   counts = {int(s.count) for s in adam_states}
   assert counts == {2}  # 2 steps since the restart at epoch 2, not 6.
   assert np.isfinite(float(state.loss_sum))
@@ -274,22 +332,35 @@ def test_loop_restarts_the_optimizer_at_each_stage(tmp_path):
 
 def test_adv_bnn_is_judged_by_the_mean_softmax_of_50_draws_by_default():
   model = create_model('resnet8', 10, 'adv_bnn', width=0.25, bnn_init_sigma=0.5)
-  variables = model.init({'params': jax.random.key(3), 'noise': jax.random.key(4)},
-                         jnp.zeros((1, *IMAGE)))
+  variables = model.init(
+    {'params': jax.random.key(3), 'noise': jax.random.key(4)}, jnp.zeros((1, *IMAGE))
+  )
   images = np.random.default_rng(0).integers(0, 256, (24, *IMAGE), np.uint8)
   checkpoint = checkpointing.Checkpoint(
-      '/nowhere/checkpoints/1', 1, model, variables,
-      {'config': {'method': 'adv_bnn', 'model': {'arch': 'resnet8', 'width': 0.25}}})
+    '/nowhere/checkpoints/1',
+    1,
+    model,
+    variables,
+    {'config': {'method': 'adv_bnn', 'model': {'arch': 'resnet8', 'width': 0.25}}},
+  )
   [spec] = evaluation.plan_attacks(get_eval_config('tiny'), 'clean')[0]
 
   def by_hand(rule, draws):
     """Predicted labels with the keys evaluation.KEY_LAYOUT gives batch b of 8."""
     key = jax.random.fold_in(jax.random.key(0), spec.key_id)
     logits_fn = lambda x, k: model.apply(variables, x, rngs={'noise': k})  # noqa: E731
-    return np.concatenate([prediction.predict(
-        logits_fn, jax.random.fold_in(jax.random.fold_in(key, b), 1),
-        data.to_float(images[8 * b:8 * b + 8]), draws=draws, rule=rule)
-                           for b in range(3)])
+    return np.concatenate(
+      [
+        prediction.predict(
+          logits_fn,
+          jax.random.fold_in(jax.random.fold_in(key, b), 1),
+          data.to_float(images[8 * b : 8 * b + 8]),
+          draws=draws,
+          rule=rule,
+        )
+        for b in range(3)
+      ]
+    )
 
   # Labelled with its own 50-draw mean-softmax prediction, the model is right on every
   # example under that rule only, if its draws disagree (a wide sigma makes them).
@@ -302,12 +373,14 @@ def test_adv_bnn_is_judged_by_the_mean_softmax_of_50_draws_by_default():
   for rule in (None, 'single'):
     config = get_eval_config('tiny')
     config.predict.rule, config.progress_bar = rule, False
-    [record] = evaluation.evaluate_checkpoint(config, checkpoint, 'bnn', split, [spec],
-                                              mesh)
+    [record] = evaluation.evaluate_checkpoint(config, checkpoint, 'bnn', split, [spec], mesh)
     results[rule] = record
   default, single = results[None], results['single']
   assert (default['rule'], default['draws'], default['rule_from']) == (
-      'mean_softmax', 50, 'authors')
+    'mean_softmax',
+    50,
+    'authors',
+  )
   assert (single['rule'], single['draws'], single['rule_from']) == ('single', 1, 'config')
   assert default['accuracy'] == 1.0
   assert single['correct'] == np.sum(by_hand('single', 1) == labels)

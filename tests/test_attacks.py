@@ -39,8 +39,16 @@ def linear_direction(w, y):
 
 @functools.partial(jax.jit, static_argnames='unroll')
 def pgd_linear(params, key, x, y, unroll=1):
-  return attacks.pgd(functools.partial(linear, params), key, x, y, eps=LIN_EPS, steps=10,
-                     step_size=LIN_EPS / 4, unroll=unroll)
+  return attacks.pgd(
+    functools.partial(linear, params),
+    key,
+    x,
+    y,
+    eps=LIN_EPS,
+    steps=10,
+    step_size=LIN_EPS / 4,
+    unroll=unroll,
+  )
 
 
 @jax.jit
@@ -50,8 +58,9 @@ def fgsm_linear(params, key, x, y):
 
 @jax.jit
 def cw_linear(params, key, x, y):
-  return attacks.cw_l2(functools.partial(linear, params), key, x, y, c_init=0.1,
-                       learning_rate=0.01, steps=100)
+  return attacks.cw_l2(
+    functools.partial(linear, params), key, x, y, c_init=0.1, learning_rate=0.01, steps=100
+  )
 
 
 # --- 3-class MLP on 4x4x3, deterministic and noisy. ---
@@ -81,10 +90,11 @@ X_EDGES = jnp.asarray(RNG.choice([0.0, 0.01, 0.5, 0.99, 1.0], X.shape), jnp.floa
 fgsm_mlp = jax.jit(functools.partial(attacks.fgsm, mlp, eps=EPS))
 pgd_mlp = jax.jit(functools.partial(attacks.pgd, mlp, eps=EPS, steps=10, step_size=EPS / 4))
 apgd_mlp = jax.jit(functools.partial(attacks.apgd, mlp, eps=EPS, steps=10))
-pgd_noisy = jax.jit(functools.partial(
-    attacks.pgd, noisy_mlp, eps=EPS, steps=3, step_size=EPS / 2), static_argnames='eot_draws')
-apgd_noisy = jax.jit(functools.partial(attacks.apgd, noisy_mlp, eps=EPS, steps=10,
-                                       eot_draws=2))
+pgd_noisy = jax.jit(
+  functools.partial(attacks.pgd, noisy_mlp, eps=EPS, steps=3, step_size=EPS / 2),
+  static_argnames='eot_draws',
+)
+apgd_noisy = jax.jit(functools.partial(attacks.apgd, noisy_mlp, eps=EPS, steps=10, eot_draws=2))
 
 
 def mean_ce(x_adv):
@@ -108,11 +118,11 @@ def test_losses_on_hand_computed_logits():
   np.testing.assert_allclose(attacks.cw_margin(LOGITS, LABELS), [-1.0, 2.0])
   np.testing.assert_allclose(attacks.dlr(LOGITS, LABELS), [-0.5, 1.0], rtol=1e-6)
   log_z = np.log(np.exp([1.0, 3.0, 2.0, 0.0]).sum())
-  np.testing.assert_allclose(attacks.cross_entropy(LOGITS, LABELS),
-                             [log_z - 3.0, log_z - 1.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    attacks.cross_entropy(LOGITS, LABELS), [log_z - 3.0, log_z - 1.0], rtol=1e-6
+  )
   # DLR is invariant to shifting and positive scaling of the logits.
-  np.testing.assert_allclose(attacks.dlr(5.0 * LOGITS - 7.0, LABELS), [-0.5, 1.0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(attacks.dlr(5.0 * LOGITS - 7.0, LABELS), [-0.5, 1.0], rtol=1e-5)
 
 
 def test_unknown_loss_and_two_class_dlr_are_errors():
@@ -126,6 +136,7 @@ def test_unknown_loss_and_two_class_dlr_are_errors():
 
 # ---------------------------------------------------------------- FGSM / PGD
 
+
 @pytest.mark.parametrize('unroll', [1, True])
 def test_pgd_and_fgsm_reach_the_closed_form_optimum_of_a_linear_model(unroll):
   # For 2 classes, CE and margin both grow fastest along -(w_y - w_other), so the
@@ -137,8 +148,9 @@ def test_pgd_and_fgsm_reach_the_closed_form_optimum_of_a_linear_model(unroll):
   result = pgd_linear((LIN_W, LIN_B), KEY, x, y, unroll=unroll)
   np.testing.assert_array_equal(result.x_adv, expected)
   np.testing.assert_array_equal(fgsm_linear((LIN_W, LIN_B), KEY, x, y).x_adv, expected)
-  np.testing.assert_allclose(result.l2, jnp.sqrt(jnp.sum((expected - x) ** 2, (1, 2, 3))),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    result.l2, jnp.sqrt(jnp.sum((expected - x) ** 2, (1, 2, 3))), rtol=1e-6
+  )
   fooled = jnp.argmax(linear((LIN_W, LIN_B), expected, None), -1) != y
   np.testing.assert_array_equal(result.success, fooled)
 
@@ -160,23 +172,28 @@ def test_pgd_is_stronger_than_fgsm_on_a_nonlinear_model():
 
 def test_pgd_restarts_keep_every_success_of_the_first_restart():
   one = pgd_mlp(KEY, X, Y)
-  three = jax.jit(functools.partial(attacks.pgd, mlp, eps=EPS, steps=10,
-                                    step_size=EPS / 4, restarts=3))(KEY, X, Y)
+  three = jax.jit(
+    functools.partial(attacks.pgd, mlp, eps=EPS, steps=10, step_size=EPS / 4, restarts=3)
+  )(KEY, X, Y)
   # Restart 0 uses the same key in both runs, so more restarts only add successes,
   # and where none succeeds they keep the highest-loss restart.
   assert bool(jnp.all(three.success >= one.success))
   np.testing.assert_array_equal(three.success, jnp.argmax(mlp(three.x_adv), -1) != Y)
   robust = ~three.success
-  gain = (attacks.cross_entropy(mlp(three.x_adv), Y) - attacks.cross_entropy(
-      mlp(one.x_adv), Y))[robust]
+  gain = (attacks.cross_entropy(mlp(three.x_adv), Y) - attacks.cross_entropy(mlp(one.x_adv), Y))[
+    robust
+  ]
   assert bool(jnp.all(gain >= 0)) and bool(jnp.any(gain > 0))
 
 
 def test_best_of_restarts_keeps_the_first_fooling_else_the_highest_loss_restart():
   def run(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    return (jax.random.uniform(k1, (6, 2)), jax.random.uniform(k2, (6,)),
-            jax.random.uniform(k3, (6,)) < 0.3)
+    return (
+      jax.random.uniform(k1, (6, 2)),
+      jax.random.uniform(k2, (6,)),
+      jax.random.uniform(k3, (6,)) < 0.3,
+    )
 
   x_adv, loss, fooled = core.best_of_restarts(run, KEY, 4)
   runs = [jax.tree.map(np.asarray, run(jax.random.fold_in(KEY, r))) for r in range(4)]
@@ -190,22 +207,20 @@ def test_best_of_restarts_keeps_the_first_fooling_else_the_highest_loss_restart(
 
 # ---------------------------------------------------------------- EOT and keys
 
+
 def test_pgd_with_one_eot_draw_is_bit_identical_to_plain_pgd():
   @jax.jit
   def plain_pgd(key, x, y):
     """PGD written out with the key layout documented in attacks/pgd.py."""
     start_key, steps_key, _ = jax.random.split(jax.random.fold_in(key, 0), 3)
-    x_adv = jnp.clip(x + jax.random.uniform(start_key, x.shape, minval=-EPS, maxval=EPS),
-                     0.0, 1.0)
+    x_adv = jnp.clip(x + jax.random.uniform(start_key, x.shape, minval=-EPS, maxval=EPS), 0.0, 1.0)
     for i in range(3):
       noise_key = jax.random.fold_in(jax.random.fold_in(steps_key, i), 0)
-      grad = jax.grad(lambda z: attacks.cross_entropy(noisy_mlp(z, noise_key), y).sum())(
-          x_adv)
+      grad = jax.grad(lambda z, k=noise_key: attacks.cross_entropy(noisy_mlp(z, k), y).sum())(x_adv)
       x_adv = attacks.linf_project(x_adv + EPS / 2 * jnp.sign(grad), x, EPS)
     return x_adv
 
-  np.testing.assert_array_equal(pgd_noisy(KEY, X, Y, eot_draws=1).x_adv,
-                                plain_pgd(KEY, X, Y))
+  np.testing.assert_array_equal(pgd_noisy(KEY, X, Y, eot_draws=1).x_adv, plain_pgd(KEY, X, Y))
 
 
 def test_eot_averages_gradients_over_draws():
@@ -213,17 +228,16 @@ def test_eot_averages_gradients_over_draws():
   x, y = X[:8], Y[:8]
   _, steps_key, _ = jax.random.split(jax.random.fold_in(KEY, 0), 3)
   step_key = jax.random.fold_in(steps_key, 0)
-  draw_grad = jax.jit(jax.grad(
-      lambda z, k: attacks.cross_entropy(noisy_mlp(z, k), y).sum()))
+  draw_grad = jax.jit(jax.grad(lambda z, k: attacks.cross_entropy(noisy_mlp(z, k), y).sum()))
   draw_grads = [draw_grad(x, jax.random.fold_in(step_key, j)) for j in range(3)]
   mean_grad = sum(draw_grads) / 3
 
   @jax.jit
   def eot_grad_and_one_step():
-    _, _, grad = core.eot_value_and_grad(noisy_mlp, attacks.cross_entropy, step_key, x, y,
-                                         3)
-    return grad, attacks.pgd(noisy_mlp, KEY, x, y, eps=EPS, steps=1, step_size=EPS,
-                             random_start=False, eot_draws=3).x_adv
+    _, _, grad = core.eot_value_and_grad(noisy_mlp, attacks.cross_entropy, step_key, x, y, 3)
+    return grad, attacks.pgd(
+      noisy_mlp, KEY, x, y, eps=EPS, steps=1, step_size=EPS, random_start=False, eot_draws=3
+    ).x_adv
 
   grad, one_step = eot_grad_and_one_step()
   np.testing.assert_allclose(grad, mean_grad, rtol=1e-5, atol=1e-5)
@@ -246,12 +260,15 @@ def test_attacks_do_not_pass_gradients_to_the_model():
   # A training loss on x_adv must not differentiate through the attack's iterations
   # (C&W's Adam iterates depend smoothly on the model, unlike sign steps).
   def adversarial_sum(scale):
-    return jnp.sum(attacks.cw_l2(lambda x, k: scale * mlp(x), KEY, X[:4], Y[:4],
-                                 binary_steps=1, steps=2).x_adv)
+    return jnp.sum(
+      attacks.cw_l2(lambda x, k: scale * mlp(x), KEY, X[:4], Y[:4], binary_steps=1, steps=2).x_adv
+    )
+
   assert float(jax.grad(adversarial_sum)(1.0)) == 0.0
 
 
 # ---------------------------------------------------------------- APGD
+
 
 def test_apgd_checkpoints_follow_the_paper():
   # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
@@ -272,8 +289,7 @@ def apgd_reference(logits_fn, key, x, y, eps, steps, rho=0.75, momentum=0.75):
       return attacks.cross_entropy(logits, y).sum(), logits
 
     (_, logits), grad = jax.value_and_grad(summed_loss, has_aux=True)(jnp.asarray(z))
-    return (np.asarray(attacks.cross_entropy(logits, y)), np.asarray(logits),
-            np.asarray(grad))
+    return (np.asarray(attacks.cross_entropy(logits, y)), np.asarray(logits), np.asarray(grad))
 
   x = np.asarray(x)
   project = lambda z: np.clip(np.clip(z, x - eps, x + eps), 0.0, 1.0)  # noqa: E731
@@ -328,8 +344,10 @@ def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget():
 
 def test_first_success_takes_each_examples_first_successful_attack():
   x = jnp.zeros((3, 1))
-  results = [core.make_result(x, x + v, jnp.array(s)) for v, s in
-             [(1.0, [False, True, False]), (2.0, [True, True, False])]]
+  results = [
+    core.make_result(x, x + v, jnp.array(s))
+    for v, s in [(1.0, [False, True, False]), (2.0, [True, True, False])]
+  ]
   combined = core.first_success(results)
   np.testing.assert_array_equal(combined.x_adv[:, 0], [2.0, 1.0, 1.0])
   np.testing.assert_array_equal(combined.success, [True, True, False])
@@ -337,6 +355,7 @@ def test_first_success_takes_each_examples_first_successful_attack():
 
 
 # ---------------------------------------------------------------- C&W
+
 
 def test_cw_finds_close_to_the_minimal_l2_perturbation_of_a_linear_model():
   x = jnp.asarray(0.5 + 0.05 * RNG.normal(size=(8, 4, 4, 1)), jnp.float32)
@@ -349,8 +368,9 @@ def test_cw_finds_close_to_the_minimal_l2_perturbation_of_a_linear_model():
   linf_attack_l2 = margin / jnp.abs(w).sum(1) * jnp.sqrt(16.0)
   result = cw_linear((LIN_W, LIN_B), KEY, x, y)
   assert bool(result.success.all())
-  np.testing.assert_array_equal(jnp.argmax(linear((LIN_W, LIN_B), result.x_adv, None), -1)
-                                != y, True)
+  np.testing.assert_array_equal(
+    jnp.argmax(linear((LIN_W, LIN_B), result.x_adv, None), -1) != y, True
+  )
   assert bool(jnp.all(result.l2 >= distance * (1 - 1e-4)))
   assert bool(jnp.all(result.l2 <= distance * 1.05))
   assert bool(jnp.all(result.l2 <= linf_attack_l2))

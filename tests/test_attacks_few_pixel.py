@@ -33,9 +33,16 @@ def planted(strength, x, key):
 @functools.partial(jax.jit, static_argnames='n_pixels')
 def attack(strength, key, x, y, iterations, *, n_pixels):
   # 40 is not a multiple of the chunk size: the last chunk is a partial one.
-  return attacks.few_pixel(functools.partial(planted, strength), key, x, y,
-                           n_pixels=n_pixels, population=40, iterations=iterations,
-                           chunk_size=16)
+  return attacks.few_pixel(
+    functools.partial(planted, strength),
+    key,
+    x,
+    y,
+    n_pixels=n_pixels,
+    population=40,
+    iterations=iterations,
+    chunk_size=16,
+  )
 
 
 def changed_pixels(x_adv, x):
@@ -83,8 +90,7 @@ def test_mutation_indices_are_distinct_and_differ_from_the_parent():
     assert not bool(jnp.any(a == b))
   # Every other member is drawn about equally often: 12000 draws, 2400 per offset.
   for r in (r1, r3):
-    counts = np.bincount(np.asarray((r - parent) % population).ravel(),
-                         minlength=population)
+    counts = np.bincount(np.asarray((r - parent) % population).ravel(), minlength=population)
     assert counts[0] == 0 and counts[1:].min() > 2200 and counts[1:].max() < 2600
   np.testing.assert_array_equal(np.unique(forced), np.arange(dims))
 

@@ -12,24 +12,56 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import render, run  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
-CASE_KEYS = {'framework', 'suite', 'method', 'arch', 'width', 'batch', 'dtype', 'times_s',
-             'median_s', 'first_call_s', 'images_per_s', 'memory', 'load_before',
-             'load_after'}
+CASE_KEYS = {
+  'framework',
+  'suite',
+  'method',
+  'arch',
+  'width',
+  'batch',
+  'dtype',
+  'times_s',
+  'median_s',
+  'first_call_s',
+  'images_per_s',
+  'memory',
+  'load_before',
+  'load_after',
+}
 
 
 def test_quick_benchmark_writes_its_schema_and_renders(tmp_path):
   out = tmp_path / 'quick.json'
-  results = run.main(['--quick', '--methods', 'none', '--attack-methods', 'none',
-                      '--attacks', 'pgd7', '--inputs', 'device,host', '--width',
-                      '0.25', '--batch', '4', '--repeats', '1', '--out', str(out)])
+  results = run.main(
+    [
+      '--quick',
+      '--methods',
+      'none',
+      '--attack-methods',
+      'none',
+      '--attacks',
+      'pgd7',
+      '--inputs',
+      'device,host',
+      '--width',
+      '0.25',
+      '--batch',
+      '4',
+      '--repeats',
+      '1',
+      '--out',
+      str(out),
+    ]
+  )
   saved = json.loads(out.read_text())
   assert saved == json.loads(json.dumps(results)) and saved['failed'] == []
   assert {'cpu', 'usable_cores', 'gpu', 'versions'} <= set(saved['machine'])
   assert {'jax', 'jaxlib', 'flax', 'torch', 'python'} <= set(saved['machine']['versions'])
   cases = saved['cases']
   assert {(c['framework'], c['suite']) for c in cases} == (
-      {('jax', 'train'), ('jax', 'attacks')}
-      | ({('torch', 'train'), ('torch', 'attacks')} if HAS_TORCH else set()))
+    {('jax', 'train'), ('jax', 'attacks')}
+    | ({('torch', 'train'), ('torch', 'attacks')} if HAS_TORCH else set())
+  )
   for case in cases:
     assert CASE_KEYS <= set(case) and len(case['times_s']) == 1
     assert case['images_per_s'] > 0 and case['memory']['peak_bytes'] > 0
@@ -40,7 +72,8 @@ def test_quick_benchmark_writes_its_schema_and_renders(tmp_path):
   for step in steps:
     assert step['checks']['donated_buffers'] == step['checks']['state_buffers']
     assert step['checks']['transfer_guard'] == (
-        'disallow' if step['input'] == 'device' else 'allow')
+      'disallow' if step['input'] == 'device' else 'allow'
+    )
 
   markdown = tmp_path / 'BENCHMARKS.md'
   markdown.write_text('# Benchmarks\n\nprose\n')

@@ -1,8 +1,6 @@
 """compare_torch: one start, the same batches, draws and PGD starts give the same
 training steps here and in the authors' PyTorch step, to rounding."""
 
-import json
-import subprocess
 import sys
 
 import numpy as np
@@ -12,12 +10,11 @@ torch = pytest.importorskip('torch')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from test_train import get_config  # noqa: E402
 
 from l2p_jax import attacks, data, models  # noqa: E402
 from l2p_jax.interop import trajectory  # noqa: E402
 from l2p_jax.models.layers import DRAWS, FeatureNoise  # noqa: E402
-
-from test_train import ROOT, get_config  # noqa: E402
 
 TOLERANCE = 1e-5  # float32 on CPU: one step differs by about 1e-7.
 
@@ -37,21 +34,34 @@ def tiny(method, alternation='paper', random_start=False):
 
 def split(n=16):
   rng = np.random.default_rng(0)
-  return data.HostSplit('toy', 'train', num_classes=10,
-                        images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-                        labels=rng.integers(0, 10, n).astype(np.int32))
+  return data.HostSplit(
+    'toy',
+    'train',
+    num_classes=10,
+    images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+    labels=rng.integers(0, 10, n).astype(np.int32),
+  )
 
 
 def assert_close(report, collections, tolerance=TOLERANCE):
   for record in report['steps']:
     for collection in collections:
-      assert record[collection]['max_abs'] < tolerance, (record['step'], collection,
-                                                         record[collection])
+      assert record[collection]['max_abs'] < tolerance, (
+        record['step'],
+        collection,
+        record[collection],
+      )
     assert record['loss']['max_abs'] < tolerance * max(1, record['loss']['jax'])
 
 
-METHODS = [('none', 'paper'), ('vanilla', 'paper'), ('pni', 'paper'),
-           ('adv_bnn', 'paper'), ('l2p', 'paper'), ('l2p', 'authors_code')]
+METHODS = [
+  ('none', 'paper'),
+  ('vanilla', 'paper'),
+  ('pni', 'paper'),
+  ('adv_bnn', 'paper'),
+  ('l2p', 'paper'),
+  ('l2p', 'authors_code'),
+]
 
 
 @pytest.mark.parametrize('method,alternation', METHODS)
@@ -59,12 +69,17 @@ def test_one_noise_free_step_matches_pytorch(method, alternation):
   report = trajectory.compare(tiny(method, alternation), 1, split(), noise=False)
   record = report['steps'][0]
   assert record['adversarial'] == (method != 'none') and not record['noise']
-  assert_close(report, ['params', 'perturb', 'batch_stats'] if method != 'none' and
-               method != 'vanilla' else ['params', 'batch_stats'])
+  assert_close(
+    report,
+    ['params', 'perturb', 'batch_stats']
+    if method != 'none' and method != 'vanilla'
+    else ['params', 'batch_stats'],
+  )
 
 
-@pytest.mark.parametrize('method,alternation', [('l2p', 'paper'), ('l2p', 'authors_code'),
-                                                ('pni', 'paper')])
+@pytest.mark.parametrize(
+  'method,alternation', [('l2p', 'paper'), ('l2p', 'authors_code'), ('pni', 'paper')]
+)
 def test_one_step_with_shared_draws_and_pgd_start_matches_pytorch(method, alternation):
   report = trajectory.compare(tiny(method, alternation, random_start=True), 1, split())
   record = report['steps'][0]
@@ -101,9 +116,9 @@ def test_pgd_trace_is_the_training_pgd():
   y = jnp.arange(4)
   kwargs = dict(eps=8 / 255, steps=3, step_size=0.01, random_start=True)
   start, _, signs, last = jax.jit(lambda k: trajectory.pgd_trace(logits_fn, k, x, y, **kwargs))(
-      jax.random.key(2))
-  expected = jax.jit(lambda k: attacks.pgd(logits_fn, k, x, y, **kwargs).x_adv)(
-      jax.random.key(2))
+    jax.random.key(2)
+  )
+  expected = jax.jit(lambda k: attacks.pgd(logits_fn, k, x, y, **kwargs).x_adv)(jax.random.key(2))
   np.testing.assert_allclose(last, expected, atol=1e-6)
   assert signs.shape == (3, *x.shape) and np.abs(start - x).max() <= 8 / 255 + 1e-7
 
@@ -111,8 +126,7 @@ def test_pgd_trace_is_the_training_pgd():
 def test_draws_are_recorded_and_replayed():
   layer, x = FeatureNoise(), jnp.zeros((2, 4, 4, 3))
   variables = layer.init({'params': jax.random.key(0), 'noise': jax.random.key(0)}, x)
-  out, recorded = layer.apply(variables, x, rngs={'noise': jax.random.key(5)},
-                              mutable=[DRAWS])
+  out, recorded = layer.apply(variables, x, rngs={'noise': jax.random.key(5)}, mutable=[DRAWS])
   replayed = layer.apply({**variables, **recorded}, x, rngs={'noise': jax.random.key(6)})
   np.testing.assert_array_equal(out, replayed)
   assert not np.array_equal(out, layer.apply(variables, x, rngs={'noise': jax.random.key(6)}))
@@ -126,8 +140,11 @@ def test_unsupported_settings_and_missing_torch_are_clear(monkeypatch):
   with pytest.raises(ValueError, match='l2p_per_example=True'):
     trajectory.compare(config, 1, split())
   code = get_config('adv_bnn,resnet8,cifar10,authors_code,tiny')
-  with pytest.raises(ValueError, match=r"optim.optimizer='adam' \(the PyTorch reference "
-                                       r"has 'sgd' only\).*bnn.kl_scope='classifier'"):
+  with pytest.raises(
+    ValueError,
+    match=r"optim.optimizer='adam' \(the PyTorch reference "
+    r"has 'sgd' only\).*bnn.kl_scope='classifier'",
+  ):
     trajectory.compare(code, 1, split())
   monkeypatch.setitem(sys.modules, 'torch', None)
   monkeypatch.delitem(sys.modules, 'l2p_jax.interop.torch_step', raising=False)

@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
+from test_train import get_config  # noqa: E402
+
 from l2p_jax import checkpointing, experiment  # noqa: E402
 from l2p_jax.interop import convert, import_torch_checkpoint  # noqa: E402
-
 from l2p_jax.interop import torch_reference as ref  # noqa: E402
-from test_train import get_config  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the L2P code's
@@ -41,26 +41,43 @@ def test_cli_import_writes_a_checkpoint_with_the_model_metadata(pni_file, tmp_pa
   path, _ = pni_file
   workdir = tmp_path / 'imported'
   result = subprocess.run(
-      [sys.executable, str(ROOT / 'convert_torch.py'), '--torch_checkpoint', str(path),
-       '--config', f'{ROOT}/configs/cifar.py:pni,resnet8,cifar10',
-       '--config.model.width=0.5', '--workdir', str(workdir)],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      str(ROOT / 'convert_torch.py'),
+      '--torch_checkpoint',
+      str(path),
+      '--config',
+      f'{ROOT}/configs/cifar.py:pni,resnet8,cifar10',
+      '--config.model.width=0.5',
+      '--workdir',
+      str(workdir),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   checkpoints = checkpointing.Checkpoints(str(workdir / 'checkpoints'), read_only=True)
   state, meta = checkpoints.restore(0)
   assert meta['config']['model']['pni_mode'] == 'channel'  # read from the alphas
   np.testing.assert_allclose(meta['std'], STD, rtol=1e-6)  # the file's Normalize layer
   assert meta['num_classes'] == 10 and meta['image_shape'] == [32, 32, 3]
-  expected = import_torch_checkpoint(str(path), arch='resnet8', num_classes=10,
-                                     method='pni', width=0.5)
+  expected = import_torch_checkpoint(
+    str(path), arch='resnet8', num_classes=10, method='pni', width=0.5
+  )
   for name in ('params', 'perturb', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(state[name]), jax.tree.leaves(expected[name])):
       np.testing.assert_array_equal(a, b)
   # The metadata rebuilds a model that takes these variables.
-  model = experiment.build_model(ml_collections.ConfigDict(meta['config']), meta['num_classes'], meta['mean'],
-                                 meta['std'])
-  logits = model.apply({k: state[k] for k in ('params', 'perturb', 'batch_stats')},
-                       np.zeros((2, 32, 32, 3), np.float32), noise=False)
+  model = experiment.build_model(
+    ml_collections.ConfigDict(meta['config']), meta['num_classes'], meta['mean'], meta['std']
+  )
+  logits = model.apply(
+    {k: state[k] for k in ('params', 'perturb', 'batch_stats')},
+    np.zeros((2, 32, 32, 3), np.float32),
+    noise=False,
+  )
   assert logits.shape == (2, 10)
 
   exported = tmp_path / 'new_folder' / 'back.pth'  # A missing folder is created.
@@ -70,8 +87,7 @@ def test_cli_import_writes_a_checkpoint_with_the_model_metadata(pni_file, tmp_pa
   assert set(back) == set(original)
   for key, value in original.items():
     if not key.endswith('num_batches_tracked'):  # not kept; exported as 0
-      np.testing.assert_allclose(back[key].numpy(), value.numpy(), rtol=1e-6,
-                                 err_msg=key)
+      np.testing.assert_allclose(back[key].numpy(), value.numpy(), rtol=1e-6, err_msg=key)
 
 
 def test_import_refuses_a_workdir_that_has_checkpoints(pni_file, tmp_path):

@@ -22,16 +22,25 @@ from l2p_jax.data import sources
 
 
 def cifar_pickle(rng, n, label_key):
-  return {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-          label_key: rng.integers(0, 10, n).tolist()}
+  return {
+    b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+    label_key: rng.integers(0, 10, n).tolist(),
+  }
 
 
 CIFAR_LAYOUTS = {
-    'cifar10': ('cifar-10-python.tar.gz', 'cifar-10-batches-py', b'labels',
-                {'train': [f'data_batch_{i}' for i in range(1, 6)],
-                 'test': ['test_batch']}),
-    'cifar100': ('cifar-100-python.tar.gz', 'cifar-100-python', b'fine_labels',
-                 {'train': ['train'], 'test': ['test']}),
+  'cifar10': (
+    'cifar-10-python.tar.gz',
+    'cifar-10-batches-py',
+    b'labels',
+    {'train': [f'data_batch_{i}' for i in range(1, 6)], 'test': ['test_batch']},
+  ),
+  'cifar100': (
+    'cifar-100-python.tar.gz',
+    'cifar-100-python',
+    b'fine_labels',
+    {'train': ['train'], 'test': ['test']},
+  ),
 }
 
 
@@ -39,11 +48,14 @@ def write_cifar(directory, name, extracted):
   """Writes a tiny CIFAR 'python version' dataset; returns the pickles per split."""
   archive, folder, label_key, members = CIFAR_LAYOUTS[name]
   rng = np.random.default_rng(0)
-  written = {split: [cifar_pickle(rng, 2, label_key) for _ in files]
-             for split, files in members.items()}
-  blobs = {f'{folder}/{member}': pickle.dumps(batch)
-           for split, files in members.items()
-           for member, batch in zip(files, written[split])}
+  written = {
+    split: [cifar_pickle(rng, 2, label_key) for _ in files] for split, files in members.items()
+  }
+  blobs = {
+    f'{folder}/{member}': pickle.dumps(batch)
+    for split, files in members.items()
+    for member, batch in zip(files, written[split])
+  }
   if extracted:
     (directory / folder).mkdir()
     for path, blob in blobs.items():
@@ -69,13 +81,14 @@ def test_local_cifar_archive_and_folder(tmp_path, name, extracted):
     # CHW rows: red plane first, so pixel (0, 1) red is byte 1, pixel (0, 0) green 1024.
     assert host.images[0, 0, 1, 0] == rows[0, 1]
     assert host.images[0, 0, 0, 1] == rows[0, 1024]
-    np.testing.assert_array_equal(
-        host.images, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(
-        host.labels, np.concatenate([b[label_key] for b in batches]))
+    np.testing.assert_array_equal(host.images, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(host.labels, np.concatenate([b[label_key] for b in batches]))
     assert host.labels.dtype == np.int32
     assert (host.name, host.split, host.num_classes) == (
-        name, split, 10 if name == 'cifar10' else 100)
+      name,
+      split,
+      10 if name == 'cifar10' else 100,
+    )
 
 
 def idx_bytes(array):
@@ -112,9 +125,14 @@ def test_missing_local_files_name_what_is_expected(tmp_path):
   with pytest.raises(data.DatasetNotFoundError) as error:
     data.load_split('cifar10', 'train', source='local', local_dir=str(tmp_path))
   message = str(error.value)
-  for expected in (str(tmp_path), 'cifar-10-python.tar.gz', 'cifar-10-batches-py',
-                   '--config.data.download=True', '--config.data.source=local',
-                   '--config.data.local_dir'):
+  for expected in (
+    str(tmp_path),
+    'cifar-10-python.tar.gz',
+    'cifar-10-batches-py',
+    '--config.data.download=True',
+    '--config.data.source=local',
+    '--config.data.local_dir',
+  ):
     assert expected in message
   assert isinstance(error.value, FileNotFoundError)
 
@@ -126,8 +144,12 @@ def test_missing_tfds_dataset_fails_fast_without_network(tmp_path):
     data.load_split('cifar10', 'train', data_dir=str(empty_data_dir))
   assert time.monotonic() - start < 10
   message = str(error.value)
-  for expected in (str(empty_data_dir / 'cifar10'), '--config.data.download=True',
-                   '--config.data.source=local', 'cifar-10-python.tar.gz'):
+  for expected in (
+    str(empty_data_dir / 'cifar10'),
+    '--config.data.download=True',
+    '--config.data.source=local',
+    'cifar-10-python.tar.gz',
+  ):
     assert expected in message
 
 
@@ -136,8 +158,10 @@ def test_missing_tfds_dataset_without_local_reader_says_so(tmp_path):
     data.load_split('svhn_cropped', 'train', data_dir=str(tmp_path))
 
 
-@pytest.mark.skipif(__import__('importlib').util.find_spec('tensorflow') is not None,
-                    reason='TensorFlow installed: tfds could prepare the dataset.')
+@pytest.mark.skipif(
+  __import__('importlib').util.find_spec('tensorflow') is not None,
+  reason='TensorFlow installed: tfds could prepare the dataset.',
+)
 def test_download_without_tensorflow_fails_before_downloading(tmp_path):
   start = time.monotonic()
   with pytest.raises(data.DatasetNotFoundError, match='TensorFlow'):
@@ -150,8 +174,11 @@ def test_a_failed_download_cleans_up_and_names_the_offline_route(tmp_path, monke
   offline route, and nothing the download left behind."""
   (tmp_path / 'other').mkdir()  # Someone else's: stays.
   find_spec = sources.importlib.util.find_spec
-  monkeypatch.setattr(sources.importlib.util, 'find_spec', lambda name, *a: (
-      object() if name == 'tensorflow' else find_spec(name, *a)))
+  monkeypatch.setattr(
+    sources.importlib.util,
+    'find_spec',
+    lambda name, *a: object() if name == 'tensorflow' else find_spec(name, *a),
+  )
 
   def download_and_prepare(self, *args, **kwargs):
     partial = tmp_path / 'downloads' / 'cifar-10-python.tar.gz.incomplete'
@@ -160,15 +187,16 @@ def test_a_failed_download_cleans_up_and_names_the_offline_route(tmp_path, monke
     (tmp_path / 'cifar10' / '3.0.2.incomplete').mkdir(parents=True)
     raise ConnectionError('Failed to establish a new connection: Network unreachable')
 
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
-                      download_and_prepare)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', download_and_prepare)
   with pytest.raises(data.DatasetNotFoundError) as error:
     data.load_split('cifar10', 'train', data_dir=str(tmp_path), download=True)
   message = str(error.value)
-  for expected in ("Downloading 'cifar10' with tensorflow-datasets failed "
-                   '(ConnectionError: Failed to establish', f'under {tmp_path}',
-                   '--config.data.source=local --config.data.local_dir=DIR',
-                   'cifar-10-python.tar.gz'):
+  for expected in (
+    "Downloading 'cifar10' with tensorflow-datasets failed (ConnectionError: Failed to establish",
+    f'under {tmp_path}',
+    '--config.data.source=local --config.data.local_dir=DIR',
+    'cifar-10-python.tar.gz',
+  ):
     assert expected in message, message
   assert sorted(p.name for p in tmp_path.iterdir()) == ['other']
 
@@ -180,8 +208,9 @@ def fake_prepared(data_dir, name, version):
   (data_dir / name / version / 'dataset_info.json').write_text('{}')
 
 
-@pytest.mark.parametrize('name,shape,num_classes', [
-    ('cifar10', (32, 32, 3), 10), ('fashion_mnist', (28, 28, 1), 10)])
+@pytest.mark.parametrize(
+  'name,shape,num_classes', [('cifar10', (32, 32, 3), 10), ('fashion_mnist', (28, 28, 1), 10)]
+)
 def test_tfds_source_under_mock_data(tmp_path, name, shape, num_classes):
   fake_prepared(tmp_path, name, '3.0.0')
   with tfds.testing.mock_data(num_examples=12):
@@ -192,12 +221,14 @@ def test_tfds_source_under_mock_data(tmp_path, name, shape, num_classes):
   assert ((0 <= host.labels) & (host.labels < num_classes)).all()
 
 
-@pytest.mark.parametrize('kwargs,bad,accepted', [
+@pytest.mark.parametrize(
+  'kwargs,bad,accepted',
+  [
     (dict(source='bogus'), 'bogus', "('tfds', 'local')"),
-    (dict(source='local', local_dir='.', split='validation'), 'validation',
-     "('train', 'test')"),
+    (dict(source='local', local_dir='.', split='validation'), 'validation', "('train', 'test')"),
     (dict(source='local', local_dir='.', name='svhn_cropped'), 'svhn_cropped', 'cifar10'),
-])
+  ],
+)
 def test_unknown_names_are_value_errors(kwargs, bad, accepted):
   args = dict(name='cifar10', split='train') | kwargs
   with pytest.raises(ValueError) as error:
@@ -219,8 +250,9 @@ def test_channel_stats_are_exact_and_known_for_cifar():
 def indexed_split(n, shape=(2, 2, 1)):
   """A split whose label is the example's index, so batches show which rows they hold."""
   images = (np.arange(n)[:, None, None, None] % 256 * np.ones(shape)).astype(np.uint8)
-  return data.HostSplit(name='toy', split='train', images=images,
-                        labels=np.arange(n, dtype=np.int32), num_classes=n)
+  return data.HostSplit(
+    name='toy', split='train', images=images, labels=np.arange(n, dtype=np.int32), num_classes=n
+  )
 
 
 def test_host_split_is_read_only():
@@ -233,8 +265,11 @@ def test_a_split_too_big_for_the_device_is_refused_naming_sizes_and_the_switch()
   split = indexed_split(4)  # 4 images of 2x2x1 bytes + 4 int32 labels = 32 bytes.
   data.check_split_fits(split, None)  # The backend gives no limit (CPU): no check.
   data.check_split_fits(split, 64)  # Exactly half of the device: accepted.
-  with pytest.raises(ValueError, match=r'toy/train takes 32 bytes.*50% of the 63 bytes'
-                                       r'.*data\.on_device=False'):
+  with pytest.raises(
+    ValueError,
+    match=r'toy/train takes 32 bytes.*50% of the 63 bytes'
+    r'.*data\.on_device=False',
+  ):
     data.check_split_fits(split, 63)
 
 
@@ -257,11 +292,9 @@ def test_training_batches_are_a_pure_function_of_seed_epoch_step():
     np.testing.assert_array_equal(batch['label'], labels)
     np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], labels)
   resumed = data.train_batches(split, seed=3, epoch=0, batch_size=8, start_step=4)
-  np.testing.assert_array_equal(np.stack([b['label'] for b in resumed]),
-                                np.stack(epoch[4:]))
+  np.testing.assert_array_equal(np.stack([b['label'] for b in resumed]), np.stack(epoch[4:]))
   for other in (dict(seed=3, epoch=1), dict(seed=4, epoch=0)):
-    order = np.concatenate(
-        [b['label'] for b in data.train_batches(split, batch_size=8, **other)])
+    order = np.concatenate([b['label'] for b in data.train_batches(split, batch_size=8, **other)])
     assert not np.array_equal(order, seen)
   with pytest.raises(IndexError):
     data.train_batch(split, seed=3, epoch=0, step=6, batch_size=8)
@@ -270,8 +303,7 @@ def test_training_batches_are_a_pure_function_of_seed_epoch_step():
 def test_shuffle_order_is_pinned():
   # threefry is the same on every machine; this guards against a JAX upgrade changing
   # the order silently, which would break bit-for-bit comparison with old runs.
-  np.testing.assert_array_equal(data.epoch_permutation(0, 0, 10),
-                                PINNED_PERMUTATION)
+  np.testing.assert_array_equal(data.epoch_permutation(0, 0, 10), PINNED_PERMUTATION)
 
 
 PINNED_PERMUTATION = np.array([4, 3, 9, 8, 6, 5, 2, 7, 1, 0])
@@ -281,8 +313,7 @@ def test_eval_batches_cover_each_example_exactly_once():
   split = indexed_split(10)
   batches = list(data.eval_batches(split, batch_size=4))
   assert len(batches) == data.num_eval_batches(10, 4) == 3
-  assert all(b['image'].shape == (4, 2, 2, 1) and b['mask'].shape == (4,)
-             for b in batches)
+  assert all(b['image'].shape == (4, 2, 2, 1) and b['mask'].shape == (4,) for b in batches)
   mask = np.concatenate([b['mask'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches])
   assert mask.dtype == bool and mask.sum() == 10
@@ -297,8 +328,9 @@ def windows(image, pad):
   or not, cut from the zero-padded image."""
   h, w, _ = image.shape
   padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-  shifted = [padded[dy:dy + h, dx:dx + w]
-             for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+  shifted = [
+    padded[dy : dy + h, dx : dx + w] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+  ]
   return np.stack(shifted + [s[:, ::-1] for s in shifted])
 
 
@@ -323,12 +355,12 @@ def test_augment_flip_exact_values():
   image = np.arange(1, 17, dtype=np.uint8).reshape(4, 4, 1)
   out = np.asarray(data.augment(jax.random.key(0), np.stack([image] * 64), pad=0))
   flipped = np.array([[4, 3, 2, 1], [8, 7, 6, 5], [12, 11, 10, 9], [16, 15, 14, 13]])
-  is_flipped = np.isclose(out, flipped[..., None] / 255, rtol=0, atol=1e-7).all(
-      axis=(1, 2, 3))
+  is_flipped = np.isclose(out, flipped[..., None] / 255, rtol=0, atol=1e-7).all(axis=(1, 2, 3))
   is_same = np.isclose(out, image / 255, rtol=0, atol=1e-7).all(axis=(1, 2, 3))
   assert (is_flipped ^ is_same).all() and 16 < is_flipped.sum() < 48
 
 
 def test_to_float_scales_to_unit_interval():
-  np.testing.assert_allclose(np.asarray(data.to_float(np.array([0, 51, 255], np.uint8))),
-                             [0.0, 0.2, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(data.to_float(np.array([0, 51, 255], np.uint8))), [0.0, 0.2, 1.0], rtol=1e-6
+  )

@@ -9,15 +9,14 @@ import pathlib
 import subprocess
 import sys
 
+import fake_datasets
 import jax
 import numpy as np
 import pytest
 
-from l2p_jax import checkpointing, data, evaluation, experiment, report, train
-
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-import fake_datasets
+from l2p_jax import checkpointing, data, evaluation, experiment, report, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,8 +36,7 @@ def runs(tmp_path_factory):
   """Two tiny CIFAR-10 runs: L2P (noise on from epoch 0) for one epoch, and a clean
   network for three (the same compiled step every epoch, so cheap) that is accurate
   enough for attacks to have something to take away."""
-  cifar = fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=512,
-                                      test=128)
+  cifar = fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=512, test=128)
   base, workdirs = tmp_path_factory.mktemp('runs'), {}
   for method, epochs in (('l2p', 1), ('none', 3)):
     config = train_config(f'{method},resnet8,cifar10,tiny')
@@ -57,8 +55,14 @@ def evaluated(runs):
 
 
 def white_box(results, label, attack, eps=8 / 255):
-  [record] = [r for r in results['records'] if r['label'] == label and r['source'] is None
-              and r['attack'] == attack and r['params']['eps'] == eps]
+  [record] = [
+    r
+    for r in results['records']
+    if r['label'] == label
+    and r['source'] is None
+    and r['attack'] == attack
+    and r['params']['eps'] == eps
+  ]
   return record
 
 
@@ -74,19 +78,27 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
   config = eval_config_file()
   specs, transfer = evaluation.plan_attacks(config)
   params = lambda spec: dict(spec.params)  # noqa: E731
-  pgd_steps = sorted(params(s)['steps'] for s in specs
-                     if s.attack == 'pgd' and params(s)['eot_draws'] == 1 and s.eps == 8 / 255)
+  pgd_steps = sorted(
+    params(s)['steps']
+    for s in specs
+    if s.attack == 'pgd' and params(s)['eot_draws'] == 1 and s.eps == 8 / 255
+  )
   assert pgd_steps == [7, 20, 100]
   [eot] = [s for s in specs if s.attack == 'pgd' and params(s)['eot_draws'] > 1]
   assert params(eot)['eot_draws'] == 30 and params(eot)['step_size'] == 0.01
   [cw] = [s for s in specs if s.attack == 'cw']
-  assert (params(cw)['c_init'], params(cw)['learning_rate'], params(cw)['binary_steps'],
-          params(cw)['steps']) == (0.01, 5e-4, 9, 10)
+  assert (
+    params(cw)['c_init'],
+    params(cw)['learning_rate'],
+    params(cw)['binary_steps'],
+    params(cw)['steps'],
+  ) == (0.01, 5e-4, 9, 10)
   [apgd] = [s for s in specs if s.attack == 'apgd_rand']
   assert params(apgd)['eot_draws'] == 20
   few = [s for s in specs if s.attack == 'few_pixel']
-  assert [(params(s)['n_pixels'], params(s)['population'], params(s)['iterations'])
-          for s in few] == [(1, 400, 75), (2, 400, 75), (3, 400, 75)]
+  assert [
+    (params(s)['n_pixels'], params(s)['population'], params(s)['iterations']) for s in few
+  ] == [(1, 400, 75), (2, 400, 75), (3, 400, 75)]
   sweep = sorted(round(s.eps * 255) for s in specs if s.attack == 'fgsm')
   assert sweep == list(range(1, 9))  # The sweep's 8/255 point is the headline FGSM.
   assert len(specs) == len(set(specs)) == len({s.key_id for s in specs}) and not transfer
@@ -109,18 +121,37 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
     assert r['randomized'] == (r['method'] == 'l2p')
     assert r['key'] == {'seed': 0, 'fold_in': [r['key']['fold_in'][0]]}
     assert pathlib.Path(r['checkpoint']).parent.parent == runs[r['label']]
-    assert (r['dataset'], r['split'], r['step']) == ('cifar10', 'test',
-                                                     8 if r['label'] == 'l2p' else 24)
+    assert (r['dataset'], r['split'], r['step']) == (
+      'cifar10',
+      'test',
+      8 if r['label'] == 'l2p' else 24,
+    )
     assert r['seconds'] > 0
-  white = sorted((r['label'], r['attack'], r['params']['eps'] and round(r['params']['eps'] * 255))
-                 for r in records if r['source'] is None)
-  assert white == sorted((label, attack, eps) for label in ('l2p', 'none') for attack, eps in (
-      ('apgd_rand', 8), ('clean', None), ('cw', None), ('few_pixel', None), ('fgsm', 4),
-      ('fgsm', 8), ('pgd', 4), ('pgd', 8)))
-  transfer = sorted((r['source']['label'], r['label'], r['attack'])
-                    for r in records if r['source'] is not None)
-  assert transfer == sorted((s, t, a) for s in ('l2p', 'none') for t in ('l2p', 'none')
-                            for a in ('fgsm', 'pgd'))
+  white = sorted(
+    (r['label'], r['attack'], r['params']['eps'] and round(r['params']['eps'] * 255))
+    for r in records
+    if r['source'] is None
+  )
+  assert white == sorted(
+    (label, attack, eps)
+    for label in ('l2p', 'none')
+    for attack, eps in (
+      ('apgd_rand', 8),
+      ('clean', None),
+      ('cw', None),
+      ('few_pixel', None),
+      ('fgsm', 4),
+      ('fgsm', 8),
+      ('pgd', 4),
+      ('pgd', 8),
+    )
+  )
+  transfer = sorted(
+    (r['source']['label'], r['label'], r['attack']) for r in records if r['source'] is not None
+  )
+  assert transfer == sorted(
+    (s, t, a) for s in ('l2p', 'none') for t in ('l2p', 'none') for a in ('fgsm', 'pgd')
+  )
   cw = white_box(results, 'none', 'cw', None)
   assert cw['fooled'] > 0 and cw['mean_l2'] > 0  # C&W reports accuracy and mean L2.
 
@@ -128,7 +159,7 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
 def test_markdown_tables_and_plots_are_written(evaluated):
   _, output = evaluated
   table = (output / 'results.md').read_text()
-  header = ('| checkpoint | Clean | FGSM | PGD-2 | C&W acc / L2 | APGD-rand | 1 px |')
+  header = '| checkpoint | Clean | FGSM | PGD-2 | C&W acc / L2 | APGD-rand | 1 px |'
   assert header in table
   assert '| l2p (l2p resnet8 x0.5, step 8) |' in table
   assert '| none (none resnet8 x0.5, step 24) |' in table
@@ -152,8 +183,10 @@ def test_attacks_do_not_raise_the_accuracy_of_a_deterministic_model(evaluated):
   clean = white_box(results, 'none', 'clean', None)['accuracy']
   assert clean >= 0.5  # There is something to attack.
   for attack in ('fgsm', 'pgd', 'cw', 'apgd_rand'):
-    assert white_box(results, 'none', attack, None if attack == 'cw' else 8 / 255)[
-        'accuracy'] <= clean + 1e-9, attack
+    assert (
+      white_box(results, 'none', attack, None if attack == 'cw' else 8 / 255)['accuracy']
+      <= clean + 1e-9
+    ), attack
   pgd = white_box(results, 'none', 'pgd')['accuracy']
   assert pgd < clean  # PGD finds some adversarial examples even in two steps.
 
@@ -165,7 +198,8 @@ def test_a_rerun_with_the_same_key_is_bit_identical(evaluated, runs):
   again = json.loads((output / 'results.json').read_text())
   assert without_times(again) == without_times(first)
   assert {k: v for k, v in again.items() if k != 'records'} == {
-      k: v for k, v in first.items() if k != 'records'}
+    k: v for k, v in first.items() if k != 'records'
+  }
 
 
 def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
@@ -176,8 +210,11 @@ def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
   checkpoint = checkpointing.load_checkpoint(str(runs['l2p']))
   split = evaluation.load_examples(evaluation.data_settings(eval_config(), checkpoint))
   key = jax.random.fold_in(jax.random.key(record['key']['seed']), record['key']['fold_in'][0])
-  logits = jax.jit(lambda x, k: checkpoint.model.apply(
-      checkpoint.variables, x, train=False, noise=True, rngs={'noise': k}))
+  logits = jax.jit(
+    lambda x, k: checkpoint.model.apply(
+      checkpoint.variables, x, train=False, noise=True, rngs={'noise': k}
+    )
+  )
   correct = 0
   for b, batch in enumerate(data.eval_batches(split, record['batch_size'])):
     noise_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, b), 1), 0)
@@ -189,8 +226,8 @@ def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
 def test_noise_can_be_switched_off_and_is_recorded(evaluated, runs, tmp_path):
   results, _ = evaluated
   [record] = evaluation.evaluate_workdirs(
-      eval_config(attacks='clean', noise=False, output_dir=str(tmp_path)),
-      str(runs['l2p']))['records']
+    eval_config(attacks='clean', noise=False, output_dir=str(tmp_path)), str(runs['l2p'])
+  )['records']
   assert (record['noise'], record['randomized']) == (False, False)
   assert white_box(results, 'l2p', 'clean', None)['randomized']
 
@@ -198,8 +235,8 @@ def test_noise_can_be_switched_off_and_is_recorded(evaluated, runs, tmp_path):
 def test_checkpoint_flag_picks_an_earlier_step(runs, tmp_path):
   step4 = runs['l2p'] / 'checkpoints' / '4'
   [record] = evaluation.evaluate_workdirs(
-      eval_config(attacks='clean', output_dir=str(tmp_path)), str(runs['l2p']),
-      str(step4))['records']
+    eval_config(attacks='clean', output_dir=str(tmp_path)), str(runs['l2p']), str(step4)
+  )['records']
   assert (record['checkpoint'], record['step']) == (str(step4), 4)
   assert json.loads((tmp_path / 'results.json').read_text())['records'][0]['step'] == 4
 
@@ -208,8 +245,9 @@ def test_a_rerun_with_other_attacks_keeps_the_earlier_records(runs, tmp_path):
   """results.json gathers the attacks of successive runs into one folder; a rerun of
   an attack on a checkpoint replaces its record."""
   for attacks in ('clean', 'fgsm', 'clean'):
-    evaluation.evaluate_workdirs(eval_config(attacks=attacks, output_dir=str(tmp_path)),
-                                 str(runs['none']))
+    evaluation.evaluate_workdirs(
+      eval_config(attacks=attacks, output_dir=str(tmp_path)), str(runs['none'])
+    )
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert [r['attack'] for r in saved['records']] == ['fgsm', 'clean']
   assert [c['label'] for c in saved['checkpoints']] == ['none']
@@ -219,16 +257,27 @@ def test_a_rerun_with_other_attacks_keeps_the_earlier_records(runs, tmp_path):
 # --- errors ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('fields,message', [
-    (dict(attacks='clean,pgdx'),
-     r"Unknown attack 'pgdx' in config.attacks; accepted: clean, fgsm, pgd, pgd<N>, "),
-    (dict(predict__rule='majority'),
-     r"Unknown prediction rule 'majority'.*'single', 'vote', 'mean_softmax'"),
-    (dict(model__arch='resnet20'),
-     r'holds a l2p resnet8 of width 0.5, but --config.model.arch=resnet20 was asked for'),
-    (dict(data__examples=500),
-     r'data.examples=500 must be between 1 and the 128 examples of cifar10/test'),
-])
+@pytest.mark.parametrize(
+  'fields,message',
+  [
+    (
+      dict(attacks='clean,pgdx'),
+      r"Unknown attack 'pgdx' in config.attacks; accepted: clean, fgsm, pgd, pgd<N>, ",
+    ),
+    (
+      dict(predict__rule='majority'),
+      r"Unknown prediction rule 'majority'.*'single', 'vote', 'mean_softmax'",
+    ),
+    (
+      dict(model__arch='resnet20'),
+      r'holds a l2p resnet8 of width 0.5, but --config.model.arch=resnet20 was asked for',
+    ),
+    (
+      dict(data__examples=500),
+      r'data.examples=500 must be between 1 and the 128 examples of cifar10/test',
+    ),
+  ],
+)
 def test_bad_requests_are_one_clear_error(runs, fields, message):
   with pytest.raises(evaluation.EvaluationError, match=message):
     evaluation.evaluate_workdirs(eval_config(**fields), str(runs['l2p']))
@@ -237,34 +286,55 @@ def test_bad_requests_are_one_clear_error(runs, fields, message):
 def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
   (tmp_path / 'empty').mkdir()
   for path in (tmp_path / 'never_trained', tmp_path / 'empty'):
-    with pytest.raises(evaluation.EvaluationError,
-                       match=rf'No checkpoint found in {path}\. Train one with `python '
-                             rf'train.py --config .* --workdir {path}`'):
+    with pytest.raises(
+      evaluation.EvaluationError,
+      match=rf'No checkpoint found in {path}\. Train one with `python '
+      rf'train.py --config .* --workdir {path}`',
+    ):
       evaluation.evaluate_workdirs(eval_config(), str(path))
 
 
 def test_variables_that_do_not_fit_the_described_model_are_named(runs):
   checkpoint = checkpointing.load_checkpoint(str(runs['l2p'] / 'checkpoints'))
   wider = experiment.build_model(train_config('l2p,resnet8,cifar10'), 10, (0.5,) * 3, (0.25,) * 3)
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r'(?s)in here do not fit the model its metadata describes.*'
-                           r'params/classifier/kernel: checkpoint \(32, 10\), model '
-                           r'\(64, 10\).*and \d+ more'):
+  with pytest.raises(
+    checkpointing.CheckpointMismatchError,
+    match=r'(?s)in here do not fit the model its metadata describes.*'
+    r'params/classifier/kernel: checkpoint \(32, 10\), model '
+    r'\(64, 10\).*and \d+ more',
+  ):
     checkpointing.check_variables_fit(wider, checkpoint.variables, (32, 32, 3), 'here')
 
 
-@pytest.mark.parametrize('args,message', [
+@pytest.mark.parametrize(
+  'args,message',
+  [
     (['--workdir', 'RUN/nowhere'], 'eval.py: No checkpoint found in RUN/nowhere'),
-    (['--workdir', 'RUN/l2p,RUN/none', '--config', f'{ROOT}/configs/eval.py:tiny',
-      '--config.attacks=clean,bogus'], "eval.py: Unknown attack 'bogus' in config.attacks"),
-    (['--workdir', 'RUN/l2p', '--config.pgd.stepz=3'],
-     "eval.py: --config.pgd.stepz: the config has no field 'stepz'; did you mean "
-     "'steps'?"),
-])
+    (
+      [
+        '--workdir',
+        'RUN/l2p,RUN/none',
+        '--config',
+        f'{ROOT}/configs/eval.py:tiny',
+        '--config.attacks=clean,bogus',
+      ],
+      "eval.py: Unknown attack 'bogus' in config.attacks",
+    ),
+    (
+      ['--workdir', 'RUN/l2p', '--config.pgd.stepz=3'],
+      "eval.py: --config.pgd.stepz: the config has no field 'stepz'; did you mean 'steps'?",
+    ),
+  ],
+)
 def test_command_line_errors_are_one_message_without_traceback(runs, args, message):
   args = [a.replace('RUN', str(runs['l2p'].parent)) for a in args]
   message = message.replace('RUN', str(runs['l2p'].parent))
-  result = subprocess.run([sys.executable, str(ROOT / 'eval.py'), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, str(ROOT / 'eval.py'), *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 1
   assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr

@@ -1,14 +1,20 @@
 """Architectures, parameter counts and the semantics of the three noise layers."""
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from l2p_jax.models import (METHODS, create_model, bayes_kl, gaussian_kl,
-                            project_perturb, resnet_layout)
+from l2p_jax.models import (
+  METHODS,
+  bayes_kl,
+  create_model,
+  gaussian_kl,
+  project_perturb,
+  resnet_layout,
+)
 from l2p_jax.models.layers import Dense, FeatureNoise, WeightNoise
 
 RNGS = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
@@ -22,16 +28,23 @@ def flat(tree):
   return traverse_util.flatten_dict(tree)
 
 
-@pytest.mark.parametrize('arch,width,expected', [
-    ('resnet20', 1, 269_722), ('resnet32', 1, 464_154),
-    ('resnet44', 1, 658_586), ('resnet56', 1, 853_018),
-    ('resnet20', 1.5, 605_026), ('resnet20', 2, 1_073_962),
-    ('resnet20', 4, 4_286_026), ('resnet18', 1, 11_173_962)])
+@pytest.mark.parametrize(
+  'arch,width,expected',
+  [
+    ('resnet20', 1, 269_722),
+    ('resnet32', 1, 464_154),
+    ('resnet44', 1, 658_586),
+    ('resnet56', 1, 853_018),
+    ('resnet20', 1.5, 605_026),
+    ('resnet20', 2, 1_073_962),
+    ('resnet20', 4, 4_286_026),
+    ('resnet18', 1, 11_173_962),
+  ],
+)
 def test_parameter_counts_match_the_paper(arch, width, expected):
   for method in METHODS:
     model = create_model(arch, 10, method, width=width)
-    shapes = jax.eval_shape(
-        lambda m=model: m.init(RNGS, jnp.zeros((1, 32, 32, 3)), train=True))
+    shapes = jax.eval_shape(lambda m=model: m.init(RNGS, jnp.zeros((1, 32, 32, 3)), train=True))
     count = sum(x.size for x in jax.tree.leaves(shapes['params']))
     assert count == expected, (arch, width, method)
 
@@ -43,8 +56,7 @@ def test_l2p_perturb_holds_one_map_per_feature_map_and_nothing_else():
   expected = {('stem_noise', 'theta'): (8, 8, 4)}
   for stage, (channels, side) in enumerate([(4, 8), (8, 4), (16, 2)]):
     for block in (1, 2):
-      expected[(f'stage{stage + 1}_block{block}', 'noise', 'theta')] = (
-          side, side, channels)
+      expected[(f'stage{stage + 1}_block{block}', 'noise', 'theta')] = (side, side, channels)
   assert {k: v.shape for k, v in perturb.items()} == expected
   assert all(np.all(v == 0.25) for v in perturb.values())
 
@@ -60,23 +72,24 @@ def test_pni_has_one_alpha_per_kernel(arch):
     assert ('stage2_block1', 'shortcut_conv', 'kernel_alpha') in perturb
 
 
-@pytest.mark.parametrize('mode,shape', [('layer', ()), ('channel', (10,)),
-                                        ('element', (64, 10))])
+@pytest.mark.parametrize('mode,shape', [('layer', ()), ('channel', (10,)), ('element', (64, 10))])
 def test_pni_alpha_modes(mode, shape):
   variables = init(create_model('resnet8', 10, 'pni', width=1, pni_mode=mode))
   assert variables['perturb']['classifier']['kernel_alpha'].shape == shape
 
 
 def test_bayes_has_a_log_sigma_for_every_weight_and_bias():
-  variables = init(create_model('resnet8', 10, 'adv_bnn', width=0.25,
-                                bnn_init_sigma=0.08))
-  weights = {k: v for k, v in flat(variables['params']).items()
-             if k[-1] in ('kernel', 'bias') and 'bn' not in k[-2]}
+  variables = init(create_model('resnet8', 10, 'adv_bnn', width=0.25, bnn_init_sigma=0.08))
+  weights = {
+    k: v
+    for k, v in flat(variables['params']).items()
+    if k[-1] in ('kernel', 'bias') and 'bn' not in k[-2]
+  }
   perturb = flat(variables['perturb'])
-  assert {k[:-1] + (k[-1] + '_log_sigma',): v.shape
-          for k, v in weights.items()} == {k: v.shape for k, v in perturb.items()}
-  np.testing.assert_allclose(np.exp(np.asarray(jax.tree.leaves(perturb)[0])),
-                             0.08, rtol=1e-6)
+  assert {k[:-1] + (k[-1] + '_log_sigma',): v.shape for k, v in weights.items()} == {
+    k: v.shape for k, v in perturb.items()
+  }
+  np.testing.assert_allclose(np.exp(np.asarray(jax.tree.leaves(perturb)[0])), 0.08, rtol=1e-6)
 
 
 @pytest.mark.parametrize('method', ['none', 'vanilla'])
@@ -89,9 +102,9 @@ def test_noise_is_a_function_of_the_key_and_off_means_plain_network(method):
   model = create_model('resnet8', 10, method, width=0.25)
   variables = init(model)
   x = jax.random.uniform(jax.random.key(2), (4, 8, 8, 3))
-  apply = jax.jit(lambda v, x, k, noise: model.apply(v, x, noise=noise,
-                                                     rngs={'noise': k}),
-                  static_argnums=3)
+  apply = jax.jit(
+    lambda v, x, k, noise: model.apply(v, x, noise=noise, rngs={'noise': k}), static_argnums=3
+  )
   a = apply(variables, x, jax.random.key(3), True)
   b = apply(variables, x, jax.random.key(3), True)
   c = apply(variables, x, jax.random.key(4), True)
@@ -100,8 +113,8 @@ def test_noise_is_a_function_of_the_key_and_off_means_plain_network(method):
   plain = create_model('resnet8', 10, 'none', width=0.25)
   off = apply(variables, x, jax.random.key(3), False)
   reference = jax.jit(plain.apply)(
-      {'params': variables['params'], 'batch_stats': variables['batch_stats']},
-      x)
+    {'params': variables['params'], 'batch_stats': variables['batch_stats']}, x
+  )
   np.testing.assert_array_equal(off, reference)
 
 
@@ -136,23 +149,19 @@ def test_pni_gradients_alpha_gets_noise_and_weight_gets_plain_gradient(mode):
   rngs = {'noise': jax.random.key(5)}
 
   def total(params, perturb):
-    return layer.apply({'params': params, 'perturb': perturb}, eye,
-                       rngs=rngs).sum()
+    return layer.apply({'params': params, 'perturb': perturb}, eye, rngs=rngs).sum()
 
   kernel = variables['params']['kernel']
   eta = (layer.apply(variables, eye, rngs=rngs) - kernel) / 0.25
-  d_params, d_perturb = jax.grad(total, argnums=(0, 1))(
-      variables['params'], variables['perturb'])
+  d_params, d_perturb = jax.grad(total, argnums=(0, 1))(variables['params'], variables['perturb'])
   expected_alpha = eta if mode == 'element' else eta.sum()
-  np.testing.assert_allclose(d_perturb['kernel_alpha'], expected_alpha,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(d_perturb['kernel_alpha'], expected_alpha, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(d_params['kernel'], jnp.ones_like(kernel))
   # The draw is N(0, std(W)^2) with the unbiased std, as PNI's code.
   big = Dense(512, WeightNoise('pni', pni_mode='layer'))
   bv = big.init(RNGS, jnp.eye(512))
   noisy = big.apply(bv, jnp.eye(512), rngs=rngs)
-  ratio = np.std(noisy - bv['params']['kernel']) / 0.25 / np.std(
-      bv['params']['kernel'], ddof=1)
+  ratio = np.std(noisy - bv['params']['kernel']) / 0.25 / np.std(bv['params']['kernel'], ddof=1)
   assert abs(ratio - 1) < 0.01
 
 
@@ -164,53 +173,46 @@ def test_bayes_sample_is_reparametrized_and_kl_matches_closed_form():
   rngs = {'noise': jax.random.key(1)}
 
   def total(perturb):
-    return layer.apply({'params': params, 'perturb': perturb}, x,
-                       rngs=rngs).sum()
+    return layer.apply({'params': params, 'perturb': perturb}, x, rngs=rngs).sum()
 
-  out = layer.apply(
-      {'params': params, 'perturb': variables['perturb']}, x, rngs=rngs)
+  out = layer.apply({'params': params, 'perturb': variables['perturb']}, x, rngs=rngs)
   bias_sample = out[3]
   kernel_sample = out[:3] - bias_sample
   grad = jax.grad(total)(variables['perturb'])
   # d/d(log sigma) of mu + exp(log sigma) * eps is sigma * eps = sample - mu.
-  np.testing.assert_allclose(grad['kernel_log_sigma'], kernel_sample - 1.0,
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(grad['bias_log_sigma'], 4 * bias_sample,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad['kernel_log_sigma'], kernel_sample - 1.0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad['bias_log_sigma'], 4 * bias_sample, rtol=1e-5, atol=1e-6)
   assert np.std(kernel_sample) > 0.05  # a real draw, not the mean
   # KL(N(1, 0.5^2) || N(0, 1)) = log(1/0.5) + (0.25 + 1) / 2 - 0.5, per element.
   per_element = np.log(2.0) + 1.25 / 2 - 0.5
   np.testing.assert_allclose(
-      gaussian_kl(jnp.ones(4), jnp.full(4, np.log(0.5)), 1.0), 4 * per_element,
-      rtol=1e-6)
+    gaussian_kl(jnp.ones(4), jnp.full(4, np.log(0.5)), 1.0), 4 * per_element, rtol=1e-6
+  )
   # Summed over the layer: 6 kernel entries at mean 1, 2 biases at mean 0.
   bias_element = np.log(2.0) + 0.25 / 2 - 0.5
   np.testing.assert_allclose(
-      bayes_kl(params, variables['perturb'], prior_sigma=1.0),
-      6 * per_element + 2 * bias_element, rtol=1e-6)
+    bayes_kl(params, variables['perturb'], prior_sigma=1.0),
+    6 * per_element + 2 * bias_element,
+    rtol=1e-6,
+  )
   assert bayes_kl(params, None, 1.0) == 0.0
 
 
 def test_project_perturb_floors_only_l2p_maps():
-  perturb = {'a': {'theta': jnp.array([-1.0, 0.005, 0.5])},
-             'b': {'kernel_alpha': jnp.array(-0.3)}}
+  perturb = {'a': {'theta': jnp.array([-1.0, 0.005, 0.5])}, 'b': {'kernel_alpha': jnp.array(-0.3)}}
   out = project_perturb(perturb, 0.01)
-  np.testing.assert_array_equal(out['a']['theta'],
-                                np.float32([0.01, 0.01, 0.5]))
+  np.testing.assert_array_equal(out['a']['theta'], np.float32([0.01, 0.01, 0.5]))
   assert out['b']['kernel_alpha'] == -0.3
 
 
 def test_any_input_size_channels_and_classes():
-  model = create_model('resnet8', 100, 'l2p', width=0.25, mean=(0.5,),
-                       std=(0.25,))
+  model = create_model('resnet8', 100, 'l2p', width=0.25, mean=(0.5,), std=(0.25,))
   variables = model.init(RNGS, jnp.zeros((2, 12, 12, 1)))
-  out = model.apply(variables, jnp.ones((2, 12, 12, 1)),
-                    rngs={'noise': jax.random.key(0)})
+  out = model.apply(variables, jnp.ones((2, 12, 12, 1)), rngs={'noise': jax.random.key(0)})
   assert out.shape == (2, 100)
   assert variables['perturb']['stem_noise']['theta'].shape == (12, 12, 4)
   with pytest.raises(ValueError, match=r'1 normalization channels'):
-    model.apply(variables, jnp.ones((2, 12, 12, 3)),
-                rngs={'noise': jax.random.key(0)})
+    model.apply(variables, jnp.ones((2, 12, 12, 3)), rngs={'noise': jax.random.key(0)})
 
 
 def test_train_mode_updates_batch_stats_only_when_asked():
@@ -223,15 +225,19 @@ def test_train_mode_updates_batch_stats_only_when_asked():
   # Flax momentum 0.9 equals PyTorch's momentum 0.1.
   normalized = (x - jnp.array(model.mean)) / jnp.array(model.std)
   stem = nn.Conv(4, (3, 3), use_bias=False).apply(
-      {'params': {'kernel': variables['params']['stem_conv']['kernel']}},
-      normalized)
-  np.testing.assert_allclose(after, 0.9 * before + 0.1 * stem.mean((0, 1, 2)),
-                             rtol=1e-5, atol=1e-6)
+    {'params': {'kernel': variables['params']['stem_conv']['kernel']}}, normalized
+  )
+  np.testing.assert_allclose(after, 0.9 * before + 0.1 * stem.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('arch,message', [
-    ('resnet21', 'Unknown architecture'), ('vgg16', 'Unknown architecture'),
-    ('resnet2', 'Unknown architecture')])
+@pytest.mark.parametrize(
+  'arch,message',
+  [
+    ('resnet21', 'Unknown architecture'),
+    ('vgg16', 'Unknown architecture'),
+    ('resnet2', 'Unknown architecture'),
+  ],
+)
 def test_bad_architecture_names_are_clear_errors(arch, message):
   with pytest.raises(ValueError, match=message):
     resnet_layout(arch)

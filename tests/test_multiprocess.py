@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import fake_datasets
 import jax
 import numpy as np
 import pytest
@@ -22,12 +23,14 @@ import pytest
 from l2p_jax import checkpointing
 from l2p_jax.metrics import read_metrics
 
-import fake_datasets
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The tiny config cut to one epoch of 4 steps, all adversarial; a checkpoint every 2.
-TRAIN_FLAGS = ('--config.num_epochs=1', '--config.data.train_examples=256',
-               '--config.adv.start_epoch=0', '--config.checkpoint_every_steps=2')
+TRAIN_FLAGS = (
+  '--config.num_epochs=1',
+  '--config.data.train_examples=256',
+  '--config.adv.start_epoch=0',
+  '--config.checkpoint_every_steps=2',
+)
 
 
 def free_port() -> int:
@@ -37,28 +40,48 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched(argv: list[str], logs: pathlib.Path, *, num_processes: int = 2,
-             devices: int = 2, port: int | None = None, env_coordinator: bool = False):
+def launched(
+  argv: list[str],
+  logs: pathlib.Path,
+  *,
+  num_processes: int = 2,
+  devices: int = 2,
+  port: int | None = None,
+  env_coordinator: bool = False,
+):
   """Starts `argv` as `num_processes` processes with `devices` CPU devices each, joined
   on the loopback address when more than one (the address by flag, or by
   $JAX_COORDINATOR_ADDRESS with `env_coordinator`); output goes to LOGS-<i>.txt, the
   working directory (where a crash would leave a core file) is LOGS's folder. Kills
   any process still running on exit."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+  )
   address = f'127.0.0.1:{port}'
   if env_coordinator:
     env['JAX_COORDINATOR_ADDRESS'] = address
   processes = []
   try:
     for i in range(num_processes):
-      joined = [] if num_processes == 1 else [
+      joined = (
+        []
+        if num_processes == 1
+        else [
           *([] if env_coordinator else [f'--coordinator_address={address}']),
-          f'--num_processes={num_processes}', f'--process_id={i}']
+          f'--num_processes={num_processes}',
+          f'--process_id={i}',
+        ]
+      )
       with open(f'{logs}-{i}.txt', 'w') as out:
-        processes.append(subprocess.Popen(
-            [sys.executable, *argv, *joined], cwd=pathlib.Path(logs).parent, env=env,
-            stdout=out, stderr=subprocess.STDOUT))
+        processes.append(
+          subprocess.Popen(
+            [sys.executable, *argv, *joined],
+            cwd=pathlib.Path(logs).parent,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
     yield processes
   finally:
     for p in processes:
@@ -71,8 +94,7 @@ def log(logs: pathlib.Path, i: int) -> str:
   return pathlib.Path(f'{logs}-{i}.txt').read_text()
 
 
-def finish(processes: list[subprocess.Popen], logs: pathlib.Path,
-           timeout: float) -> None:
+def finish(processes: list[subprocess.Popen], logs: pathlib.Path, timeout: float) -> None:
   """Waits for every process to exit 0 within `timeout` seconds (all together)."""
   deadline = time.time() + timeout
   for i, p in enumerate(processes):
@@ -84,10 +106,17 @@ def finish(processes: list[subprocess.Popen], logs: pathlib.Path,
 
 
 def train_argv(cifar_dir: pathlib.Path, workdir: pathlib.Path, *extra: str) -> list[str]:
-  return [str(ROOT / 'train.py'), '--config',
-          f'{ROOT}/configs/cifar.py:l2p,resnet8,cifar10,tiny', '--workdir', str(workdir),
-          '--config.data.source=local', f'--config.data.local_dir={cifar_dir}',
-          *TRAIN_FLAGS, *extra]
+  return [
+    str(ROOT / 'train.py'),
+    '--config',
+    f'{ROOT}/configs/cifar.py:l2p,resnet8,cifar10,tiny',
+    '--workdir',
+    str(workdir),
+    '--config.data.source=local',
+    f'--config.data.local_dir={cifar_dir}',
+    *TRAIN_FLAGS,
+    *extra,
+  ]
 
 
 def restore(workdir: pathlib.Path, step: int) -> dict:
@@ -103,14 +132,14 @@ def without_time(records: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope='module')
 def cifar_dir(tmp_path_factory):
-  return fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=256,
-                                     test=128)
+  return fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=256, test=128)
 
 
 @dataclasses.dataclass
 class Runs:
   """What the module's training jobs left: their folder, the killed job's command and
   port (for the restart), and how its kill went ('' if as planned)."""
+
   folder: pathlib.Path
   killed_argv: list[str]
   killed_port: int
@@ -128,13 +157,15 @@ def runs(cifar_dir: pathlib.Path, tmp_path_factory) -> Runs:
   compiles everything, while process 0 loads it from the persistent compilation cache.
   """
   tmp = tmp_path_factory.mktemp('runs')
-  killed_argv = train_argv(cifar_dir, tmp / 'killed', '--heartbeat_timeout_seconds=10',
-                           '--config.progress_bar=False')
+  killed_argv = train_argv(
+    cifar_dir, tmp / 'killed', '--heartbeat_timeout_seconds=10', '--config.progress_bar=False'
+  )
   port, problem, killed_at = free_port(), '', None
-  with launched(train_argv(cifar_dir, tmp / 'two'), tmp / 'two', port=free_port()) as two, \
-       launched(train_argv(cifar_dir, tmp / 'one'), tmp / 'one', num_processes=1,
-                devices=4) as one, \
-       launched(killed_argv, tmp / 'killed', port=port) as killed:
+  with (
+    launched(train_argv(cifar_dir, tmp / 'two'), tmp / 'two', port=free_port()) as two,
+    launched(train_argv(cifar_dir, tmp / 'one'), tmp / 'one', num_processes=1, devices=4) as one,
+    launched(killed_argv, tmp / 'killed', port=port) as killed,
+  ):
     deadline = time.time() + 400
     while not problem and (killed_at is None or killed[0].poll() is None):
       if killed_at is None and (tmp / 'killed' / 'checkpoints' / '2').exists():
@@ -142,12 +173,14 @@ def runs(cifar_dir: pathlib.Path, tmp_path_factory) -> Runs:
         killed_at = time.time()
       elif killed_at is None and any(p.poll() is not None for p in killed):
         problem = 'a process ended before checkpoint 2:\n' + ''.join(
-            log(tmp / 'killed', i)[-3000:] for i in range(2))
+          log(tmp / 'killed', i)[-3000:] for i in range(2)
+        )
       elif killed_at is None and time.time() > deadline:
         problem = 'no checkpoint 2 within 400 s'
       elif killed_at is not None and time.time() > killed_at + 90:
-        problem = 'process 0 kept running 90 s after process 1 died:\n' + log(
-            tmp / 'killed', 0)[-3000:]
+        problem = (
+          'process 0 kept running 90 s after process 1 died:\n' + log(tmp / 'killed', 0)[-3000:]
+        )
       time.sleep(0.05)
     survivor_returncode = killed[0].poll()
     finish(one, tmp / 'one', timeout=400)
@@ -157,7 +190,7 @@ def runs(cifar_dir: pathlib.Path, tmp_path_factory) -> Runs:
 
 # Run as two processes: checks that each process gets its own rows of the global
 # batches and that the global arrays assembled from them are the intended batches.
-BATCH_SCRIPT = '''
+BATCH_SCRIPT = """
 import sys
 from absl import flags
 import jax
@@ -193,7 +226,7 @@ for host, labels, mask in cases:
     assert np.array_equal(
         multihost_utils.process_allgather(placed['mask'], tiled=True), mask)
 print('batches ok', rank)
-'''
+"""
 
 
 def test_each_process_feeds_only_its_rows_of_every_global_batch(tmp_path):
@@ -201,8 +234,9 @@ def test_each_process_feeds_only_its_rows_of_every_global_batch(tmp_path):
   takes its contiguous half of the global batch, its devices hold exactly those rows,
   and the global array equals the batch one process would have built. The processes
   find the coordinator in $JAX_COORDINATOR_ADDRESS."""
-  with launched(['-c', BATCH_SCRIPT], tmp_path / 'batches', port=free_port(),
-                env_coordinator=True) as job:
+  with launched(
+    ['-c', BATCH_SCRIPT], tmp_path / 'batches', port=free_port(), env_coordinator=True
+  ) as job:
     finish(job, tmp_path / 'batches', timeout=120)
   assert 'batches ok 0' in log(tmp_path / 'batches', 0)
   assert 'batches ok 1' in log(tmp_path / 'batches', 1)
@@ -214,19 +248,34 @@ def test_process_flags_without_a_job_stop_with_a_clear_message(tmp_path):
   given up after --initialization_timeout_seconds with a message."""
   cluster = ('SLURM_', 'OMPI_', 'TPU_', 'KUBERNETES_', 'JAX_COORDINATOR')
   env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
-  base = [sys.executable, str(ROOT / 'train.py'), '--config',
-          f'{ROOT}/configs/cifar.py:tiny', '--workdir', str(tmp_path / 'unused')]
-  cases = {'--distributed=auto': 'JAX finds the job by itself on Cloud TPU, SLURM',
-           '--num_processes=2': '--num_processes and --process_id need '
-                                '--coordinator_address',
-           # No peer: says that it waits, then gives up with a message, not a C++ abort.
-           f'--coordinator_address=localhost:{free_port()} --num_processes=2 '
-           '--process_id=0 --initialization_timeout_seconds=3':
-               'waiting up to 3 s for every process to join the coordinator at '
-               'localhost:'}
-  processes = [subprocess.Popen([*base, *flag.split()], cwd=tmp_path, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-               for flag in cases]
+  base = [
+    sys.executable,
+    str(ROOT / 'train.py'),
+    '--config',
+    f'{ROOT}/configs/cifar.py:tiny',
+    '--workdir',
+    str(tmp_path / 'unused'),
+  ]
+  cases = {
+    '--distributed=auto': 'JAX finds the job by itself on Cloud TPU, SLURM',
+    '--num_processes=2': '--num_processes and --process_id need --coordinator_address',
+    # No peer: says that it waits, then gives up with a message, not a C++ abort.
+    f'--coordinator_address=localhost:{free_port()} --num_processes=2 '
+    '--process_id=0 --initialization_timeout_seconds=3': (
+      'waiting up to 3 s for every process to join the coordinator at localhost:'
+    ),
+  }
+  processes = [
+    subprocess.Popen(
+      [*base, *flag.split()],
+      cwd=tmp_path,
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for flag in cases
+  ]
   try:
     for p, message in zip(processes, cases.values()):
       output, _ = p.communicate(timeout=120)
@@ -255,11 +304,9 @@ def test_two_processes_train_like_one_process_with_four_devices(runs):
     a, b = restore(two, step), restore(one, step)
     for name in ('params', 'perturb', 'batch_stats'):
       for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
-        np.testing.assert_allclose(x, y, rtol=5e-3, atol=2e-3,
-                                   err_msg=f'{name} at step {step}')
+        np.testing.assert_allclose(x, y, rtol=5e-3, atol=2e-3, err_msg=f'{name} at step {step}')
   assert int(restore(two, 4)['step']) == 4
-  records, reference = read_metrics(two / 'metrics.jsonl'), read_metrics(
-      one / 'metrics.jsonl')
+  records, reference = read_metrics(two / 'metrics.jsonl'), read_metrics(one / 'metrics.jsonl')
   assert [r['epoch'] for r in records] == [0]  # One record: written once.
   assert records[0]['train_loss'] == pytest.approx(reference[0]['train_loss'], rel=1e-3)
   for key in ('eval_clean_accuracy', 'eval_pgd_accuracy'):
@@ -267,8 +314,10 @@ def test_two_processes_train_like_one_process_with_four_devices(runs):
   assert json.loads((two / 'config.json').read_text())['num_epochs'] == 1
   assert len(list((two / 'tensorboard').glob('events.out.tfevents.*'))) == 1
   assert (two / 'noise_evolution.png').stat().st_size > 10_000
-  assert sorted(p.name for p in (two / 'checkpoints' / '4' / 'state').glob(
-      'ocdbt.process_*')) == ['ocdbt.process_0', 'ocdbt.process_1']
+  assert sorted(p.name for p in (two / 'checkpoints' / '4' / 'state').glob('ocdbt.process_*')) == [
+    'ocdbt.process_0',
+    'ocdbt.process_1',
+  ]
   first, second = log(two, 0), log(two, 1)
   assert 'epoch 1 | lr 0.1' in first and 'epoch 1 |' not in second
   assert 'epoch 1/1' in first and 'epoch 1/1' not in second  # The progress bar.
@@ -286,8 +335,8 @@ def test_killed_process_stops_the_other_and_restart_resumes(runs: Runs):
   with launched(runs.killed_argv, workdir, port=runs.killed_port) as job:
     finish(job, workdir, timeout=400)
   assert 'Resuming from' in log(workdir, 0)
-  for x, y in zip(jax.tree.leaves(restore(workdir, 4)),
-                  jax.tree.leaves(restore(reference, 4))):
+  for x, y in zip(jax.tree.leaves(restore(workdir, 4)), jax.tree.leaves(restore(reference, 4))):
     np.testing.assert_array_equal(x, y)
   assert without_time(read_metrics(workdir / 'metrics.jsonl')) == without_time(
-      read_metrics(reference / 'metrics.jsonl'))
+    read_metrics(reference / 'metrics.jsonl')
+  )

@@ -48,8 +48,9 @@ def test_vote_breaks_ties_toward_the_lower_class():
 def test_predict_combines_the_documented_noise_draws(rule):
   logits = jnp.stack([noisy_model(X, jax.random.fold_in(KEY, j)) for j in range(5)])
   expected = prediction.combine_draws(logits, rule)
-  np.testing.assert_array_equal(prediction.predict(noisy_model, KEY, X, draws=5, rule=rule),
-                                expected)
+  np.testing.assert_array_equal(
+    prediction.predict(noisy_model, KEY, X, draws=5, rule=rule), expected
+  )
 
 
 def test_unknown_rule_is_an_error_naming_the_accepted_ones():
@@ -65,15 +66,16 @@ def test_accuracy_ignores_padding():
 
 
 def test_transfer_matrix_diagonal_is_white_box_accuracy():
-  x_adv = jax.jit(functools.partial(attacks.pgd, noisy_model, eps=0.1, steps=3,
-                                    step_size=0.05))(KEY, X, Y).x_adv
+  x_adv = jax.jit(functools.partial(attacks.pgd, noisy_model, eps=0.1, steps=3, step_size=0.05))(
+    KEY, X, Y
+  ).x_adv
   adversarial = {'noisy': x_adv, 'clean': X}
   targets = {'noisy': noisy_model, 'plain': model}
   mask = jnp.arange(16) < 12  # the last four examples are padding
-  matrix = prediction.transfer_matrix(adversarial, Y, targets, KEY, draws=3, rule='vote',
-                                      mask=mask)
+  matrix = prediction.transfer_matrix(adversarial, Y, targets, KEY, draws=3, rule='vote', mask=mask)
   white_box = prediction.accuracy(
-      prediction.predict(noisy_model, KEY, x_adv, draws=3, rule='vote'), Y, mask)
+    prediction.predict(noisy_model, KEY, x_adv, draws=3, rule='vote'), Y, mask
+  )
   assert float(matrix['noisy']['noisy']) == float(white_box) < 1.0
   assert float(matrix['clean']['plain']) == 1.0  # Y is the plain model's prediction
   assert {s: set(row) for s, row in matrix.items()} == {s: set(targets) for s in adversarial}

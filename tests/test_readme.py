@@ -13,6 +13,9 @@ def readme_commands():
 def test_ci_runs_the_readme_test_command():
   test_command = readme_commands()[1]
   assert 'pytest' in test_command
+  # The style is checked before the tests, so a violation fails CI.
+  assert test_command.index('ruff check .') < test_command.index('python -m pytest')
+  assert test_command.index('ruff format --check .') < test_command.index('python -m pytest')
   ci_lines = (ROOT / '.ci' / 'run').read_text().splitlines()
   assert test_command in ci_lines
 

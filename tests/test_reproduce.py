@@ -24,8 +24,9 @@ def cifar(tmp_path_factory):
 
 
 def tiny_plan(workdir, cifar, **kwargs):
-  return paper_grid.make_plan(str(workdir), scale='tiny', methods=['vanilla', 'pni'],
-                               data_dir=str(cifar), **kwargs)
+  return paper_grid.make_plan(
+    str(workdir), scale='tiny', methods=['vanilla', 'pni'], data_dir=str(cifar), **kwargs
+  )
 
 
 @pytest.fixture(scope='module')
@@ -43,53 +44,85 @@ def read(path):
 
 # --- the plan -----------------------------------------------------------------------
 
+
 def test_full_plan_lists_every_run_of_the_paper(tmp_path):
   plan = paper_grid.make_plan(str(tmp_path))
   names = [job.name for job in plan.jobs]
-  settings = ['resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet20x1.5', 'resnet20x2',
-              'resnet20x4', 'resnet18']
-  expected = ([f'{m}-{a}-cifar10-s0' for a in settings for m in paper_grid.METHODS]
-              + [f'{m}-resnet18-cifar100-s0' for m in paper_grid.METHODS]
-              + ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0'])
+  settings = [
+    'resnet20',
+    'resnet32',
+    'resnet44',
+    'resnet56',
+    'resnet20x1.5',
+    'resnet20x2',
+    'resnet20x4',
+    'resnet18',
+  ]
+  expected = (
+    [f'{m}-{a}-cifar10-s0' for a in settings for m in paper_grid.METHODS]
+    + [f'{m}-resnet18-cifar100-s0' for m in paper_grid.METHODS]
+    + ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0']
+  )
   assert sorted(names) == sorted(expected)
   assert names[-2:] == ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0']
   jobs = {job.name: job for job in plan.jobs}
   # V1(20) is in the main table, few-pixel and transfer; V1(32) only in the main table.
   steps = [s.command for s in jobs['l2p-resnet20-cifar10-s0'].steps]
-  assert steps[0][:4] == ('python', 'train.py', '--config',
-                          'configs/cifar.py:l2p,resnet20,cifar10')
+  assert steps[0][:4] == ('python', 'train.py', '--config', 'configs/cifar.py:l2p,resnet20,cifar10')
   assert [c[c.index('--workdir') + 2] for c in steps[1:]] == [
-      '--config.attacks=clean,fgsm,pgd,pgd20,pgd100,eot_pgd,apgd,cw',
-      '--config.attacks=few_pixel']
+    '--config.attacks=clean,fgsm,pgd,pgd20,pgd100,eot_pgd,apgd,cw',
+    '--config.attacks=few_pixel',
+  ]
   assert len(jobs['l2p-resnet32-cifar10-s0'].steps) == 2
   assert '--config.model.width=4.0' in jobs['pni-resnet20x4-cifar10-s0'].steps[0].command
   assert jobs['transfer-resnet18-cifar10-s0'].needs == tuple(
-      f'{m}-resnet18-cifar10-s0' for m in ('vanilla', 'pni', 'adv_bnn', 'l2p'))
-  narrowed = paper_grid.make_plan(str(tmp_path), tables=['main'], methods=['l2p', 'pni'],
-                                   archs=['resnet20x2'], seeds=2)
+    f'{m}-resnet18-cifar10-s0' for m in ('vanilla', 'pni', 'adv_bnn', 'l2p')
+  )
+  narrowed = paper_grid.make_plan(
+    str(tmp_path), tables=['main'], methods=['l2p', 'pni'], archs=['resnet20x2'], seeds=2
+  )
   assert [j.name for j in narrowed.jobs] == [
-      'pni-resnet20x2-cifar10-s0', 'l2p-resnet20x2-cifar10-s0',
-      'pni-resnet20x2-cifar10-s1', 'l2p-resnet20x2-cifar10-s1']
+    'pni-resnet20x2-cifar10-s0',
+    'l2p-resnet20x2-cifar10-s0',
+    'pni-resnet20x2-cifar10-s1',
+    'l2p-resnet20x2-cifar10-s1',
+  ]
 
 
 def test_plan_command_prints_one_line_per_job(tmp_path):
   result = subprocess.run(
-      [sys.executable, 'reproduce.py', '--workdir', str(tmp_path), '--scale', 'small',
-       '--plan'], cwd=ROOT, capture_output=True, text=True, check=True)
+    [sys.executable, 'reproduce.py', '--workdir', str(tmp_path), '--scale', 'small', '--plan'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   lines = result.stdout.splitlines()
   plan = paper_grid.make_plan(str(tmp_path), scale='small')
   assert lines == paper_grid.plan_lines(plan)
   assert len(lines) == 2 * 6  # Five methods and the transfer matrix.
   train = lines[1].split(' && ')[0]
-  assert train.startswith(
-      'python train.py --config configs/cifar.py:none,resnet8,fashion_mnist')
+  assert train.startswith('python train.py --config configs/cifar.py:none,resnet8,fashion_mnist')
   assert '--config.data.local_dir=/usr/share/datasets/fashion-mnist' in train
-  bad = subprocess.run([sys.executable, 'reproduce.py', '--workdir', str(tmp_path),
-                        '--tables', 'main,table9', '--plan'], cwd=ROOT, capture_output=True,
-                       text=True, check=False)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      'reproduce.py',
+      '--workdir',
+      str(tmp_path),
+      '--tables',
+      'main,table9',
+      '--plan',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert bad.returncode == 1
-  assert bad.stderr.strip() == ("reproduce.py: Unknown table 'table9'; accepted: main, "
-                                'few_pixel, transfer, figure1, figures23.')
+  assert bad.stderr.strip() == (
+    "reproduce.py: Unknown table 'table9'; accepted: main, few_pixel, transfer, figure1, figures23."
+  )
 
 
 def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
@@ -97,12 +130,18 @@ def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
   # 350 epochs -> 8: lr drops at 150 * 8/350 = 3.4 and 250 * 8/350 = 5.7; noise at
   # 10 * 8/350 = 0.2 and PGD at 0.5 still start after epoch 0 and after each other.
   assert paper_grid.scaled_schedule(l2p, 8) == {
-      'num_epochs': 8, 'optim.lr_boundaries': (3, 6), 'l2p.noise_start_epoch': 1,
-      'adv.start_epoch': 2}
+    'num_epochs': 8,
+    'optim.lr_boundaries': (3, 6),
+    'l2p.noise_start_epoch': 1,
+    'adv.start_epoch': 2,
+  }
   pni = paper_grid.train_config('pni', 'resnet8', 'fashion_mnist')  # PNI's 160 epochs.
   assert paper_grid.scaled_schedule(pni, 8) == {
-      'num_epochs': 8, 'optim.lr_boundaries': (4, 6), 'l2p.noise_start_epoch': 0,
-      'adv.start_epoch': 1}
+    'num_epochs': 8,
+    'optim.lr_boundaries': (4, 6),
+    'l2p.noise_start_epoch': 0,
+    'adv.start_epoch': 1,
+  }
   none = paper_grid.train_config('none', 'resnet8', 'fashion_mnist')
   assert paper_grid.scaled_schedule(none, 8)['adv.start_epoch'] == -1
   with pytest.raises(ValueError, match='at least 2 epochs, got 1'):
@@ -110,6 +149,7 @@ def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
 
 
 # --- running, skipping, resuming ----------------------------------------------------
+
 
 def test_finished_steps_are_skipped_by_their_markers(grid):
   plan, ran = grid
@@ -155,8 +195,14 @@ def test_grid_stopped_midway_resumes_to_the_same_report(grid, cifar, tmp_path):
 
 def test_a_failing_command_stops_the_grid_naming_it_and_its_log(tmp_path):
   log = str(tmp_path / 'train.log')
-  command = ('python', 'train.py', '--config', 'configs/cifar.py:bogus',
-             '--workdir', str(tmp_path / 'run'))
+  command = (
+    'python',
+    'train.py',
+    '--config',
+    'configs/cifar.py:bogus',
+    '--workdir',
+    str(tmp_path / 'run'),
+  )
   with pytest.raises(reproduce.ReproduceError) as error:
     reproduce.launch_subprocess(command, log)
   message = str(error.value)
@@ -166,6 +212,7 @@ def test_a_failing_command_stops_the_grid_naming_it_and_its_log(tmp_path):
 
 
 # --- the report ---------------------------------------------------------------------
+
 
 def white_box_accuracy(plan, method, attack):
   run = f'{method}-resnet8x0.5-cifar10-s0'
@@ -182,8 +229,7 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
   rows = {r['method']: r['cells'] for r in main['rows']}
   assert list(rows) == ['vanilla', 'pni']
   for method in rows:
-    assert rows[method]['Clean']['measured']['mean'] == white_box_accuracy(
-        plan, method, 'clean')
+    assert rows[method]['Clean']['measured']['mean'] == white_box_accuracy(plan, method, 'clean')
     assert rows[method]['FGSM']['measured']['mean'] == white_box_accuracy(plan, method, 'fgsm')
   # PNI Table 3, ResNet-V1(20): vanilla 83.8 / 46.6, PNI-W 84.9 / 54.5 (clean / FGSM);
   # the tiny grid's PGD-2 is not the paper's PGD-7.
@@ -192,28 +238,38 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
   assert rows['pni']['PGD-2']['published'] is None
   assert rows['pni']['FGSM']['mean_l2'] is None  # Only C&W cells show the L2.
   assert main['examples'] == [8]
-  with open(os.path.join(plan.workdir, 'transfer', 'transfer-resnet8x0.5-cifar10-s0',
-                         'results.json')) as f:
+  with open(
+    os.path.join(plan.workdir, 'transfer', 'transfer-resnet8x0.5-cifar10-s0', 'results.json')
+  ) as f:
     records = json.load(f)['records']
-  [cell] = [r for r in records if r['source'] and r['source']['label'].startswith('vanilla')
-            and r['label'].startswith('pni') and r['attack'] == 'fgsm']
+  [cell] = [
+    r
+    for r in records
+    if r['source']
+    and r['source']['label'].startswith('vanilla')
+    and r['label'].startswith('pni')
+    and r['attack'] == 'fgsm'
+  ]
   transfer = {r['source']: r['cells'] for r in content['sections']['transfer']['rows']}
   assert transfer['vanilla']['pni FGSM']['measured']['mean'] == 100 * cell['accuracy']
   assert transfer['vanilla']['pni FGSM']['published'] == [60.32, 0.05]  # Table 2.
   assert transfer['vanilla']['vanilla PGD']['published'] is None
   text = read(os.path.join(plan.workdir, 'REPORT.md'))
-  clean = f"{white_box_accuracy(plan, 'vanilla', 'clean'):.2f}"
-  assert (f'| resnet8x0.5 (for ResNet-V1(20)) | Vanilla | {clean} (paper 83.8) |'
-          in text)
+  clean = f'{white_box_accuracy(plan, "vanilla", "clean"):.2f}'
+  assert f'| resnet8x0.5 (for ResNet-V1(20)) | Vanilla | {clean} (paper 83.8) |' in text
   assert '(not published)' in text and 'paper 60.32 +- 0.05' in text
   assert '3 of 3 jobs finished' in text
 
 
 def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
-  plan = paper_grid.make_plan(str(tmp_path), scale='tiny', tables=['main'],
-                               methods=['vanilla'], seeds=3)
-  with open(os.path.join(grid[0].workdir, 'runs', 'vanilla-resnet8x0.5-cifar10-s0', 'eval',
-                         'main', 'results.json')) as f:
+  plan = paper_grid.make_plan(
+    str(tmp_path), scale='tiny', tables=['main'], methods=['vanilla'], seeds=3
+  )
+  with open(
+    os.path.join(
+      grid[0].workdir, 'runs', 'vanilla-resnet8x0.5-cifar10-s0', 'eval', 'main', 'results.json'
+    )
+  ) as f:
     results = json.load(f)
   for cell, accuracy in zip(plan.cells, (0.5, 0.25, 0.75)):
     os.makedirs(os.path.dirname(cell.results))
@@ -224,18 +280,19 @@ def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
   content = paper_report.assemble(plan)
   clean = content['sections']['main']['rows'][0]['cells']['Clean']['measured']
   assert clean == {'values': [50.0, 25.0, 75.0], 'mean': 50.0, 'std': 25.0}
-  assert '| Vanilla | 50.00 +- 25.00 (paper 83.8) |' in paper_report.markdown(
-      content, plan, {})
+  assert '| Vanilla | 50.00 +- 25.00 (paper 83.8) |' in paper_report.markdown(content, plan, {})
 
 
 # --- SLURM --------------------------------------------------------------------------
+
 
 def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_path):
   plan = paper_grid.make_plan(str(tmp_path / 'paper'))
   script = reproduce.slurm_script(plan, 'python reproduce.py --workdir X --assemble')
   assert '#SBATCH --array=0-46' in script
   assert [f'  {i})  # {job.name}' for i, job in enumerate(plan.jobs)] == [
-      line for line in script.splitlines() if line.startswith('  ') and ')  # ' in line]
+    line for line in script.splitlines() if line.startswith('  ') and ')  # ' in line
+  ]
   assert '#   sbatch --array=45-46 --dependency=afterok:$jobid THIS_FILE' in script
   # Run task 0 of a tiny grid with a `python` that only succeeds: its markers say done.
   plan = tiny_plan(tmp_path / 'tiny', cifar)
@@ -247,4 +304,9 @@ def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_p
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_ARRAY_TASK_ID': '0'}
   subprocess.run(['bash', str(path)], env=env, check=True)
   assert [reproduce.is_done(s) for job in plan.jobs for s in job.steps] == [
-      True, True, False, False, False]
+    True,
+    True,
+    False,
+    False,
+    False,
+  ]

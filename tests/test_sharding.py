@@ -18,10 +18,18 @@ from l2p_jax import sharding
 
 def run_with_devices(code: str, num_devices: int = 8) -> str:
   """Runs a Python snippet with `num_devices` CPU devices; returns its stdout."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}')
-  result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=120)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   return result.stdout
 
@@ -38,7 +46,7 @@ def test_one_device_mesh_and_placement():
 
 
 def test_batch_split_over_8_devices():
-  out = run_with_devices('''
+  out = run_with_devices("""
       import jax, numpy as np
       from jax.sharding import PartitionSpec as P
       from l2p_jax import sharding
@@ -66,12 +74,12 @@ def test_batch_split_over_8_devices():
         else:
           raise AssertionError('batch of 12 on 8 devices accepted')
       print('ok')
-  ''')
+  """)
   assert out.strip() == 'ok'
 
 
 def test_data_pipeline_on_8_devices():
-  out = run_with_devices('''
+  out = run_with_devices("""
       import jax, numpy as np
       from jax.sharding import PartitionSpec as P
       from l2p_jax import data, sharding
@@ -113,5 +121,5 @@ def test_data_pipeline_on_8_devices():
       assert sharded.sharding.spec[0] == 'data', sharded.sharding
       np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
       print('ok')
-  ''')
+  """)
   assert out.strip() == 'ok'

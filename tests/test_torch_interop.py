@@ -9,19 +9,22 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from flax import traverse_util  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from l2p_jax.attacks import fgsm  # noqa: E402
-from l2p_jax.interop import (CheckpointMismatch, export_torch_state_dict,  # noqa: E402
-                             import_torch_checkpoint, read_torch_normalization,
-                             save_torch_checkpoint)
+from l2p_jax.interop import (  # noqa: E402
+  CheckpointMismatch,
+  export_torch_state_dict,
+  import_torch_checkpoint,
+  read_torch_normalization,
+  save_torch_checkpoint,
+)
+from l2p_jax.interop import torch_reference as ref  # noqa: E402
 from l2p_jax.models import create_model  # noqa: E402
 from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise  # noqa: E402
-
-from l2p_jax.interop import torch_reference as ref  # noqa: E402
 
 # Learn2Perturb's main.py normalization (not our create_model default).
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -31,10 +34,15 @@ def reference(layout, arch, width, size, method, pni_mode='layer', classes=10, s
   """A randomized PyTorch reference model as its authors run it: wrapped with the
   Normalize layer for 'l2p'/'pni', bare (normalization in the data pipeline) otherwise."""
   torch.manual_seed(seed)
-  kwargs = dict(num_classes=classes, width=width, image_size=size,
-                noise=method if method in ('l2p', 'pni') else None, pni_mode=pni_mode)
+  kwargs = dict(
+    num_classes=classes,
+    width=width,
+    image_size=size,
+    noise=method if method in ('l2p', 'pni') else None,
+    pni_mode=pni_mode,
+  )
   if layout in ('l2p', 'pni') and arch != 'resnet18':
-    net = ref.ResNetV1(int(arch[len('resnet'):]), **kwargs)
+    net = ref.ResNetV1(int(arch[len('resnet') :]), **kwargs)
   else:
     net = ref.ResNetKuangliu(arch, **kwargs)
   with torch.no_grad():  # BatchNorm and noise parameters away from their initial values
@@ -67,30 +75,30 @@ def images(n, size, seed=1):
 
 # (layout, arch, width, input size, method, pni_mode)
 FAMILIES = [
-    ('l2p', 'resnet8', 0.5, 16, 'l2p', 'layer'),      # L2P ResNet-V1
-    ('pni', 'resnet8', 0.5, 8, 'pni', 'channel'),     # PNI noisy CIFAR ResNet
-    ('l2p', 'resnet18', 0.125, 8, 'l2p', 'layer'),    # L2P ResNet-V2(18)
-    ('torchvision', 'resnet14', 0.5, 8, 'none', 'layer'),   # akamaster option A
-    ('torchvision', 'resnet18', 0.125, 8, 'none', 'layer'),  # kuangliu ResNet18
+  ('l2p', 'resnet8', 0.5, 16, 'l2p', 'layer'),  # L2P ResNet-V1
+  ('pni', 'resnet8', 0.5, 8, 'pni', 'channel'),  # PNI noisy CIFAR ResNet
+  ('l2p', 'resnet18', 0.125, 8, 'l2p', 'layer'),  # L2P ResNet-V2(18)
+  ('torchvision', 'resnet14', 0.5, 8, 'none', 'layer'),  # akamaster option A
+  ('torchvision', 'resnet18', 0.125, 8, 'none', 'layer'),  # kuangliu ResNet18
 ]
 
 
 @pytest.mark.parametrize('layout,arch,width,size,method,pni_mode', FAMILIES)
-def test_noise_free_logits_and_batch_stats_match_pytorch(layout, arch, width, size,
-                                                         method, pni_mode):
+def test_noise_free_logits_and_batch_stats_match_pytorch(
+  layout, arch, width, size, method, pni_mode
+):
   torch_model = reference(layout, arch, width, size, method, pni_mode)
   before = {k: v.clone() for k, v in torch_model.state_dict().items()}
-  variables = import_torch_checkpoint(before, arch=arch, num_classes=10, method=method,
-                                      width=width, mean=MEAN, std=STD)  # layout 'auto'
-  model = create_model(arch, 10, method, width=width, mean=MEAN, std=STD,
-                       pni_mode=pni_mode)
+  variables = import_torch_checkpoint(
+    before, arch=arch, num_classes=10, method=method, width=width, mean=MEAN, std=STD
+  )  # layout 'auto'
+  model = create_model(arch, 10, method, width=width, mean=MEAN, std=STD, pni_mode=pni_mode)
   x = images(8, size)
 
   @jax.jit
   def ours(variables, x):  # one compilation for both BatchNorm modes
     evaluated = model.apply(variables, x, train=False, noise=False)
-    return evaluated, *model.apply(variables, x, train=True, noise=False,
-                                   mutable=['batch_stats'])
+    return evaluated, *model.apply(variables, x, train=True, noise=False, mutable=['batch_stats'])
 
   evaluated, trained, updates = ours(variables, x)
   torch_model.eval()
@@ -103,8 +111,10 @@ def test_noise_free_logits_and_batch_stats_match_pytorch(layout, arch, width, si
   for name, module in torch_model.named_modules():
     if isinstance(module, torch.nn.BatchNorm2d):
       module.register_forward_pre_hook(
-          lambda m, inputs, name=name: counts.__setitem__(
-              name, inputs[0].numel() // inputs[0].shape[1]))
+        lambda m, inputs, name=name: counts.__setitem__(
+          name, inputs[0].numel() // inputs[0].shape[1]
+        )
+      )
   torch_model.train()
   with torch.no_grad():
     expected = torch_logits(torch_model, x, layout).numpy()
@@ -114,37 +124,43 @@ def test_noise_free_logits_and_batch_stats_match_pytorch(layout, arch, width, si
   after = torch_model.state_dict()
   assert counts and {f'{n}.running_var' for n in counts} <= set(exported)
   for name, n in counts.items():
-    np.testing.assert_allclose(exported[f'{name}.running_mean'],
-                               after[f'{name}.running_mean'], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+      exported[f'{name}.running_mean'], after[f'{name}.running_mean'], rtol=0, atol=1e-6
+    )
     # torch moves running_var toward the unbiased batch variance, Flax toward the
     # biased one (the one both normalize with): ours = torch's with n/(n-1) undone.
     old, theirs = before[f'{name}.running_var'], after[f'{name}.running_var']
-    np.testing.assert_allclose(exported[f'{name}.running_var'],
-                               0.9 * old + (theirs - 0.9 * old) * (n - 1) / n,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      exported[f'{name}.running_var'],
+      0.9 * old + (theirs - 0.9 * old) * (n - 1) / n,
+      rtol=1e-5,
+      atol=1e-6,
+    )
   stem = min(counts, key=len)  # the stem BN: the largest n, the difference still shows
-  assert not np.allclose(exported[f'{stem}.running_var'], after[f'{stem}.running_var'],
-                         rtol=0, atol=1e-6)
+  assert not np.allclose(
+    exported[f'{stem}.running_var'], after[f'{stem}.running_var'], rtol=0, atol=1e-6
+  )
 
 
 def test_l2p_noise_has_the_authors_distribution():
   torch_model = reference('l2p', 'resnet8', 0.5, 8, 'l2p')
-  variables = import_torch_checkpoint(torch_model, arch='resnet8', num_classes=10,
-                                      method='l2p', width=0.5)
+  variables = import_torch_checkpoint(
+    torch_model, arch='resnet8', num_classes=10, method='l2p', width=0.5
+  )
   theta = variables['perturb']['stem_noise']['theta']  # (H, W, C)
-  sigma_map = torch_model[1].cn1_sigma_map.detach()      # (C, H, W)
+  sigma_map = torch_model[1].cn1_sigma_map.detach()  # (C, H, W)
   np.testing.assert_array_equal(theta, sigma_map.permute(1, 2, 0).numpy())
   draws, zeros = 2000, jnp.zeros((2, *theta.shape))
   layer = FeatureNoise()
-  ours = jax.jit(jax.vmap(lambda key: layer.apply(
-      {'perturb': {'theta': theta}}, zeros, rngs={'noise': key})))(
-          jax.random.split(jax.random.key(0), draws))
+  ours = jax.jit(
+    jax.vmap(lambda key: layer.apply({'perturb': {'theta': theta}}, zeros, rngs={'noise': key}))
+  )(jax.random.split(jax.random.key(0), draws))
   torch.manual_seed(0)
   with torch.no_grad():
-    theirs = torch.stack([ref.l2p_noise(torch.zeros(2, *sigma_map.shape), sigma_map)
-                          for _ in range(draws)]).numpy()
-  for noise, scale in ((np.asarray(ours), np.asarray(theta)),
-                       (theirs, sigma_map.numpy())):
+    theirs = torch.stack(
+      [ref.l2p_noise(torch.zeros(2, *sigma_map.shape), sigma_map) for _ in range(draws)]
+    ).numpy()
+  for noise, scale in ((np.asarray(ours), np.asarray(theta)), (theirs, sigma_map.numpy())):
     np.testing.assert_array_equal(noise[:, 0], noise[:, 1])  # one draw per batch
     z = noise[:, 0] / scale
     assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.01, (z.mean(), z.var())
@@ -153,19 +169,22 @@ def test_l2p_noise_has_the_authors_distribution():
 def _our_noisy_kernels(layers, variables, draws):
   """`draws` noisy kernels of each of our layers: a Conv's read off one-hot 3x3 inputs
   (the centre output is the kernel row), a Dense's off the identity; one compilation."""
+
   def draw(key):
     kernels = []
     for layer, layer_vars in zip(layers, variables):
       kernel = layer_vars['params']['kernel']
       if kernel.ndim == 4:
         h, w, i, _ = kernel.shape
-        out = layer.apply(layer_vars, jnp.eye(h * w * i).reshape(h * w * i, h, w, i),
-                          rngs={'noise': key})
+        out = layer.apply(
+          layer_vars, jnp.eye(h * w * i).reshape(h * w * i, h, w, i), rngs={'noise': key}
+        )
         kernels.append(out[:, 1, 1, :].reshape(kernel.shape))
       else:
         out = layer.apply(layer_vars, jnp.eye(kernel.shape[0]), rngs={'noise': key})
         kernels.append(out - layer_vars['params']['bias'])
     return kernels
+
   keys = jax.random.split(jax.random.key(0), draws)
   return jax.jit(lambda keys: jax.lax.map(draw, keys))(keys)
 
@@ -173,31 +192,32 @@ def _our_noisy_kernels(layers, variables, draws):
 @pytest.mark.parametrize('mode', ['layer', 'channel', 'element'])
 def test_pni_noise_has_the_authors_distribution(mode):
   torch_model = reference('pni', 'resnet8', 0.125, 8, 'pni', mode, classes=2)
-  variables = import_torch_checkpoint(torch_model.state_dict(), arch='resnet8',
-                                      num_classes=2, method='pni', width=0.125)
+  variables = import_torch_checkpoint(
+    torch_model.state_dict(), arch='resnet8', num_classes=2, method='pni', width=0.125
+  )
   net, draws, spec = torch_model[1], 4000, WeightNoise('pni', pni_mode=mode)
   ref.set_noise(net, True)
   names = ('stem_conv', 'classifier')
-  layer_vars = [{'params': variables['params'][name],
-                 'perturb': variables['perturb'][name]} for name in names]
+  layer_vars = [
+    {'params': variables['params'][name], 'perturb': variables['perturb'][name]} for name in names
+  ]
   all_ours = _our_noisy_kernels((Conv(2, 3, 1, spec), Dense(2, spec)), layer_vars, draws)
   torch.manual_seed(0)
   for name, theirs_layer, ours, our_vars in zip(
-      names, (net.conv_1_3x3, net.classifier), all_ours, layer_vars):
+    names, (net.conv_1_3x3, net.classifier), all_ours, layer_vars
+  ):
     kernel = np.asarray(our_vars['params']['kernel'])
     ours = np.asarray(ours) - kernel
     with torch.no_grad():
       weight = theirs_layer.weight
       theirs = torch.stack([theirs_layer.noisy_weight() - weight for _ in range(draws)])
       theirs_z = (theirs / (theirs_layer.alpha_w * weight.std())).numpy()
-    ours_z = ours / (np.asarray(our_vars['perturb']['kernel_alpha'])
-                     * np.std(kernel, ddof=1))
+    ours_z = ours / (np.asarray(our_vars['perturb']['kernel_alpha']) * np.std(kernel, ddof=1))
     for z in (ours_z, theirs_z):  # N(0, 1) after scaling by alpha * unbiased std(W)
       assert abs(z.mean()) < 0.02 and abs(z.var() - 1) < 0.03, (name, z.mean(), z.var())
     # Element by element (theirs moved to our axis order), the spreads agree.
     to_ours = (0, 3, 4, 2, 1) if theirs.ndim == 5 else (0, 2, 1)
-    np.testing.assert_allclose(ours.std(0) / theirs.numpy().transpose(to_ours).std(0),
-                               1, atol=0.1)
+    np.testing.assert_allclose(ours.std(0) / theirs.numpy().transpose(to_ours).std(0), 1, atol=0.1)
   # The classifier has 16 weights: a biased std would give variance 16/15 above.
   assert np.std(kernel, ddof=1) / np.std(kernel) == pytest.approx(np.sqrt(16 / 15))
 
@@ -212,9 +232,15 @@ def test_fgsm_on_imported_weights_flips_the_same_predictions():
   with torch.no_grad():
     torch_model.train()(x_t)
   torch_model.eval()
-  variables = import_torch_checkpoint(torch_model.state_dict(), arch='resnet8',
-                                      num_classes=10, method='l2p', width=0.5,
-                                      mean=MEAN, std=STD)
+  variables = import_torch_checkpoint(
+    torch_model.state_dict(),
+    arch='resnet8',
+    num_classes=10,
+    method='l2p',
+    width=0.5,
+    mean=MEAN,
+    std=STD,
+  )
   model = create_model('resnet8', 10, 'l2p', width=0.5, mean=MEAN, std=STD)
   logits_fn = lambda x, key: model.apply(variables, x, noise=False)  # noqa: E731
 
@@ -238,23 +264,30 @@ def test_fgsm_on_imported_weights_flips_the_same_predictions():
   assert 0 < np.sum(theirs != y.numpy()) < len(theirs)
 
 
-@pytest.mark.parametrize('layout,arch,width,size,method,pni_mode', FAMILIES + [
+@pytest.mark.parametrize(
+  'layout,arch,width,size,method,pni_mode',
+  FAMILIES
+  + [
     ('pni', 'resnet14', 0.5, 8, 'pni', 'layer'),
     ('pni', 'resnet8', 0.5, 8, 'pni', 'element'),
     ('torchvision', 'resnet8', 0.5, 8, 'l2p', 'layer'),
-    ('pni', 'resnet18', 0.125, 8, 'pni', 'channel')])
+    ('pni', 'resnet18', 0.125, 8, 'pni', 'channel'),
+  ],
+)
 def test_import_export_round_trip_is_exact(layout, arch, width, size, method, pni_mode):
   torch_model = reference(layout, arch, width, size, method, pni_mode)
   state = torch_model.state_dict()
-  variables = import_torch_checkpoint(state, arch=arch, num_classes=10, method=method,
-                                      width=width, layout=layout)
+  variables = import_torch_checkpoint(
+    state, arch=arch, num_classes=10, method=method, width=width, layout=layout
+  )
   wrap = dict(mean=MEAN, std=STD) if layout != 'torchvision' else {}
   exported = export_torch_state_dict(variables, layout=layout, **wrap)
   assert set(exported) == set(state)
   for key, value in state.items():
     assert exported[key].dtype == value.dtype and torch.equal(exported[key], value), key
-  again = import_torch_checkpoint(exported, arch=arch, num_classes=10, method=method,
-                                  width=width, layout=layout)
+  again = import_torch_checkpoint(
+    exported, arch=arch, num_classes=10, method=method, width=width, layout=layout
+  )
   flat, flat_again = (traverse_util.flatten_dict(v) for v in (variables, again))
   assert flat.keys() == flat_again.keys()
   for path, value in flat.items():
@@ -264,8 +297,7 @@ def test_import_export_round_trip_is_exact(layout, arch, width, size, method, pn
 def test_files_wrappers_and_modules_load(tmp_path):
   torch_model = reference('pni', 'resnet8', 0.5, 8, 'pni', 'channel')
   state = torch_model.state_dict()
-  expected = import_torch_checkpoint(state, arch='resnet8', num_classes=10,
-                                     method='pni', width=0.5)
+  expected = import_torch_checkpoint(state, arch='resnet8', num_classes=10, method='pni', width=0.5)
   np.testing.assert_allclose(read_torch_normalization(state), (MEAN, STD), rtol=1e-6)
 
   saved = tmp_path / 'ours.pth.tar'
@@ -274,20 +306,28 @@ def test_files_wrappers_and_modules_load(tmp_path):
   torch_model.load_state_dict(loaded['state_dict'], strict=True)
 
   # DataParallel prefix inside PNI's {'state_dict': ...} with extra entries; a module.
-  parallel = {'epoch': 3, 'arch': 'noise_resnet20',
-              'state_dict': {f'module.{k}': v for k, v in state.items()}}
+  parallel = {
+    'epoch': 3,
+    'arch': 'noise_resnet20',
+    'state_dict': {f'module.{k}': v for k, v in state.items()},
+  }
   torch.save(parallel, tmp_path / 'parallel.pth')
   for source in (tmp_path / 'parallel.pth', str(saved), torch_model):
-    got = import_torch_checkpoint(source, arch='resnet8', num_classes=10, method='pni',
-                                  width=0.5, mean=MEAN, std=STD)
+    got = import_torch_checkpoint(
+      source, arch='resnet8', num_classes=10, method='pni', width=0.5, mean=MEAN, std=STD
+    )
     jax.tree.map(np.testing.assert_array_equal, got, expected)
 
   # PNI's full checkpoints pickle Python objects; weights_only=True refuses them.
   torch.save({**parallel, 'recorder': argparse.Namespace(epochs=3)}, tmp_path / 'pni.pth')
-  with pytest.raises(ValueError, match=r'is not a PyTorch state dict checkpoint that loads '
-                                       r'without running code') as error:
-    import_torch_checkpoint(tmp_path / 'pni.pth', arch='resnet8', num_classes=10,
-                            method='pni', width=0.5)
+  with pytest.raises(
+    ValueError,
+    match=r'is not a PyTorch state dict checkpoint that loads '
+    r'without running code',
+  ) as error:
+    import_torch_checkpoint(
+      tmp_path / 'pni.pth', arch='resnet8', num_classes=10, method='pni', width=0.5
+    )
   assert 'weights_only=False' not in str(error.value)  # Unsafe advice for a stray file.
 
 
@@ -297,16 +337,26 @@ def test_every_misfit_is_listed_in_one_error():
   del state['1.bn_1.running_var']
   state['1.classifier.weight'] = torch.zeros(10, 7)
   with pytest.raises(CheckpointMismatch) as error:
-    import_torch_checkpoint(state, arch='resnet8', num_classes=10, method='l2p',
-                            width=0.5, mean=MEAN, std=(0.25, 0.25, 0.25))
+    import_torch_checkpoint(
+      state,
+      arch='resnet8',
+      num_classes=10,
+      method='l2p',
+      width=0.5,
+      mean=MEAN,
+      std=(0.25, 0.25, 0.25),
+    )
   message = str(error.value)
   assert error.value.unexpected == ['stage_9.0.conv_a.weight']
   assert error.value.missing == ['bn_1.running_var']
   assert error.value.shape_mismatches == [('classifier.weight', (10, 32), (10, 7))]
-  for text in ('stage_9.0.conv_a.weight (3, 3)', 'bn_1.running_var (8,)',
-               'batch_stats/stem_bn/var',
-               'classifier.weight: expected (10, 32), got (10, 7)',
-               'std [0.25, 0.25, 0.25]'):
+  for text in (
+    'stage_9.0.conv_a.weight (3, 3)',
+    'bn_1.running_var (8,)',
+    'batch_stats/stem_bn/var',
+    'classifier.weight: expected (10, 32), got (10, 7)',
+    'std [0.25, 0.25, 0.25]',
+  ):
     assert text in message
 
 
@@ -316,8 +366,9 @@ def test_wrong_architecture_lists_every_key():
 
   def misfit(arch, width=0.5, method='l2p'):
     with pytest.raises(CheckpointMismatch) as error:
-      import_torch_checkpoint(state, arch=arch, num_classes=10, method=method,
-                              width=width, layout='l2p')
+      import_torch_checkpoint(
+        state, arch=arch, num_classes=10, method=method, width=width, layout='l2p'
+      )
     return error.value
 
   # resnet8 has one block per stage fewer: all 3 x 13 tensors of stage_s.1 are unexpected.
@@ -345,14 +396,22 @@ def test_unsupported_requests_are_clear_errors():
   kwargs = dict(arch='resnet8', num_classes=10, method='none', width=0.5)
   with pytest.raises(ValueError, match="Unknown layout 'caffe'"):
     import_torch_checkpoint(state, layout='caffe', **kwargs)
-  bayes = jax.eval_shape(lambda: create_model('resnet8', 10, 'adv_bnn', width=0.5).init(
-      {'params': jax.random.key(0), 'noise': jax.random.key(0)}, jnp.zeros((1, 8, 8, 3))))
+  bayes = jax.eval_shape(
+    lambda: create_model('resnet8', 10, 'adv_bnn', width=0.5).init(
+      {'params': jax.random.key(0), 'noise': jax.random.key(0)}, jnp.zeros((1, 8, 8, 3))
+    )
+  )
   bayes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), bayes)
   with pytest.raises(ValueError, match='Bayesian'):
     export_torch_state_dict(bayes, layout='l2p')
-  odd = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
+  odd = jax.tree.map(
+    lambda s: np.zeros(s.shape, s.dtype),
+    jax.eval_shape(
       lambda: create_model('resnet8', 10, 'none', width=0.3).init(
-          jax.random.key(0), jnp.zeros((1, 8, 8, 3)))))
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3))
+      )
+    ),
+  )
   with pytest.raises(ValueError, match='cannot express stage 2 going from 5 to 10'):
     export_torch_state_dict(odd, layout='torchvision')
 

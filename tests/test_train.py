@@ -12,18 +12,28 @@ import sys
 import time
 
 import chex
+import fake_datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2p_jax import (checkpointing, data, evaluation, experiment, locking, metrics,
-                     objectives, optim, sharding, train, training)
-from l2p_jax.metrics import read_metrics
-
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-import fake_datasets
+from l2p_jax import (
+  checkpointing,
+  data,
+  evaluation,
+  experiment,
+  locking,
+  metrics,
+  objectives,
+  optim,
+  sharding,
+  train,
+  training,
+)
+from l2p_jax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,14 +46,23 @@ get_config = cifar_configs.get_config
 
 def test_config_defaults_follow_the_papers():
   l2p = get_config('l2p,resnet20,cifar10')
-  assert (l2p.num_epochs, tuple(l2p.optim.lr_boundaries), l2p.optim.weight_decay,
-          l2p.batch_size) == (350, (150, 250), 1e-4, 128)
+  assert (
+    l2p.num_epochs,
+    tuple(l2p.optim.lr_boundaries),
+    l2p.optim.weight_decay,
+    l2p.batch_size,
+  ) == (350, (150, 250), 1e-4, 128)
   assert (l2p.l2p.noise_start_epoch, l2p.adv.start_epoch, l2p.l2p.gamma) == (10, 20, 1e-4)
   assert (l2p.adv.eps, l2p.adv.steps, l2p.adv.step_size) == (8 / 255, 7, 0.01)
   pni = get_config('pni,resnet18,cifar100')
-  assert (pni.num_epochs, tuple(pni.optim.lr_boundaries), pni.optim.weight_decay,
-          pni.adv.start_epoch, pni.model.arch, pni.data.dataset) == (
-              160, (80, 120), 3e-4, 5, 'resnet18', 'cifar100')
+  assert (
+    pni.num_epochs,
+    tuple(pni.optim.lr_boundaries),
+    pni.optim.weight_decay,
+    pni.adv.start_epoch,
+    pni.model.arch,
+    pni.data.dataset,
+  ) == (160, (80, 120), 3e-4, 5, 'resnet18', 'cifar100')
   assert get_config('none').adv.start_epoch == -1
   assert get_config('adv_bnn').adv.steps == 10
 
@@ -60,7 +79,9 @@ def test_config_is_locked_and_bad_arguments_are_clear():
     get_config('adv_bnn,resnet20,cifar10,code')
 
 
-@pytest.mark.parametrize('field,value,message', [
+@pytest.mark.parametrize(
+  'field,value,message',
+  [
     ('method', 'bnn', r"Unknown method 'bnn'"),
     ('model.arch', 'resnet19', r"Unknown architecture 'resnet19'"),
     ('model.dtype', 'float16', r"Unknown model.dtype 'float16'"),
@@ -71,7 +92,8 @@ def test_config_is_locked_and_bad_arguments_are_clear():
     ('bnn.kl_scope', 'last', r"Unknown bnn.kl_scope 'last'.*'all', 'classifier'"),
     ('model.bnn_mean_init', 'zeros', r"Unknown model.bnn_mean_init 'zeros'"),
     ('adv.attack_batchnorm', 'eval', r"Unknown adv.attack_batchnorm 'eval'.*'running'"),
-])
+  ],
+)
 def test_invalid_config_values_name_field_and_choices(field, value, message):
   config = get_config('tiny')
   config.update_from_flattened_dict({field: value})
@@ -92,8 +114,7 @@ def test_impossible_method_and_adversarial_combinations():
 
 def test_regularizer_weight_is_gamma_over_harmonic_tau():
   config = get_config('l2p')  # noise from epoch 10, gamma 1e-4
-  expected = {9: 0.0, 10: 1e-4, 11: 1e-4 / 1.5, 12: 1e-4 / (11 / 6),
-              13: 1e-4 / (25 / 12)}
+  expected = {9: 0.0, 10: 1e-4, 11: 1e-4 / 1.5, 12: 1e-4 / (11 / 6), 13: 1e-4 / (25 / 12)}
   for epoch, weight in expected.items():
     assert training.regularizer_weight(config, epoch) == pytest.approx(weight, rel=1e-12)
   assert objectives.harmonic_tau(10, 10) == 1.0
@@ -113,21 +134,24 @@ def test_phases_switch_noise_and_adversarial_training_on_at_their_epochs():
   assert training.phase_for_epoch(get_config('none'), 99) == training.Phase(False, False, False)
 
 
-@pytest.mark.parametrize('choice,std0', [('dataset', 0.2470), ('l2p_code', 0.2023),
-                                         ('pni_code', 63.0 / 255)])
+@pytest.mark.parametrize(
+  'choice,std0', [('dataset', 0.2470), ('l2p_code', 0.2023), ('pni_code', 63.0 / 255)]
+)
 def test_normalization_choices(choice, std0):
   config = get_config('tiny')
   config.data.normalization = choice
-  split = data.HostSplit('cifar10', 'train', np.zeros((2, 4, 4, 3), np.uint8),
-                         np.zeros(2, np.int32), 10)
+  split = data.HostSplit(
+    'cifar10', 'train', np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int32), 10
+  )
   mean, std = experiment.normalization(config, split)
   assert std[0] == pytest.approx(std0) and len(mean) == 3
   config.data.normalization = 'imagenet'
   with pytest.raises(ValueError, match=r"Unknown data.normalization 'imagenet'"):
     experiment.normalization(config, split)
   config.data.normalization, config.data.dataset = 'l2p_code', 'mnist'
-  gray = data.HostSplit('mnist', 'train', np.zeros((2, 4, 4, 1), np.uint8),
-                        np.zeros(2, np.int32), 10)
+  gray = data.HostSplit(
+    'mnist', 'train', np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2, np.int32), 10
+  )
   with pytest.raises(ValueError, match='has 3 channels but mnist images have 1'):
     experiment.normalization(config, gray)
 
@@ -139,15 +163,18 @@ def test_learning_rate_schedule():
 
 def test_weight_decay_is_masked_off_the_perturb_collection():
   optimizers = optim.make_optimizers(momentum=0.9, nesterov=True, weight_decay=0.1)
-  variables = {'params': {'w': jnp.array([1.0, -2.0])},
-               'perturb': {'theta': jnp.array([0.5, 0.25])}}
+  variables = {
+    'params': {'w': jnp.array([1.0, -2.0])},
+    'perturb': {'theta': jnp.array([0.5, 0.25])},
+  }
   for name, tree in variables.items():
     state = optimizers[name].init(tree)
     zero = jax.tree.map(jnp.zeros_like, tree)
     new, _ = optim.update(optimizers[name], zero, state, tree, lr=0.5)
     # Nesterov's first step moves by lr * (1 + momentum) * (grad + wd * w).
-    expected = {'params': [1.0 - 0.5 * 1.9 * 0.1, -2.0 + 0.5 * 1.9 * 0.2],
-                'perturb': [0.5, 0.25]}[name]
+    expected = {'params': [1.0 - 0.5 * 1.9 * 0.1, -2.0 + 0.5 * 1.9 * 0.2], 'perturb': [0.5, 0.25]}[
+      name
+    ]
     np.testing.assert_allclose(jax.tree.leaves(new)[0], expected, rtol=1e-6)
 
 
@@ -158,11 +185,13 @@ IMAGE = (8, 8, 3)
 
 def batch(seed=0, n=16):
   rng = np.random.default_rng(seed)
-  return {'image': jnp.asarray(rng.integers(0, 256, (n, *IMAGE), dtype=np.uint8)),
-          'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+  return {
+    'image': jnp.asarray(rng.integers(0, 256, (n, *IMAGE), dtype=np.uint8)),
+    'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+  }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def step_setup(method, alternation='paper'):
   """A tiny model, its state and its jitted step; every phase on from epoch 0."""
   config = get_config(f'{method},resnet8,cifar10,tiny')
@@ -174,8 +203,9 @@ def step_setup(method, alternation='paper'):
   optimizers = optim.make_optimizers(0.9, True, config.optim.weight_decay)
   state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
   kwargs = dict(model=model, config=config, kl_weight=1e-3)
-  step = jax.jit(functools.partial(training.train_step, optimizers=optimizers, **kwargs),
-                 static_argnames='phase')
+  step = jax.jit(
+    functools.partial(training.train_step, optimizers=optimizers, **kwargs), static_argnames='phase'
+  )
   return config, optimizers, state, step, kwargs
 
 
@@ -188,8 +218,12 @@ def test_every_method_trains_a_few_steps(method):
     new = step(new, batch(i), 0.05, 1e-2, phase=phase)
   assert int(new.step) == 3 and int(new.seen) == 48 and int(new.nonfinite_step) == -1
   assert np.isfinite(float(new.loss_sum))
-  moved = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(  # noqa: E731
-      jax.tree.leaves(a), jax.tree.leaves(b)))
+  moved = lambda a, b: any(
+    not np.array_equal(x, y)
+    for x, y in zip(  # noqa: E731
+      jax.tree.leaves(a), jax.tree.leaves(b)
+    )
+  )
   assert moved(state.params, new.params)
   assert moved(state.batch_stats, new.batch_stats)
   assert moved(state.perturb, new.perturb) == (method in ('pni', 'adv_bnn', 'l2p'))
@@ -207,27 +241,34 @@ def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
   phase = training.phase_for_epoch(config, 0)
   mesh = sharding.make_mesh()
   rng = np.random.default_rng(3)
-  split = data.HostSplit('toy', 'train', num_classes=10,
-                         images=rng.integers(0, 256, (40, *IMAGE), dtype=np.uint8),
-                         labels=rng.integers(0, 10, 40).astype(np.int32))
-  device_step = jax.jit(functools.partial(
-      training.train_step_on_split, batch_size=16,
-      batch_sharding=sharding.data_sharding(mesh), optimizers=optimizers, **kwargs),
-      static_argnames='phase')
+  split = data.HostSplit(
+    'toy',
+    'train',
+    num_classes=10,
+    images=rng.integers(0, 256, (40, *IMAGE), dtype=np.uint8),
+    labels=rng.integers(0, 10, 40).astype(np.int32),
+  )
+  device_step = jax.jit(
+    functools.partial(
+      training.train_step_on_split,
+      batch_size=16,
+      batch_sharding=sharding.data_sharding(mesh),
+      optimizers=optimizers,
+      **kwargs,
+    ),
+    static_argnames='phase',
+  )
   on_mesh = data.put_on_mesh(mesh, split)
   order = data.epoch_order_on_mesh(mesh, 4, 1, split.num_examples)
-  lr, reg, epoch_start = sharding.replicate(
-      mesh, (np.float32(0.05), np.float32(1e-2), np.int32(0)))
+  lr, reg, epoch_start = sharding.replicate(mesh, (np.float32(0.05), np.float32(1e-2), np.int32(0)))
   state = sharding.replicate(mesh, jax.device_get(state))
   on_device = on_host = state
   with jax.transfer_guard('disallow'):
     for _ in range(2):
-      on_device = device_step(on_device, on_mesh, order, epoch_start, lr, reg,
-                              phase=phase)
+      on_device = device_step(on_device, on_mesh, order, epoch_start, lr, reg, phase=phase)
   for i in range(2):
     batch = data.train_batch(split, seed=4, epoch=1, step=i, batch_size=16)
-    on_host = host_step(on_host, sharding.shard_batch(mesh, batch), 0.05, 1e-2,
-                        phase=phase)
+    on_host = host_step(on_host, sharding.shard_batch(mesh, batch), 0.05, 1e-2, phase=phase)
   chex.assert_trees_all_equal(on_device, on_host)
 
 
@@ -241,11 +282,13 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   lr, reg, m, wd, floor = 0.05, 0.5, 0.9, config.optim.weight_decay, 0.01
   b = batch(7)
   # The authors' joint step is on the loss alone: the regularizer had its own step.
-  objective = training.step_objective(state, b, reg if alternation == 'paper' else 0.0,
-                                      phase=phase, **kwargs).objective
+  objective = training.step_objective(
+    state, b, reg if alternation == 'paper' else 0.0, phase=phase, **kwargs
+  ).objective
   grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
   sgd1 = lambda v, g, decay=0.0: jax.tree.map(  # noqa: E731  first Nesterov step
-      lambda v, g: v - lr * (1 + m) * (g + decay * v), v, g)
+    lambda v, g: v - lr * (1 + m) * (g + decay * v), v, g
+  )
   floor_ = lambda t: jax.tree.map(lambda x: jnp.maximum(x, floor), t)  # noqa: E731
   w0, t0 = state.params, state.perturb
   if alternation == 'paper':
@@ -259,8 +302,7 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
     (g_w, g_t), _ = grad(w0, t_half)
     w1 = sgd1(w0, g_w, wd)
     # Second update of theta's momentum: trace = g + m * g_reg; step g + m * trace.
-    t1 = floor_(jax.tree.map(lambda t, g, r: t - lr * (g + m * (g + m * r)),
-                             t_half, g_t, g_reg))
+    t1 = floor_(jax.tree.map(lambda t, g, r: t - lr * (g + m * (g + m * r)), t_half, g_t, g_reg))
   new = step(state, b, lr, reg, phase=phase)
   for got, want in ((new.perturb, t1), (new.params, w1)):
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -276,10 +318,14 @@ def test_reused_clean_pass_gives_the_objectives_gradient():
   config, _, state, _, kwargs = step_setup('vanilla')
   phase = training.phase_for_epoch(config, 0)
   assert phase.adversarial
-  parts = jax.jit(lambda s, b: (lambda o: (
-      o.gradients(s.params, s.perturb, o.first_clean),
-      jax.grad(o.objective, argnums=(0, 1), has_aux=True)(s.params, s.perturb)))(
-          training.step_objective(s, b, 1e-2, phase=phase, **kwargs)))
+  parts = jax.jit(
+    lambda s, b: (
+      lambda o: (
+        o.gradients(s.params, s.perturb, o.first_clean),
+        jax.grad(o.objective, argnums=(0, 1), has_aux=True)(s.params, s.perturb),
+      )
+    )(training.step_objective(s, b, 1e-2, phase=phase, **kwargs))
+  )
   (reused, aux), (plain, plain_aux) = parts(state, batch(5))
   for x, y in zip(jax.tree.leaves(reused), jax.tree.leaves(plain)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
@@ -290,24 +336,24 @@ def test_reused_clean_pass_gives_the_objectives_gradient():
 def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():
   _, optimizers, state, _, _ = step_setup('l2p')
   ones = lambda tree: jax.tree.map(jnp.ones_like, tree)  # noqa: E731
-  theta_step = training.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers,
-                                0.01)
-  chex.assert_trees_all_equal((theta_step.params, theta_step.opt_state['params']),
-             (state.params, state.opt_state['params']))
-  assert not np.array_equal(jax.tree.leaves(theta_step.perturb)[0],
-                            jax.tree.leaves(state.perturb)[0])
-  w_step = training.descend(theta_step, 'params', ones(state.params), 0.1, optimizers,
-                            0.01)
-  chex.assert_trees_all_equal((w_step.perturb, w_step.opt_state['perturb']),
-             (theta_step.perturb, theta_step.opt_state['perturb']))
-  assert not np.array_equal(jax.tree.leaves(w_step.params)[0],
-                            jax.tree.leaves(state.params)[0])
+  theta_step = training.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers, 0.01)
+  chex.assert_trees_all_equal(
+    (theta_step.params, theta_step.opt_state['params']), (state.params, state.opt_state['params'])
+  )
+  assert not np.array_equal(
+    jax.tree.leaves(theta_step.perturb)[0], jax.tree.leaves(state.perturb)[0]
+  )
+  w_step = training.descend(theta_step, 'params', ones(state.params), 0.1, optimizers, 0.01)
+  chex.assert_trees_all_equal(
+    (w_step.perturb, w_step.opt_state['perturb']),
+    (theta_step.perturb, theta_step.opt_state['perturb']),
+  )
+  assert not np.array_equal(jax.tree.leaves(w_step.params)[0], jax.tree.leaves(state.params)[0])
 
 
 def test_theta_floor_holds_after_updates():
   config, _, state, step, _ = step_setup('l2p')
-  low = state.replace(perturb=jax.tree.map(lambda t: jnp.full_like(t, 0.011),
-                                           state.perturb))
+  low = state.replace(perturb=jax.tree.map(lambda t: jnp.full_like(t, 0.011), state.perturb))
   new = step(low, batch(3), 5.0, 0.0, phase=training.phase_for_epoch(config, 0))
   leaves = jax.tree.leaves(new.perturb)
   assert min(float(t.min()) for t in leaves) == pytest.approx(0.01)
@@ -319,8 +365,7 @@ def test_theta_floor_holds_after_updates():
 
 @pytest.fixture(scope='module')
 def cifar_dir(tmp_path_factory):
-  return fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=512,
-                                     test=128)
+  return fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=512, test=128)
 
 
 def tiny(cifar_dir, method='l2p', **fields):
@@ -350,8 +395,7 @@ def test_run_leaves_config_checkpoints_metrics_tensorboard_and_plot(reference_ru
   records = read_metrics(workdir / 'metrics.jsonl')
   assert [r['epoch'] for r in records] == [0, 1, 2]
   for r in records:
-    assert {'learning_rate', 'train_loss', 'eval_clean_accuracy',
-            'eval_pgd_accuracy'} <= set(r)
+    assert {'learning_rate', 'train_loss', 'eval_clean_accuracy', 'eval_pgd_accuracy'} <= set(r)
     assert len(r['noise']) == 4  # stem + 3 blocks of resnet8
     for stats in r['noise'].values():
       assert stats['min'] <= stats['mean'] <= stats['max'] and stats['min'] >= 0.01
@@ -372,10 +416,17 @@ def restore_state(workdir, step):
 
 
 def train_command(cifar_dir, workdir):
-  return [sys.executable, str(ROOT / 'train.py'), '--config',
-          f'{ROOT}/configs/cifar.py:l2p,resnet8,cifar10,tiny', '--workdir', str(workdir),
-          '--config.data.source=local', f'--config.data.local_dir={cifar_dir}',
-          '--config.progress_bar=False']
+  return [
+    sys.executable,
+    str(ROOT / 'train.py'),
+    '--config',
+    f'{ROOT}/configs/cifar.py:l2p,resnet8,cifar10,tiny',
+    '--workdir',
+    str(workdir),
+    '--config.data.source=local',
+    f'--config.data.local_dir={cifar_dir}',
+    '--config.progress_bar=False',
+  ]
 
 
 def test_killed_run_resumes_bit_identical(reference_run, cifar_dir, tmp_path):
@@ -385,9 +436,12 @@ def test_killed_run_resumes_bit_identical(reference_run, cifar_dir, tmp_path):
   kept on the device, so this also shows the two input paths give the same bits."""
   workdir = tmp_path / 'killed'
   command = train_command(cifar_dir, workdir)
-  process = subprocess.Popen(command + ['--config.data.on_device=False'], cwd=ROOT,
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+  process = subprocess.Popen(
+    command + ['--config.data.on_device=False'],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   deadline = time.time() + 240
   while not (workdir / 'checkpoints' / '12').exists():
     assert process.poll() is None, process.stderr.read().decode()[-3000:]
@@ -397,24 +451,28 @@ def test_killed_run_resumes_bit_identical(reference_run, cifar_dir, tmp_path):
   process.wait()
   steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
   assert steps and steps[-1] < 24, steps  # Killed before the end.
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Resuming from' in result.stdout + result.stderr
   resumed, meta = restore_state(workdir, 24)
   reference, _ = restore_state(reference_run[0], 24)
   chex.assert_trees_all_equal(resumed, reference)
   assert meta['config']['method'] == 'l2p'
-  drop_time = lambda rs: [{k: v for k, v in r.items() if k != 'epoch_seconds'}  # noqa
-                          for r in rs]
+  drop_time = lambda rs: [
+    {k: v for k, v in r.items() if k != 'epoch_seconds'}  # noqa
+    for r in rs
+  ]
   assert drop_time(read_metrics(workdir / 'metrics.jsonl')) == drop_time(
-      read_metrics(reference_run[0] / 'metrics.jsonl'))
+    read_metrics(reference_run[0] / 'metrics.jsonl')
+  )
 
 
 def test_checkpoint_of_another_model_is_refused(reference_run, cifar_dir):
   workdir, _ = reference_run
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"(?s)model.width: checkpoint has 0.5, config has 1.0.*--workdir"):
+  with pytest.raises(
+    checkpointing.CheckpointMismatchError,
+    match=r'(?s)model.width: checkpoint has 0.5, config has 1.0.*--workdir',
+  ):
     train.train_and_evaluate(tiny(cifar_dir, model__width=1.0), str(workdir))
 
 
@@ -427,14 +485,15 @@ def saved_steps(workdir):
   return sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
 
 
-def test_divergence_stops_naming_the_last_good_checkpoint_and_keeps_it(cifar_dir,
-                                                                         tmp_path):
+def test_divergence_stops_naming_the_last_good_checkpoint_and_keeps_it(cifar_dir, tmp_path):
   """lr 1e6 from epoch 1 (lr_decay 1e7): the state goes NaN where the loss may stay
   finite; the run stops, and the checkpoints it kept are all finite."""
   config = tiny(cifar_dir, num_epochs=2, optim__lr_boundaries=(1,), optim__lr_decay=1e7)
-  with pytest.raises(train.NonFiniteLossError,
-                     match=r'train state .* at step (8|9|10|11)\. Last good checkpoint: '
-                           r'.*checkpoints/8\.'):
+  with pytest.raises(
+    train.NonFiniteLossError,
+    match=r'train state .* at step (8|9|10|11)\. Last good checkpoint: '
+    r'.*checkpoints/8\.',
+  ):
     train.train_and_evaluate(config, str(tmp_path))
   assert saved_steps(tmp_path) == [4, 8]  # Nothing written after it went bad.
   for step in (4, 8):
@@ -443,8 +502,7 @@ def test_divergence_stops_naming_the_last_good_checkpoint_and_keeps_it(cifar_dir
 
 
 @pytest.mark.parametrize('moment', ['record', 'checkpoint'])
-def test_interrupt_at_an_epochs_end_loses_no_record(cifar_dir, tmp_path, monkeypatch,
-                                                      moment):
+def test_interrupt_at_an_epochs_end_loses_no_record(cifar_dir, tmp_path, monkeypatch, moment):
   """Ctrl-C while the epoch's record is written, or while its checkpoint (step 8) is
   saved after it: one line names the step a rerun resumes from (4), and the rerun
   leaves the epoch's record exactly once."""
@@ -453,11 +511,16 @@ def test_interrupt_at_an_epochs_end_loses_no_record(cifar_dir, tmp_path, monkeyp
     monkeypatch.setattr(metrics.MetricsWriter, 'epoch', lambda *_: _interrupt())
   else:
     save = checkpointing.Checkpoints.save
-    monkeypatch.setattr(checkpointing.Checkpoints, 'save', lambda self, step, *a: (
-        save(self, step, *a) if step != 8 else _interrupt()))
-  with pytest.raises(train.TrainingInterrupted,
-                     match=r'^interrupted; rerun the same command to resume from step '
-                           r'4\.$'):
+    monkeypatch.setattr(
+      checkpointing.Checkpoints,
+      'save',
+      lambda self, step, *a: save(self, step, *a) if step != 8 else _interrupt(),
+    )
+  with pytest.raises(
+    train.TrainingInterrupted,
+    match=r'^interrupted; rerun the same command to resume from step '
+    r'4\.$',
+  ):
     train.train_and_evaluate(config, str(tmp_path))
   monkeypatch.undo()
   train.train_and_evaluate(config, str(tmp_path))
@@ -477,17 +540,21 @@ def test_a_field_newer_than_the_checkpoint_is_reported_not_refused():
   notes = checkpointing.check_compatible(saved, config, 'ckpt')
   assert notes == ["model.bnn_batchnorm: checkpoint has '<absent>', config has False"]
   config.model.width = 1.0
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"model.width: checkpoint has 0.5, config has 1.0"):
+  with pytest.raises(
+    checkpointing.CheckpointMismatchError, match=r'model.width: checkpoint has 0.5, config has 1.0'
+  ):
     checkpointing.check_compatible(saved, config, 'ckpt')
 
 
 def test_resume_refuses_a_changed_step_and_keeps_the_original_config(
-    reference_run, cifar_dir, tmp_path, caplog):
+  reference_run, cifar_dir, tmp_path, caplog
+):
   workdir = copy_run(reference_run, tmp_path)
   original = (workdir / 'config.json').read_text()
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r'(?s)batch_size: checkpoint has 64, config has 32.*--workdir'):
+  with pytest.raises(
+    checkpointing.CheckpointMismatchError,
+    match=r'(?s)batch_size: checkpoint has 64, config has 32.*--workdir',
+  ):
     train.train_and_evaluate(tiny(cifar_dir, batch_size=32), str(workdir))
   # Another learning rate is accepted, said, and kept beside the original config.
   train.train_and_evaluate(tiny(cifar_dir, optim__learning_rate=0.05), str(workdir))
@@ -498,18 +565,19 @@ def test_resume_refuses_a_changed_step_and_keeps_the_original_config(
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
-    reference_run, cifar_dir, tmp_path, caplog):
+  reference_run, cifar_dir, tmp_path, caplog
+):
   """A truncated file in checkpoint 24: eval.py's loader and the resumed run take 20,
   naming 24; the rerun redoes steps 20-24 to the reference's bits."""
   workdir = copy_run(reference_run, tmp_path)
   broken = workdir / 'checkpoints' / '24'
-  victim = max((p for p in (broken / 'state').rglob('*') if p.is_file()),
-               key=lambda p: p.stat().st_size)
-  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+  victim = max(
+    (p for p in (broken / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size
+  )
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
   assert checkpointing.load_checkpoint(str(workdir)).step == 20
   assert f'{broken} is unreadable' in caplog.text
-  with pytest.raises(checkpointing.CheckpointUnreadableError,
-                     match='No readable checkpoint in'):
+  with pytest.raises(checkpointing.CheckpointUnreadableError, match='No readable checkpoint in'):
     checkpointing.load_checkpoint(str(broken))  # Named explicitly: one message.
   train.train_and_evaluate(tiny(cifar_dir), str(workdir))
   assert (workdir / 'unreadable_checkpoints' / '24' / 'state').is_dir()
@@ -517,11 +585,13 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
 
 
 def test_a_second_run_on_a_workdir_is_refused_but_a_stale_lock_is_not(
-    reference_run, cifar_dir, tmp_path):
+  reference_run, cifar_dir, tmp_path
+):
   workdir = copy_run(reference_run, tmp_path)
   with locking.WorkdirLock(str(workdir)):  # A first run, alive.
-    result = subprocess.run(train_command(cifar_dir, workdir), cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+      train_command(cifar_dir, workdir), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
   assert result.returncode == 1, result.stderr[-3000:]
   assert f'is in use by another training run (pid {os.getpid()} on host ' in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith('train.py: ')
@@ -536,15 +606,26 @@ def sharded_step_result(path):
   saves the new variables, flattened, to `path`."""
   config, optimizers, _, _, kwargs = step_setup('l2p')
   mesh = sharding.make_mesh()
-  state = jax.jit(lambda k: training.create_train_state(kwargs['model'], optimizers, k,
-                                                        IMAGE),
-                  out_shardings=sharding.replicated_sharding(mesh))(jax.random.key(0))
-  step = jax.jit(functools.partial(training.train_step, optimizers=optimizers, **kwargs),
-                 static_argnames='phase')
-  new = step(state, sharding.shard_batch(mesh, jax.device_get(batch(1, n=64))), 0.1,
-             1e-4, phase=training.phase_for_epoch(config, 0))
-  np.save(path, np.concatenate([np.ravel(x) for x in jax.tree.leaves(
-      (new.params, new.perturb, new.batch_stats))]))
+  state = jax.jit(
+    lambda k: training.create_train_state(kwargs['model'], optimizers, k, IMAGE),
+    out_shardings=sharding.replicated_sharding(mesh),
+  )(jax.random.key(0))
+  step = jax.jit(
+    functools.partial(training.train_step, optimizers=optimizers, **kwargs), static_argnames='phase'
+  )
+  new = step(
+    state,
+    sharding.shard_batch(mesh, jax.device_get(batch(1, n=64))),
+    0.1,
+    1e-4,
+    phase=training.phase_for_epoch(config, 0),
+  )
+  np.save(
+    path,
+    np.concatenate(
+      [np.ravel(x) for x in jax.tree.leaves((new.params, new.perturb, new.batch_stats))]
+    ),
+  )
 
 
 def test_one_and_eight_devices_agree(cifar_dir, tmp_path):
@@ -553,20 +634,23 @@ def test_one_and_eight_devices_agree(cifar_dir, tmp_path):
   sharded_step_result(tmp_path / 'step1.npy')
   one = train.train_and_evaluate(tiny(cifar_dir, num_epochs=1), str(tmp_path / 'one'))
   script = (
-      'import sys; sys.path.insert(0, %r)\n'
-      'import jax; assert jax.device_count() == 8\n'
-      'from test_train import tiny, sharded_step_result\n'
-      'from l2p_jax import train\n'
-      'sharded_step_result(%r)\n'
-      'train.train_and_evaluate(tiny(%r, num_epochs=1), %r)\n'
-  ) % (str(ROOT / 'tests'), str(tmp_path / 'step8.npy'), str(cifar_dir),
-       str(tmp_path / 'eight'))
+    'import sys; sys.path.insert(0, {!r})\n'
+    'import jax; assert jax.device_count() == 8\n'
+    'from test_train import tiny, sharded_step_result\n'
+    'from l2p_jax import train\n'
+    'sharded_step_result({!r})\n'
+    'train.train_and_evaluate(tiny({!r}, num_epochs=1), {!r})\n'
+  ).format(
+    str(ROOT / 'tests'), str(tmp_path / 'step8.npy'), str(cifar_dir), str(tmp_path / 'eight')
+  )
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+  result = subprocess.run(
+    [sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  np.testing.assert_allclose(np.load(tmp_path / 'step8.npy'),
-                             np.load(tmp_path / 'step1.npy'), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    np.load(tmp_path / 'step8.npy'), np.load(tmp_path / 'step1.npy'), rtol=0, atol=1e-6
+  )
   eight, _ = restore_state(tmp_path / 'eight', 8)
   # Over 8 steps at lr 0.1 the rounding differences grow (PGD's sign steps flip
   # where a gradient is near zero) to ~6e-4 (a BN bias) and 0.2% (a running var); one step
@@ -587,21 +671,25 @@ def _tiny_mistake(**fields):
 
 def _truncated_idx(tmp_path):
   (tmp_path / 'train-images-idx3-ubyte').write_bytes(
-      bytes([0, 0, 8, 3]) + np.array([5, 4, 4], '>u4').tobytes() + bytes(30))
+    bytes([0, 0, 8, 3]) + np.array([5, 4, 4], '>u4').tobytes() + bytes(30)
+  )
   data.load_split('fashion_mnist', 'train', source='local', local_dir=str(tmp_path))
 
 
 def _not_a_torch_checkpoint(tmp_path):
   pytest.importorskip('torch')
   from l2p_jax.interop import import_torch_checkpoint
+
   (tmp_path / 'notes.pth').write_text('not a checkpoint')
-  import_torch_checkpoint(str(tmp_path / 'notes.pth'), arch='resnet8', num_classes=10,
-                          method='none')
+  import_torch_checkpoint(
+    str(tmp_path / 'notes.pth'), arch='resnet8', num_classes=10, method='none'
+  )
 
 
 def _export_onto_a_file(tmp_path):
   pytest.importorskip('torch')
   from l2p_jax.interop import convert
+
   (tmp_path / 'taken.pth').write_text('keep me')
   convert.workdir_to_torch(str(tmp_path), str(tmp_path / 'taken.pth'), 'l2p')
 
@@ -612,27 +700,58 @@ def _eval_eps(tmp_path):
   evaluation.validate_config(config)
 
 
-@pytest.mark.parametrize('mistake,error,message', [
-    (lambda _: get_config('l2p,resnet7,cifar10,tiny'), ValueError,
-     r"Unknown architecture 'resnet7'"),
-    (lambda _: _tiny_mistake(optim__learning_rate=-0.1), experiment.ConfigError,
-     r'optim.learning_rate must be positive, got -0.1'),
-    (lambda _: _tiny_mistake(model__width=0.01), experiment.ConfigError,
-     r'model.width=0.01: Width multiplier 0.01 leaves a resnet8 layer of 16 channels '
-     r'with none; use a width of at least 0.0625'),
-    (_truncated_idx, data.DatasetFileError,
-     r'train-images-idx3-ubyte is truncated or not an idx file: 46 bytes, but its '
-     r'header describes 96 \(5x4x4\)'),
-    (lambda tmp_path: data.load_split('cifar10', 'train', source='local',
-                                      local_dir=str(ROOT / 'README.md')),
-     data.DatasetNotFoundError, r'data.local_dir=.*README.md is a file; it must be the '
-                                r'folder holding cifar-10-python.tar.gz'),
+@pytest.mark.parametrize(
+  'mistake,error,message',
+  [
+    (
+      lambda _: get_config('l2p,resnet7,cifar10,tiny'),
+      ValueError,
+      r"Unknown architecture 'resnet7'",
+    ),
+    (
+      lambda _: _tiny_mistake(optim__learning_rate=-0.1),
+      experiment.ConfigError,
+      r'optim.learning_rate must be positive, got -0.1',
+    ),
+    (
+      lambda _: _tiny_mistake(model__width=0.01),
+      experiment.ConfigError,
+      r'model.width=0.01: Width multiplier 0.01 leaves a resnet8 layer of 16 channels '
+      r'with none; use a width of at least 0.0625',
+    ),
+    (
+      _truncated_idx,
+      data.DatasetFileError,
+      r'train-images-idx3-ubyte is truncated or not an idx file: 46 bytes, but its '
+      r'header describes 96 \(5x4x4\)',
+    ),
+    (
+      lambda tmp_path: data.load_split(
+        'cifar10', 'train', source='local', local_dir=str(ROOT / 'README.md')
+      ),
+      data.DatasetNotFoundError,
+      r'data.local_dir=.*README.md is a file; it must be the '
+      r'folder holding cifar-10-python.tar.gz',
+    ),
     (_eval_eps, evaluation.EvaluationError, r'config.eps=-0.1 must be at least 0\.'),
-    (_not_a_torch_checkpoint, ValueError,
-     r"notes.pth' is not a PyTorch state dict checkpoint that loads without running code"),
+    (
+      _not_a_torch_checkpoint,
+      ValueError,
+      r"notes.pth' is not a PyTorch state dict checkpoint that loads without running code",
+    ),
     (_export_onto_a_file, FileExistsError, r'taken.pth exists; pass --overwrite'),
-], ids=['tiny_arch', 'learning_rate', 'width', 'idx', 'local_dir', 'eval_eps',
-        'torch_file', 'export'])
+  ],
+  ids=[
+    'tiny_arch',
+    'learning_rate',
+    'width',
+    'idx',
+    'local_dir',
+    'eval_eps',
+    'torch_file',
+    'export',
+  ],
+)
 def test_small_mistakes_are_one_clear_message(mistake, error, message, tmp_path):
   with pytest.raises(error, match=message) as raised:
     mistake(tmp_path)
@@ -646,11 +765,23 @@ def test_tiny_keeps_an_explicit_arch():
 
 def test_a_mistyped_override_is_one_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, str(ROOT / 'train.py'), '--config',
-       f'{ROOT}/configs/cifar.py:tiny', '--workdir', str(tmp_path),
-       '--config.optim.lr=0.2'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      str(ROOT / 'train.py'),
+      '--config',
+      f'{ROOT}/configs/cifar.py:tiny',
+      '--workdir',
+      str(tmp_path),
+      '--config.optim.lr=0.2',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      "train.py: --config.optim.lr: the config has no field 'lr'; check the spelling "
-      'against the config file.')  # ml_collections suggests nothing for 'lr'.
+    "train.py: --config.optim.lr: the config has no field 'lr'; check the spelling "
+    'against the config file.'
+  )  # ml_collections suggests nothing for 'lr'.
   assert 'Traceback' not in result.stderr

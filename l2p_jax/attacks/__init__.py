@@ -7,17 +7,46 @@ e.g. `jax.jit(functools.partial(pgd, logits_fn, eps=8/255, steps=7, step_size=0.
 """
 
 from l2p_jax.attacks.apgd import apgd, autoattack_rand, checkpoints
-from l2p_jax.attacks.core import (LOSSES, AttackResult, LogitsFn, LossFn,
-                                  cross_entropy, cw_margin, dlr, eot_evaluate,
-                                  eot_value_and_grad, first_success, get_loss,
-                                  linf_project, linf_random_start, sign_step)
+from l2p_jax.attacks.core import (
+  LOSSES,
+  AttackResult,
+  LogitsFn,
+  LossFn,
+  cross_entropy,
+  cw_margin,
+  dlr,
+  eot_evaluate,
+  eot_value_and_grad,
+  first_success,
+  get_loss,
+  linf_project,
+  linf_random_start,
+  sign_step,
+)
 from l2p_jax.attacks.cw import cw_l2
 from l2p_jax.attacks.few_pixel import few_pixel
 from l2p_jax.attacks.pgd import fgsm, pgd
 
 __all__ = [
-    'AttackResult', 'LOSSES', 'LogitsFn', 'LossFn', 'apgd', 'autoattack_rand',
-    'checkpoints', 'cross_entropy', 'cw_l2', 'cw_margin', 'dlr', 'eot_evaluate',
-    'eot_value_and_grad', 'fgsm', 'few_pixel', 'first_success', 'get_loss',
-    'linf_project', 'linf_random_start', 'pgd', 'sign_step',
+  'AttackResult',
+  'LOSSES',
+  'LogitsFn',
+  'LossFn',
+  'apgd',
+  'autoattack_rand',
+  'checkpoints',
+  'cross_entropy',
+  'cw_l2',
+  'cw_margin',
+  'dlr',
+  'eot_evaluate',
+  'eot_value_and_grad',
+  'fgsm',
+  'few_pixel',
+  'first_success',
+  'get_loss',
+  'linf_project',
+  'linf_random_start',
+  'pgd',
+  'sign_step',
 ]

@@ -39,10 +39,21 @@ def checkpoints(steps: int) -> list[int]:
   return points
 
 
-def apgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
-         eps: float, steps: int = 100, loss: str = 'ce', eot_draws: int = 1,
-         restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-         unroll: int | bool = 1) -> core.AttackResult:
+def apgd(
+  logits_fn: core.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  eps: float,
+  steps: int = 100,
+  loss: str = 'ce',
+  eot_draws: int = 1,
+  restarts: int = 1,
+  rho: float = 0.75,
+  momentum: float = 0.75,
+  unroll: int | bool = 1,
+) -> core.AttackResult:
   """L-inf APGD on `loss` ('ce' or 'dlr'; any registered loss works) with gradients
   averaged over `eot_draws` noise draws; returns, per example, the last point found
   that fooled the model (judged by the mean logits of the step's EOT draws) or else the
@@ -62,22 +73,32 @@ def apgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *
   def run(run_key):
     start_key, steps_key = jax.random.split(run_key)
     grad_at = lambda x_, t: core.eot_value_and_grad(  # noqa: E731
-        logits_fn, loss_fn, jax.random.fold_in(steps_key, t), x_, y, eot_draws)
+      logits_fn, loss_fn, jax.random.fold_in(steps_key, t), x_, y, eot_draws
+    )
     x0 = core.linf_random_start(start_key, x, eps)
     loss0, logits0, grad0 = grad_at(x0, 0)
     state = dict(
-        x=x0, x_prev=x0, grad=grad0, loss_prev=loss0,
-        step_size=jnp.full(loss0.shape, 2.0 * eps, x.dtype),
-        x_best=x0, grad_best=grad0, loss_best=loss0,
-        x_fooled=x0, fooled=jnp.argmax(logits0, -1) != y,
-        n_increases=jnp.zeros(loss0.shape, jnp.int32),
-        loss_best_at_check=loss0, halved_at_check=jnp.ones(loss0.shape, bool))
+      x=x0,
+      x_prev=x0,
+      grad=grad0,
+      loss_prev=loss0,
+      step_size=jnp.full(loss0.shape, 2.0 * eps, x.dtype),
+      x_best=x0,
+      grad_best=grad0,
+      loss_best=loss0,
+      x_fooled=x0,
+      fooled=jnp.argmax(logits0, -1) != y,
+      n_increases=jnp.zeros(loss0.shape, jnp.int32),
+      loss_best_at_check=loss0,
+      halved_at_check=jnp.ones(loss0.shape, bool),
+    )
 
     def iteration(i, s):
       a = jnp.where(i > 0, momentum, 1.0)
       z = core.linf_project(core.sign_step(s['x'], s['grad'], expand(s['step_size'])), x, eps)
-      x_new = core.linf_project(s['x'] + a * (z - s['x']) + (1 - a) * (s['x'] - s['x_prev']),
-                                x, eps)
+      x_new = core.linf_project(
+        s['x'] + a * (z - s['x']) + (1 - a) * (s['x'] - s['x_prev']), x, eps
+      )
       loss_new, logits, grad = grad_at(x_new, i + 1)
       fooled_now = jnp.argmax(logits, -1) != y
       improved = loss_new > s['loss_best']
@@ -91,15 +112,20 @@ def apgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *
       condition2 = ~s['halved_at_check'] & (s['loss_best_at_check'] >= loss_best)
       halve = is_check & (condition1 | condition2)
       return dict(
-          x=jnp.where(expand(halve), x_best, x_new), x_prev=s['x'],
-          grad=jnp.where(expand(halve), grad_best, grad), loss_prev=loss_new,
-          step_size=jnp.where(halve, s['step_size'] / 2, s['step_size']),
-          x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-          x_fooled=jnp.where(expand(fooled_now), x_new, s['x_fooled']),
-          fooled=s['fooled'] | fooled_now,
-          n_increases=jnp.where(is_check, 0, n_increases),
-          loss_best_at_check=jnp.where(is_check, loss_best, s['loss_best_at_check']),
-          halved_at_check=jnp.where(is_check, halve, s['halved_at_check']))
+        x=jnp.where(expand(halve), x_best, x_new),
+        x_prev=s['x'],
+        grad=jnp.where(expand(halve), grad_best, grad),
+        loss_prev=loss_new,
+        step_size=jnp.where(halve, s['step_size'] / 2, s['step_size']),
+        x_best=x_best,
+        grad_best=grad_best,
+        loss_best=loss_best,
+        x_fooled=jnp.where(expand(fooled_now), x_new, s['x_fooled']),
+        fooled=s['fooled'] | fooled_now,
+        n_increases=jnp.where(is_check, 0, n_increases),
+        loss_best_at_check=jnp.where(is_check, loss_best, s['loss_best_at_check']),
+        halved_at_check=jnp.where(is_check, halve, s['halved_at_check']),
+      )
 
     s = jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
     x_adv = jnp.where(expand(s['fooled']), s['x_fooled'], s['x_best'])
@@ -109,9 +135,17 @@ def apgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *
   return core.make_result(x, x_adv, fooled)
 
 
-def autoattack_rand(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array,
-                    *, eps: float, steps: int = 100, eot_draws: int = 20,
-                    unroll: int | bool = 1) -> core.AttackResult:
+def autoattack_rand(
+  logits_fn: core.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  eps: float,
+  steps: int = 100,
+  eot_draws: int = 20,
+  unroll: int | bool = 1,
+) -> core.AttackResult:
   """AutoAttack's version for randomized defenses: APGD-CE then APGD-DLR, no restarts,
   `eot_draws` EOT draws; per example the first of the two that fooled the model.
 
@@ -119,7 +153,18 @@ def autoattack_rand(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: j
   batch (AutoAttack runs DLR only on the points CE did not fool; the verdicts are
   the same and a fixed batch shape keeps it jittable).
   """
-  results = [apgd(logits_fn, jax.random.fold_in(key, k), x, y, eps=eps, steps=steps,
-                  loss=loss, eot_draws=eot_draws, unroll=unroll)
-             for k, loss in enumerate(('ce', 'dlr'))]
+  results = [
+    apgd(
+      logits_fn,
+      jax.random.fold_in(key, k),
+      x,
+      y,
+      eps=eps,
+      steps=steps,
+      loss=loss,
+      eot_draws=eot_draws,
+      unroll=unroll,
+    )
+    for k, loss in enumerate(('ce', 'dlr'))
+  ]
   return core.first_success(results)

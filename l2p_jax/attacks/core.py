@@ -15,7 +15,8 @@ Conventions shared by every attack in this package:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ class AttackResult(NamedTuple):
     should re-judge x_adv with its prediction rule).
   l2: (N,) L2 norm of x_adv - x per example.
   """
+
   x_adv: jax.Array
   success: jax.Array
   l2: jax.Array
@@ -128,36 +130,43 @@ def mean_over_draws(fn: Callable[[jax.Array], Any], key: jax.Array, draws: int) 
   return jax.tree.map(lambda t: t / draws, total)
 
 
-def eot_value_and_grad(logits_fn: LogitsFn, loss_fn: LossFn, key: jax.Array,
-                       x: jax.Array, y: jax.Array, draws: int = 1
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def eot_value_and_grad(
+  logits_fn: LogitsFn, loss_fn: LossFn, key: jax.Array, x: jax.Array, y: jax.Array, draws: int = 1
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Loss, logits and input gradient averaged over `draws` noise draws (EOT).
 
   Returns (loss (N,), logits (N, C), grad like x), each the mean over the draws; draw j
   uses the noise key fold_in(key, j).
   """
+
   def one_draw(draw_key):
     def summed_loss(x_):
       logits = logits_fn(x_, draw_key)
       loss = loss_fn(logits, y)
       return jnp.sum(loss), (loss, logits)
+
     (_, (loss, logits)), grad = jax.value_and_grad(summed_loss, has_aux=True)(x)
     return loss, logits, grad
+
   return mean_over_draws(one_draw, key, draws)
 
 
-def eot_evaluate(logits_fn: LogitsFn, loss_fn: LossFn, key: jax.Array, x: jax.Array,
-                 y: jax.Array, draws: int = 1) -> tuple[jax.Array, jax.Array]:
+def eot_evaluate(
+  logits_fn: LogitsFn, loss_fn: LossFn, key: jax.Array, x: jax.Array, y: jax.Array, draws: int = 1
+) -> tuple[jax.Array, jax.Array]:
   """Mean loss over `draws` noise draws and whether the mean logits misclassify x."""
+
   def one_draw(draw_key):
     logits = logits_fn(x, draw_key)
     return loss_fn(logits, y), logits
+
   loss, logits = mean_over_draws(one_draw, key, draws)
   return loss, jnp.argmax(logits, axis=-1) != y
 
 
-def best_of_restarts(run: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
-                     key: jax.Array, restarts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def best_of_restarts(
+  run: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]], key: jax.Array, restarts: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs run(fold_in(key, r)) -> (x_adv, loss, fooled) for r < restarts and keeps,
   per example, the first restart that fooled the model, else the highest-loss one."""
   if restarts < 1:
@@ -167,8 +176,11 @@ def best_of_restarts(run: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.
     x_best, loss_best, fooled_best = best
     x_new, loss_new, fooled_new = run(jax.random.fold_in(key, r))
     take = ~fooled_best & (fooled_new | (loss_new > loss_best))
-    return (jnp.where(per_example(take, x_best), x_new, x_best),
-            jnp.where(take, loss_new, loss_best), fooled_best | fooled_new)
+    return (
+      jnp.where(per_example(take, x_best), x_new, x_best),
+      jnp.where(take, loss_new, loss_best),
+      fooled_best | fooled_new,
+    )
 
   return jax.lax.fori_loop(1, restarts, keep_better, run(jax.random.fold_in(key, 0)))
 
@@ -176,8 +188,11 @@ def best_of_restarts(run: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.
 def first_success(results: Sequence[AttackResult]) -> AttackResult:
   """Per example, the first result whose attack succeeded, else the first result: the
   worst case over several attacks, as AutoAttack reports it."""
+
   def pick(chosen, result):
     take = result.success & ~chosen.success
-    return jax.tree.map(lambda new, old: jnp.where(per_example(take, old), new, old),
-                        result, chosen)
+    return jax.tree.map(
+      lambda new, old: jnp.where(per_example(take, old), new, old), result, chosen
+    )
+
   return functools.reduce(pick, results[1:], results[0])

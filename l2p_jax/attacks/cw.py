@@ -16,10 +16,19 @@ import optax
 from l2p_jax.attacks import core
 
 
-def cw_l2(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
-          c_init: float = 0.01, learning_rate: float = 5e-4, kappa: float = 0.0,
-          binary_steps: int = 9, steps: int = 10, unroll: int | bool = 1
-          ) -> core.AttackResult:
+def cw_l2(
+  logits_fn: core.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  c_init: float = 0.01,
+  learning_rate: float = 5e-4,
+  kappa: float = 0.0,
+  binary_steps: int = 9,
+  steps: int = 10,
+  unroll: int | bool = 1,
+) -> core.AttackResult:
   """C&W L2: per example, the smallest-L2 adversarial point seen over all binary-search
   steps (x itself where none was found); `success` says which examples were fooled
   (margin max_{j!=y} z_j - z_y > kappa at the point, under that iteration's noise draw)
@@ -44,18 +53,26 @@ def cw_l2(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, 
     def iteration(t, state):
       w, opt_state, found, best_l2_sq, best_x = state
       (_, (x_adv, margin, l2_sq)), grad = jax.value_and_grad(objective, has_aux=True)(
-          w, c, jax.random.fold_in(jax.random.fold_in(key, b), t))
+        w, c, jax.random.fold_in(jax.random.fold_in(key, b), t)
+      )
       fooled = margin > kappa
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
-      return (optax.apply_updates(w, updates), opt_state, found | fooled,
-              jnp.where(better, l2_sq, best_l2_sq),
-              jnp.where(core.per_example(better, x), x_adv, best_x))
+      return (
+        optax.apply_updates(w, updates),
+        opt_state,
+        found | fooled,
+        jnp.where(better, l2_sq, best_l2_sq),
+        jnp.where(core.per_example(better, x), x_adv, best_x),
+      )
 
     _, _, found, best_l2_sq, best_x = jax.lax.fori_loop(
-        0, steps, iteration,
-        (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x),
-        unroll=unroll)
+      0,
+      steps,
+      iteration,
+      (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x),
+      unroll=unroll,
+    )
     upper = jnp.where(found, jnp.minimum(upper, c), upper)
     lower = jnp.where(found, lower, jnp.maximum(lower, c))
     c = jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10)

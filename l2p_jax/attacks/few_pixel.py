@@ -47,10 +47,19 @@ def _mutation_draws(key: jax.Array, n: int, population: int, dims: int):
   return [(i + o) % population for o in (o1, o2, o3)] + [forced]
 
 
-def few_pixel(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
-              n_pixels: int = 1, population: int = 400, iterations: int = 75,
-              mutation: float = 0.5, crossover: float = 1.0, chunk_size: int = 50
-              ) -> core.AttackResult:
+def few_pixel(
+  logits_fn: core.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  n_pixels: int = 1,
+  population: int = 400,
+  iterations: int = 75,
+  mutation: float = 0.5,
+  crossover: float = 1.0,
+  chunk_size: int = 50,
+) -> core.AttackResult:
   """Untargeted few-pixel attack: differential evolution over `n_pixels` pixel
   positions and colours minimising the true class's probability; returns the first
   misclassified candidate found per example (`success`), else the fittest one.
@@ -75,10 +84,12 @@ def few_pixel(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Arr
 
   def evaluate(pop, generation_key):
     """True-class probability and misclassification of every candidate, (N, P) each."""
+
     def one_candidate(candidates):
       logits = logits_fn(perturb(candidates), jax.random.fold_in(generation_key, 0))
       prob = jax.nn.softmax(logits)[batch, y]
       return prob, jnp.argmax(logits, -1) != y
+
     prob, fooled = jax.lax.map(one_candidate, pop.swapaxes(0, 1), batch_size=chunk_size)
     return prob.T, fooled.T
 
@@ -106,12 +117,18 @@ def few_pixel(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Arr
     trial_fitness, trial_fooled = evaluate(trial, generation_key)
     done_new, x_adv = record(trial, trial_fooled, done, x_adv)
     accept = (trial_fitness <= fitness) & ~done[:, None]
-    return (g + 1, jnp.where(accept[..., None], trial, pop),
-            jnp.where(accept, trial_fitness, fitness), done_new, x_adv)
+    return (
+      g + 1,
+      jnp.where(accept[..., None], trial, pop),
+      jnp.where(accept, trial_fitness, fitness),
+      done_new,
+      x_adv,
+    )
 
   keep_going = lambda state: (state[0] <= iterations) & ~jnp.all(state[3])  # noqa: E731
   _, pop, fitness, done, x_adv = jax.lax.while_loop(
-      keep_going, generation, (jnp.int32(1), pop, fitness, done, x_adv))
+    keep_going, generation, (jnp.int32(1), pop, fitness, done, x_adv)
+  )
   fittest = pop[batch, jnp.argmin(fitness, axis=1)]
   x_adv = jnp.where(core.per_example(done, x), x_adv, perturb(fittest))
   return core.make_result(x, x_adv, done)

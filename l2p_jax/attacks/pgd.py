@@ -14,10 +14,21 @@ import jax
 from l2p_jax.attacks import core
 
 
-def pgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
-        eps: float, steps: int, step_size: float, random_start: bool = True,
-        restarts: int = 1, loss: str = 'ce', eot_draws: int = 1,
-        unroll: int | bool = 1) -> core.AttackResult:
+def pgd(
+  logits_fn: core.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  eps: float,
+  steps: int,
+  step_size: float,
+  random_start: bool = True,
+  restarts: int = 1,
+  loss: str = 'ce',
+  eot_draws: int = 1,
+  unroll: int | bool = 1,
+) -> core.AttackResult:
   """L-inf PGD: `steps` sign-gradient ascent steps on `loss`, each projected back onto
   the eps-ball around x and [0, 1]; returns the last iterate of the best restart.
 
@@ -36,7 +47,8 @@ def pgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
 
     def step(i, x_adv):
       _, _, grad = core.eot_value_and_grad(
-          logits_fn, loss_fn, jax.random.fold_in(steps_key, i), x_adv, y, eot_draws)
+        logits_fn, loss_fn, jax.random.fold_in(steps_key, i), x_adv, y, eot_draws
+      )
       return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps)
 
     x_adv = jax.lax.fori_loop(0, steps, step, x_adv, unroll=unroll)
@@ -46,9 +58,27 @@ def pgd(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
   return core.make_result(x, x_adv, fooled)
 
 
-def fgsm(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
-         eps: float, loss: str = 'ce', eot_draws: int = 1) -> core.AttackResult:
+def fgsm(
+  logits_fn: core.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  eps: float,
+  loss: str = 'ce',
+  eot_draws: int = 1,
+) -> core.AttackResult:
   """FGSM (Goodfellow et al. 2015): one sign step of size eps from the clean input,
   clipped to [0, 1]; it is PGD with one step and no random start."""
-  return pgd(logits_fn, key, x, y, eps=eps, steps=1, step_size=eps,
-             random_start=False, loss=loss, eot_draws=eot_draws)
+  return pgd(
+    logits_fn,
+    key,
+    x,
+    y,
+    eps=eps,
+    steps=1,
+    step_size=eps,
+    random_start=False,
+    loss=loss,
+    eot_draws=eot_draws,
+  )

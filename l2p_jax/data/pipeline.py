@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -47,25 +47,24 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
 @functools.lru_cache(maxsize=2)
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """The order of the examples in epoch `epoch`, the same on every machine (threefry)."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _SHUFFLE_STREAM),
-                           epoch)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _SHUFFLE_STREAM), epoch)
   order = np.asarray(jax.random.permutation(key, num_examples))
   order.setflags(write=False)  # Cached and shared between calls.
   return order
 
 
-def train_batch(split: HostSplit, *, seed: int, epoch: int, step: int,
-                batch_size: int) -> Batch:
+def train_batch(split: HostSplit, *, seed: int, epoch: int, step: int, batch_size: int) -> Batch:
   """Host batch `step` of epoch `epoch` (this process's rows of the global batch)."""
   steps = steps_per_epoch(split.num_examples, batch_size)
   if not 0 <= step < steps:
     raise IndexError(f'Step {step} outside an epoch of {steps} steps.')
   order = epoch_permutation(seed, epoch, split.num_examples)
-  return _gather(split, order[step * batch_size:(step + 1) * batch_size])
+  return _gather(split, order[step * batch_size : (step + 1) * batch_size])
 
 
-def train_batches(split: HostSplit, *, seed: int, epoch: int, batch_size: int,
-                  start_step: int = 0) -> Iterator[Batch]:
+def train_batches(
+  split: HostSplit, *, seed: int, epoch: int, batch_size: int, start_step: int = 0
+) -> Iterator[Batch]:
   """Host batches of one training epoch from `start_step` on (resuming mid-epoch)."""
   for step in range(start_step, steps_per_epoch(split.num_examples, batch_size)):
     yield train_batch(split, seed=seed, epoch=epoch, step=step, batch_size=batch_size)
@@ -82,10 +81,11 @@ def check_split_fits(split: HostSplit, bytes_limit: int | None) -> None:
   size = split.images.nbytes + split.labels.nbytes
   if bytes_limit is not None and size > MAX_SPLIT_SHARE * bytes_limit:
     raise ValueError(
-        f'The training split {split.name}/{split.split} takes {size:,} bytes '
-        f'({size / 2**30:.2f} GiB), more than {MAX_SPLIT_SHARE:.0%} of the '
-        f'{bytes_limit:,} bytes a device has; set --config.data.on_device=False to '
-        'feed batches from the host.')
+      f'The training split {split.name}/{split.split} takes {size:,} bytes '
+      f'({size / 2**30:.2f} GiB), more than {MAX_SPLIT_SHARE:.0%} of the '
+      f'{bytes_limit:,} bytes a device has; set --config.data.on_device=False to '
+      'feed batches from the host.'
+    )
 
 
 def put_on_mesh(mesh: Mesh, split: HostSplit) -> Batch:
@@ -100,14 +100,14 @@ def put_on_mesh(mesh: Mesh, split: HostSplit) -> Batch:
   return replicate(mesh, {'image': split.images, 'label': split.labels})
 
 
-def epoch_order_on_mesh(mesh: Mesh, seed: int, epoch: int,
-                        num_examples: int) -> jax.Array:
+def epoch_order_on_mesh(mesh: Mesh, seed: int, epoch: int, num_examples: int) -> jax.Array:
   """`epoch_permutation` copied to every device: one transfer per epoch."""
   return replicate(mesh, epoch_permutation(seed, epoch, num_examples))
 
 
-def take_train_batch(arrays: dict[str, jax.Array], order: jax.Array, step: jax.Array,
-                     batch_size: int) -> dict[str, jax.Array]:
+def take_train_batch(
+  arrays: dict[str, jax.Array], order: jax.Array, step: jax.Array, batch_size: int
+) -> dict[str, jax.Array]:
   """Batch `step` of the epoch whose order is `order`, gathered from a split on the
   device (jittable): the same rows, in the same order, as `train_batch`."""
   rows = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
@@ -126,8 +126,9 @@ def eval_batches(split: HostSplit, batch_size: int) -> Iterator[Batch]:
     yield _gather(split, np.where(mask, index, 0), mask=mask)
 
 
-def device_batches(mesh: Mesh, batches: Iterable[Batch],
-                   prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
+def device_batches(
+  mesh: Mesh, batches: Iterable[Batch], prefetch: int = 2
+) -> Iterator[dict[str, jax.Array]]:
   """Places host batches on the mesh (split on `data`), keeping `prefetch` there at once.
 
   Transfers are asynchronous, so with prefetch=2 batch k+1 moves while step k computes.
@@ -163,8 +164,11 @@ def augment(key: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
   offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1)
   flips = jax.random.bernoulli(flip_key, 0.5, (n,))
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  crop = jax.vmap(lambda image, offset: jax.lax.dynamic_slice(
-      image, (offset[0], offset[1], 0), (height, width, channels)))
+  crop = jax.vmap(
+    lambda image, offset: jax.lax.dynamic_slice(
+      image, (offset[0], offset[1], 0), (height, width, channels)
+    )
+  )
   cropped = crop(padded, offsets)
   return to_float(jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped))
 
@@ -175,9 +179,13 @@ def _gather(split: HostSplit, index: np.ndarray, **extra: np.ndarray) -> Batch:
   Every process computes the same global index vector and takes its contiguous
   share, which `shard_batch` joins back into one global array.
   """
+
   def share(array: np.ndarray) -> np.ndarray:
     return np.split(array, jax.process_count())[jax.process_index()]
 
   index = share(index)
-  return {'image': split.images[index], 'label': split.labels[index],
-          **{name: share(value) for name, value in extra.items()}}
+  return {
+    'image': split.images[index],
+    'label': split.labels[index],
+    **{name: share(value) for name, value in extra.items()},
+  }

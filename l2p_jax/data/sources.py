@@ -13,12 +13,13 @@ import dataclasses
 import functools
 import gzip
 import importlib.util
-import pathlib
 import os
+import pathlib
 import pickle
 import shutil
 import tarfile
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,8 +30,8 @@ LOCAL_SPLITS = ('train', 'test')
 # Per-channel mean and std of the training images in [0, 1] units (population std
 # over all pixels), so configs need not read the data to normalize.
 KNOWN_CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
 
@@ -48,6 +49,7 @@ class HostSplit:
 
   The arrays are made read-only: every batch is gathered from them.
   """
+
   name: str
   split: str
   images: np.ndarray
@@ -56,8 +58,9 @@ class HostSplit:
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise ValueError(f'images must be uint8 (N, H, W, C), got {self.images.dtype} '
-                       f'{self.images.shape}')
+      raise ValueError(
+        f'images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}'
+      )
     if self.labels.shape != self.images.shape[:1]:
       raise ValueError(f'{len(self.labels)} labels for {len(self.images)} images')
     for array in (self.images, self.labels):
@@ -68,9 +71,15 @@ class HostSplit:
     return len(self.labels)
 
 
-def load_split(name: str, split: str, *, source: str = 'tfds',
-               data_dir: str | None = None, local_dir: str | None = None,
-               download: bool = False) -> HostSplit:
+def load_split(
+  name: str,
+  split: str,
+  *,
+  source: str = 'tfds',
+  data_dir: str | None = None,
+  local_dir: str | None = None,
+  download: bool = False,
+) -> HostSplit:
   """Reads split `split` of dataset `name` (a TFDS name) into host memory.
 
   source='tfds' reads the dataset prepared under `data_dir` (default: TFDS_DATA_DIR
@@ -84,8 +93,13 @@ def load_split(name: str, split: str, *, source: str = 'tfds',
     images, labels, num_classes = _read_local(name, split, local_dir)
   else:
     raise ValueError(f'Unknown data source {source!r}; expected one of {SOURCES}.')
-  return HostSplit(name=name, split=split, images=np.ascontiguousarray(images),
-                   labels=labels.astype(np.int32), num_classes=num_classes)
+  return HostSplit(
+    name=name,
+    split=split,
+    images=np.ascontiguousarray(images),
+    labels=labels.astype(np.int32),
+    num_classes=num_classes,
+  )
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +108,9 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   Counts the 256 pixel values per channel instead of converting the split to float,
   so it needs no memory beyond one channel.
   """
-  counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256)
-                     for c in range(images.shape[-1])])
+  counts = np.stack(
+    [np.bincount(images[..., c].ravel(), minlength=256) for c in range(images.shape[-1])]
+  )
   values = np.arange(256) / 255.0
   mean = counts @ values / counts.sum(axis=1)
   var = counts @ values**2 / counts.sum(axis=1) - mean**2
@@ -105,43 +120,56 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --- tensorflow-datasets ---------------------------------------------------------
 
 
-def _read_tfds(name: str, split: str, data_dir: str | None,
-               download: bool) -> tuple[np.ndarray, np.ndarray, int]:
+def _read_tfds(
+  name: str, split: str, data_dir: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
   """Reads a TFDS split with `tfds.data_source` (array_record files, no TensorFlow)."""
   root = pathlib.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser()
   dataset_name, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
-  prepared = (root / str(dataset_name) / kwargs.get('config', '')
-              / kwargs.get('version', ''))
+  prepared = root / str(dataset_name) / kwargs.get('config', '') / kwargs.get('version', '')
   # Look on disk ourselves before any tfds call: without prepared files tfds may try
   # to reach the network (GCS metadata, downloads), which hangs on offline machines.
   if not any(prepared.glob('**/dataset_info.json')):
     if not download:
-      raise DatasetNotFoundError(_not_found_message(
-          name, f'no prepared TFDS dataset under {prepared}, and download=False'))
+      raise DatasetNotFoundError(
+        _not_found_message(name, f'no prepared TFDS dataset under {prepared}, and download=False')
+      )
     if importlib.util.find_spec('tensorflow') is None:
-      raise DatasetNotFoundError(_not_found_message(
-          name, f'no prepared TFDS dataset under {prepared}, and tfds '
+      raise DatasetNotFoundError(
+        _not_found_message(
+          name,
+          f'no prepared TFDS dataset under {prepared}, and tfds '
           'needs TensorFlow to prepare (encode) image datasets, which is not '
-          'installed (`pip install tensorflow-cpu` once, for preparing only)'))
+          'installed (`pip install tensorflow-cpu` once, for preparing only)',
+        )
+      )
   before = _tree(root)
   try:
     # data_source picks array_record only when neither data_dir nor builder_kwargs are
     # given; with data_dir it would default to TFRecord, which has no random access.
-    source = tfds.data_source(name, split=split, data_dir=root, download=download,
-                              builder_kwargs={'file_format': 'array_record'})
+    source = tfds.data_source(
+      name,
+      split=split,
+      data_dir=root,
+      download=download,
+      builder_kwargs={'file_format': 'array_record'},
+    )
   except (OSError, tfds.download.DownloadError) as error:  # requests' errors are OSErrors.
     if not download:
       raise
     removed = _remove_new(root, before)
     raise DatasetNotFoundError(
-        f'Downloading {name!r} with tensorflow-datasets failed '
-        f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); '
-        f'removed the {removed} partial files and folders it left under {root}. '
-        f'Without network, {_offline_route(name)}.') from None
+      f'Downloading {name!r} with tensorflow-datasets failed '
+      f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); '
+      f'removed the {removed} partial files and folders it left under {root}. '
+      f'Without network, {_offline_route(name)}.'
+    ) from None
   features = source.dataset_info.features
   if None in features['image'].shape:
-    raise ValueError(f'{name} has images of varying size {features["image"].shape}; '
-                     'only fixed-size image datasets are supported.')
+    raise ValueError(
+      f'{name} has images of varying size {features["image"].shape}; '
+      'only fixed-size image datasets are supported.'
+    )
   examples = [source[i] for i in range(len(source))]
   images = np.stack([example['image'] for example in examples])
   labels = np.array([example['label'] for example in examples])
@@ -169,10 +197,17 @@ def _remove_new(root: pathlib.Path, before: set[str]) -> int:
 # --- original archives -------------------------------------------------------------
 
 
-def _read_cifar(directory: pathlib.Path, split: str, *, archive: str, folder: str,
-                members: dict[str, tuple[str, ...]],
-                label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar(
+  directory: pathlib.Path,
+  split: str,
+  *,
+  archive: str,
+  folder: str,
+  members: dict[str, tuple[str, ...]],
+  label_key: bytes,
+) -> tuple[np.ndarray, np.ndarray]:
   """Reads CIFAR 'python version' pickles from the .tar.gz or its extracted folder."""
+
   def read(files: Callable[[str], BinaryIO]) -> tuple[np.ndarray, np.ndarray]:
     batches = []
     for member in members[split]:
@@ -195,18 +230,22 @@ def _read_idx(path: pathlib.Path) -> np.ndarray:
   try:
     data = gzip.decompress(read.read_bytes()) if read is gz else read.read_bytes()
   except (EOFError, gzip.BadGzipFile) as error:
-    raise DatasetFileError(f'{read} is truncated or not gzip data ({error}); '
-                           'download it again.') from None
+    raise DatasetFileError(
+      f'{read} is truncated or not gzip data ({error}); download it again.'
+    ) from None
   ndim = data[3] if len(data) >= 4 else 0
   if not ndim or len(data) < 4 + 4 * ndim:
-    raise DatasetFileError(f'{read} is truncated or not an idx file: {len(data)} bytes '
-                           'without a complete idx header; download it again.')
+    raise DatasetFileError(
+      f'{read} is truncated or not an idx file: {len(data)} bytes '
+      'without a complete idx header; download it again.'
+    )
   shape = np.frombuffer(data, dtype='>u4', count=ndim, offset=4)
   expected = 4 + 4 * ndim + int(np.prod(shape))
   if len(data) != expected:
     raise DatasetFileError(
-        f'{read} is truncated or not an idx file: {len(data)} bytes, but its header '
-        f'describes {expected} ({"x".join(map(str, shape))}); download it again.')
+      f'{read} is truncated or not an idx file: {len(data)} bytes, but its header '
+      f'describes {expected} ({"x".join(map(str, shape))}); download it again.'
+    )
   return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -221,71 +260,87 @@ def _read_mnist(directory: pathlib.Path, split: str) -> tuple[np.ndarray, np.nda
 @dataclasses.dataclass(frozen=True)
 class LocalFormat:
   """A dataset's original distribution files: what local_dir must hold, and a reader."""
+
   expected: str  # For the error message when the files are missing.
   read: Callable[[pathlib.Path, str], tuple[np.ndarray, np.ndarray]]
   num_classes: int
 
 
-_MNIST_FILES = ('train-images-idx3-ubyte, train-labels-idx1-ubyte, '
-                't10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may end in .gz)')
+_MNIST_FILES = (
+  'train-images-idx3-ubyte, train-labels-idx1-ubyte, '
+  't10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may end in .gz)'
+)
 
 LOCAL_FORMATS: dict[str, LocalFormat] = {
-    'cifar10': LocalFormat(
-        expected='cifar-10-python.tar.gz or its extracted folder cifar-10-batches-py',
-        read=functools.partial(
-            _read_cifar, archive='cifar-10-python.tar.gz', folder='cifar-10-batches-py',
-            members={'train': tuple(f'data_batch_{i}' for i in range(1, 6)),
-                     'test': ('test_batch',)},
-            label_key=b'labels'),
-        num_classes=10),
-    'cifar100': LocalFormat(
-        expected='cifar-100-python.tar.gz or its extracted folder cifar-100-python',
-        read=functools.partial(
-            _read_cifar, archive='cifar-100-python.tar.gz', folder='cifar-100-python',
-            members={'train': ('train',), 'test': ('test',)}, label_key=b'fine_labels'),
-        num_classes=100),
-    'mnist': LocalFormat(expected=_MNIST_FILES, read=_read_mnist, num_classes=10),
-    'fashion_mnist': LocalFormat(expected=_MNIST_FILES, read=_read_mnist, num_classes=10),
+  'cifar10': LocalFormat(
+    expected='cifar-10-python.tar.gz or its extracted folder cifar-10-batches-py',
+    read=functools.partial(
+      _read_cifar,
+      archive='cifar-10-python.tar.gz',
+      folder='cifar-10-batches-py',
+      members={'train': tuple(f'data_batch_{i}' for i in range(1, 6)), 'test': ('test_batch',)},
+      label_key=b'labels',
+    ),
+    num_classes=10,
+  ),
+  'cifar100': LocalFormat(
+    expected='cifar-100-python.tar.gz or its extracted folder cifar-100-python',
+    read=functools.partial(
+      _read_cifar,
+      archive='cifar-100-python.tar.gz',
+      folder='cifar-100-python',
+      members={'train': ('train',), 'test': ('test',)},
+      label_key=b'fine_labels',
+    ),
+    num_classes=100,
+  ),
+  'mnist': LocalFormat(expected=_MNIST_FILES, read=_read_mnist, num_classes=10),
+  'fashion_mnist': LocalFormat(expected=_MNIST_FILES, read=_read_mnist, num_classes=10),
 }
 
 
-def _read_local(name: str, split: str,
-                local_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _read_local(name: str, split: str, local_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
   """Reads a split from the original distribution files in `local_dir`."""
   if name not in LOCAL_FORMATS:
-    raise ValueError(f'No local reader for dataset {name!r}; source=local knows '
-                     f'{sorted(LOCAL_FORMATS)}.')
+    raise ValueError(
+      f'No local reader for dataset {name!r}; source=local knows {sorted(LOCAL_FORMATS)}.'
+    )
   if split not in LOCAL_SPLITS:
-    raise ValueError(f'Unknown split {split!r} for source=local; expected one of '
-                     f'{LOCAL_SPLITS}.')
+    raise ValueError(f'Unknown split {split!r} for source=local; expected one of {LOCAL_SPLITS}.')
   if local_dir is None:
     raise ValueError('source=local needs local_dir, the directory holding the files.')
   directory = pathlib.Path(local_dir).expanduser()
   if directory.exists() and not directory.is_dir():
     raise DatasetNotFoundError(
-        f'data.local_dir={local_dir} is a file; it must be the folder holding '
-        f'{LOCAL_FORMATS[name].expected}.')
+      f'data.local_dir={local_dir} is a file; it must be the folder holding '
+      f'{LOCAL_FORMATS[name].expected}.'
+    )
   try:
     images, labels = LOCAL_FORMATS[name].read(directory, split)
   except FileNotFoundError as e:
-    raise DatasetNotFoundError(
-        _not_found_message(name, f'{e.filename} is missing')) from e
+    raise DatasetNotFoundError(_not_found_message(name, f'{e.filename} is missing')) from e
   return images, labels, LOCAL_FORMATS[name].num_classes
 
 
 def _not_found_message(name: str, looked: str) -> str:
   """The one explanation of a missing dataset: where we looked and the two ways out."""
-  return (f'Dataset {name!r} not found: {looked}. Get it one of two ways:\n'
-          '  1. allow tensorflow-datasets to download and prepare it (network; '
-          'TensorFlow for preparing): --config.data.source=tfds '
-          '--config.data.download=True [--config.data.data_dir=DIR]\n'
-          f'  2. {_offline_route(name)}.')
+  return (
+    f'Dataset {name!r} not found: {looked}. Get it one of two ways:\n'
+    '  1. allow tensorflow-datasets to download and prepare it (network; '
+    'TensorFlow for preparing): --config.data.source=tfds '
+    '--config.data.download=True [--config.data.data_dir=DIR]\n'
+    f'  2. {_offline_route(name)}.'
+  )
 
 
 def _offline_route(name: str) -> str:
   """How to read `name` from its original files without network."""
   if name in LOCAL_FORMATS:
-    return (f'read the original files offline: --config.data.source=local '
-            f'--config.data.local_dir=DIR, where DIR holds {LOCAL_FORMATS[name].expected}')
-  return (f'read the original files offline: --config.data.source=local (only for '
-          f'{", ".join(LOCAL_FORMATS)}; there is none for this dataset)')
+    return (
+      f'read the original files offline: --config.data.source=local '
+      f'--config.data.local_dir=DIR, where DIR holds {LOCAL_FORMATS[name].expected}'
+    )
+  return (
+    f'read the original files offline: --config.data.source=local (only for '
+    f'{", ".join(LOCAL_FORMATS)}; there is none for this dataset)'
+  )

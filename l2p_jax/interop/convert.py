@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2p_jax import checkpointing, data, experiment
-from l2p_jax.interop.torch_checkpoints import (import_torch_checkpoint,
-                                               read_torch_normalization,
-                                               save_torch_checkpoint)
+from l2p_jax.interop.torch_checkpoints import (
+  import_torch_checkpoint,
+  read_torch_normalization,
+  save_torch_checkpoint,
+)
 
 KNOWN_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
@@ -36,8 +38,14 @@ def _image_shape(variables: dict[str, Any], channels: int) -> list[int]:
   return [int(height), int(width), channels]
 
 
-def torch_to_workdir(source: Any, config: ml_collections.ConfigDict, workdir: str,
-                     *, layout: str = 'auto', num_classes: int | None = None) -> str:
+def torch_to_workdir(
+  source: Any,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  layout: str = 'auto',
+  num_classes: int | None = None,
+) -> str:
   """Imports `source` for `config`'s method/architecture into workdir/checkpoints/0.
 
   The normalization is the checkpoint's own Normalize layer when it has one, else the
@@ -47,8 +55,7 @@ def torch_to_workdir(source: Any, config: ml_collections.ConfigDict, workdir: st
   dataset = config.data.dataset
   num_classes = num_classes or KNOWN_NUM_CLASSES.get(dataset)
   if not num_classes:
-    raise ValueError(f'The number of classes of {dataset!r} is not known here; pass '
-                     '--num_classes.')
+    raise ValueError(f'The number of classes of {dataset!r} is not known here; pass --num_classes.')
   normalization = read_torch_normalization(source)
   if normalization is None:
     if config.data.normalization in experiment.CODE_NORMALIZATIONS:
@@ -56,25 +63,44 @@ def torch_to_workdir(source: Any, config: ml_collections.ConfigDict, workdir: st
     elif dataset in data.KNOWN_CHANNEL_STATS:
       normalization = data.KNOWN_CHANNEL_STATS[dataset]
     else:
-      raise ValueError(f'The checkpoint has no Normalize layer and {dataset!r} has no '
-                       'known statistics; set --config.data.normalization.')
+      raise ValueError(
+        f'The checkpoint has no Normalize layer and {dataset!r} has no '
+        'known statistics; set --config.data.normalization.'
+      )
   mean, std = (list(map(float, v)) for v in normalization)
   variables = import_torch_checkpoint(
-      source, arch=config.model.arch, num_classes=num_classes, method=config.method,
-      width=config.model.width, layout=layout, mean=mean, std=std)
+    source,
+    arch=config.model.arch,
+    num_classes=num_classes,
+    method=config.method,
+    width=config.model.width,
+    layout=layout,
+    mean=mean,
+    std=std,
+  )
   if config.method == 'pni':
     config.model.pni_mode = _pni_mode(variables)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
-           'perturb': variables.get('perturb', {}),
-           'batch_stats': variables['batch_stats']}
-  meta = {'config': config.to_dict(), 'num_classes': num_classes, 'mean': mean,
-          'std': std, 'image_shape': _image_shape(variables, len(mean)),
-          'imported_from': str(source) if isinstance(source, (str, os.PathLike))
-                           else type(source).__name__}
+  state = {
+    'step': jnp.zeros((), jnp.int32),
+    'params': variables['params'],
+    'perturb': variables.get('perturb', {}),
+    'batch_stats': variables['batch_stats'],
+  }
+  meta = {
+    'config': config.to_dict(),
+    'num_classes': num_classes,
+    'mean': mean,
+    'std': std,
+    'image_shape': _image_shape(variables, len(mean)),
+    'imported_from': str(source)
+    if isinstance(source, (str, os.PathLike))
+    else type(source).__name__,
+  }
   checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
   if checkpoints.latest_step() is not None:
-    raise FileExistsError(f'{checkpoints.directory} already holds checkpoints; '
-                          'convert into an empty --workdir.')
+    raise FileExistsError(
+      f'{checkpoints.directory} already holds checkpoints; convert into an empty --workdir.'
+    )
   checkpoints.save(0, jax.device_put(state), meta)
   checkpoints.wait()
   checkpoints.close()
@@ -83,26 +109,29 @@ def torch_to_workdir(source: Any, config: ml_collections.ConfigDict, workdir: st
   return checkpoints.path(0)
 
 
-def workdir_to_torch(workdir: str, path: str, layout: str,
-                     step: int | None = None, overwrite: bool = False) -> str:
+def workdir_to_torch(
+  workdir: str, path: str, layout: str, step: int | None = None, overwrite: bool = False
+) -> str:
   """Writes the variables of workdir's checkpoint `step` (default: latest) to `path`
   as a PyTorch checkpoint in `layout`, with the model's Normalize layer in front.
 
   Refuses an existing `path` unless `overwrite`; creates a missing parent folder.
   """
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass --overwrite to replace it, or name '
-                          'another file.')
-  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                          read_only=True)
+    raise FileExistsError(f'{path} exists; pass --overwrite to replace it, or name another file.')
+  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
   step = checkpoints.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f'No checkpoint in {checkpoints.directory}; train one with '
-                            f'train.py --workdir {workdir}.')
+    raise FileNotFoundError(
+      f'No checkpoint in {checkpoints.directory}; train one with train.py --workdir {workdir}.'
+    )
   state, meta = checkpoints.restore(step)
   checkpoints.close()
-  variables = {name: jax.device_get(state[name]) for name in
-               ('params', 'perturb', 'batch_stats') if state.get(name)}
+  variables = {
+    name: jax.device_get(state[name])
+    for name in ('params', 'perturb', 'batch_stats')
+    if state.get(name)
+  }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_torch_checkpoint(path, variables, layout, mean=meta['mean'], std=meta['std'])
   return path

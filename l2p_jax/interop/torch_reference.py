@@ -25,8 +25,8 @@ through `standard_normal`, so a draw made elsewhere can be injected (`inject_dra
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from l2p_jax.models import resnet_layout
 
@@ -36,10 +36,8 @@ class NormalizeLayer(nn.Module):
 
   def __init__(self, mean, std):
     super().__init__()
-    self.mean = nn.Parameter(torch.Tensor(mean).unsqueeze(1).unsqueeze(1),
-                             requires_grad=False)
-    self.std = nn.Parameter(torch.Tensor(std).unsqueeze(1).unsqueeze(1),
-                            requires_grad=False)
+    self.mean = nn.Parameter(torch.Tensor(mean).unsqueeze(1).unsqueeze(1), requires_grad=False)
+    self.std = nn.Parameter(torch.Tensor(std).unsqueeze(1).unsqueeze(1), requires_grad=False)
 
   def forward(self, x):
     return x.sub(self.mean).div(self.std)
@@ -64,11 +62,13 @@ def inject_draws(net: nn.Module, draws: dict[str, torch.Tensor]) -> None:
     modules[owner].injected_draws[name] = value
 
 
-def l2p_noise(x: torch.Tensor, sigma_map: torch.Tensor, owner: nn.Module | None = None,
-              name: str = 'sigma_map') -> torch.Tensor:
+def l2p_noise(
+  x: torch.Tensor, sigma_map: torch.Tensor, owner: nn.Module | None = None, name: str = 'sigma_map'
+) -> torch.Tensor:
   """Learn2Perturb's perturbation: one N(0, 1) draw of the map's shape for the batch."""
-  normal_noise = (sigma_map.clone().normal_(0, 1) if owner is None
-                  else standard_normal(owner, name, sigma_map))
+  normal_noise = (
+    sigma_map.clone().normal_(0, 1) if owner is None else standard_normal(owner, name, sigma_map)
+  )
   return x + (normal_noise * sigma_map).expand(x.size())
 
 
@@ -79,8 +79,7 @@ class _PNIWeight:
     if pni_mode == 'layer':
       alpha = torch.Tensor([0.25])
     elif pni_mode == 'channel':
-      alpha = torch.ones(self.weight.size(0)).view(
-          -1, *[1] * (self.weight.dim() - 1)) * 0.25
+      alpha = torch.ones(self.weight.size(0)).view(-1, *[1] * (self.weight.dim() - 1)) * 0.25
     else:
       alpha = torch.ones(self.weight.size()) * 0.25
     self.alpha_w = nn.Parameter(alpha, requires_grad=True)
@@ -101,8 +100,9 @@ class NoiseConv2d(nn.Conv2d, _PNIWeight):
     self._init_alpha(pni_mode)
 
   def forward(self, x):
-    return F.conv2d(x, self.noisy_weight(), self.bias, self.stride, self.padding,
-                    self.dilation, self.groups)
+    return F.conv2d(
+      x, self.noisy_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
+    )
 
 
 class NoiseLinear(nn.Linear, _PNIWeight):
@@ -119,8 +119,10 @@ class NoiseLinear(nn.Linear, _PNIWeight):
 def _layers(noise: str | None, pni_mode: str):
   """(conv, linear) constructors: PNI's noisy ones or torch's."""
   if noise == 'pni':
-    return (lambda *a, **k: NoiseConv2d(*a, pni_mode=pni_mode, **k),
-            lambda *a, **k: NoiseLinear(*a, pni_mode=pni_mode, **k))
+    return (
+      lambda *a, **k: NoiseConv2d(*a, pni_mode=pni_mode, **k),
+      lambda *a, **k: NoiseLinear(*a, pni_mode=pni_mode, **k),
+    )
   return nn.Conv2d, nn.Linear
 
 
@@ -155,8 +157,7 @@ class BlockV1(nn.Module):
     super().__init__()
     conv, _ = _layers(noise, pni_mode)
     self.add_noise = False
-    self.conv_a = conv(inplanes, planes, kernel_size=3, stride=stride, padding=1,
-                       bias=False)
+    self.conv_a = conv(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
     self.bn_a = nn.BatchNorm2d(planes)
     self.conv_b = conv(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
     self.bn_b = nn.BatchNorm2d(planes)
@@ -180,8 +181,16 @@ class ResNetV1(nn.Module):
   """L2P_ResNet_V1 (noise='l2p'), PNI's noisy CifarResNet (noise='pni') or the plain
   CIFAR ResNet they both start from (noise=None)."""
 
-  def __init__(self, depth, num_classes=10, width=1.0, image_size=32, noise=None,
-               pni_mode='layer', in_channels=3):
+  def __init__(
+    self,
+    depth,
+    num_classes=10,
+    width=1.0,
+    image_size=32,
+    noise=None,
+    pni_mode='layer',
+    in_channels=3,
+  ):
     super().__init__()
     layout = resnet_layout(f'resnet{depth}', width)
     conv, linear = _layers(noise, pni_mode)
@@ -192,15 +201,13 @@ class ResNetV1(nn.Module):
     if noise == 'l2p':
       self.cn1_sigma_map = nn.Parameter(torch.ones((stem, image_size, image_size)) * 0.25)
     inplanes, side = stem, image_size
-    for stage, (blocks, planes) in enumerate(
-        zip(layout['stage_sizes'], layout['stage_features'])):
+    for stage, (blocks, planes) in enumerate(zip(layout['stage_sizes'], layout['stage_features'])):
       layers = []
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         side //= stride
         downsample = DownsampleA(stride) if stride != 1 or inplanes != planes else None
-        layers.append(BlockV1(inplanes, planes, stride, downsample, noise, pni_mode,
-                              (side, side)))
+        layers.append(BlockV1(inplanes, planes, stride, downsample, noise, pni_mode, (side, side)))
         inplanes = planes
       setattr(self, f'stage_{stage + 1}', nn.Sequential(*layers))
     self.num_stages = len(layout['stage_sizes'])
@@ -224,16 +231,19 @@ class BlockKuangliu(nn.Module):
     super().__init__()
     conv, _ = _layers(noise, pni_mode)
     self.add_noise = False
-    self.conv1 = conv(in_planes, planes, kernel_size=3, stride=stride, padding=1,
-                      bias=False)
+    self.conv1 = conv(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
     self.bn1 = nn.BatchNorm2d(planes)
     self.conv2 = conv(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
     self.bn2 = nn.BatchNorm2d(planes)
     self.shortcut = nn.Sequential()
     if stride != 1 or in_planes != planes:
-      self.shortcut = PadBothSides(planes) if shortcut == 'A' else nn.Sequential(
-          conv(in_planes, planes, kernel_size=1, stride=stride, bias=False),
-          nn.BatchNorm2d(planes))
+      self.shortcut = (
+        PadBothSides(planes)
+        if shortcut == 'A'
+        else nn.Sequential(
+          conv(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+        )
+      )
     if noise == 'l2p':
       self.sigma_map = nn.Parameter(torch.ones((planes, *map_hw)) * 0.25)
 
@@ -250,8 +260,16 @@ class ResNetKuangliu(nn.Module):
   """L2P_ResNet_V2 for arch 'resnet18' (projection shortcuts), akamaster's ResNet-V1 for
   'resnet<6n+2>' (symmetric zero padding), with the noise of `noise`."""
 
-  def __init__(self, arch, num_classes=10, width=1.0, image_size=32, noise=None,
-               pni_mode='layer', in_channels=3):
+  def __init__(
+    self,
+    arch,
+    num_classes=10,
+    width=1.0,
+    image_size=32,
+    noise=None,
+    pni_mode='layer',
+    in_channels=3,
+  ):
     super().__init__()
     layout = resnet_layout(arch, width)
     conv, linear = _layers(noise, pni_mode)
@@ -262,14 +280,16 @@ class ResNetKuangliu(nn.Module):
     self.conv1 = conv(in_channels, stem, kernel_size=3, stride=1, padding=1, bias=False)
     self.bn1 = nn.BatchNorm2d(stem)
     in_planes, side = stem, image_size
-    for stage, (blocks, planes) in enumerate(
-        zip(layout['stage_sizes'], layout['stage_features'])):
+    for stage, (blocks, planes) in enumerate(zip(layout['stage_sizes'], layout['stage_features'])):
       layers = []
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         side //= stride
-        layers.append(BlockKuangliu(in_planes, planes, stride, layout['shortcut'],
-                                    noise, pni_mode, (side, side)))
+        layers.append(
+          BlockKuangliu(
+            in_planes, planes, stride, layout['shortcut'], noise, pni_mode, (side, side)
+          )
+        )
         in_planes = planes
       setattr(self, f'layer{stage + 1}', nn.Sequential(*layers))
     self.num_stages = len(layout['stage_sizes'])

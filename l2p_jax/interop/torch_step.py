@@ -14,11 +14,12 @@ PGD start can be given, so that a run can follow another framework's exactly
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from l2p_jax.interop import torch_reference as ref
 
@@ -34,8 +35,9 @@ class _Bayes:
 
   def _init_sigma(self, init_sigma: float) -> None:
     self.weight_log_sigma = nn.Parameter(torch.full_like(self.weight, math.log(init_sigma)))
-    self.bias_log_sigma = (None if self.bias is None else
-                           nn.Parameter(torch.full_like(self.bias, math.log(init_sigma))))
+    self.bias_log_sigma = (
+      None if self.bias is None else nn.Parameter(torch.full_like(self.bias, math.log(init_sigma)))
+    )
     self.w_noise = True  # `torch_reference.set_noise` switches it, as PNI's flag.
 
   def sampled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,8 +45,10 @@ class _Bayes:
     (the means themselves with noise off)."""
     if not self.w_noise:
       return self.weight, self.bias
+
     def sample(name: str, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
       return mean + log_sigma.exp() * ref.standard_normal(self, name, mean)
+
     bias = None if self.bias is None else sample('bias', self.bias, self.bias_log_sigma)
     return sample('weight', self.weight, self.weight_log_sigma), bias
 
@@ -53,8 +57,14 @@ class _Bayes:
     pairs = [(self.weight, self.weight_log_sigma)]
     if self.bias is not None:
       pairs.append((self.bias, self.bias_log_sigma))
-    return sum(torch.sum(0.5 * ((2 * s).exp() / prior_sigma**2 + m**2 / prior_sigma**2 - 1)
-                         - s + math.log(prior_sigma)) for m, s in pairs)
+    return sum(
+      torch.sum(
+        0.5 * ((2 * s).exp() / prior_sigma**2 + m**2 / prior_sigma**2 - 1)
+        - s
+        + math.log(prior_sigma)
+      )
+      for m, s in pairs
+    )
 
 
 class BayesConv2d(nn.Conv2d, _Bayes):
@@ -76,6 +86,7 @@ class FlaxStatsBatchNorm2d(nn.BatchNorm2d):
   """BatchNorm2d whose running statistics move as Flax's do: toward the biased batch
   variance, and only in the passes whose `update_stats` is True (the loss's, not
   PGD's); it normalizes exactly as BatchNorm2d."""
+
   update_stats = True
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,25 +113,42 @@ def _replace_modules(model: nn.Module, make: Callable[[nn.Module], nn.Module | N
 
 def bayesianize(model: nn.Module, init_sigma: float) -> nn.Module:
   """Replaces every Conv2d and Linear of `model` by its Bayesian version, in place."""
+
   def make(child):
     if type(child) is nn.Conv2d:
-      new = BayesConv2d(child.in_channels, child.out_channels, child.kernel_size,
-                        child.stride, child.padding, bias=child.bias is not None)
+      new = BayesConv2d(
+        child.in_channels,
+        child.out_channels,
+        child.kernel_size,
+        child.stride,
+        child.padding,
+        bias=child.bias is not None,
+      )
     elif type(child) is nn.Linear:
       new = BayesLinear(child.in_features, child.out_features, bias=child.bias is not None)
     else:
       return None
     new._init_sigma(init_sigma)
     return new
+
   _replace_modules(model, make)
   return model
 
 
-def build_model(method: str, arch: str, *, num_classes: int = 10, width: float = 1.0,
-                image_size: int = 32, in_channels: int = 3,
-                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                pni_mode: str = 'layer', bnn_init_sigma: float = 0.08,
-                batch_norm: str = 'authors') -> nn.Module:
+def build_model(
+  method: str,
+  arch: str,
+  *,
+  num_classes: int = 10,
+  width: float = 1.0,
+  image_size: int = 32,
+  in_channels: int = 3,
+  mean=(0.4914, 0.4822, 0.4465),
+  std=(0.2470, 0.2435, 0.2616),
+  pni_mode: str = 'layer',
+  bnn_init_sigma: float = 0.08,
+  batch_norm: str = 'authors',
+) -> nn.Module:
   """The authors' network for `method` and `arch` (resnet<6n+2>: L2P_ResNet_V1 /
   PNI's CifarResNet; resnet18: L2P_ResNet_V2), behind their input normalization.
 
@@ -131,8 +159,14 @@ def build_model(method: str, arch: str, *, num_classes: int = 10, width: float =
   if batch_norm not in BATCH_NORMS:
     raise ValueError(f'Unknown batch_norm {batch_norm!r}; expected one of {BATCH_NORMS}.')
   noise = {'l2p': 'l2p', 'pni': 'pni'}.get(method)
-  kwargs = dict(num_classes=num_classes, width=width, image_size=image_size,
-                noise=noise, pni_mode=pni_mode, in_channels=in_channels)
+  kwargs = dict(
+    num_classes=num_classes,
+    width=width,
+    image_size=image_size,
+    noise=noise,
+    pni_mode=pni_mode,
+    in_channels=in_channels,
+  )
   if arch == 'resnet18':
     net = ref.ResNetKuangliu(arch, **kwargs)
   else:
@@ -140,8 +174,12 @@ def build_model(method: str, arch: str, *, num_classes: int = 10, width: float =
   if method == 'adv_bnn':
     bayesianize(net, bnn_init_sigma)
   if batch_norm == 'ours':
-    _replace_modules(net, lambda child: FlaxStatsBatchNorm2d(child.num_features)
-                     if type(child) is nn.BatchNorm2d else None)
+    _replace_modules(
+      net,
+      lambda child: (
+        FlaxStatsBatchNorm2d(child.num_features) if type(child) is nn.BatchNorm2d else None
+      ),
+    )
   ref.set_noise(net, noise is not None)
   return nn.Sequential(ref.NormalizeLayer(mean, std), net)
 
@@ -162,10 +200,18 @@ def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
   return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
-        step_size: float, start: torch.Tensor | None = None,
-        before_step: Callable[[int], None] | None = None,
-        signs: list[torch.Tensor] | None = None) -> torch.Tensor:
+def pgd(
+  model: nn.Module,
+  x: torch.Tensor,
+  y: torch.Tensor,
+  *,
+  eps: float,
+  steps: int,
+  step_size: float,
+  start: torch.Tensor | None = None,
+  before_step: Callable[[int], None] | None = None,
+  signs: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
   """L-inf PGD on the summed cross-entropy, input gradients only (torch.autograd.grad),
   as `l2p_jax.attacks.pgd`: from `start`, else a uniform random start.
 
@@ -178,7 +224,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps
       before_step(i)
     x_adv = x_adv.detach().requires_grad_(True)
     loss = F.cross_entropy(model(x_adv), y, reduction='sum')
-    grad, = torch.autograd.grad(loss, x_adv)
+    (grad,) = torch.autograd.grad(loss, x_adv)
     if signs is not None:
       signs.append(grad.sign())
     x_adv = x_adv.detach() + step_size * grad.sign()
@@ -202,14 +248,24 @@ def _set_update_stats(model: nn.Module, on: bool) -> None:
       module.update_stats = on
 
 
-def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
-                    step_size: float = 0.01, clean_weight: float = 0.5,
-                    adv_weight: float = 0.5, alternation: str = 'paper',
-                    momentum: float = 0.9, nesterov: bool = True,
-                    weight_decay: float = 1e-4, kl_weight: float = 1 / 50000,
-                    prior_sigma: float = 0.08, theta_floor: float = 0.01,
-                    attack_labels: str = 'prediction',
-                    attack_batchnorm: str = 'batch') -> Callable[..., torch.Tensor]:
+def make_train_step(
+  model: nn.Module,
+  *,
+  pgd_steps: int,
+  eps: float = 8 / 255,
+  step_size: float = 0.01,
+  clean_weight: float = 0.5,
+  adv_weight: float = 0.5,
+  alternation: str = 'paper',
+  momentum: float = 0.9,
+  nesterov: bool = True,
+  weight_decay: float = 1e-4,
+  kl_weight: float = 1 / 50000,
+  prior_sigma: float = 0.08,
+  theta_floor: float = 0.01,
+  attack_labels: str = 'prediction',
+  attack_batchnorm: str = 'batch',
+) -> Callable[..., torch.Tensor]:
   """A function step(x, labels, *, lr, ...) -> loss doing one training iteration on
   `model` (from `build_model`), keeping its optimizers between calls.
 
@@ -223,35 +279,47 @@ def make_train_step(model: nn.Module, *, pgd_steps: int, eps: float = 8 / 255,
   """
   if alternation not in ALTERNATIONS:
     raise ValueError(f'Unknown alternation {alternation!r}; expected one of {ALTERNATIONS}.')
-  return _TrainStep(model, pgd_steps=pgd_steps, eps=eps, step_size=step_size,
-                    clean_weight=clean_weight, adv_weight=adv_weight,
-                    alternation=alternation, momentum=momentum, nesterov=nesterov,
-                    weight_decay=weight_decay, kl_weight=kl_weight,
-                    prior_sigma=prior_sigma, theta_floor=theta_floor,
-                    attack_labels=attack_labels, attack_batchnorm=attack_batchnorm)
+  return _TrainStep(
+    model,
+    pgd_steps=pgd_steps,
+    eps=eps,
+    step_size=step_size,
+    clean_weight=clean_weight,
+    adv_weight=adv_weight,
+    alternation=alternation,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
+    kl_weight=kl_weight,
+    prior_sigma=prior_sigma,
+    theta_floor=theta_floor,
+    attack_labels=attack_labels,
+    attack_batchnorm=attack_batchnorm,
+  )
 
 
 class _TrainStep:
   """The authors' training iteration on one model with its two SGD optimizers (see
   make_train_step); calling it does one step."""
 
-  def __init__(self, model: nn.Module, *, momentum: float, nesterov: bool,
-               weight_decay: float, **settings: Any):
+  def __init__(
+    self, model: nn.Module, *, momentum: float, nesterov: bool, weight_decay: float, **settings: Any
+  ):
     self.model, self.net = model, model[1]
     self.settings = settings
     weights, self.perturb = split_parameters(model)
 
     def sgd(params, decay):
-      return torch.optim.SGD(params, lr=0.0, momentum=momentum, nesterov=nesterov,
-                             weight_decay=decay)
+      return torch.optim.SGD(
+        params, lr=0.0, momentum=momentum, nesterov=nesterov, weight_decay=decay
+      )
 
     self.opt_weights = sgd(weights, weight_decay)
     self.opt_perturb = sgd(self.perturb, 0.0) if self.perturb else None
     self.thetas = [p for n, p in model.named_parameters() if n.endswith('sigma_map')]
     self.bayes = [m for m in model.modules() if isinstance(m, _Bayes)]
 
-  def descend(self, optimizers: Sequence[torch.optim.Optimizer],
-              objective: torch.Tensor) -> None:
+  def descend(self, optimizers: Sequence[torch.optim.Optimizer], objective: torch.Tensor) -> None:
     """One step of `optimizers` on `objective`, L2P's maps floored after."""
     # Gradients of the updated collections only, as XLA computes only what is used.
     params = [p for opt in optimizers for group in opt.param_groups for p in group['params']]
@@ -264,22 +332,30 @@ class _TrainStep:
       for t in self.thetas:
         t.clamp_(min=self.settings['theta_floor'])
 
-  def prepare(self, draws: dict[str, Any], site: str, update_stats: bool,
-              index: int | None = None) -> None:
+  def prepare(
+    self, draws: dict[str, Any], site: str, update_stats: bool, index: int | None = None
+  ) -> None:
     """Injects the draws of pass `site` (PGD step `index`) and sets BatchNorm's mode."""
     site_draws = draws.get(site, {})
-    ref.inject_draws(self.net, site_draws[index] if index is not None and site_draws
-                     else site_draws)
+    ref.inject_draws(
+      self.net, site_draws[index] if index is not None and site_draws else site_draws
+    )
     _set_update_stats(self.model, update_stats)
 
-  def forward(self, inputs: torch.Tensor, draws: dict[str, Any], site: str,
-              update_stats: bool) -> torch.Tensor:
+  def forward(
+    self, inputs: torch.Tensor, draws: dict[str, Any], site: str, update_stats: bool
+  ) -> torch.Tensor:
     self.prepare(draws, site, update_stats)
     return self.model(inputs)
 
-  def loss_of(self, clean: torch.Tensor, x_adv: torch.Tensor | None,
-              labels: torch.Tensor, draws: dict[str, Any],
-              update_stats: bool) -> torch.Tensor:
+  def loss_of(
+    self,
+    clean: torch.Tensor,
+    x_adv: torch.Tensor | None,
+    labels: torch.Tensor,
+    draws: dict[str, Any],
+    update_stats: bool,
+  ) -> torch.Tensor:
     """The mixed clean/adversarial cross-entropy, plus Adv-BNN's weighted KL."""
     s = self.settings
     loss = F.cross_entropy(clean, labels)
@@ -290,16 +366,25 @@ class _TrainStep:
       loss = loss + s['kl_weight'] * sum(m.kl(s['prior_sigma']) for m in self.bayes)
     return loss
 
-  def __call__(self, x: torch.Tensor, labels: torch.Tensor, *, lr: float,
-               reg_weight: float = 0.0, noise: bool = True, adversarial: bool = True,
-               train_perturb: bool = True, pgd_start: torch.Tensor | None = None,
-               draws: dict[str, Any] | None = None,
-               signs: list[torch.Tensor] | None = None) -> torch.Tensor:
+  def __call__(
+    self,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    reg_weight: float = 0.0,
+    noise: bool = True,
+    adversarial: bool = True,
+    train_perturb: bool = True,
+    pgd_start: torch.Tensor | None = None,
+    draws: dict[str, Any] | None = None,
+    signs: list[torch.Tensor] | None = None,
+  ) -> torch.Tensor:
     s = self.settings
     self.model.train()
     ref.set_noise(self.net, noise)
     for opt in (self.opt_weights, self.opt_perturb):
-      for group in (opt.param_groups if opt else ()):
+      for group in opt.param_groups if opt else ():
         group['lr'] = lr
     draws = draws or {}
     l2p = bool(self.thetas) and train_perturb
@@ -312,16 +397,27 @@ class _TrainStep:
     if adversarial:
       target = labels if s['attack_labels'] == 'true' else clean.detach().argmax(1)
       self.model.train(s['attack_batchnorm'] != 'running')
-      x_adv = pgd(self.model, x, target, eps=s['eps'], steps=s['pgd_steps'],
-                  step_size=s['step_size'], start=pgd_start, signs=signs,
-                  before_step=lambda i: self.prepare(draws, 'pgd', False, i))
+      x_adv = pgd(
+        self.model,
+        x,
+        target,
+        eps=s['eps'],
+        steps=s['pgd_steps'],
+        step_size=s['step_size'],
+        start=pgd_start,
+        signs=signs,
+        before_step=lambda i: self.prepare(draws, 'pgd', False, i),
+      )
       self.model.train()
     loss = self.loss_of(clean, x_adv, labels, draws, not paper)
     if paper:  # theta with W fixed, then W at the new theta (same draws, same x_adv).
       self.descend([self.opt_perturb], loss + regularizer())
-      self.descend([self.opt_weights], self.loss_of(
-          self.forward(x, draws, 'clean', True), x_adv, labels, draws, True))
+      self.descend(
+        [self.opt_weights],
+        self.loss_of(self.forward(x, draws, 'clean', True), x_adv, labels, draws, True),
+      )
     else:
-      self.descend([self.opt_weights] + ([self.opt_perturb]
-                                         if self.perturb and train_perturb else []), loss)
+      self.descend(
+        [self.opt_weights] + ([self.opt_perturb] if self.perturb and train_perturb else []), loss
+      )
     return loss.detach()

@@ -16,11 +16,11 @@ import dataclasses
 import functools
 from typing import Any
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from l2p_jax import data, experiment, objectives, optim, training
 from l2p_jax.attacks import core
@@ -37,25 +37,34 @@ def _torch_modules():
   """(torch, torch_reference, torch_step), or an ImportError saying how to get torch."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
+
     from l2p_jax.interop import torch_reference, torch_step  # pylint: disable=import-outside-toplevel
   except ImportError as error:
     raise ImportError(TORCH_HINT) from error
   return torch, torch_reference, torch_step
 
 
-def pgd_trace(logits_fn: core.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array, *,
-              eps: float, steps: int, step_size: float, random_start: bool
-              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def pgd_trace(
+  logits_fn: core.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  eps: float,
+  steps: int,
+  step_size: float,
+  random_start: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """`attacks.pgd` with one restart and no EOT, step by step: (start, noise key of
   each step, gradient sign of each step, last iterate), by pgd.py's key layout."""
   start_key, steps_key, _ = jax.random.split(jax.random.fold_in(key, 0), 3)
   x0 = core.linf_random_start(start_key, x, eps) if random_start else x
-  noise_keys = jax.vmap(lambda i: jax.random.fold_in(
-      jax.random.fold_in(steps_key, i), 0))(jnp.arange(steps))
+  noise_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(steps_key, i), 0))(
+    jnp.arange(steps)
+  )
 
   def step(x_adv, noise_key):
-    grad = jax.grad(lambda z: jnp.sum(core.cross_entropy(logits_fn(z, noise_key), y)))(
-        x_adv)
+    grad = jax.grad(lambda z: jnp.sum(core.cross_entropy(logits_fn(z, noise_key), y)))(x_adv)
     return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps), jnp.sign(grad)
 
   x_adv, signs = jax.lax.scan(step, x0, noise_keys)
@@ -72,21 +81,28 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
     problems.append('model.l2p_per_example=True (the authors draw one eps per batch)')
   if steps < 1:
     problems.append(f'steps={steps} (needs at least 1)')
-  if (config.adv.attack_batchnorm == 'running' and config.method == 'l2p'
-      and config.l2p.alternation == 'paper'):
-    problems.append('adv.attack_batchnorm=running with l2p.alternation=paper (the '
-                    "reference's first clean pass of that alternation leaves the "
-                    'running statistics alone)')
+  if (
+    config.adv.attack_batchnorm == 'running'
+    and config.method == 'l2p'
+    and config.l2p.alternation == 'paper'
+  ):
+    problems.append(
+      'adv.attack_batchnorm=running with l2p.alternation=paper (the '
+      "reference's first clean pass of that alternation leaves the "
+      'running statistics alone)'
+    )
   if config.adv.clean_weight == 0:
-    problems.append('adv.clean_weight=0 (the reference always runs the clean pass '
-                    'through BatchNorm)')
+    problems.append(
+      'adv.clean_weight=0 (the reference always runs the clean pass through BatchNorm)'
+    )
   if config.method == 'adv_bnn':  # The reference follows the Adv-BNN paper's variant.
     for field, value, paper in (
-        ('optim.optimizer', config.optim.optimizer, 'sgd'),
-        ('optim.restart_at_boundaries', config.optim.restart_at_boundaries, False),
-        ('bnn.kl_scope', config.bnn.kl_scope, 'all'),
-        ('model.bnn_batchnorm', config.model.bnn_batchnorm, False),
-        ('model.bnn_mean_init', config.model.bnn_mean_init, 'kaiming_normal')):
+      ('optim.optimizer', config.optim.optimizer, 'sgd'),
+      ('optim.restart_at_boundaries', config.optim.restart_at_boundaries, False),
+      ('bnn.kl_scope', config.bnn.kl_scope, 'all'),
+      ('model.bnn_batchnorm', config.model.bnn_batchnorm, False),
+      ('model.bnn_mean_init', config.model.bnn_mean_init, 'kaiming_normal'),
+    ):
       if value != paper:
         problems.append(f'{field}={value!r} (the PyTorch reference has {paper!r} only)')
   if problems:
@@ -95,15 +111,18 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
 
 def _entries(variables: dict[str, Any]) -> dict[tuple[str, ...], Any]:
   """Torch counterparts of our variables; Bayesian log-sigmas go with their means."""
-  shapes = {path: tuple(np.shape(v)) for path, v in
-            traverse_util.flatten_dict(variables).items() if not path[-1].endswith(LOG_SIGMA)}
+  shapes = {
+    path: tuple(np.shape(v))
+    for path, v in traverse_util.flatten_dict(variables).items()
+    if not path[-1].endswith(LOG_SIGMA)
+  }
   return torch_entries(shapes, LAYOUT)
 
 
 def _torch_key(path: tuple[str, ...], entries) -> tuple[str, Any]:
   """(torch key, entry) of one of our variables; `<mean>_log_sigma` -> `weight_log_sigma`."""
   if path[-1].endswith(LOG_SIGMA):
-    entry = entries[('params', *path[1:-1], path[-1][:-len(LOG_SIGMA)])]
+    entry = entries[('params', *path[1:-1], path[-1][: -len(LOG_SIGMA)])]
     return entry.key + LOG_SIGMA, entry
   return entries[path].key, entries[path]
 
@@ -153,9 +172,15 @@ def _collection_differences(ours: dict, theirs: dict) -> dict[str, dict[str, flo
   return out
 
 
-def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit,
-            *, batch_norm: str = 'ours', noise: bool = True,
-            train_split_size: int | None = None) -> dict[str, Any]:
+def compare(
+  config: ml_collections.ConfigDict,
+  steps: int,
+  split: data.HostSplit,
+  *,
+  batch_norm: str = 'ours',
+  noise: bool = True,
+  train_split_size: int | None = None,
+) -> dict[str, Any]:
   """Trains `config` for `steps` optimizer steps with l2p_jax's `train_step` and with
   the authors' PyTorch step from the same start, on `split`'s batches in training
   order; returns the report (see the module docstring and README).
@@ -168,69 +193,108 @@ def compare(config: ml_collections.ConfigDict, steps: int, split: data.HostSplit
   check_config(config, steps)
   mean, std = experiment.normalization(config, split)
   model = experiment.build_model(config, split.num_classes, mean, std)
-  optimizers = optim.make_optimizers(config.optim.momentum, config.optim.nesterov,
-                                     config.optim.weight_decay)
-  state = jax.jit(functools.partial(training.create_train_state, model, optimizers,
-                                    image_shape=split.images.shape[1:]))(
-      jax.random.fold_in(jax.random.key(config.seed), training.INIT_STREAM))
+  optimizers = optim.make_optimizers(
+    config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
+  )
+  state = jax.jit(
+    functools.partial(
+      training.create_train_state, model, optimizers, image_shape=split.images.shape[1:]
+    )
+  )(jax.random.fold_in(jax.random.key(config.seed), training.INIT_STREAM))
   kl_weight = training.kl_loss_weight(config, train_split_size or split.num_examples)
   entries = _entries(state.variables)
-  net, torch_train_step = _torch_twin(config, split, state, entries, mean, std,
-                                      batch_norm, kl_weight)
-  jax_step = jax.jit(functools.partial(
-      training.train_step, model=model, config=config, optimizers=optimizers,
-      kl_weight=kl_weight), static_argnames='phase')
-  inputs = jax.jit(functools.partial(_step_inputs, model=model, config=config,
-                                     optimizers=optimizers), static_argnames='phase')
+  net, torch_train_step = _torch_twin(
+    config, split, state, entries, mean, std, batch_norm, kl_weight
+  )
+  jax_step = jax.jit(
+    functools.partial(
+      training.train_step, model=model, config=config, optimizers=optimizers, kl_weight=kl_weight
+    ),
+    static_argnames='phase',
+  )
+  inputs = jax.jit(
+    functools.partial(_step_inputs, model=model, config=config, optimizers=optimizers),
+    static_argnames='phase',
+  )
   steps_per_epoch = data.steps_per_epoch(split.num_examples, config.batch_size)
   records = []
   for k in range(steps):
     epoch = k // steps_per_epoch
     phase = training.phase_for_epoch(config, epoch)
     phase = dataclasses.replace(phase, noise=phase.noise and noise)
-    lr = optim.learning_rate(epoch, config.optim.learning_rate,
-                             config.optim.lr_boundaries, config.optim.lr_decay)
+    lr = optim.learning_rate(
+      epoch, config.optim.learning_rate, config.optim.lr_boundaries, config.optim.lr_decay
+    )
     reg_weight = training.regularizer_weight(config, epoch)
-    batch = data.train_batch(split, seed=config.seed, epoch=epoch,
-                             step=k % steps_per_epoch, batch_size=config.batch_size)
+    batch = data.train_batch(
+      split, seed=config.seed, epoch=epoch, step=k % steps_per_epoch, batch_size=config.batch_size
+    )
     batch = jax.tree.map(jnp.asarray, batch)
     made = inputs(state, batch, reg_weight, lr, phase=phase)
     state = jax_step(training.reset_epoch_sums(state), batch, lr, reg_weight, phase=phase)
-    torch_loss, torch_signs = _torch_step(torch_train_step, made, batch, entries, config,
-                                          lr=lr, reg_weight=reg_weight, phase=phase)
-    records.append(_step_record(k, epoch, lr, phase, state, net, entries, made,
-                                torch_loss, torch_signs))
+    torch_loss, torch_signs = _torch_step(
+      torch_train_step, made, batch, entries, config, lr=lr, reg_weight=reg_weight, phase=phase
+    )
+    records.append(
+      _step_record(k, epoch, lr, phase, state, net, entries, made, torch_loss, torch_signs)
+    )
   return _report(config, batch_norm, records)
 
 
-def _torch_twin(config: ml_collections.ConfigDict, split: data.HostSplit, state: Any,
-                entries: dict, mean: Any, std: Any, batch_norm: str,
-                kl_weight: float) -> tuple[Any, Any]:
+def _torch_twin(
+  config: ml_collections.ConfigDict,
+  split: data.HostSplit,
+  state: Any,
+  entries: dict,
+  mean: Any,
+  std: Any,
+  batch_norm: str,
+  kl_weight: float,
+) -> tuple[Any, Any]:
   """(net, step): the authors' PyTorch network holding `state`'s variables, and its
   training step with `config`'s settings."""
   torch, _, torch_step = _torch_modules()
   image_shape = split.images.shape[1:]
   torch.manual_seed(config.seed)
   torch_model = torch_step.build_model(
-      config.method, config.model.arch, num_classes=split.num_classes,
-      width=config.model.width, image_size=image_shape[0], in_channels=image_shape[2],
-      mean=mean, std=std, pni_mode=config.model.pni_mode,
-      bnn_init_sigma=config.model.bnn_init_sigma, batch_norm=batch_norm)
+    config.method,
+    config.model.arch,
+    num_classes=split.num_classes,
+    width=config.model.width,
+    image_size=image_shape[0],
+    in_channels=image_shape[2],
+    mean=mean,
+    std=std,
+    pni_mode=config.model.pni_mode,
+    bnn_init_sigma=config.model.bnn_init_sigma,
+    batch_norm=batch_norm,
+  )
   net = torch_model[1]
   missing, unexpected = net.load_state_dict(
-      {k: torch.from_numpy(v) for k, v in to_torch_state(state.variables, entries).items()},
-      strict=False)
+    {k: torch.from_numpy(v) for k, v in to_torch_state(state.variables, entries).items()},
+    strict=False,
+  )
   if unexpected or any(not k.endswith('num_batches_tracked') for k in missing):
-    raise RuntimeError(f'Export to the PyTorch reference failed: missing {missing}, '
-                       f'unexpected {unexpected}.')
+    raise RuntimeError(
+      f'Export to the PyTorch reference failed: missing {missing}, unexpected {unexpected}.'
+    )
   return net, torch_step.make_train_step(
-      torch_model, pgd_steps=config.adv.steps, eps=config.adv.eps,
-      step_size=config.adv.step_size, clean_weight=config.adv.clean_weight,
-      adv_weight=config.adv.adv_weight, alternation=config.l2p.alternation,
-      momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-      weight_decay=config.optim.weight_decay, kl_weight=kl_weight,
-      prior_sigma=config.bnn.prior_sigma, theta_floor=config.l2p.theta_floor,
-      attack_labels=config.adv.labels, attack_batchnorm=config.adv.attack_batchnorm)
+    torch_model,
+    pgd_steps=config.adv.steps,
+    eps=config.adv.eps,
+    step_size=config.adv.step_size,
+    clean_weight=config.adv.clean_weight,
+    adv_weight=config.adv.adv_weight,
+    alternation=config.l2p.alternation,
+    momentum=config.optim.momentum,
+    nesterov=config.optim.nesterov,
+    weight_decay=config.optim.weight_decay,
+    kl_weight=kl_weight,
+    prior_sigma=config.bnn.prior_sigma,
+    theta_floor=config.l2p.theta_floor,
+    attack_labels=config.adv.labels,
+    attack_batchnorm=config.adv.attack_batchnorm,
+  )
 
 
 def _to_torch_images(images: jax.Array) -> Any:
@@ -239,9 +303,17 @@ def _to_torch_images(images: jax.Array) -> Any:
   return torch.from_numpy(np.array(images).transpose(0, 3, 1, 2))
 
 
-def _torch_step(torch_train_step, made: dict[str, Any], batch: dict[str, jax.Array],
-                entries: dict, config: ml_collections.ConfigDict, *, lr: float,
-                reg_weight: float, phase: training.Phase) -> tuple[float, list]:
+def _torch_step(
+  torch_train_step,
+  made: dict[str, Any],
+  batch: dict[str, jax.Array],
+  entries: dict,
+  config: ml_collections.ConfigDict,
+  *,
+  lr: float,
+  reg_weight: float,
+  phase: training.Phase,
+) -> tuple[float, list]:
   """The PyTorch step on the inputs and draws our step uses: (its loss, the gradient
   sign of each PGD step)."""
   torch = _torch_modules()[0]
@@ -249,72 +321,127 @@ def _torch_step(torch_train_step, made: dict[str, Any], batch: dict[str, jax.Arr
   torch_signs = []
   if phase.adversarial:
     draws['adv'] = torch_draws(made['draws']['adv'], entries)
-    draws['pgd'] = [torch_draws(jax.tree.map(lambda d: d[i], made['draws']['pgd']),
-                                entries) for i in range(config.adv.steps)]
+    draws['pgd'] = [
+      torch_draws(jax.tree.map(lambda d, i=i: d[i], made['draws']['pgd']), entries)
+      for i in range(config.adv.steps)
+    ]
   draws = jax.tree.map(torch.from_numpy, draws)
-  loss = float(torch_train_step(
+  loss = float(
+    torch_train_step(
       _to_torch_images(made['x']),
       torch.from_numpy(np.asarray(batch['label'], np.int64)),
-      lr=lr, reg_weight=reg_weight, noise=phase.noise, adversarial=phase.adversarial,
+      lr=lr,
+      reg_weight=reg_weight,
+      noise=phase.noise,
+      adversarial=phase.adversarial,
       train_perturb=phase.train_perturb,
       pgd_start=_to_torch_images(made['pgd_start']) if phase.adversarial else None,
-      draws=draws, signs=torch_signs))
+      draws=draws,
+      signs=torch_signs,
+    )
+  )
   return loss, torch_signs
 
 
-def _step_record(k: int, epoch: int, lr: float, phase: training.Phase,
-                 state: training.TrainState, net: Any, entries: dict,
-                 made: dict[str, Any], torch_loss: float,
-                 torch_signs: list) -> dict[str, Any]:
+def _step_record(
+  k: int,
+  epoch: int,
+  lr: float,
+  phase: training.Phase,
+  state: training.TrainState,
+  net: Any,
+  entries: dict,
+  made: dict[str, Any],
+  torch_loss: float,
+  torch_signs: list,
+) -> dict[str, Any]:
   """Step k+1's record: both losses, every collection's largest difference and, for
   an adversarial step, how many PGD gradient signs differ and from when."""
   torch = _torch_modules()[0]
   ours = traverse_util.flatten_dict(jax.device_get(state.variables))
   theirs = from_torch_state(net.state_dict(), state.variables, entries)
   jax_loss = float(state.loss_sum)
-  record = {'step': k + 1, 'epoch': epoch, 'learning_rate': lr,
-            'noise': phase.noise, 'adversarial': phase.adversarial,
-            'loss': {'jax': jax_loss, 'torch': torch_loss,
-                     **_difference(np.float64(jax_loss), np.float64(torch_loss))},
-            **_collection_differences(ours, theirs)}
+  record = {
+    'step': k + 1,
+    'epoch': epoch,
+    'learning_rate': lr,
+    'noise': phase.noise,
+    'adversarial': phase.adversarial,
+    'loss': {
+      'jax': jax_loss,
+      'torch': torch_loss,
+      **_difference(np.float64(jax_loss), np.float64(torch_loss)),
+    },
+    **_collection_differences(ours, theirs),
+  }
   if phase.adversarial:
     ours_signs = np.asarray(made['pgd_signs']).transpose(0, 1, 4, 2, 3)
     differ = ours_signs != torch.stack(torch_signs).numpy()
     flipped = np.flatnonzero(differ.reshape(len(differ), -1).any(axis=1))
-    record['pgd'] = {'sign_flip_fraction': float(differ.mean()),
-                     'first_flip_iteration': int(flipped[0]) if flipped.size else None}
+    record['pgd'] = {
+      'sign_flip_fraction': float(differ.mean()),
+      'first_flip_iteration': int(flipped[0]) if flipped.size else None,
+    }
   return record
 
 
-def _report(config: ml_collections.ConfigDict, batch_norm: str,
-            records: list[dict[str, Any]]) -> dict[str, Any]:
+def _report(
+  config: ml_collections.ConfigDict, batch_norm: str, records: list[dict[str, Any]]
+) -> dict[str, Any]:
   """The comparison's report: the run's settings, every step's record and the first
   PGD gradient-sign flip."""
-  first_flip = next(({'step': r['step'], 'iteration': r['pgd']['first_flip_iteration']}
-                     for r in records if r.get('pgd', {}).get('first_flip_iteration')
-                     is not None), None)
-  return {'method': config.method, 'alternation': config.l2p.alternation,
-          'arch': config.model.arch, 'width': config.model.width,
-          'dataset': config.data.dataset, 'batch_size': config.batch_size,
-          'batch_norm': batch_norm, 'steps': records, 'first_pgd_sign_flip': first_flip}
+  first_flip = next(
+    (
+      {'step': r['step'], 'iteration': r['pgd']['first_flip_iteration']}
+      for r in records
+      if r.get('pgd', {}).get('first_flip_iteration') is not None
+    ),
+    None,
+  )
+  return {
+    'method': config.method,
+    'alternation': config.l2p.alternation,
+    'arch': config.model.arch,
+    'width': config.model.width,
+    'dataset': config.data.dataset,
+    'batch_size': config.batch_size,
+    'batch_norm': batch_norm,
+    'steps': records,
+    'first_pgd_sign_flip': first_flip,
+  }
 
 
-def _step_inputs(state: training.TrainState, batch: dict[str, jax.Array],
-                 reg_weight: jax.Array, lr: jax.Array, *, phase: training.Phase, model,
-                 config: ml_collections.ConfigDict, optimizers: dict) -> dict[str, Any]:
+def _step_inputs(
+  state: training.TrainState,
+  batch: dict[str, jax.Array],
+  reg_weight: jax.Array,
+  lr: jax.Array,
+  *,
+  phase: training.Phase,
+  model,
+  config: ml_collections.ConfigDict,
+  optimizers: dict,
+) -> dict[str, Any]:
   """What `train_step` will use at `state`, made with its keys: the augmented batch,
   every pass's noise draws ('clean', 'adv', 'pgd' stacked over PGD steps), PGD's start
   and each PGD step's gradient sign."""
   keys = training.step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
-  if (config.method == 'l2p' and phase.train_perturb
-      and config.l2p.alternation == 'authors_code'):  # PGD comes after theta's step.
+  if (
+    config.method == 'l2p' and phase.train_perturb and config.l2p.alternation == 'authors_code'
+  ):  # PGD comes after theta's step.
     g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
     state = training.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
 
   def apply(inputs, key):
-    return model.apply(state.variables, inputs, train=True, noise=phase.noise,
-                       rngs={'noise': key}, mutable=['batch_stats', DRAWS])
+    return model.apply(
+      state.variables,
+      inputs,
+      train=True,
+      noise=phase.noise,
+      rngs={'noise': key},
+      mutable=['batch_stats', DRAWS],
+    )
 
   def recorded(key):
     return apply(x, key)[1].get(DRAWS, {})
@@ -322,36 +449,50 @@ def _step_inputs(state: training.TrainState, batch: dict[str, jax.Array],
   clean_logits, updates = apply(x, keys['clean'])
   made = {'x': x, 'draws': {'clean': recorded(keys['clean'])}}
   if phase.adversarial:
-    target = (batch['label'] if config.adv.labels == 'true'
-              else jnp.argmax(clean_logits, axis=-1))
+    target = batch['label'] if config.adv.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
     attack_logits = lambda inputs, key: apply(inputs, key)[0]  # noqa: E731
     if config.adv.attack_batchnorm == 'running':  # As training.step_objective.
       attacked = {**state.variables, 'batch_stats': updates['batch_stats']}
       attack_logits = lambda inputs, key: model.apply(  # noqa: E731
-          attacked, inputs, train=False, noise=phase.noise, rngs={'noise': key})
+        attacked, inputs, train=False, noise=phase.noise, rngs={'noise': key}
+      )
     start, noise_keys, signs, _ = pgd_trace(
-        attack_logits, keys['pgd'], x, target,
-        eps=config.adv.eps, steps=config.adv.steps, step_size=config.adv.step_size,
-        random_start=config.adv.random_start)
+      attack_logits,
+      keys['pgd'],
+      x,
+      target,
+      eps=config.adv.eps,
+      steps=config.adv.steps,
+      step_size=config.adv.step_size,
+      random_start=config.adv.random_start,
+    )
     made.update(pgd_start=start, pgd_signs=signs)
     made['draws'].update(adv=recorded(keys['adv']), pgd=jax.vmap(recorded)(noise_keys))
   return made
 
 
-
 def summarize(report: dict[str, Any]) -> str:
   """A few lines: the largest difference of each quantity over the run, and the first
   PGD sign flip."""
-  lines = [f"{report['method']} ({report['alternation']}) {report['arch']} "
-           f"x{report['width']}, {len(report['steps'])} steps, "
-           f"BatchNorm {report['batch_norm']}:"]
+  lines = [
+    f'{report["method"]} ({report["alternation"]}) {report["arch"]} '
+    f'x{report["width"]}, {len(report["steps"])} steps, '
+    f'BatchNorm {report["batch_norm"]}:'
+  ]
   for key in ('params', 'perturb', 'batch_stats', 'loss'):
     values = [r[key] for r in report['steps'] if key in r]
     if values:
-      lines.append(f"  {key}: max abs {max(v['max_abs'] for v in values):.3g}, "
-                   f"max rel {max(v['max_rel'] for v in values):.3g}")
+      lines.append(
+        f'  {key}: max abs {max(v["max_abs"] for v in values):.3g}, '
+        f'max rel {max(v["max_rel"] for v in values):.3g}'
+      )
   flip = report['first_pgd_sign_flip']
-  lines.append('  PGD signs: ' + ('never differ' if flip is None else
-                                  f"first differ at step {flip['step']}, PGD "
-                                  f"iteration {flip['iteration']}"))
+  lines.append(
+    '  PGD signs: '
+    + (
+      'never differ'
+      if flip is None
+      else f'first differ at step {flip["step"]}, PGD iteration {flip["iteration"]}'
+    )
+  )
   return '\n'.join(lines)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 PERTURB = 'perturb'
 NOISE_RNG = 'noise'
@@ -45,6 +46,7 @@ class WeightNoise:
   bayes_mean_init: initial means of Bayesian weights, one of BAYES_MEAN_INITS.
   bayes_batchnorm: BatchNorm's scale and bias are Bayesian too (Adv-BNN's code).
   """
+
   kind: str = 'none'
   pni_mode: str = 'layer'
   pni_init: float = 0.25
@@ -54,36 +56,38 @@ class WeightNoise:
 
   def __post_init__(self):
     if self.kind not in WEIGHT_NOISE_KINDS:
-      raise ValueError(f'Unknown weight noise kind {self.kind!r}; '
-                       f'expected one of {WEIGHT_NOISE_KINDS}.')
+      raise ValueError(
+        f'Unknown weight noise kind {self.kind!r}; expected one of {WEIGHT_NOISE_KINDS}.'
+      )
     if self.pni_mode not in PNI_MODES:
-      raise ValueError(f'Unknown PNI mode {self.pni_mode!r}; '
-                       f'expected one of {PNI_MODES}.')
+      raise ValueError(f'Unknown PNI mode {self.pni_mode!r}; expected one of {PNI_MODES}.')
     if self.bayes_mean_init not in BAYES_MEAN_INITS:
-      raise ValueError(f'Unknown Bayesian mean init {self.bayes_mean_init!r}; '
-                       f'expected one of {BAYES_MEAN_INITS}.')
+      raise ValueError(
+        f'Unknown Bayesian mean init {self.bayes_mean_init!r}; expected one of {BAYES_MEAN_INITS}.'
+      )
 
-  def init(self, default: Callable[..., jax.Array], fan_in: int
-           ) -> Callable[..., jax.Array]:
+  def init(self, default: Callable[..., jax.Array], fan_in: int) -> Callable[..., jax.Array]:
     """The initializer of a conv/dense weight or bias of `fan_in` inputs: `default`,
     except Adv-BNN code's uniform(+-1/sqrt(fan_in)) for its Bayesian means."""
     if self.kind == 'bayes' and self.bayes_mean_init == 'adv_bnn_code':
-      bound = fan_in ** -0.5
+      bound = fan_in**-0.5
       return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-          key, shape, dtype, -bound, bound)
+        key, shape, dtype, -bound, bound
+      )
     return default
 
 
-def gaussian_kl(mean: jax.Array, log_sigma: jax.Array,
-                prior_sigma: float) -> jax.Array:
+def gaussian_kl(mean: jax.Array, log_sigma: jax.Array, prior_sigma: float) -> jax.Array:
   """KL(N(mean, exp(log_sigma)^2) || N(0, prior_sigma^2)), summed over elements."""
   var_ratio = jnp.exp(2.0 * log_sigma) / prior_sigma**2
-  return jnp.sum(0.5 * (var_ratio + mean**2 / prior_sigma**2 - 1.0)
-                 - log_sigma + jnp.log(prior_sigma))
+  return jnp.sum(
+    0.5 * (var_ratio + mean**2 / prior_sigma**2 - 1.0) - log_sigma + jnp.log(prior_sigma)
+  )
 
 
-def draw_normal(module: nn.Module, name: str, shape: Sequence[int],
-                dtype: Any = jnp.float32) -> jax.Array:
+def draw_normal(
+  module: nn.Module, name: str, shape: Sequence[int], dtype: Any = jnp.float32
+) -> jax.Array:
   """A standard-normal draw for the noise of variable `name` of `module`.
 
   It comes from the `noise` RNG stream, unless the `draws` collection holds an array
@@ -94,8 +98,10 @@ def draw_normal(module: nn.Module, name: str, shape: Sequence[int],
   if module.has_variable(DRAWS, name):
     value = module.get_variable(DRAWS, name)
     if value.shape != tuple(shape):
-      raise ValueError(f'The {DRAWS!r} collection holds a draw of shape {value.shape} '
-                       f'for {module.name}/{name}, which needs {tuple(shape)}.')
+      raise ValueError(
+        f'The {DRAWS!r} collection holds a draw of shape {value.shape} '
+        f'for {module.name}/{name}, which needs {tuple(shape)}.'
+      )
     return value.astype(dtype)
   value = jax.random.normal(module.make_rng(NOISE_RNG), tuple(shape), dtype)
   if module.is_mutable_collection(DRAWS) and not module.is_initializing():
@@ -112,9 +118,15 @@ def _pni_alpha_shape(mode: str, weight_shape: Sequence[int]) -> tuple[int, ...]:
   return tuple(weight_shape)
 
 
-def perturbed_weight(module: nn.Module, name: str, shape: Sequence[int],
-                     init: Callable[..., jax.Array], spec: WeightNoise,
-                     noise: bool, perturb_with_pni: bool = True) -> jax.Array:
+def perturbed_weight(
+  module: nn.Module,
+  name: str,
+  shape: Sequence[int],
+  init: Callable[..., jax.Array],
+  spec: WeightNoise,
+  noise: bool,
+  perturb_with_pni: bool = True,
+) -> jax.Array:
   """Creates weight `name` (in `params`) and returns it, randomized as `spec` says.
 
   PNI: the draw and std(W) are constants for the gradient (as in PNI's code,
@@ -126,31 +138,36 @@ def perturbed_weight(module: nn.Module, name: str, shape: Sequence[int],
   weight = module.param(name, init, tuple(shape))
   if spec.kind == 'pni' and perturb_with_pni:
     alpha = module.variable(
-        PERTURB, f'{name}_alpha',
-        lambda: jnp.full(_pni_alpha_shape(spec.pni_mode, shape), spec.pni_init,
-                         jnp.float32)).value
+      PERTURB,
+      f'{name}_alpha',
+      lambda: jnp.full(_pni_alpha_shape(spec.pni_mode, shape), spec.pni_init, jnp.float32),
+    ).value
     if noise:
       std = jax.lax.stop_gradient(jnp.std(weight, ddof=1))
       eta = draw_normal(module, name, weight.shape, weight.dtype) * std
       weight = weight + alpha * eta
   elif spec.kind == 'bayes':
     log_sigma = module.variable(
-        PERTURB, f'{name}_log_sigma',
-        lambda: jnp.full(tuple(shape), jnp.log(spec.bayes_init_sigma),
-                         jnp.float32)).value
+      PERTURB,
+      f'{name}_log_sigma',
+      lambda: jnp.full(tuple(shape), jnp.log(spec.bayes_init_sigma), jnp.float32),
+    ).value
     if noise:
       eps = draw_normal(module, name, weight.shape, weight.dtype)
       weight = weight + jnp.exp(log_sigma) * eps
   return weight
 
 
-def _conv(x: jax.Array, kernel: jax.Array, strides: int,
-          kernel_layout: str = 'HWIO') -> jax.Array:
+def _conv(x: jax.Array, kernel: jax.Array, strides: int, kernel_layout: str = 'HWIO') -> jax.Array:
   """'SAME'-padded NHWC convolution of an odd-sized square kernel."""
   pad = kernel.shape[0] // 2
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-      dimension_numbers=('NHWC', kernel_layout, 'NHWC'))
+    x,
+    kernel,
+    window_strides=(strides, strides),
+    padding=((pad, pad), (pad, pad)),
+    dimension_numbers=('NHWC', kernel_layout, 'NHWC'),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -173,8 +190,9 @@ def _conv_same_fwd(x: jax.Array, kernel: jax.Array, strides: int):
   return _conv(x, kernel, strides), (x, kernel)
 
 
-def _conv_same_bwd(strides: int, residuals: tuple[jax.Array, jax.Array],
-                   g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _conv_same_bwd(
+  strides: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   x, kernel = residuals
   swapped = jnp.swapaxes(kernel, 2, 3)  # HWOI; its transpose rule convolves with HWIO.
   _, input_vjp = jax.vjp(lambda x_: _conv(x_, swapped, strides, 'HWOI'), x)
@@ -187,6 +205,7 @@ conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 class Conv(nn.Module):
   """Bias-free 'SAME' convolution whose kernel may carry PNI or Bayesian noise."""
+
   features: int
   kernel_size: int
   strides: int = 1
@@ -203,6 +222,7 @@ class Conv(nn.Module):
 
 class Dense(nn.Module):
   """Dense layer whose kernel (and, for Bayes, bias) may carry noise."""
+
   features: int
   weight_noise: WeightNoise = WeightNoise()
   dtype: Any = jnp.float32
@@ -210,11 +230,18 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
     spec, fan_in = self.weight_noise, x.shape[-1]
-    kernel = perturbed_weight(self, 'kernel', (fan_in, self.features),
-                              spec.init(kaiming_normal, fan_in), spec, noise)
-    bias = perturbed_weight(self, 'bias', (self.features,),
-                            spec.init(nn.initializers.zeros, fan_in), spec, noise,
-                            perturb_with_pni=False)
+    kernel = perturbed_weight(
+      self, 'kernel', (fan_in, self.features), spec.init(kaiming_normal, fan_in), spec, noise
+    )
+    bias = perturbed_weight(
+      self,
+      'bias',
+      (self.features,),
+      spec.init(nn.initializers.zeros, fan_in),
+      spec,
+      noise,
+      perturb_with_pni=False,
+    )
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
 
@@ -226,6 +253,7 @@ class BayesBatchNorm(nn.Module):
   scale's and bias's means are in `params` and their log standard deviations in
   `perturb`, sampled afresh per call like the Bayesian kernels.
   """
+
   use_running_average: bool
   weight_noise: WeightNoise
   momentum: float = 0.9
@@ -234,12 +262,21 @@ class BayesBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
-    y = nn.BatchNorm(use_running_average=self.use_running_average,
-                     momentum=self.momentum, epsilon=self.epsilon, use_scale=False,
-                     use_bias=False, dtype=self.dtype, name='stats')(x)
+    y = nn.BatchNorm(
+      use_running_average=self.use_running_average,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      use_scale=False,
+      use_bias=False,
+      dtype=self.dtype,
+      name='stats',
+    )(x)
     spec, shape = self.weight_noise, (x.shape[-1],)
-    scale_init = (nn.initializers.uniform(1.0) if spec.bayes_mean_init == 'adv_bnn_code'
-                  else nn.initializers.ones)
+    scale_init = (
+      nn.initializers.uniform(1.0)
+      if spec.bayes_mean_init == 'adv_bnn_code'
+      else nn.initializers.ones
+    )
     scale = perturbed_weight(self, 'scale', shape, scale_init, spec, noise)
     bias = perturbed_weight(self, 'bias', shape, nn.initializers.zeros, spec, noise)
     return y * scale.astype(y.dtype) + bias.astype(y.dtype)
@@ -252,14 +289,15 @@ class FeatureNoise(nn.Module):
   default one eps of that shape is drawn per call and shared by the whole batch,
   as in the authors' code; `per_example=True` draws one per example.
   """
+
   init_scale: float = 0.25
   per_example: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
     theta = self.variable(
-        PERTURB, 'theta',
-        lambda: jnp.full(x.shape[1:], self.init_scale, jnp.float32)).value
+      PERTURB, 'theta', lambda: jnp.full(x.shape[1:], self.init_scale, jnp.float32)
+    ).value
     if not noise:
       return x
     shape = x.shape if self.per_example else x.shape[1:]
@@ -272,17 +310,18 @@ def project_perturb(perturb: Any, theta_floor: float = 0.01) -> Any:
 
   Other perturbation parameters (PNI alphas, Bayesian log-sigmas) pass unchanged.
   """
+
   def clip(path, leaf):
     name = getattr(path[-1], 'key', None)
     return jnp.maximum(leaf, theta_floor) if name == 'theta' else leaf
+
   return jax.tree_util.tree_map_with_path(clip, perturb)
 
 
 KL_SCOPES = ('all', 'classifier')
 
 
-def bayes_kl(params: Any, perturb: Any, prior_sigma: float,
-             scope: str = 'all') -> jax.Array:
+def bayes_kl(params: Any, perturb: Any, prior_sigma: float, scope: str = 'all') -> jax.Array:
   """Total KL of the Bayesian weights' posterior from the prior N(0, prior_sigma^2).
 
   Pairs each `<name>_log_sigma` in `perturb` with the mean `<name>` at the same
@@ -298,7 +337,6 @@ def bayes_kl(params: Any, perturb: Any, prior_sigma: float,
     if scope == 'classifier' and path[0] != 'classifier':
       continue
     if path[-1].endswith('_log_sigma'):
-      mean = flat_params[path[:-1] + (path[-1][:-len('_log_sigma')],)]
+      mean = flat_params[path[:-1] + (path[-1][: -len('_log_sigma')],)]
       total = total + gaussian_kl(mean, log_sigma, prior_sigma)
   return total
-
