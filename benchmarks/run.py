@@ -518,7 +518,7 @@ def prepare_jax_train(
 
   def call() -> None:
     with jax.transfer_guard(guard):
-      current[0] = compiled(current[0], *current[1], lr, reg_weight)
+      current[0] = compiled(current[0], *current[1], lr, reg_weight)[0]
       current[1] = next(call_inputs)
       jax.block_until_ready(current[0])
 

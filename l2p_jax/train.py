@@ -36,7 +36,7 @@ from l2p_jax import (
 from l2p_jax.experiment import ConfigError
 from l2p_jax.metrics import MetricsWriter, read_metrics
 from l2p_jax.plots import plot_noise_evolution
-from l2p_jax.training import TrainState
+from l2p_jax.training import EpochMetrics, TrainState
 
 
 def summarize(record: dict[str, Any]) -> str:
@@ -129,26 +129,32 @@ def resume(
   checkpoints: checkpointing.Checkpoints,
   config: ml_collections.ConfigDict,
   state: TrainState,
+  metrics: EpochMetrics,
   workdir: str,
-) -> tuple[TrainState, int | None]:
-  """The state of the newest readable checkpoint compatible with `config` (`state`
-  itself, step None, when there is none) after refusing a config that changes what a
-  step means and warning about (and recording) any other change.
+) -> tuple[TrainState, EpochMetrics, int | None]:
+  """The state and epoch metrics of the newest readable checkpoint compatible with
+  `config` (`state` and `metrics` themselves, step None, when there is none) after
+  refusing a config that changes what a step means and warning about (and recording)
+  any other change.
 
   Unreadable newer checkpoints are moved to WORKDIR/unreadable_checkpoints/, so the
   resumed run can write those steps again.
   """
   if checkpoints.latest_step() is None:
-    return state, None
+    return state, metrics, None
   changes = []
 
   def check(meta: dict[str, Any], where: str) -> None:
     changes[:] = checkpointing.check_compatible(meta['config'], config, where)
 
-  step, state, _, unreadable = checkpoints.restore_newest_readable(
-    jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state),
+  step, tree, _, unreadable = checkpoints.restore_newest_readable(
+    jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+      training.checkpoint_tree(state, metrics),
+    ),
     check=check,
   )
+  state, metrics = training.from_checkpoint_tree(tree)
   if jax.process_index() == 0:
     for bad in unreadable:
       aside = os.path.join(workdir, 'unreadable_checkpoints', str(bad))
@@ -170,7 +176,7 @@ def resume(
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('l2p_jax: unreadable checkpoints moved')
     checkpoints.reload()
-  return state, step
+  return state, metrics, step
 
 
 @dataclasses.dataclass
@@ -182,13 +188,13 @@ class _Saver:
   meta: dict[str, Any]
   last: int | None
 
-  def check(self, state: TrainState) -> None:
-    check_finite(state, self.checkpoints, self.last)
+  def check(self, metrics: EpochMetrics) -> None:
+    check_finite(metrics, self.checkpoints, self.last)
 
-  def save(self, step: int, state: TrainState) -> None:
-    self.check(state)
+  def save(self, step: int, state: TrainState, metrics: EpochMetrics) -> None:
+    self.check(metrics)
     if step != self.last:
-      self.checkpoints.save(step, state, self.meta)
+      self.checkpoints.save(step, training.checkpoint_tree(state, metrics), self.meta)
       self.last = step
 
 
@@ -202,7 +208,7 @@ class _Run:
   eval_split: data.HostSplit
   device_split: Any  # The training split on the mesh with data.on_device, else None.
   steps_per_epoch: int
-  step_fn: Any  # (state, *inputs, lr, reg_weight, phase=) -> state.
+  step_fn: Any  # (state, epoch metrics, *inputs, lr, reg_weight, phase=) -> both, updated.
   eval_fn: Any  # (variables, batch, key, noise=) -> (clean, robust) counts.
   restart: Any  # state -> state with fresh optimizer states.
   root: jax.Array  # The key of config.seed.
@@ -259,24 +265,16 @@ def _compile(
     functools.partial(training.restart_optimizers, optimizers=optimizers), out_shardings=replicated
   )
   device_split = None
+  step = functools.partial(training.train_step, **step_kwargs)
   if config.data.on_device:
     device_split = data.put_on_mesh(mesh, train_split)
-    step_fn = jax.jit(
-      functools.partial(
-        training.train_step_on_split,
-        batch_size=config.batch_size,
-        batch_sharding=sharding.data_sharding(mesh),
-        **step_kwargs,
-      ),
-      static_argnames='phase',
-      donate_argnums=0,
+    step = functools.partial(
+      training.train_step_on_split,
+      batch_size=config.batch_size,
+      batch_sharding=sharding.data_sharding(mesh),
+      **step_kwargs,
     )
-  else:
-    step_fn = jax.jit(
-      functools.partial(training.train_step, **step_kwargs),
-      static_argnames='phase',
-      donate_argnums=0,
-    )
+  step_fn = jax.jit(training.accumulating(step), static_argnames='phase', donate_argnums=(0, 1))
   eval_fn = jax.jit(
     functools.partial(training.eval_step, model=model, config=config), static_argnames='noise'
   )
@@ -311,6 +309,7 @@ def _train_and_evaluate(
     out_shardings=sharding.replicated_sharding(mesh),
   )
   state = init(jax.random.fold_in(root, training.INIT_STREAM))
+  metrics = sharding.replicate(mesh, EpochMetrics.empty())
   meta = {
     'config': config.to_dict(),
     'num_classes': train_split.num_classes,
@@ -318,7 +317,7 @@ def _train_and_evaluate(
     'std': std,
     'image_shape': list(train_split.images.shape[1:]),
   }
-  state, latest = resume(checkpoints, config, state, workdir)
+  state, metrics, latest = resume(checkpoints, config, state, metrics, workdir)
   _write_config(config, workdir)
   step_fn, eval_fn, restart, device_split = _compile(
     config, mesh, model, optimizers, train_split, train_split_size
@@ -339,7 +338,7 @@ def _train_and_evaluate(
   writer = MetricsWriter(workdir)
   writer.drop_epochs_from(int(state.step) // run.steps_per_epoch)
   for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
-    state = _train_epoch(run, state, epoch, saver, writer)
+    state, metrics = _train_epoch(run, state, metrics, epoch, saver, writer)
   checkpoints.wait()
   writer.close()
   if jax.process_index() == 0 and config.method in models.RANDOMIZED_METHODS:
@@ -374,9 +373,15 @@ def _epoch_inputs(run: _Run, epoch: int, start: int, epoch_start: jax.Array):
 
 
 def _train_epoch(
-  run: _Run, state: TrainState, epoch: int, saver: _Saver, writer: MetricsWriter
-) -> TrainState:
-  """The rest of epoch `epoch` from `state`, its record written and its end saved."""
+  run: _Run,
+  state: TrainState,
+  metrics: EpochMetrics,
+  epoch: int,
+  saver: _Saver,
+  writer: MetricsWriter,
+) -> tuple[TrainState, EpochMetrics]:
+  """The rest of epoch `epoch` from `state` (with the epoch's `metrics` so far), its
+  record written and its end saved."""
   config, steps_per_epoch = run.config, run.steps_per_epoch
   step = int(state.step)
   phase = training.phase_for_epoch(config, epoch)
@@ -386,7 +391,7 @@ def _train_epoch(
   reg_weight = training.regularizer_weight(config, epoch)
   start = step - epoch * steps_per_epoch
   if start == 0:
-    state = training.reset_epoch_sums(state)
+    metrics = sharding.replicate(run.mesh, EpochMetrics.empty())
     if config.optim.restart_at_boundaries and epoch in config.optim.lr_boundaries:
       state = run.restart(state)
   started = time.time()
@@ -403,26 +408,28 @@ def _train_epoch(
     disable=not config.progress_bar or jax.process_index() != 0,
   )
   for step_inputs in _epoch_inputs(run, epoch, start, epoch_start):
-    state = run.step_fn(state, *step_inputs, lr_on_mesh, reg_weight_on_mesh, phase=phase)
+    state, metrics = run.step_fn(
+      state, metrics, *step_inputs, lr_on_mesh, reg_weight_on_mesh, phase=phase
+    )
     step += 1
     bar.update()
     if step % config.log_every_steps == 0:
-      saver.check(state)
-      loss = float(state.loss_sum) / (step - epoch * steps_per_epoch)
+      saver.check(metrics)
+      loss = float(metrics.loss_sum) / (step - epoch * steps_per_epoch)
       bar.set_postfix(loss=f'{loss:.4f}')
       writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
     # The epoch's last step is saved after its record is written (below), so that
     # a crash in between redoes the epoch rather than lose its record.
     if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
-      saver.save(step, state)
+      saver.save(step, state, metrics)
   bar.close()
   record = {
     'epoch': epoch,
     'step': step,
     'learning_rate': lr,
     'regularizer_weight': reg_weight,
-    'train_loss': float(state.loss_sum) / steps_per_epoch,
-    'train_accuracy': float(state.correct_sum) / int(state.seen),
+    'train_loss': float(metrics.loss_sum) / steps_per_epoch,
+    'train_accuracy': float(metrics.correct_sum) / int(metrics.seen),
     'epoch_seconds': time.time() - started,
   }
   if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
@@ -436,19 +443,19 @@ def _train_epoch(
     )
     record.update({f'eval_{k}': v for k, v in results.items()})
   record['noise'] = objectives.noise_statistics(state.perturb)
-  saver.check(state)
+  saver.check(metrics)
   writer.epoch(record)
-  saver.save(step, state)
+  saver.save(step, state, metrics)
   if jax.process_index() == 0:
     tqdm.write(summarize(record))
-  return state
+  return state, metrics
 
 
 def check_finite(
-  state: TrainState, checkpoints: checkpointing.Checkpoints, last_saved: int | None
+  metrics: EpochMetrics, checkpoints: checkpointing.Checkpoints, last_saved: int | None
 ) -> None:
   """Raises NonFiniteLossError naming the step and the last good checkpoint."""
-  bad = int(state.nonfinite_step)
+  bad = int(metrics.nonfinite_step)
   if bad >= 0:
     where = (
       checkpoints.path(last_saved)

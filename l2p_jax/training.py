@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from l2p_jax import attacks, data, models, objectives, optim
 
@@ -24,21 +25,57 @@ INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step reads and writes, and all a checkpoint needs to resume."""
+  """The variables, the optimizer states and the step count: what a step updates."""
 
   step: jax.Array
   params: Any
   perturb: Any
   batch_stats: Any
   opt_state: Any  # {'params': ..., 'perturb': ...}, one optax state per collection.
-  loss_sum: jax.Array  # Sum of step losses in the current epoch.
-  correct_sum: jax.Array  # Clean training examples classified right this epoch.
-  seen: jax.Array  # Training examples seen this epoch.
-  nonfinite_step: jax.Array  # First step with a non-finite loss, -1 if none.
 
   @property
   def variables(self) -> dict[str, Any]:
     return {'params': self.params, 'perturb': self.perturb, 'batch_stats': self.batch_stats}
+
+
+@flax.struct.dataclass
+class EpochMetrics:
+  """The current epoch's step metrics summed so far, checkpointed beside the state so
+  a resumed epoch reports what an uninterrupted one would."""
+
+  loss_sum: jax.Array  # Sum of step losses.
+  correct_sum: jax.Array  # Clean training examples classified right.
+  seen: jax.Array  # Training examples seen.
+  nonfinite_step: jax.Array  # First step with a non-finite loss or state, -1 if none.
+
+  @classmethod
+  def empty(cls) -> EpochMetrics:
+    """No step yet (NumPy values, for the loop to place on its mesh)."""
+    return cls(np.float32(0), np.int32(0), np.int32(0), np.int32(-1))
+
+  def add(self, metrics: dict[str, jax.Array]) -> EpochMetrics:
+    """These sums with one more step's `metrics` (as `train_step` returns them)."""
+    nonfinite = (self.nonfinite_step < 0) & ~metrics['finite']
+    return EpochMetrics(
+      loss_sum=self.loss_sum + metrics['loss'],
+      correct_sum=self.correct_sum + metrics['correct'],
+      seen=self.seen + metrics['count'],
+      nonfinite_step=jnp.where(nonfinite, metrics['step'], self.nonfinite_step),
+    )
+
+
+def checkpoint_tree(state: TrainState, metrics: EpochMetrics) -> dict[str, Any]:
+  """The state's and the epoch metrics' fields as the one dict a checkpoint holds (the
+  layout of the checkpoints written when the sums were fields of the state)."""
+  return {
+    f.name: getattr(tree, f.name) for tree in (state, metrics) for f in dataclasses.fields(tree)
+  }
+
+
+def from_checkpoint_tree(tree: dict[str, Any]) -> tuple[TrainState, EpochMetrics]:
+  """`checkpoint_tree`'s inverse: (state, epoch metrics)."""
+  fields = lambda cls: {f.name: tree[f.name] for f in dataclasses.fields(cls)}
+  return TrainState(**fields(TrainState)), EpochMetrics(**fields(EpochMetrics))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +106,7 @@ def regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
 def create_train_state(
   model: models.ResNet, optimizers: dict, key: jax.Array, image_shape: tuple[int, ...]
 ) -> TrainState:
-  """Initial variables (from `key`) and optimizer states, with empty epoch sums."""
+  """Initial variables (from `key`) and optimizer states."""
   params_key, noise_key = jax.random.split(key)
   variables = model.init(
     {'params': params_key, 'noise': noise_key}, jnp.zeros((1, *image_shape), jnp.float32)
@@ -84,19 +121,6 @@ def create_train_state(
       'params': optimizers['params'].init(variables['params']),
       'perturb': optimizers['perturb'].init(perturb),
     },
-    loss_sum=jnp.zeros((), jnp.float32),
-    correct_sum=jnp.zeros((), jnp.int32),
-    seen=jnp.zeros((), jnp.int32),
-    nonfinite_step=-jnp.ones((), jnp.int32),
-  )
-
-
-def reset_epoch_sums(state: TrainState) -> TrainState:
-  """Zeroes the per-epoch accumulators at the start of an epoch."""
-  return state.replace(
-    loss_sum=jnp.zeros_like(state.loss_sum),
-    correct_sum=jnp.zeros_like(state.correct_sum),
-    seen=jnp.zeros_like(state.seen),
   )
 
 
@@ -134,26 +158,47 @@ def pgd_attack(config: ml_collections.ConfigDict, steps: int):
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class StepObjective:
-  """The objective of one training step and a cheaper way to its gradient.
-
-  objective(params, perturb) -> (total, aux): the training loss minus L2P's
-    regularizer; aux is (training loss, updated batch_stats, clean logits).
-  gradients(params, perturb, clean=None) -> ((d/d params, d/d perturb), aux): the
-    same as `jax.grad(objective, (0, 1), has_aux=True)`, assembled from the vjp of the
-    clean forward pass and the gradient of the rest; `clean=first_clean` reuses the
-    clean pass the PGD targets were read from, valid at the state's own variables.
-  first_clean: (logits, vjp, batch_stats updates) of the clean pass at the state's
-    variables.
-  """
-
-  objective: Any
-  gradients: Any
-  first_clean: Any
+def train_forward(
+  model: models.ResNet, variables: dict[str, Any], x: jax.Array, key: jax.Array, noise: bool
+) -> tuple[jax.Array, dict[str, Any]]:
+  """(logits, BatchNorm updates) of the model in training mode (batch statistics)."""
+  return model.apply(
+    variables, x, train=True, noise=noise, rngs={'noise': key}, mutable=['batch_stats']
+  )
 
 
-def step_objective(
+def adversarial_examples(
+  state: TrainState,
+  x: jax.Array,
+  y: jax.Array,
+  keys: dict[str, jax.Array],
+  *,
+  phase: Phase,
+  model: models.ResNet,
+  config: ml_collections.ConfigDict,
+) -> jax.Array:
+  """The step's PGD examples, made on the state's variables frozen: the model in
+  training mode with BatchNorm statistics left alone, or (adv.attack_batchnorm=running,
+  as the authors' codes) in eval mode with the running statistics as the step's passes
+  so far left them: after the clean pass (L2P's and PNI's code), or as the step found
+  them when the loss has no clean term (Adv-BNN's code attacks first)."""
+  frozen = jax.lax.stop_gradient(state.variables)
+  needs_clean_pass = config.adv.labels != 'true' or (
+    config.adv.attack_batchnorm == 'running' and config.adv.clean_weight > 0
+  )
+  if needs_clean_pass:  # The loss's own clean pass, at the frozen variables.
+    clean_logits, updates = train_forward(model, frozen, x, keys['clean'], phase.noise)
+  if config.adv.attack_batchnorm == 'running':
+    if config.adv.clean_weight > 0:
+      frozen = {**frozen, 'batch_stats': jax.lax.stop_gradient(updates['batch_stats'])}
+    logits_fn = models.inference_logits(model, frozen, phase.noise)
+  else:
+    logits_fn = lambda inputs, key: train_forward(model, frozen, inputs, key, phase.noise)[0]
+  target = y if config.adv.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
+  return pgd_attack(config, config.adv.steps)(logits_fn, keys['pgd'], x, target).x_adv
+
+
+def step_loss_fn(
   state: TrainState,
   batch: dict[str, jax.Array],
   reg_weight: jax.Array,
@@ -162,56 +207,31 @@ def step_objective(
   model: models.ResNet,
   config: ml_collections.ConfigDict,
   kl_weight: float,
-) -> StepObjective:
-  """The objective of training step `state.step` as a function of (params, perturb).
+):
+  """The loss of training step `state.step` as a function of (params, perturb).
 
-  Augmentation, noise draws and the PGD examples (made once, with the state's
-  variables, the model in training mode, BatchNorm statistics left alone) are fixed
-  by the step's keys. PGD attacks the prediction of the loss's own clean forward pass
-  at the state's variables, so that pass runs once, not twice.
+  loss_fn(params, perturb) -> (objective, (loss, batch_stats, clean_logits)): the
+  objective is the training loss (the 0.5/0.5 mix of clean and PGD cross-entropies,
+  plus Adv-BNN's KL) minus `reg_weight` times L2P's regularizer. Augmentation, noise
+  draws and the PGD examples are fixed by the step's keys and made once, here.
   """
   keys = step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
   y = batch['label']
-
-  def forward(params, perturb, batch_stats, inputs, key):
-    return model.apply(
-      {'params': params, 'perturb': perturb, 'batch_stats': batch_stats},
-      inputs,
-      train=True,
-      noise=phase.noise,
-      rngs={'noise': key},
-      mutable=['batch_stats'],
-    )
-
-  def clean_pass(params, perturb):
-    return forward(params, perturb, state.batch_stats, x, keys['clean'])
-
-  first_clean = jax.vjp(clean_pass, state.params, state.perturb, has_aux=True)
   x_adv = None
   if phase.adversarial:
-    frozen = jax.lax.stop_gradient(state.variables)
-    if config.adv.attack_batchnorm == 'running':
-      # The codes attack in eval mode with the running statistics as the step's passes
-      # so far left them: after the clean pass (L2P's and PNI's code), or as the step
-      # found them when the loss has no clean term (Adv-BNN's code attacks first).
-      if config.adv.clean_weight > 0:
-        frozen = {**frozen, 'batch_stats': jax.lax.stop_gradient(first_clean[2]['batch_stats'])}
-      logits_fn = models.inference_logits(model, frozen, phase.noise)
-    else:
-      logits_fn = lambda inputs, key: forward(  # noqa: E731
-        frozen['params'], frozen['perturb'], frozen['batch_stats'], inputs, key
-      )[0]
-    target = y if config.adv.labels == 'true' else jnp.argmax(first_clean[0], axis=-1)
-    x_adv = pgd_attack(config, config.adv.steps)(logits_fn, keys['pgd'], x, target).x_adv
+    x_adv = adversarial_examples(state, x, y, keys, phase=phase, model=model, config=config)
 
-  def rest(params, perturb, clean_logits, updates):
+  def loss_fn(params, perturb):
+    variables = {'params': params, 'perturb': perturb, 'batch_stats': state.batch_stats}
+    clean_logits, updates = train_forward(model, variables, x, keys['clean'], phase.noise)
     adv_logits = None
     if x_adv is not None:
       # A loss of the adversarial term alone (Adv-BNN's code) runs only the
       # adversarial batch through the network: its statistics alone move BatchNorm's.
-      stats = state.batch_stats if config.adv.clean_weight == 0 else updates['batch_stats']
-      adv_logits, updates = forward(params, perturb, stats, x_adv, keys['adv'])
+      if config.adv.clean_weight > 0:
+        variables = {**variables, 'batch_stats': updates['batch_stats']}
+      adv_logits, updates = train_forward(model, variables, x_adv, keys['adv'], phase.noise)
     loss = objectives.mixed_loss(
       clean_logits, adv_logits, y, config.adv.clean_weight, config.adv.adv_weight
     )
@@ -219,24 +239,10 @@ def step_objective(
       loss += kl_weight * models.bayes_kl(
         params, perturb, config.bnn.prior_sigma, config.bnn.kl_scope
       )
-    total = loss - reg_weight * objectives.l2p_regularizer(perturb)
-    return total, (loss, updates['batch_stats'], clean_logits)
+    objective = loss - reg_weight * objectives.l2p_regularizer(perturb)
+    return objective, (loss, updates['batch_stats'], clean_logits)
 
-  def objective(params, perturb):
-    return rest(params, perturb, *clean_pass(params, perturb))
-
-  def gradients(params, perturb, clean=None):
-    logits, pullback, updates = clean or jax.vjp(clean_pass, params, perturb, has_aux=True)
-    (g_params, g_perturb, g_logits), aux = jax.grad(rest, argnums=(0, 1, 2), has_aux=True)(
-      params, perturb, logits, updates
-    )
-    c_params, c_perturb = pullback(g_logits)
-    return (
-      jax.tree.map(jnp.add, g_params, c_params),
-      jax.tree.map(jnp.add, g_perturb, c_perturb),
-    ), aux
-
-  return StepObjective(objective, gradients, first_clean)
+  return loss_fn
 
 
 def descend(
@@ -247,8 +253,9 @@ def descend(
   optimizers: dict,
   theta_floor: float,
 ) -> TrainState:
-  """One SGD update of one collection ('params' or 'perturb'); the other collection
-  and its optimizer state stay exactly as they were. L2P maps are floored after."""
+  """One optimizer update of one collection ('params' or 'perturb'); the other
+  collection and its optimizer state stay exactly as they were. L2P maps are floored
+  after."""
   variables, opt_state = optim.update(
     optimizers[collection], grads, state.opt_state[collection], getattr(state, collection), lr
   )
@@ -257,6 +264,45 @@ def descend(
   return state.replace(
     **{collection: variables}, opt_state={**state.opt_state, collection: opt_state}
   )
+
+
+def joint_update(state: TrainState, loss_at, step, reg_weight, *, train_perturb: bool):
+  """Both collections step on one gradient of the loss (every method; the noise
+  parameters only while they are trained). Returns (state, loss aux)."""
+  grad_fn = jax.value_and_grad(loss_at(state, reg_weight=reg_weight), argnums=(0, 1), has_aux=True)
+  (_, aux), (g_params, g_perturb) = grad_fn(state.params, state.perturb)
+  state = step(state, 'params', g_params)
+  if train_perturb:
+    state = step(state, 'perturb', g_perturb)
+  return state, aux
+
+
+def l2p_paper_update(state: TrainState, loss_at, step, reg_weight):
+  """The paper's alternating back-propagation: theta steps with W fixed, then W with
+  the new theta fixed, both on the loss minus the regularizer. Returns (state, aux of
+  the first pass, with the second pass's BatchNorm statistics)."""
+  grad_fn = jax.value_and_grad(loss_at(state, reg_weight=reg_weight), argnums=(0, 1), has_aux=True)
+  (_, aux), (_, g_perturb) = grad_fn(state.params, state.perturb)
+  state = step(state, 'perturb', g_perturb)
+  (_, (_, batch_stats, _)), (g_params, _) = grad_fn(state.params, state.perturb)
+  state = step(state, 'params', g_params)
+  return state, (aux[0], batch_stats, aux[2])
+
+
+def l2p_code_update(state: TrainState, loss_at, step, reg_weight):
+  """The authors' code: a theta step on the regularizer alone, then (at the new
+  theta) PGD and a joint step on the loss without it. Returns (state, loss aux)."""
+  g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
+  state = step(state, 'perturb', g_reg)
+  return joint_update(state, loss_at, step, 0.0, train_perturb=True)
+
+
+def update_rule(config: ml_collections.ConfigDict, phase: Phase):
+  """The update of `config.method` in `phase`: L2P's alternation while its noise is
+  trained, the joint update otherwise."""
+  if config.method == 'l2p' and phase.train_perturb:
+    return l2p_paper_update if config.l2p.alternation == 'paper' else l2p_code_update
+  return functools.partial(joint_update, train_perturb=phase.train_perturb)
 
 
 def train_step(
@@ -270,56 +316,30 @@ def train_step(
   config: ml_collections.ConfigDict,
   optimizers: dict,
   kl_weight: float,
-) -> TrainState:
-  """One training iteration of `config.method` in `phase` on a uint8 batch."""
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One training iteration of `config.method` in `phase` on a uint8 batch: (the new
+  state, its metrics: the loss at the iteration's first pass, clean examples right,
+  examples seen, whether loss and state are finite, and the step's index)."""
   step = functools.partial(
     descend, lr=lr, optimizers=optimizers, theta_floor=config.l2p.theta_floor
   )
-  start = state
-  l2p_noise = config.method == 'l2p' and phase.train_perturb
-  paper = l2p_noise and config.l2p.alternation == 'paper'
-  if l2p_noise and not paper:
-    # The authors' code: a theta step on the regularizer alone, then (at the new
-    # theta) the clean pass, PGD and a joint step on the loss without it.
-    g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
-    state = step(state, 'perturb', g_reg)
-  objective = step_objective(
-    state,
-    batch,
-    reg_weight if paper else 0.0,
-    phase=phase,
-    model=model,
-    config=config,
-    kl_weight=kl_weight,
+  loss_at = functools.partial(
+    step_loss_fn, batch=batch, phase=phase, model=model, config=config, kl_weight=kl_weight
   )
-  grad = objective.gradients
-  if paper:
-    # Alternating back-propagation: theta with W fixed, then W with the new theta.
-    (_, g_perturb), aux = grad(state.params, state.perturb, objective.first_clean)
-    state = step(state, 'perturb', g_perturb)
-    (g_params, _), (_, batch_stats, _) = grad(state.params, state.perturb)
-    state = step(state, 'params', g_params)
-  else:
-    (g_params, g_perturb), aux = grad(state.params, state.perturb, objective.first_clean)
-    batch_stats = aux[1]
-    state = step(state, 'params', g_params)
-    if phase.train_perturb:
-      state = step(state, 'perturb', g_perturb)
-  loss, _, clean_logits = aux  # Reported: the loss at the iteration's first pass.
-  correct = jnp.sum(jnp.argmax(clean_logits, -1) == batch['label'])
+  new, (loss, batch_stats, clean_logits) = update_rule(config, phase)(
+    state, loss_at, step, reg_weight
+  )
+  new = new.replace(step=state.step + 1, batch_stats=batch_stats)
   # NaN weights can give finite logits (XLA:CPU did), so the state is checked too.
-  finite = jnp.isfinite(loss) & all_finite(
-    (state.params, state.perturb, state.opt_state, batch_stats)
-  )
-  nonfinite = (start.nonfinite_step < 0) & ~finite
-  return state.replace(
-    step=start.step + 1,
-    batch_stats=batch_stats,
-    loss_sum=start.loss_sum + loss,
-    correct_sum=start.correct_sum + correct,
-    seen=start.seen + batch['label'].shape[0],
-    nonfinite_step=jnp.where(nonfinite, start.step, start.nonfinite_step),
-  )
+  finite = jnp.isfinite(loss) & all_finite((new.params, new.perturb, new.opt_state, batch_stats))
+  metrics = {
+    'loss': loss,
+    'correct': jnp.sum(jnp.argmax(clean_logits, -1) == batch['label']),
+    'count': jnp.asarray(batch['label'].shape[0], jnp.int32),
+    'finite': finite,
+    'step': state.step,
+  }
+  return new, metrics
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -338,12 +358,23 @@ def train_step_on_split(
   batch_size: int,
   batch_sharding: jax.sharding.Sharding,
   **step_kwargs,
-) -> TrainState:
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """`train_step` on batch `state.step - epoch_start` of the epoch ordered by `order`,
   gathered from a split kept on the device, so a step needs nothing from the host."""
   batch = data.take_train_batch(split, order, state.step - epoch_start, batch_size)
   batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
   return train_step(state, batch, lr, reg_weight, **step_kwargs)
+
+
+def accumulating(step_fn):
+  """`step_fn` (a train step) as (state, epoch metrics, *inputs) -> (state, epoch
+  metrics with the step's added): the loop's jitted step."""
+
+  def step_and_add(state, epoch_metrics, *args, **kwargs):
+    state, metrics = step_fn(state, *args, **kwargs)
+    return state, epoch_metrics.add(metrics)
+
+  return step_and_add
 
 
 def eval_step(

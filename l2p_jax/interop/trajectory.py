@@ -231,12 +231,24 @@ def compare(
     )
     batch = jax.tree.map(jnp.asarray, batch)
     made = inputs(state, batch, reg_weight, lr, phase=phase)
-    state = jax_step(training.reset_epoch_sums(state), batch, lr, reg_weight, phase=phase)
+    state, metrics = jax_step(state, batch, lr, reg_weight, phase=phase)
     torch_loss, torch_signs = _torch_step(
       torch_train_step, made, batch, entries, config, lr=lr, reg_weight=reg_weight, phase=phase
     )
     records.append(
-      _step_record(k, epoch, lr, phase, state, net, entries, made, torch_loss, torch_signs)
+      _step_record(
+        k,
+        epoch,
+        lr,
+        phase,
+        state,
+        float(metrics['loss']),
+        net,
+        entries,
+        made,
+        torch_loss,
+        torch_signs,
+      )
     )
   return _report(config, batch_norm, records)
 
@@ -349,6 +361,7 @@ def _step_record(
   lr: float,
   phase: training.Phase,
   state: training.TrainState,
+  jax_loss: float,
   net: Any,
   entries: dict,
   made: dict[str, Any],
@@ -360,7 +373,6 @@ def _step_record(
   torch = _torch_modules()[0]
   ours = traverse_util.flatten_dict(jax.device_get(state.variables))
   theirs = from_torch_state(net.state_dict(), state.variables, entries)
-  jax_loss = float(state.loss_sum)
   record = {
     'step': k + 1,
     'epoch': epoch,
@@ -451,7 +463,7 @@ def _step_inputs(
   if phase.adversarial:
     target = batch['label'] if config.adv.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
     attack_logits = lambda inputs, key: apply(inputs, key)[0]  # noqa: E731
-    if config.adv.attack_batchnorm == 'running':  # As training.step_objective.
+    if config.adv.attack_batchnorm == 'running':  # As training.adversarial_examples.
       attacked = {**state.variables, 'batch_stats': updates['batch_stats']}
       attack_logits = lambda inputs, key: model.apply(  # noqa: E731
         attacked, inputs, train=False, noise=phase.noise, rngs={'noise': key}
