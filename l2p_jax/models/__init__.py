@@ -15,14 +15,17 @@ import jax.numpy as jnp
 
 from l2p_jax.models.layers import (
   BAYES_MEAN_INITS,
+  CONV_INPUT_GRADIENTS,
   KL_SCOPES,
   NOISE_RNG,
   PERTURB,
   FeatureNoise,
+  FeatureNoiseSpec,
   WeightNoise,
   bayes_kl,
   gaussian_kl,
   project_perturb,
+  resolve_input_gradient,
 )
 from l2p_jax.models.resnet import ResNet
 
@@ -42,6 +45,9 @@ __all__ = [
   'ResNet',
   'WeightNoise',
   'FeatureNoise',
+  'FeatureNoiseSpec',
+  'CONV_INPUT_GRADIENTS',
+  'resolve_input_gradient',
   'create_model',
   'bayes_kl',
   'gaussian_kl',
@@ -99,10 +105,12 @@ def create_model(
   bnn_init_sigma: float = 0.1,
   bnn_mean_init: str = 'kaiming_normal',
   bnn_batchnorm: bool = False,
+  conv_input_gradient: str = 'auto',
   dtype: Any = jnp.float32,
 ) -> ResNet:
   """The network for `method`: plain for none/vanilla, feature noise for l2p,
   weight noise for pni, Bayesian weights (and optionally BatchNorm) for adv_bnn."""
+  resolve_input_gradient(conv_input_gradient)  # An unknown option fails here, not in a trace.
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r}; expected one of {METHODS}.')
   if len(mean) != len(std):
@@ -124,9 +132,10 @@ def create_model(
       bayes_mean_init=bnn_mean_init,
       bayes_batchnorm=bnn_batchnorm,
     ),
-    feature_noise=method == 'l2p',
-    feature_noise_init=l2p_init,
-    feature_noise_per_example=l2p_per_example,
+    feature_noise=FeatureNoiseSpec(
+      enabled=method == 'l2p', init_scale=l2p_init, per_example=l2p_per_example
+    ),
+    conv_input_gradient=conv_input_gradient,
     dtype=dtype,
   )
 

@@ -27,6 +27,9 @@ PNI_MODES = ('layer', 'channel', 'element')
 # Initial means of Bayesian weights: He-normal as every other method here, or the
 # Adv-BNN code's (conv/dense uniform(+-1/sqrt(fan_in)), BatchNorm scale uniform(0, 1)).
 BAYES_MEAN_INITS = ('kaiming_normal', 'adv_bnn_code')
+# How a convolution's input gradient is computed: 'transposed_kernel' (`conv_same`, fast
+# on XLA:CPU), 'xla' (JAX's own transpose rule), or 'auto': the first on CPU, else the second.
+CONV_INPUT_GRADIENTS = ('auto', 'transposed_kernel', 'xla')
 
 # He-normal as torch.nn.init.kaiming_normal_ (fan_in, untruncated), used by the
 # authors' and PNI's CIFAR ResNets.
@@ -75,6 +78,19 @@ class WeightNoise:
         key, shape, dtype, -bound, bound
       )
     return default
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNoiseSpec:
+  """Whether Learn2Perturb's noise modules follow the stem and every block, and how.
+
+  init_scale: initial value of every theta; per_example: one draw per example instead
+  of one per call shared by the batch (the authors' code).
+  """
+
+  enabled: bool = False
+  init_scale: float = 0.25
+  per_example: bool = False
 
 
 def gaussian_kl(mean: jax.Array, log_sigma: jax.Array, prior_sigma: float) -> jax.Array:
@@ -203,21 +219,40 @@ def _conv_same_bwd(
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
+def resolve_input_gradient(option: str) -> str:
+  """The convolution gradient `option` names on this backend: 'auto' is
+  'transposed_kernel' on XLA:CPU, where it is measured to help (benchmarks/), and
+  'xla' elsewhere, where nothing is gained by forcing it."""
+  if option not in CONV_INPUT_GRADIENTS:
+    raise ValueError(
+      f'Unknown convolution input gradient {option!r}; expected one of {CONV_INPUT_GRADIENTS}.'
+    )
+  if option == 'auto':
+    return 'transposed_kernel' if jax.default_backend() == 'cpu' else 'xla'
+  return option
+
+
 class Conv(nn.Module):
-  """Bias-free 'SAME' convolution whose kernel may carry PNI or Bayesian noise."""
+  """Bias-free 'SAME' convolution whose kernel may carry PNI or Bayesian noise;
+  `input_gradient` (one of CONV_INPUT_GRADIENTS) picks how it is differentiated, with
+  the same values either way."""
 
   features: int
   kernel_size: int
   strides: int = 1
   weight_noise: WeightNoise = WeightNoise()
   dtype: Any = jnp.float32
+  input_gradient: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     init = self.weight_noise.init(kaiming_normal, self.kernel_size**2 * x.shape[-1])
     kernel = perturbed_weight(self, 'kernel', shape, init, self.weight_noise, noise)
-    return conv_same(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    conv = (
+      conv_same if resolve_input_gradient(self.input_gradient) == 'transposed_kernel' else _conv
+    )
+    return conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
 
 
 class Dense(nn.Module):
@@ -256,12 +291,13 @@ class BayesBatchNorm(nn.Module):
 
   use_running_average: bool
   weight_noise: WeightNoise
+  noise: bool = True  # Draws fresh scale and bias; off, their means.
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     y = nn.BatchNorm(
       use_running_average=self.use_running_average,
       momentum=self.momentum,
@@ -277,8 +313,8 @@ class BayesBatchNorm(nn.Module):
       if spec.bayes_mean_init == 'adv_bnn_code'
       else nn.initializers.ones
     )
-    scale = perturbed_weight(self, 'scale', shape, scale_init, spec, noise)
-    bias = perturbed_weight(self, 'bias', shape, nn.initializers.zeros, spec, noise)
+    scale = perturbed_weight(self, 'scale', shape, scale_init, spec, self.noise)
+    bias = perturbed_weight(self, 'bias', shape, nn.initializers.zeros, spec, self.noise)
     return y * scale.astype(y.dtype) + bias.astype(y.dtype)
 
 
