@@ -92,7 +92,7 @@ def _torch() -> Any:
   return torch
 
 
-class CheckpointMismatch(ValueError):
+class TorchStateDictMismatchError(ValueError):
   """A PyTorch state_dict that does not fit the requested model; lists every problem.
 
   Attributes: `unexpected` (checkpoint keys the model lacks), `missing` (model keys the
@@ -414,7 +414,7 @@ def import_torch_checkpoint(
   shape. `mean`/`std`: the normalization the caller's model will use; when given and
   the checkpoint carries a Normalize layer, they must agree. The input size of L2P
   maps is read from `cn1_sigma_map`. Everything that does not fit is reported in one
-  CheckpointMismatch.
+  TorchStateDictMismatchError.
   """
   state, normalizer = _split_normalizer(_load_state_dict(source))
   state = {key: _to_numpy(value) for key, value in state.items()}
@@ -476,7 +476,7 @@ def import_torch_checkpoint(
       f'and std {list(std)}.'
     )
   if unexpected or missing or mismatched or other:
-    raise CheckpointMismatch(
+    raise TorchStateDictMismatchError(
       f'{arch} (width {width}, {num_classes} classes, method {method!r}, layout {layout!r})',
       unexpected,
       missing,
