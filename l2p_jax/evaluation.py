@@ -20,7 +20,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -319,7 +319,7 @@ def load_examples(settings: tuple[tuple[str, Any], ...]) -> data.HostSplit:
     raise EvaluationError(str(error)) from None
 
 
-def check_split_fits(split: data.HostSplit, checkpoint: Checkpoint) -> None:
+def check_model_takes_split(split: data.HostSplit, checkpoint: Checkpoint) -> None:
   """Raises EvaluationError unless the checkpoint's model takes the split's images and
   predicts its classes."""
   meta = checkpoint.meta
@@ -414,14 +414,7 @@ def attack_accuracy(
   totals = np.zeros((len(targets), 3))
   rules = [prediction_rule(config, t.meta['config']['method'])[:2] for t in targets]
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
-  bar = tqdm(
-    batches,
-    total=data.num_eval_batches(split.num_examples, config.batch_size),
-    desc=desc or spec.name,
-    unit='batch',
-    dynamic_ncols=True,
-    disable=not config.progress_bar or jax.process_index() != 0,
-  )
+  bar = _progress_bar(batches, split, config, desc or spec.name)
   for b, batch in enumerate(bar):
     batch_key = jax.random.fold_in(key, b)
     x_adv = _attack_batch(
@@ -450,17 +443,34 @@ def attack_accuracy(
           rule=rule,
         )
       )
-  n = split.num_examples
-  return [
-    {
-      'accuracy': correct / n,
-      'correct': int(correct),
-      'n': n,
-      'fooled': int(fooled),
-      'mean_l2': float(l2 / fooled) if fooled else None,
-    }
-    for correct, fooled, l2 in totals
-  ]
+  return [_counts(correct, fooled, l2, split.num_examples) for correct, fooled, l2 in totals]
+
+
+def _progress_bar(
+  batches: Iterable[Any], split: data.HostSplit, config: ml_collections.ConfigDict, desc: str
+) -> tqdm:
+  """A progress bar over the split's evaluation batches, shown on the first process only
+  and only when config.progress_bar asks for it."""
+  return tqdm(
+    batches,
+    total=data.num_eval_batches(split.num_examples, config.batch_size),
+    desc=desc,
+    unit='batch',
+    dynamic_ncols=True,
+    disable=not config.progress_bar or jax.process_index() != 0,
+  )
+
+
+def _counts(correct: float, fooled: float, l2: float, n: int) -> dict[str, Any]:
+  """One target's outcome over n examples from its summed (correct, fooled, L2 of the
+  fooled) totals: accuracy, the counts, and the mean L2 of the fooled (None if none)."""
+  return {
+    'accuracy': correct / n,
+    'correct': int(correct),
+    'n': n,
+    'fooled': int(fooled),
+    'mean_l2': float(l2 / fooled) if fooled else None,
+  }
 
 
 def _record(
@@ -560,20 +570,73 @@ def _log(record: dict[str, Any]) -> None:
     )
 
 
-def _labels(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
+def _labels(restored: Sequence[Checkpoint]) -> dict[str, str]:
   """Short unique names: the run folder's name, with the step where two share it."""
-  base = {c.path: os.path.basename(c.workdir) for c in checkpoints}
+  base = {c.path: os.path.basename(c.workdir) for c in restored}
   taken = collections.Counter(base.values())
   return {
     c.path: (base[c.path] if taken[base[c.path]] == 1 else f'{os.path.relpath(c.workdir)}@{c.step}')
-    for c in checkpoints
+    for c in restored
   }
+
+
+class _RestoredCheckpoints:
+  """Restores each checkpoint once however many paths name it, keeping them in the order
+  they were first asked for (which fixes their labels and the results' order)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.restored: dict[tuple[str, int], Checkpoint] = {}
+
+  def load(self, path: str) -> Checkpoint:
+    """The checkpoint that `path` names, restored on first use; EvaluationError if none."""
+    try:
+      found = checkpointing.find_checkpoint(path)
+      if found not in self.restored:
+        self.restored[found] = checkpointing.load_checkpoint(
+          path, arch=self.config.model.arch, width=self.config.model.width
+        )
+    except checkpointing.RESTORE_ERRORS as error:
+      raise EvaluationError(str(error)) from None
+    return self.restored[found]
+
+
+def _check_paths(workdirs: Sequence[str], checkpoint_paths: Sequence[str]) -> None:
+  """Raises EvaluationError unless there is a workdir and, if checkpoints are named, one
+  per workdir."""
+  if not workdirs:
+    raise EvaluationError('Name at least one --workdir.')
+  if checkpoint_paths and len(checkpoint_paths) != len(workdirs):
+    raise EvaluationError(
+      f'{len(checkpoint_paths)} --checkpoint paths for {len(workdirs)} '
+      '--workdir folders; give one per workdir, or none.'
+    )
+
+
+def _eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The device mesh, with EvaluationError if config.batch_size does not split over it."""
+  mesh = sharding.make_mesh()
+  try:
+    sharding.check_batch_size(config.batch_size, mesh)
+  except ValueError as error:
+    raise EvaluationError(f'config.batch_size: {error}') from None
+  return mesh
+
+
+def _write_results(results: dict[str, Any], output_dir: str) -> dict[str, Any]:
+  """Merges the earlier records of output_dir into `results`, writes the report there
+  (first process only) and returns the merged results."""
+  results = report.merge_previous(results, output_dir)
+  if jax.process_index() == 0:
+    for path in report.write_report(results, output_dir):
+      tqdm.write(f'Wrote {path}')
+  return results
 
 
 def evaluate_workdirs(
   config: ml_collections.ConfigDict,
   workdirs: str | Sequence[str],
-  checkpoints: str | Sequence[str] = (),
+  checkpoint_paths: str | Sequence[str] = (),
 ) -> dict[str, Any]:
   """Evaluates the latest checkpoint of every workdir (or the named checkpoints, one per
   workdir) under config.attacks, runs the transfer matrix if asked, and writes
@@ -581,67 +644,34 @@ def evaluate_workdirs(
   workdir's eval/), keeping the earlier records there that this run does not redo.
   Returns the results written to results.json.
   """
-  workdirs, checkpoints = _names(workdirs), _names(checkpoints)
-  if not workdirs:
-    raise EvaluationError('Name at least one --workdir.')
-  if checkpoints and len(checkpoints) != len(workdirs):
-    raise EvaluationError(
-      f'{len(checkpoints)} --checkpoint paths for {len(workdirs)} '
-      '--workdir folders; give one per workdir, or none.'
-    )
+  workdirs, checkpoint_paths = _names(workdirs), _names(checkpoint_paths)
+  _check_paths(workdirs, checkpoint_paths)
   validate_config(config)
   specs, transfer = plan_attacks(config)
-  mesh = sharding.make_mesh()
-  try:
-    sharding.check_batch_size(config.batch_size, mesh)
-  except ValueError as error:
-    raise EvaluationError(f'config.batch_size: {error}') from None
-
-  restored: dict[tuple[str, int], Checkpoint] = {}
-
-  def load(path: str) -> Checkpoint:
-    try:
-      found = checkpointing.find_checkpoint(path)
-      if found not in restored:
-        restored[found] = checkpointing.load_checkpoint(
-          path, arch=config.model.arch, width=config.model.width
-        )
-    except checkpointing.RESTORE_ERRORS as error:
-      raise EvaluationError(str(error)) from None
-    return restored[found]
-
-  evaluated = [load(path) for path in checkpoints or workdirs]
+  mesh = _eval_mesh(config)
+  cache = _RestoredCheckpoints(config)
+  paths = checkpoint_paths or workdirs
+  evaluated = [cache.load(path) for path in paths]
   if transfer:
-    sources = [load(p) for p in _names(config.transfer.sources) or checkpoints or workdirs]
-    targets = [load(p) for p in _names(config.transfer.targets) or checkpoints or workdirs]
-  labels = _labels(list(restored.values()))
-  splits: dict[tuple, data.HostSplit] = {}
-
-  def examples(checkpoint: Checkpoint) -> data.HostSplit:
-    settings = data_settings(config, checkpoint)
-    if settings not in splits:
-      splits[settings] = load_examples(settings)
-    return splits[settings]
+    sources = [cache.load(p) for p in _names(config.transfer.sources) or paths]
+    targets = [cache.load(p) for p in _names(config.transfer.targets) or paths]
+  labels = _labels(list(cache.restored.values()))
+  examples = functools.cache(load_examples)
 
   records = []
   for checkpoint in evaluated:
-    split = examples(checkpoint)
-    check_split_fits(split, checkpoint)
+    split = examples(data_settings(config, checkpoint))
+    check_model_takes_split(split, checkpoint)
     records += evaluate_checkpoint(config, checkpoint, labels[checkpoint.path], split, specs, mesh)
   if transfer:
-    split = examples(sources[0])
+    split = examples(data_settings(config, sources[0]))
     for checkpoint in sources + targets:
-      check_split_fits(split, checkpoint)
+      check_model_takes_split(split, checkpoint)
     records += transfer_records(config, sources, targets, labels, split, mesh)
   results = {
     'config': config.to_dict(),
     'key_layout': KEY_LAYOUT,
-    'checkpoints': [{'label': labels[c.path], **c.describe()} for c in restored.values()],
+    'checkpoints': [{'label': labels[c.path], **c.describe()} for c in cache.restored.values()],
     'records': records,
   }
-  output_dir = config.output_dir or os.path.join(workdirs[0], 'eval')
-  results = report.merge_previous(results, output_dir)
-  if jax.process_index() == 0:
-    for path in report.write_report(results, output_dir):
-      tqdm.write(f'Wrote {path}')
-  return results
+  return _write_results(results, config.output_dir or os.path.join(workdirs[0], 'eval'))

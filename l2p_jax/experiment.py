@@ -23,14 +23,16 @@ class ConfigError(ValueError):
   """A config value no run can use."""
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for values no run can use, naming the field and what is accepted."""
+def _require(ok: bool, message: str) -> None:
+  """Raises ConfigError(message) unless `ok`."""
+  if not ok:
+    raise ConfigError(message)
 
-  def check(ok, message):
-    if not ok:
-      raise ConfigError(message)
 
-  check(
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  """The method and the network: a known method, architecture/width, dtype and
+  Bayesian mean initialization."""
+  _require(
     config.method in models.METHODS,
     f'Unknown method {config.method!r}; expected one of {models.METHODS}.',
   )
@@ -40,81 +42,114 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f'model.arch={config.model.arch!r}, model.width={config.model.width}: {error}'
     ) from None
-  check(
-    config.optim.learning_rate > 0,
-    f'optim.learning_rate must be positive, got {config.optim.learning_rate}.',
-  )
-  check(
+  _require(
     config.model.dtype in DTYPES,
     f'Unknown model.dtype {config.model.dtype!r}; expected one of {tuple(DTYPES)}.',
   )
-  check(
+  _require(
+    config.model.bnn_mean_init in models.BAYES_MEAN_INITS,
+    f'Unknown model.bnn_mean_init {config.model.bnn_mean_init!r}; expected one of '
+    f'{models.BAYES_MEAN_INITS}.',
+  )
+
+
+def _check_optim(config: ml_collections.ConfigDict) -> None:
+  """The optimizer: a known one and a positive learning rate."""
+  _require(
+    config.optim.learning_rate > 0,
+    f'optim.learning_rate must be positive, got {config.optim.learning_rate}.',
+  )
+  _require(
+    config.optim.optimizer in optim.OPTIMIZERS,
+    f'Unknown optim.optimizer {config.optim.optimizer!r}; expected one of {optim.OPTIMIZERS}.',
+  )
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  """The run's length and its checkpoint and logging intervals: all positive."""
+  _require(config.num_epochs > 0, f'num_epochs must be positive, got {config.num_epochs}.')
+  for name in ('checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints'):
+    _require(config[name] > 0, f'{name} must be positive, got {config[name]}.')
+
+
+def _check_adversarial(config: ml_collections.ConfigDict) -> None:
+  """Adversarial training: on for every method but none, its labels, loss weights, PGD
+  budget and batch-norm mode valid."""
+  _require(
     config.adv.labels in ADV_LABELS,
     f'Unknown adv.labels {config.adv.labels!r}; expected one of {ADV_LABELS}.',
   )
-  check(
-    config.l2p.alternation in ALTERNATIONS,
-    f'Unknown l2p.alternation {config.l2p.alternation!r}; expected one of {ALTERNATIONS}.',
-  )
-  check(
+  _require(
     config.method != 'none' or config.adv.start_epoch < 0,
     f'method=none trains on clean images only, but adv.start_epoch='
     f'{config.adv.start_epoch}; use method=vanilla for PGD training or set '
     'adv.start_epoch=-1.',
   )
-  check(
+  _require(
     config.method in ('none',) or config.adv.start_epoch >= 0,
     f'method={config.method} needs adversarial training, but adv.start_epoch='
     f'{config.adv.start_epoch}; use method=none for clean training.',
   )
-  check(
+  _require(
     config.adv.clean_weight >= 0
     and config.adv.adv_weight >= 0
     and config.adv.clean_weight + config.adv.adv_weight > 0,
     f'adv.clean_weight={config.adv.clean_weight} and adv.adv_weight='
     f'{config.adv.adv_weight} must be non-negative and not both zero.',
   )
-  check(config.num_epochs > 0, f'num_epochs must be positive, got {config.num_epochs}.')
-  check(
-    0 <= config.l2p.noise_start_epoch < config.num_epochs,
-    f'l2p.noise_start_epoch={config.l2p.noise_start_epoch} must be in '
-    f'[0, num_epochs={config.num_epochs}).',
-  )
-  check(
+  _require(
     config.adv.eps >= 0 and config.adv.steps >= 1 and config.eval.pgd_steps >= 1,
     f'adv.eps={config.adv.eps} must be >= 0 and adv.steps={config.adv.steps}, '
     f'eval.pgd_steps={config.eval.pgd_steps} at least 1.',
   )
-  check(
+  _require(
     config.adv.attack_batchnorm in ATTACK_BATCHNORMS,
     f'Unknown adv.attack_batchnorm {config.adv.attack_batchnorm!r}; expected one of '
     f'{ATTACK_BATCHNORMS}.',
   )
-  check(
-    config.optim.optimizer in optim.OPTIMIZERS,
-    f'Unknown optim.optimizer {config.optim.optimizer!r}; expected one of {optim.OPTIMIZERS}.',
+
+
+def _check_l2p(config: ml_collections.ConfigDict) -> None:
+  """Learn2Perturb: a known alternation and a noise start inside the run."""
+  _require(
+    config.l2p.alternation in ALTERNATIONS,
+    f'Unknown l2p.alternation {config.l2p.alternation!r}; expected one of {ALTERNATIONS}.',
   )
-  check(
+  _require(
+    0 <= config.l2p.noise_start_epoch < config.num_epochs,
+    f'l2p.noise_start_epoch={config.l2p.noise_start_epoch} must be in '
+    f'[0, num_epochs={config.num_epochs}).',
+  )
+
+
+def _check_bnn(config: ml_collections.ConfigDict) -> None:
+  """Adv-BNN: positive prior and initial sigmas, a known KL scope and a valid KL weight."""
+  _require(
     config.bnn.prior_sigma > 0 and config.model.bnn_init_sigma > 0,
     f'bnn.prior_sigma={config.bnn.prior_sigma} and model.bnn_init_sigma='
     f'{config.model.bnn_init_sigma} must be positive.',
   )
-  check(
+  _require(
     config.bnn.kl_scope in models.KL_SCOPES,
     f'Unknown bnn.kl_scope {config.bnn.kl_scope!r}; expected one of {models.KL_SCOPES}.',
   )
-  check(
-    config.model.bnn_mean_init in models.BAYES_MEAN_INITS,
-    f'Unknown model.bnn_mean_init {config.model.bnn_mean_init!r}; expected one of '
-    f'{models.BAYES_MEAN_INITS}.',
-  )
-  check(
+  _require(
     config.bnn.kl_alpha >= 0 and (config.bnn.kl_examples is None or config.bnn.kl_examples > 0),
     f'bnn.kl_alpha={config.bnn.kl_alpha} must be >= 0 and bnn.kl_examples='
     f"{config.bnn.kl_examples} positive (or None for the training split's size).",
   )
-  for name in ('checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints'):
-    check(config[name] > 0, f'{name} must be positive, got {config[name]}.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for values no run can use, naming the field and what is accepted;
+  the checks run section by section, so a config with several errors reports the first
+  section's."""
+  _check_model(config)
+  _check_optim(config)
+  _check_schedule(config)
+  _check_adversarial(config)
+  _check_l2p(config)
+  _check_bnn(config)
 
 
 def build_model(

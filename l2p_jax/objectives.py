@@ -7,13 +7,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import traverse_util
 
+from l2p_jax.attacks import core as attack_core
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+
+def mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy over the batch."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return attack_core.cross_entropy(logits, labels).mean()
 
 
 def mixed_loss(
@@ -26,8 +27,8 @@ def mixed_loss(
   """alpha * CE(clean) + beta * CE(adversarial) (supplementary eq. 3); plain CE on the
   clean batch when there are no adversarial logits (before adversarial training starts)."""
   if adv_logits is None:
-    return cross_entropy(clean_logits, labels)
-  return clean_weight * cross_entropy(clean_logits, labels) + adv_weight * cross_entropy(
+    return mean_cross_entropy(clean_logits, labels)
+  return clean_weight * mean_cross_entropy(clean_logits, labels) + adv_weight * mean_cross_entropy(
     adv_logits, labels
   )
 

@@ -16,8 +16,6 @@ from typing import Any
 import jax
 import optax
 
-COLLECTIONS = ('params', 'perturb')
-
 
 def sgd(
   momentum: float, nesterov: bool, weight_decay: float, decay_mask: Any = None

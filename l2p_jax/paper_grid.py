@@ -453,23 +453,11 @@ def make_plan(
         for run in runs.values():
           _add_training(jobs, run, s, workdir, data)
         if attacks == 'transfer':
-          name = f'transfer-{arch_name(arch, width)}-{dataset}-s{seed}'
-          out = os.path.join(workdir, 'transfer', name)
-          folders = [os.path.join(workdir, 'runs', r.name) for r in runs.values()]
-          step = _eval_step(s, folders, attacks, out, seed, eval_fields)
-          jobs.setdefault(name, Job(name, (step,), needs=tuple(r.name for r in runs.values())))
-          cells.append(Cell(table_name, setting, seed, os.path.join(out, 'results.json'), runs))
+          results = _add_transfer(jobs, runs, s, workdir, eval_fields)
+          cells.append(Cell(table_name, setting, seed, results, runs))
           continue
         for run in runs.values():
-          results = ''
-          if attacks:
-            folder = os.path.join(workdir, 'runs', run.name)
-            out = os.path.join(folder, 'eval', table_name)
-            job = jobs[run.name]
-            step = _eval_step(s, [folder], attacks, out, seed, eval_fields)
-            if step not in job.steps:
-              jobs[run.name] = dataclasses.replace(job, steps=job.steps + (step,))
-            results = os.path.join(out, 'results.json')
+          results = _add_evaluation(jobs, run, s, workdir, table_name, attacks, eval_fields)
           cells.append(Cell(table_name, setting, seed, results, {run.method: run}))
   if not jobs:
     raise ValueError(
@@ -478,6 +466,47 @@ def make_plan(
     )
   ordered = sorted(jobs.values(), key=lambda j: j.run is None)  # Trainings first.
   return Plan(tuple(ordered), tuple(cells), s, tuple(tables), workdir, seeds)
+
+
+def _add_transfer(
+  jobs: dict[str, Job],
+  runs: dict[str, Run],
+  scale: Scale,
+  workdir: str,
+  eval_fields: dict[str, Any],
+) -> str:
+  """Adds (once) the job of the transfer matrix between `runs`, all of one network,
+  dataset and seed, after their trainings; returns where its results.json will be."""
+  run = next(iter(runs.values()))
+  name = f'transfer-{arch_name(run.arch, run.width)}-{run.dataset}-s{run.seed}'
+  out = os.path.join(workdir, 'transfer', name)
+  folders = [os.path.join(workdir, 'runs', r.name) for r in runs.values()]
+  step = _eval_step(scale, folders, 'transfer', out, run.seed, eval_fields)
+  jobs.setdefault(name, Job(name, (step,), needs=tuple(r.name for r in runs.values())))
+  return os.path.join(out, 'results.json')
+
+
+def _add_evaluation(
+  jobs: dict[str, Job],
+  run: Run,
+  scale: Scale,
+  workdir: str,
+  table_name: str,
+  attacks: str,
+  eval_fields: dict[str, Any],
+) -> str:
+  """Appends to run's job the evaluation of `table_name`'s `attacks` (none if empty;
+  once, however many tables share it); returns where its results.json will be ('' for
+  no attacks)."""
+  if not attacks:
+    return ''
+  folder = os.path.join(workdir, 'runs', run.name)
+  out = os.path.join(folder, 'eval', table_name)
+  job = jobs[run.name]
+  step = _eval_step(scale, [folder], attacks, out, run.seed, eval_fields)
+  if step not in job.steps:
+    jobs[run.name] = dataclasses.replace(job, steps=job.steps + (step,))
+  return os.path.join(out, 'results.json')
 
 
 def _eval_step(

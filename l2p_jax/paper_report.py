@@ -22,6 +22,7 @@ from l2p_jax.paper_grid import (
   TABLES,
   Cell,
   Plan,
+  Scale,
   arch_name,
 )
 from l2p_jax.reproduce import is_done
@@ -269,7 +270,17 @@ def _noise_markdown(runs: dict[str, Any]) -> str:
 
 def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]]) -> str:
   """REPORT.md from `assemble`'s content and the figure files (relative paths)."""
-  scale = plan.scale
+  lines = _introduction(content, plan.scale)
+  for name, section in content['sections'].items():
+    lines += _section_heading(section)
+    lines += _section_body(name, section, plan)
+    lines += [f'\n![{os.path.basename(f)}]({f})' for f in figures.get(name, [])]
+  return '\n'.join(lines) + '\n'
+
+
+def _introduction(content: dict[str, Any], scale: Scale) -> list[str]:
+  """The report's title and opening lines: jobs done, seeds, and (at a reduced scale) the
+  network and data that stand in for the paper's."""
   lines = [
     f'# Reproduction report ({content["scale"]} scale)',
     '',
@@ -287,58 +298,78 @@ def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]])
         "paper's (CIFAR, the network in parentheses), for orientation only."
       ),
     ]
-  for name, section in content['sections'].items():
-    examples = ', '.join(map(str, section.get('examples', [])))
-    lines += [
-      '',
-      f'## {section["title"]}',
-      '',
-      f'Data: {", ".join(section["datasets"])}; networks: '
-      f'{", ".join(section["models"])}'
-      + (f'; test examples per cell: {examples}' if examples else '')
-      + '.',
-      '',
+  return lines
+
+
+def _section_heading(section: dict[str, Any]) -> list[str]:
+  """A section's title and the line naming its data, networks and test examples."""
+  examples = ', '.join(map(str, section.get('examples', [])))
+  return [
+    '',
+    f'## {section["title"]}',
+    '',
+    f'Data: {", ".join(section["datasets"])}; networks: '
+    f'{", ".join(section["models"])}'
+    + (f'; test examples per cell: {examples}' if examples else '')
+    + '.',
+    '',
+  ]
+
+
+def _section_body(name: str, section: dict[str, Any], plan: Plan) -> list[str]:
+  """A section's table (or note), by its kind: accuracy per attack, transfer matrix,
+  noise statistics, or accuracy against the radius."""
+  if name in ('main', 'few_pixel'):
+    header = ['network', 'method'] + section['columns']
+    rows = [
+      [_setting(plan, r['setting']), METHOD_TITLES[r['method']]]
+      + [_cell(r['cells'][c]) for c in section['columns']]
+      for r in section['rows']
     ]
-    if name in ('main', 'few_pixel'):
-      header = ['network', 'method'] + section['columns']
-      rows = [
-        [_setting(plan, r['setting']), METHOD_TITLES[r['method']]]
-        + [_cell(r['cells'][c]) for c in section['columns']]
-        for r in section['rows']
-      ]
-      lines.append(_table(header, rows) if section['columns'] else 'Nothing measured yet.')
-    elif name == 'transfer':
-      keys = [f'{t} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
-      header = ['network', 'source \\ target'] + [
-        f'{METHOD_TITLES[t]} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')
-      ]
-      rows = [
-        [_setting(plan, r['setting']), METHOD_TITLES[r['source']]]
-        + [_cell(r['cells'][k]) for k in keys]
-        for r in section['rows']
-      ]
-      lines.append(_table(header, rows))
-    elif name == 'figure1':
-      lines.append(_noise_markdown(section['runs']) if section['runs'] else 'Nothing measured yet.')
-    else:
-      curves = section['curves']
-      radii = sorted({p[0] for lines_ in curves.values() for pts in lines_.values() for p in pts})
-      rows = []
-      for attack, by_method in curves.items():
-        for method, points in by_method.items():
-          at = {p[0]: p for p in points}
-          rows.append(
-            [METHOD_TITLES[method], attack]
-            + [_value({'mean': at[e][1], 'std': at[e][2]}) if e in at else 'not run' for e in radii]
-          )
-      lines.append(
-        _table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
-        if rows
-        else 'Nothing measured yet.'
+    return [_table(header, rows) if section['columns'] else 'Nothing measured yet.']
+  if name == 'transfer':
+    return [_transfer_markdown(section, plan)]
+  if name == 'figure1':
+    return [_noise_markdown(section['runs']) if section['runs'] else 'Nothing measured yet.']
+  return [
+    _curves_markdown(section),
+    '\nNot published as numbers (the paper shows Figures 2-3 only).',
+  ]
+
+
+def _transfer_markdown(section: dict[str, Any], plan: Plan) -> str:
+  """Supplementary Table 2 as Markdown: per network and source, every target's FGSM and
+  PGD accuracy."""
+  keys = [f'{t} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
+  header = ['network', 'source \\ target'] + [
+    f'{METHOD_TITLES[t]} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')
+  ]
+  rows = [
+    [_setting(plan, r['setting']), METHOD_TITLES[r['source']]]
+    + [_cell(r['cells'][k]) for k in keys]
+    for r in section['rows']
+  ]
+  return _table(header, rows)
+
+
+def _curves_markdown(section: dict[str, Any]) -> str:
+  """Figures 2-3's curves as a Markdown table: per method and attack, the accuracy at
+  every radius measured ('not run' where that curve lacks it)."""
+  curves = section['curves']
+  radii = sorted({p[0] for lines_ in curves.values() for pts in lines_.values() for p in pts})
+  rows = []
+  for attack, by_method in curves.items():
+    for method, points in by_method.items():
+      at = {p[0]: p for p in points}
+      rows.append(
+        [METHOD_TITLES[method], attack]
+        + [_value({'mean': at[e][1], 'std': at[e][2]}) if e in at else 'not run' for e in radii]
       )
-      lines.append('\nNot published as numbers (the paper shows Figures 2-3 only).')
-    lines += [f'\n![{os.path.basename(f)}]({f})' for f in figures.get(name, [])]
-  return '\n'.join(lines) + '\n'
+  return (
+    _table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
+    if rows
+    else 'Nothing measured yet.'
+  )
 
 
 def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list[str]]:

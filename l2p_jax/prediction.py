@@ -1,4 +1,4 @@
-"""Prediction rules for randomized classifiers, accuracy, and transfer-attack matrices.
+"""Prediction rules for randomized classifiers.
 
 A randomized model gives a different answer per noise draw, so "its prediction" is a
 rule: one draw ('single'), the majority of the draws' labels ('vote'), or the argmax of
@@ -8,12 +8,11 @@ fold_in(key, j).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 import jax
 import jax.numpy as jnp
 
-LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+from l2p_jax.attacks.core import LogitsFn
+
 RULES = ('single', 'vote', 'mean_softmax')
 
 
@@ -45,35 +44,3 @@ def predict(
   draws = 1 if rule == 'single' else draws
   logits = jax.lax.map(lambda j: logits_fn(x, jax.random.fold_in(key, j)), jnp.arange(draws))
   return combine_draws(logits, rule)
-
-
-def accuracy(predictions: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Fraction of correct predictions among the examples where `mask` is true (all if
-  None), so that padded batches do not count; weight it by mask.sum() to aggregate."""
-  correct = predictions == labels
-  if mask is None:
-    return correct.mean()
-  mask = mask.astype(bool)
-  return jnp.sum(correct & mask) / jnp.maximum(jnp.sum(mask), 1)
-
-
-def transfer_matrix(
-  adversarial: Mapping[str, jax.Array],
-  labels: jax.Array,
-  targets: Mapping[str, LogitsFn],
-  key: jax.Array,
-  *,
-  draws: int = 1,
-  rule: str = 'single',
-  mask: jax.Array | None = None,
-) -> dict[str, dict[str, jax.Array]]:
-  """Accuracy of every target model on every source's adversarial examples,
-  matrix[source][target]; every cell uses the same noise key, so a model's diagonal cell
-  equals its white-box accuracy computed with that key."""
-  return {
-    source: {
-      target: accuracy(predict(fn, key, x_adv, draws=draws, rule=rule), labels, mask)
-      for target, fn in targets.items()
-    }
-    for source, x_adv in adversarial.items()
-  }

@@ -272,8 +272,8 @@ def test_attacks_do_not_pass_gradients_to_the_model():
 
 def test_apgd_checkpoints_follow_the_paper():
   # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
-  assert attacks.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-  assert attacks.checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+  assert attacks.checkpoint_steps(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+  assert attacks.checkpoint_steps(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 def apgd_reference(logits_fn, key, x, y, eps, steps, rho=0.75, momentum=0.75):
@@ -316,7 +316,7 @@ def apgd_reference(logits_fn, key, x, y, eps, steps, rho=0.75, momentum=0.75):
     x_best, g_best = np.where(col(better), x_new, x_best), np.where(col(better), g, g_best)
     f_best = np.where(better, f, f_best)
     x_prev, x_cur = x_cur, x_new
-    if i + 1 in attacks.checkpoints(steps):
+    if i + 1 in attacks.checkpoint_steps(steps):
       window = i + 1 - last_check
       increases = sum(history[t + 1] > history[t] for t in range(last_check, i + 1))
       halve = (increases <= rho * window) | (~halved & (f_best_at_check >= f_best))

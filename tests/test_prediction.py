@@ -1,13 +1,11 @@
-"""Prediction rules for randomized models, masked accuracy and the transfer matrix."""
-
-import functools
+"""Prediction rules for randomized models."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2p_jax import attacks, prediction
+from l2p_jax import prediction
 
 KEY = jax.random.key(0)
 RNG = np.random.default_rng(0)
@@ -56,26 +54,3 @@ def test_predict_combines_the_documented_noise_draws(rule):
 def test_unknown_rule_is_an_error_naming_the_accepted_ones():
   with pytest.raises(ValueError, match=r"'majority'.*'single', 'vote', 'mean_softmax'"):
     prediction.predict(model, KEY, X, draws=3, rule='majority')
-
-
-def test_accuracy_ignores_padding():
-  predictions, labels = jnp.array([0, 1, 1, 0]), jnp.array([0, 1, 0, 1])
-  mask = jnp.array([1, 1, 1, 0])
-  assert float(prediction.accuracy(predictions, labels, mask)) == pytest.approx(2 / 3)
-  assert float(prediction.accuracy(predictions, labels)) == 0.5
-
-
-def test_transfer_matrix_diagonal_is_white_box_accuracy():
-  x_adv = jax.jit(functools.partial(attacks.pgd, noisy_model, eps=0.1, steps=3, step_size=0.05))(
-    KEY, X, Y
-  ).x_adv
-  adversarial = {'noisy': x_adv, 'clean': X}
-  targets = {'noisy': noisy_model, 'plain': model}
-  mask = jnp.arange(16) < 12  # the last four examples are padding
-  matrix = prediction.transfer_matrix(adversarial, Y, targets, KEY, draws=3, rule='vote', mask=mask)
-  white_box = prediction.accuracy(
-    prediction.predict(noisy_model, KEY, x_adv, draws=3, rule='vote'), Y, mask
-  )
-  assert float(matrix['noisy']['noisy']) == float(white_box) < 1.0
-  assert float(matrix['clean']['plain']) == 1.0  # Y is the plain model's prediction
-  assert {s: set(row) for s, row in matrix.items()} == {s: set(targets) for s in adversarial}

@@ -16,7 +16,7 @@ from flax import traverse_util  # noqa: E402
 
 from l2p_jax.attacks import fgsm  # noqa: E402
 from l2p_jax.interop import (  # noqa: E402
-  CheckpointMismatch,
+  TorchStateDictMismatchError,
   export_torch_state_dict,
   import_torch_checkpoint,
   read_torch_normalization,
@@ -336,7 +336,7 @@ def test_every_misfit_is_listed_in_one_error():
   state['1.stage_9.0.conv_a.weight'] = torch.zeros(3, 3)
   del state['1.bn_1.running_var']
   state['1.classifier.weight'] = torch.zeros(10, 7)
-  with pytest.raises(CheckpointMismatch) as error:
+  with pytest.raises(TorchStateDictMismatchError) as error:
     import_torch_checkpoint(
       state,
       arch='resnet8',
@@ -365,7 +365,7 @@ def test_wrong_architecture_lists_every_key():
   keys = {key[2:] for key in state if key.startswith('1.')}
 
   def misfit(arch, width=0.5, method='l2p'):
-    with pytest.raises(CheckpointMismatch) as error:
+    with pytest.raises(TorchStateDictMismatchError) as error:
       import_torch_checkpoint(
         state, arch=arch, num_classes=10, method=method, width=width, layout='l2p'
       )

@@ -6,7 +6,7 @@ from `key`; every attack derives all its randomness from its own `key` and retur
 e.g. `jax.jit(functools.partial(pgd, logits_fn, eps=8/255, steps=7, step_size=0.01))`.
 """
 
-from l2p_jax.attacks.apgd import apgd, autoattack_rand, checkpoints
+from l2p_jax.attacks.apgd import apgd, autoattack_rand, checkpoint_steps
 from l2p_jax.attacks.core import (
   LOSSES,
   AttackResult,
@@ -34,7 +34,7 @@ __all__ = [
   'LossFn',
   'apgd',
   'autoattack_rand',
-  'checkpoints',
+  'checkpoint_steps',
   'cross_entropy',
   'cw_l2',
   'cw_margin',

@@ -26,7 +26,7 @@ import numpy as np
 from l2p_jax.attacks import core
 
 
-def checkpoints(steps: int) -> list[int]:
+def checkpoint_steps(steps: int) -> list[int]:
   """Iteration counts after which APGD checks its step size, e.g. for 100 iterations
   22, 41, 57, 70, 80, 87, 93, 99 (the paper's p_j times 100)."""
   window = max(int(0.22 * steps), 1)
@@ -37,6 +37,102 @@ def checkpoints(steps: int) -> list[int]:
     window = max(window - shrink, min_window)
     point += window
   return points
+
+
+def _window_lengths(steps: int) -> jax.Array:
+  """Per iteration (0-based), the length of the window that a checkpoint closes there,
+  0 at iterations that are no checkpoint: the schedule the step-size checks read."""
+  points = checkpoint_steps(steps)
+  window = np.zeros(steps, np.int32)
+  window[np.array(points) - 1] = np.diff([0] + points)
+  return jnp.asarray(window)
+
+
+def _init_state(
+  x0: jax.Array, loss0: jax.Array, logits0: jax.Array, grad0: jax.Array, y: jax.Array, eps: float
+) -> dict[str, jax.Array]:
+  """A run's state at its random start x0 (loss, logits and gradient there): step size
+  2 eps, x0 the best point so far, and the step size counted as halved at the last check
+  (so that condition 2 cannot fire at the first checkpoint)."""
+  return dict(
+    x=x0,
+    x_prev=x0,
+    grad=grad0,
+    loss_prev=loss0,
+    step_size=jnp.full(loss0.shape, 2.0 * eps, x0.dtype),
+    x_best=x0,
+    grad_best=grad0,
+    loss_best=loss0,
+    x_fooled=x0,
+    fooled=jnp.argmax(logits0, -1) != y,
+    n_increases=jnp.zeros(loss0.shape, jnp.int32),
+    loss_best_at_check=loss0,
+    halved_at_check=jnp.ones(loss0.shape, bool),
+  )
+
+
+def _momentum_step(
+  s: dict[str, jax.Array], i: jax.Array, x: jax.Array, eps: float, momentum: float
+) -> jax.Array:
+  """Iteration i's next point: a sign step of the current step size projected onto the
+  ball, then the momentum average with the previous move (none at i = 0), projected."""
+  a = jnp.where(i > 0, momentum, 1.0)
+  step_size = core.per_example(s['step_size'], x)
+  z = core.linf_project(core.sign_step(s['x'], s['grad'], step_size), x, eps)
+  return core.linf_project(s['x'] + a * (z - s['x']) + (1 - a) * (s['x'] - s['x_prev']), x, eps)
+
+
+def _halve_step_size(
+  s: dict[str, jax.Array],
+  n_increases: jax.Array,
+  loss_best: jax.Array,
+  window_length: jax.Array,
+  rho: float,
+) -> jax.Array:
+  """Per example, whether the checkpoint closing a window of `window_length` iterations
+  (0: no checkpoint) halves the step size: condition 1 or condition 2 of the paper."""
+  condition1 = n_increases <= rho * window_length
+  condition2 = ~s['halved_at_check'] & (s['loss_best_at_check'] >= loss_best)
+  return (window_length > 0) & (condition1 | condition2)
+
+
+def _advance(
+  s: dict[str, jax.Array],
+  y: jax.Array,
+  x_new: jax.Array,
+  loss_new: jax.Array,
+  logits: jax.Array,
+  grad: jax.Array,
+  window_length: jax.Array,
+  rho: float,
+) -> dict[str, jax.Array]:
+  """The state after moving to x_new (with its loss, logits and gradient): best and
+  fooling points updated and, at a checkpoint, the step size halved and the iterate
+  reset to the best point where `_halve_step_size` says so."""
+  expand = lambda v: core.per_example(v, x_new)
+  fooled_now = jnp.argmax(logits, -1) != y
+  improved = loss_new > s['loss_best']
+  loss_best = jnp.where(improved, loss_new, s['loss_best'])
+  x_best = jnp.where(expand(improved), x_new, s['x_best'])
+  grad_best = jnp.where(expand(improved), grad, s['grad_best'])
+  n_increases = s['n_increases'] + (loss_new > s['loss_prev'])
+  is_check = window_length > 0
+  halve = _halve_step_size(s, n_increases, loss_best, window_length, rho)
+  return dict(
+    x=jnp.where(expand(halve), x_best, x_new),
+    x_prev=s['x'],
+    grad=jnp.where(expand(halve), grad_best, grad),
+    loss_prev=loss_new,
+    step_size=jnp.where(halve, s['step_size'] / 2, s['step_size']),
+    x_best=x_best,
+    grad_best=grad_best,
+    loss_best=loss_best,
+    x_fooled=jnp.where(expand(fooled_now), x_new, s['x_fooled']),
+    fooled=s['fooled'] | fooled_now,
+    n_increases=jnp.where(is_check, 0, n_increases),
+    loss_best_at_check=jnp.where(is_check, loss_best, s['loss_best_at_check']),
+    halved_at_check=jnp.where(is_check, halve, s['halved_at_check']),
+  )
 
 
 def apgd(
@@ -64,71 +160,23 @@ def apgd(
   EOT key. AutoAttack's version for randomized defenses is `autoattack_rand`.
   """
   loss_fn = core.get_loss(loss)
-  points = checkpoints(steps)
-  window = np.zeros(steps, np.int32)  # at a checkpoint's iteration its window's length
-  window[np.array(points) - 1] = np.diff([0] + points)
-  window = jnp.asarray(window)
-  expand = lambda v: core.per_example(v, x)  # noqa: E731
+  window = _window_lengths(steps)
 
   def run(run_key):
     start_key, steps_key = jax.random.split(run_key)
-    grad_at = lambda x_, t: core.eot_value_and_grad(  # noqa: E731
+    grad_at = lambda x_, t: core.eot_value_and_grad(
       logits_fn, loss_fn, jax.random.fold_in(steps_key, t), x_, y, eot_draws
     )
     x0 = core.linf_random_start(start_key, x, eps)
-    loss0, logits0, grad0 = grad_at(x0, 0)
-    state = dict(
-      x=x0,
-      x_prev=x0,
-      grad=grad0,
-      loss_prev=loss0,
-      step_size=jnp.full(loss0.shape, 2.0 * eps, x.dtype),
-      x_best=x0,
-      grad_best=grad0,
-      loss_best=loss0,
-      x_fooled=x0,
-      fooled=jnp.argmax(logits0, -1) != y,
-      n_increases=jnp.zeros(loss0.shape, jnp.int32),
-      loss_best_at_check=loss0,
-      halved_at_check=jnp.ones(loss0.shape, bool),
-    )
+    state = _init_state(x0, *grad_at(x0, 0), y, eps)
 
     def iteration(i, s):
-      a = jnp.where(i > 0, momentum, 1.0)
-      z = core.linf_project(core.sign_step(s['x'], s['grad'], expand(s['step_size'])), x, eps)
-      x_new = core.linf_project(
-        s['x'] + a * (z - s['x']) + (1 - a) * (s['x'] - s['x_prev']), x, eps
-      )
+      x_new = _momentum_step(s, i, x, eps, momentum)
       loss_new, logits, grad = grad_at(x_new, i + 1)
-      fooled_now = jnp.argmax(logits, -1) != y
-      improved = loss_new > s['loss_best']
-      loss_best = jnp.where(improved, loss_new, s['loss_best'])
-      x_best = jnp.where(expand(improved), x_new, s['x_best'])
-      grad_best = jnp.where(expand(improved), grad, s['grad_best'])
-      n_increases = s['n_increases'] + (loss_new > s['loss_prev'])
-
-      is_check = window[i] > 0
-      condition1 = n_increases <= rho * window[i]
-      condition2 = ~s['halved_at_check'] & (s['loss_best_at_check'] >= loss_best)
-      halve = is_check & (condition1 | condition2)
-      return dict(
-        x=jnp.where(expand(halve), x_best, x_new),
-        x_prev=s['x'],
-        grad=jnp.where(expand(halve), grad_best, grad),
-        loss_prev=loss_new,
-        step_size=jnp.where(halve, s['step_size'] / 2, s['step_size']),
-        x_best=x_best,
-        grad_best=grad_best,
-        loss_best=loss_best,
-        x_fooled=jnp.where(expand(fooled_now), x_new, s['x_fooled']),
-        fooled=s['fooled'] | fooled_now,
-        n_increases=jnp.where(is_check, 0, n_increases),
-        loss_best_at_check=jnp.where(is_check, loss_best, s['loss_best_at_check']),
-        halved_at_check=jnp.where(is_check, halve, s['halved_at_check']),
-      )
+      return _advance(s, y, x_new, loss_new, logits, grad, window[i], rho)
 
     s = jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
-    x_adv = jnp.where(expand(s['fooled']), s['x_fooled'], s['x_best'])
+    x_adv = jnp.where(core.per_example(s['fooled'], x), s['x_fooled'], s['x_best'])
     return x_adv, s['loss_best'], s['fooled']
 
   x_adv, _, fooled = core.best_of_restarts(run, key, restarts)

@@ -22,6 +22,8 @@ bounded. Choices (Su et al. leave them open or differ from scipy's defaults):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -45,6 +47,62 @@ def _mutation_draws(key: jax.Array, n: int, population: int, dims: int):
   o3 = o3 + (o3 >= hi)
   i = jnp.arange(population)
   return [(i + o) % population for o in (o1, o2, o3)] + [forced]
+
+
+def _paint(x: jax.Array, candidates: jax.Array, n_pixels: int) -> jax.Array:
+  """Writes each example's candidate (N, dims), n_pixels times (row, column, colour) in
+  [0, 1], into its image."""
+  n, height, width, channels = x.shape
+  c = candidates.reshape(n, n_pixels, 2 + channels)
+  rows = jnp.minimum((c[..., 0] * height).astype(jnp.int32), height - 1)
+  cols = jnp.minimum((c[..., 1] * width).astype(jnp.int32), width - 1)
+  return x.at[jnp.arange(n)[:, None], rows, cols].set(c[..., 2:])
+
+
+def _evaluate(
+  logits_fn: core.LogitsFn,
+  x: jax.Array,
+  y: jax.Array,
+  pop: jax.Array,
+  generation_key: jax.Array,
+  n_pixels: int,
+  chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
+  """True-class probability (the fitness DE minimises) and misclassification of every
+  candidate of the population (N, P, dims), (N, P) each, `chunk_size` candidates at a time."""
+  batch = jnp.arange(x.shape[0])
+
+  def one_candidate(candidates):
+    logits = logits_fn(_paint(x, candidates, n_pixels), jax.random.fold_in(generation_key, 0))
+    prob = jax.nn.softmax(logits)[batch, y]
+    return prob, jnp.argmax(logits, -1) != y
+
+  prob, fooled = jax.lax.map(one_candidate, pop.swapaxes(0, 1), batch_size=chunk_size)
+  return prob.T, fooled.T
+
+
+def _record(
+  x: jax.Array, pop: jax.Array, fooled: jax.Array, done: jax.Array, x_adv: jax.Array, n_pixels: int
+) -> tuple[jax.Array, jax.Array]:
+  """Freezes the first misclassified candidate of examples not done before; returns the
+  updated (done, x_adv)."""
+  new = fooled.any(axis=1) & ~done
+  first = pop[jnp.arange(x.shape[0]), jnp.argmax(fooled, axis=1)]
+  return done | new, jnp.where(core.per_example(new, x), _paint(x, first, n_pixels), x_adv)
+
+
+def _trial(key: jax.Array, pop: jax.Array, mutation: float, crossover: float) -> jax.Array:
+  """DE/rand/1/bin's trial population: mutants r1 + F (r2 - r3) clipped to [0, 1],
+  crossed over with the population (each dimension with probability `crossover`, one
+  forced dimension always)."""
+  n, population, dims = pop.shape
+  pick_key, cross_key = jax.random.split(key)
+  *picks, forced = _mutation_draws(pick_key, n, population, dims)
+  r1, r2, r3 = [jnp.take_along_axis(pop, r[..., None], axis=1) for r in picks]
+  mutant = jnp.clip(r1 + mutation * (r2 - r3), 0.0, 1.0)
+  cross = jax.random.uniform(cross_key, pop.shape) < crossover
+  cross = cross | jax.nn.one_hot(forced, dims, dtype=bool)
+  return jnp.where(cross, mutant, pop)
 
 
 def few_pixel(
@@ -71,33 +129,10 @@ def few_pixel(
   """
   if population < 4:
     raise ValueError(f'DE/rand/1 needs a population of at least 4, got {population}.')
-  n, height, width, channels = x.shape
+  n, _, _, channels = x.shape
   dims = n_pixels * (2 + channels)
-  batch = jnp.arange(n)
-
-  def perturb(candidates):
-    """Writes each example's candidate (N, dims) into its image."""
-    c = candidates.reshape(n, n_pixels, 2 + channels)
-    rows = jnp.minimum((c[..., 0] * height).astype(jnp.int32), height - 1)
-    cols = jnp.minimum((c[..., 1] * width).astype(jnp.int32), width - 1)
-    return x.at[batch[:, None], rows, cols].set(c[..., 2:])
-
-  def evaluate(pop, generation_key):
-    """True-class probability and misclassification of every candidate, (N, P) each."""
-
-    def one_candidate(candidates):
-      logits = logits_fn(perturb(candidates), jax.random.fold_in(generation_key, 0))
-      prob = jax.nn.softmax(logits)[batch, y]
-      return prob, jnp.argmax(logits, -1) != y
-
-    prob, fooled = jax.lax.map(one_candidate, pop.swapaxes(0, 1), batch_size=chunk_size)
-    return prob.T, fooled.T
-
-  def record(pop, fooled, done, x_adv):
-    """Freezes the first misclassified candidate of examples not done before."""
-    new = fooled.any(axis=1) & ~done
-    first = pop[batch, jnp.argmax(fooled, axis=1)]
-    return done | new, jnp.where(core.per_example(new, x), perturb(first), x_adv)
+  evaluate = functools.partial(_evaluate, logits_fn, x, y, n_pixels=n_pixels, chunk_size=chunk_size)
+  record = functools.partial(_record, x, n_pixels=n_pixels)
 
   init_key, loop_key = jax.random.split(key)
   pop = jax.random.uniform(init_key, (n, population, dims), x.dtype)
@@ -107,13 +142,7 @@ def few_pixel(
   def generation(state):
     g, pop, fitness, done, x_adv = state
     generation_key = jax.random.fold_in(loop_key, g)
-    pick_key, cross_key = jax.random.split(jax.random.fold_in(generation_key, 1))
-    *picks, forced = _mutation_draws(pick_key, n, population, dims)
-    r1, r2, r3 = [jnp.take_along_axis(pop, r[..., None], axis=1) for r in picks]
-    mutant = jnp.clip(r1 + mutation * (r2 - r3), 0.0, 1.0)
-    cross = jax.random.uniform(cross_key, pop.shape) < crossover
-    cross = cross | jax.nn.one_hot(forced, dims, dtype=bool)
-    trial = jnp.where(cross, mutant, pop)
+    trial = _trial(jax.random.fold_in(generation_key, 1), pop, mutation, crossover)
     trial_fitness, trial_fooled = evaluate(trial, generation_key)
     done_new, x_adv = record(trial, trial_fooled, done, x_adv)
     accept = (trial_fitness <= fitness) & ~done[:, None]
@@ -129,6 +158,6 @@ def few_pixel(
   _, pop, fitness, done, x_adv = jax.lax.while_loop(
     keep_going, generation, (jnp.int32(1), pop, fitness, done, x_adv)
   )
-  fittest = pop[batch, jnp.argmin(fitness, axis=1)]
-  x_adv = jnp.where(core.per_example(done, x), x_adv, perturb(fittest))
+  fittest = pop[jnp.arange(n), jnp.argmin(fitness, axis=1)]
+  x_adv = jnp.where(core.per_example(done, x), x_adv, _paint(x, fittest, n_pixels))
   return core.make_result(x, x_adv, done)

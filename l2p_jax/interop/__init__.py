@@ -2,7 +2,7 @@
 
 from l2p_jax.interop.torch_checkpoints import (
   LAYOUTS,
-  CheckpointMismatch,
+  TorchStateDictMismatchError,
   export_torch_state_dict,
   import_torch_checkpoint,
   read_torch_normalization,
@@ -11,7 +11,7 @@ from l2p_jax.interop.torch_checkpoints import (
 
 __all__ = [
   'LAYOUTS',
-  'CheckpointMismatch',
+  'TorchStateDictMismatchError',
   'export_torch_state_dict',
   'import_torch_checkpoint',
   'read_torch_normalization',

@@ -96,17 +96,17 @@ def torch_to_workdir(
     if isinstance(source, (str, os.PathLike))
     else type(source).__name__,
   }
-  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  if checkpoints.latest_step() is not None:
+  manager = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
+  if manager.latest_step() is not None:
     raise FileExistsError(
-      f'{checkpoints.directory} already holds checkpoints; convert into an empty --workdir.'
+      f'{manager.directory} already holds checkpoints; convert into an empty --workdir.'
     )
-  checkpoints.save(0, jax.device_put(state), meta)
-  checkpoints.wait()
-  checkpoints.close()
+  manager.save(0, jax.device_put(state), meta)
+  manager.wait()
+  manager.close()
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  return checkpoints.path(0)
+  return manager.path(0)
 
 
 def workdir_to_torch(
@@ -119,14 +119,14 @@ def workdir_to_torch(
   """
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass --overwrite to replace it, or name another file.')
-  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
-  step = checkpoints.latest_step() if step is None else step
+  manager = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
+  step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(
-      f'No checkpoint in {checkpoints.directory}; train one with train.py --workdir {workdir}.'
+      f'No checkpoint in {manager.directory}; train one with train.py --workdir {workdir}.'
     )
-  state, meta = checkpoints.restore(step)
-  checkpoints.close()
+  state, meta = manager.restore(step)
+  manager.close()
   variables = {
     name: jax.device_get(state[name])
     for name in ('params', 'perturb', 'batch_stats')

@@ -92,7 +92,7 @@ def _torch() -> Any:
   return torch
 
 
-class CheckpointMismatch(ValueError):
+class TorchStateDictMismatchError(ValueError):
   """A PyTorch state_dict that does not fit the requested model; lists every problem.
 
   Attributes: `unexpected` (checkpoint keys the model lacks), `missing` (model keys the
@@ -392,6 +392,96 @@ def _variable_shapes(
   return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes).items()}
 
 
+def _model_entries(
+  state: Mapping[str, np.ndarray],
+  normalizer: tuple[np.ndarray, np.ndarray] | None,
+  arch: str,
+  num_classes: int,
+  method: str,
+  *,
+  width: float,
+  layout: str,
+  pni_mode: str | None,
+  mean: Sequence[float] | None,
+) -> tuple[list[_Entry], str]:
+  """The entries the requested model expects, and the layout they follow: channels from
+  mean (else the checkpoint's normalizer, else 3), the L2P input size from
+  `cn1_sigma_map`, the PNI mode and (for 'auto') the layout told from the state."""
+  channels = (
+    len(mean) if mean is not None else (len(normalizer[0]) if normalizer is not None else 3)
+  )
+  stem_map = state.get('cn1_sigma_map', np.zeros((0, 32, 32)))  # L2P: (C, H, W)
+  image_size = tuple(stem_map.shape[-2:]) if stem_map.ndim == 3 else (32, 32)
+  pni_mode = pni_mode or _infer_pni_mode(state)
+  shapes = _variable_shapes(
+    arch,
+    num_classes,
+    method,
+    width=width,
+    pni_mode=pni_mode,
+    channels=channels,
+    image_size=image_size,
+  )
+  if layout == 'auto':
+    layout = _detect_layout(state, resnet_layout(arch, width)['shortcut'] == 'A')
+  return _entries(shapes, layout), layout
+
+
+def _key_problems(
+  state: Mapping[str, np.ndarray], entries: Sequence[_Entry]
+) -> tuple[list[tuple], list[tuple], list[tuple]]:
+  """(unexpected, missing, mismatched) keys of `state` against the model's `entries`,
+  in TorchStateDictMismatchError's form; BatchNorm's step counters are never unexpected."""
+  expected = {entry.key: entry for entry in entries}
+  bn_counters = {
+    key[: -len('running_mean')] + 'num_batches_tracked'
+    for key in expected
+    if key.endswith('.running_mean')
+  }
+  unexpected = [
+    (key, tuple(value.shape))
+    for key, value in state.items()
+    if key not in expected and key not in bn_counters
+  ]
+  missing = [
+    (entry.key, entry.torch_shape, '/'.join(entry.ours))
+    for entry in entries
+    if entry.key not in state
+  ]
+  mismatched = [
+    (entry.key, entry.torch_shape, tuple(state[entry.key].shape))
+    for entry in entries
+    if entry.key in state and tuple(state[entry.key].shape) != entry.torch_shape
+  ]
+  return unexpected, missing, mismatched
+
+
+def _normalization_problems(
+  normalizer: tuple[np.ndarray, np.ndarray] | None,
+  mean: Sequence[float] | None,
+  std: Sequence[float] | None,
+) -> list[str]:
+  """One message if the checkpoint's Normalize layer and the caller's mean/std (both
+  given) disagree, else none."""
+  if (
+    normalizer is not None
+    and mean is not None
+    and std is not None
+    and not (
+      normalizer[0].shape == np.shape(mean)
+      and normalizer[1].shape == np.shape(std)
+      and np.allclose(normalizer[0], mean, atol=1e-6)
+      and np.allclose(normalizer[1], std, atol=1e-6)
+    )
+  ):
+    return [
+      f'the checkpoint normalizes inputs with mean {normalizer[0].tolist()} '
+      f'and std {normalizer[1].tolist()}, the model with mean {list(mean)} '
+      f'and std {list(std)}.'
+    ]
+  return []
+
+
 def import_torch_checkpoint(
   source: Any,
   *,
@@ -414,69 +504,25 @@ def import_torch_checkpoint(
   shape. `mean`/`std`: the normalization the caller's model will use; when given and
   the checkpoint carries a Normalize layer, they must agree. The input size of L2P
   maps is read from `cn1_sigma_map`. Everything that does not fit is reported in one
-  CheckpointMismatch.
+  TorchStateDictMismatchError.
   """
   state, normalizer = _split_normalizer(_load_state_dict(source))
   state = {key: _to_numpy(value) for key, value in state.items()}
-  channels = (
-    len(mean) if mean is not None else (len(normalizer[0]) if normalizer is not None else 3)
-  )
-  stem_map = state.get('cn1_sigma_map', np.zeros((0, 32, 32)))  # L2P: (C, H, W)
-  image_size = tuple(stem_map.shape[-2:]) if stem_map.ndim == 3 else (32, 32)
-  pni_mode = pni_mode or _infer_pni_mode(state)
-  shapes = _variable_shapes(
+  entries, layout = _model_entries(
+    state,
+    normalizer,
     arch,
     num_classes,
     method,
     width=width,
+    layout=layout,
     pni_mode=pni_mode,
-    channels=channels,
-    image_size=image_size,
+    mean=mean,
   )
-  if layout == 'auto':
-    layout = _detect_layout(state, resnet_layout(arch, width)['shortcut'] == 'A')
-  entries = _entries(shapes, layout)
-
-  expected = {entry.key: entry for entry in entries}
-  bn_counters = {
-    key[: -len('running_mean')] + 'num_batches_tracked'
-    for key in expected
-    if key.endswith('.running_mean')
-  }
-  unexpected = [
-    (key, tuple(value.shape))
-    for key, value in state.items()
-    if key not in expected and key not in bn_counters
-  ]
-  missing = [
-    (entry.key, entry.torch_shape, '/'.join(entry.ours))
-    for entry in entries
-    if entry.key not in state
-  ]
-  mismatched = [
-    (entry.key, entry.torch_shape, tuple(state[entry.key].shape))
-    for entry in entries
-    if entry.key in state and tuple(state[entry.key].shape) != entry.torch_shape
-  ]
-  other = []
-  if (
-    normalizer is not None
-    and mean is not None
-    and std is not None
-    and not (
-      normalizer[0].shape == np.shape(mean)
-      and normalizer[1].shape == np.shape(std)
-      and np.allclose(normalizer[0], mean, atol=1e-6)
-      and np.allclose(normalizer[1], std, atol=1e-6)
-    )
-  ):
-    other.append(
-      f'the checkpoint normalizes inputs with mean {normalizer[0].tolist()} '
-      f'and std {normalizer[1].tolist()}, the model with mean {list(mean)} '
-      f'and std {list(std)}.'
-    )
+  unexpected, missing, mismatched = _key_problems(state, entries)
+  other = _normalization_problems(normalizer, mean, std)
   if unexpected or missing or mismatched or other:
-    raise CheckpointMismatch(
+    raise TorchStateDictMismatchError(
       f'{arch} (width {width}, {num_classes} classes, method {method!r}, layout {layout!r})',
       unexpected,
       missing,
