@@ -106,6 +106,9 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.model.bnn_mean_init = 'kaiming_normal'  # Adv-BNN means: kaiming_normal | adv_bnn_code.
   c.model.bnn_batchnorm = False  # Adv-BNN: BatchNorm scale and bias Bayesian too.
   c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params stay float32).
+  # Convolution input gradients: auto (transposed_kernel on XLA:CPU, where it is faster;
+  # xla elsewhere) | transposed_kernel | xla. The values are the same either way.
+  c.model.conv_input_gradient = 'auto'
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = dataset  # TFDS name: cifar10, cifar100, fashion_mnist, ...

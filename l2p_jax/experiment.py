@@ -30,8 +30,8 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
-  """The method and the network: a known method, architecture/width, dtype and
-  Bayesian mean initialization."""
+  """The method and the network: a known method, architecture/width, dtype,
+  convolution gradient and Bayesian mean initialization."""
   _require(
     config.method in models.METHODS,
     f'Unknown method {config.method!r}; expected one of {models.METHODS}.',
@@ -45,6 +45,11 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
   _require(
     config.model.dtype in DTYPES,
     f'Unknown model.dtype {config.model.dtype!r}; expected one of {tuple(DTYPES)}.',
+  )
+  _require(
+    config.model.conv_input_gradient in models.CONV_INPUT_GRADIENTS,
+    f'Unknown model.conv_input_gradient {config.model.conv_input_gradient!r}; expected one '
+    f'of {models.CONV_INPUT_GRADIENTS}.',
   )
   _require(
     config.model.bnn_mean_init in models.BAYES_MEAN_INITS,
@@ -171,6 +176,7 @@ def build_model(
     bnn_init_sigma=m.bnn_init_sigma,
     bnn_mean_init=m.get('bnn_mean_init', 'kaiming_normal'),
     bnn_batchnorm=m.get('bnn_batchnorm', False),
+    conv_input_gradient=m.get('conv_input_gradient', 'auto'),
     dtype=DTYPES[m.dtype],
   )
 

@@ -384,11 +384,7 @@ def _train_epoch(
   record written and its end saved."""
   config, steps_per_epoch = run.config, run.steps_per_epoch
   step = int(state.step)
-  phase = training.phase_for_epoch(config, epoch)
-  lr = optim.learning_rate(
-    epoch, config.optim.learning_rate, config.optim.lr_boundaries, config.optim.lr_decay
-  )
-  reg_weight = training.regularizer_weight(config, epoch)
+  phase, lr, reg_weight = training.epoch_schedule(config, epoch)
   start = step - epoch * steps_per_epoch
   if start == 0:
     metrics = sharding.replicate(run.mesh, EpochMetrics.empty())
@@ -431,24 +427,32 @@ def _train_epoch(
     'train_loss': float(metrics.loss_sum) / steps_per_epoch,
     'train_accuracy': float(metrics.correct_sum) / int(metrics.seen),
     'epoch_seconds': time.time() - started,
+    **_epoch_evaluation(run, state, epoch, phase.noise),
+    'noise': objectives.noise_statistics(state.perturb),
   }
-  if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-    results = evaluate(
-      functools.partial(run.eval_fn, noise=phase.noise),
-      state.variables,
-      run.eval_split,
-      run.mesh,
-      config.eval_batch_size,
-      jax.random.fold_in(jax.random.fold_in(run.root, training.EVAL_STREAM), epoch),
-    )
-    record.update({f'eval_{k}': v for k, v in results.items()})
-  record['noise'] = objectives.noise_statistics(state.perturb)
   saver.check(metrics)
   writer.epoch(record)
   saver.save(step, state, metrics)
   if jax.process_index() == 0:
     tqdm.write(summarize(record))
   return state, metrics
+
+
+def _epoch_evaluation(run: _Run, state: TrainState, epoch: int, noise: bool) -> dict[str, float]:
+  """Clean and PGD accuracy on the eval split at the end of `epoch` when it is an
+  evaluation epoch (every eval.every_epochs, and the last), else nothing."""
+  config = run.config
+  if (epoch + 1) % config.eval.every_epochs and epoch + 1 != config.num_epochs:
+    return {}
+  results = evaluate(
+    functools.partial(run.eval_fn, noise=noise),
+    state.variables,
+    run.eval_split,
+    run.mesh,
+    config.eval_batch_size,
+    jax.random.fold_in(jax.random.fold_in(run.root, training.EVAL_STREAM), epoch),
+  )
+  return {f'eval_{k}': v for k, v in results.items()}
 
 
 def check_finite(

@@ -103,6 +103,14 @@ def regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
   return config.l2p.gamma / objectives.harmonic_tau(epoch, config.l2p.noise_start_epoch)
 
 
+def epoch_schedule(config: ml_collections.ConfigDict, epoch: int) -> tuple[Phase, float, float]:
+  """(phase, learning rate, regularizer weight) of every step of `epoch`."""
+  lr = optim.learning_rate(
+    epoch, config.optim.learning_rate, config.optim.lr_boundaries, config.optim.lr_decay
+  )
+  return phase_for_epoch(config, epoch), lr, regularizer_weight(config, epoch)
+
+
 def create_train_state(
   model: models.ResNet, optimizers: dict, key: jax.Array, image_shape: tuple[int, ...]
 ) -> TrainState:

@@ -15,7 +15,7 @@ from l2p_jax.models import (
   project_perturb,
   resnet_layout,
 )
-from l2p_jax.models.layers import Dense, FeatureNoise, WeightNoise
+from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise, resolve_input_gradient
 
 RNGS = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
 
@@ -250,3 +250,38 @@ def test_bad_method_and_width_are_clear_errors():
     create_model('resnet20', 10, 'none', width=0)
   with pytest.raises(ValueError, match="Unknown PNI mode 'row'"):
     create_model('resnet20', 10, 'pni', pni_mode='row')
+
+
+@pytest.mark.parametrize('strides', [1, 2])
+def test_conv_input_gradient_options_give_the_same_values_and_gradients(strides):
+  """The transposed-kernel backward pass (XLA:CPU's fast path) is the same convolution's
+  gradient as JAX's own transpose rule, for the input and the kernel."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  cotangent = jax.random.normal(jax.random.key(1), (2, 8 // strides, 8 // strides, 4))
+  results = {}
+  for option in ('transposed_kernel', 'xla'):
+    conv = Conv(4, 3, strides, input_gradient=option)
+    variables = conv.init(jax.random.key(2), x)
+    out, vjp = jax.vjp(lambda x, v, c=conv: c.apply(v, x, noise=False), x, variables)
+    results[option] = (out, *vjp(cotangent))
+  for got, want in zip(
+    jax.tree.leaves(results['transposed_kernel']), jax.tree.leaves(results['xla'])
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_conv_input_gradient_is_the_workaround_on_cpu_only(monkeypatch):
+  """'auto' takes the transposed-kernel gradient on XLA:CPU and JAX's own elsewhere, so
+  a GPU program carries no custom_vjp."""
+  x = jnp.ones((1, 4, 4, 3))
+  conv = Conv(2, 3, 1)  # input_gradient='auto'
+  variables = conv.init(jax.random.key(0), x)
+  jaxpr = lambda: str(jax.make_jaxpr(lambda x: conv.apply(variables, x, noise=False))(x))
+  assert resolve_input_gradient('auto') == 'transposed_kernel'  # The tests run on CPU.
+  assert 'custom_vjp_call' in jaxpr()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert resolve_input_gradient('auto') == 'xla'
+  assert 'custom_vjp_call' not in jaxpr()
+  assert resolve_input_gradient('transposed_kernel') == 'transposed_kernel'
+  with pytest.raises(ValueError, match=r"Unknown convolution input gradient 'eigen'.*'xla'"):
+    resolve_input_gradient('eigen')

@@ -85,6 +85,7 @@ def test_config_is_locked_and_bad_arguments_are_clear():
     ('method', 'bnn', r"Unknown method 'bnn'"),
     ('model.arch', 'resnet19', r"Unknown architecture 'resnet19'"),
     ('model.dtype', 'float16', r"Unknown model.dtype 'float16'"),
+    ('model.conv_input_gradient', 'eigen', r"Unknown model.conv_input_gradient 'eigen'"),
     ('adv.labels', 'gold', r"Unknown adv.labels 'gold'.*'prediction', 'true'"),
     ('l2p.alternation', 'joint', r"Unknown l2p.alternation 'joint'"),
     ('l2p.noise_start_epoch', 3, r'noise_start_epoch=3 must be in \[0, num_epochs=3\)'),

@@ -220,12 +220,8 @@ def compare(
   records = []
   for k in range(steps):
     epoch = k // steps_per_epoch
-    phase = training.phase_for_epoch(config, epoch)
+    phase, lr, reg_weight = training.epoch_schedule(config, epoch)
     phase = dataclasses.replace(phase, noise=phase.noise and noise)
-    lr = optim.learning_rate(
-      epoch, config.optim.learning_rate, config.optim.lr_boundaries, config.optim.lr_decay
-    )
-    reg_weight = training.regularizer_weight(config, epoch)
     batch = data.train_batch(
       split, seed=config.seed, epoch=epoch, step=k % steps_per_epoch, batch_size=config.batch_size
     )
@@ -235,19 +231,10 @@ def compare(
     torch_loss, torch_signs = _torch_step(
       torch_train_step, made, batch, entries, config, lr=lr, reg_weight=reg_weight, phase=phase
     )
+    jax_loss = float(metrics['loss'])
     records.append(
       _step_record(
-        k,
-        epoch,
-        lr,
-        phase,
-        state,
-        float(metrics['loss']),
-        net,
-        entries,
-        made,
-        torch_loss,
-        torch_signs,
+        k, epoch, lr, phase, state, jax_loss, net, entries, made, torch_loss, torch_signs
       )
     )
   return _report(config, batch_norm, records)
