@@ -104,6 +104,10 @@ def test_plan_command_prints_one_line_per_job(tmp_path):
   train = lines[1].split(' && ')[0]
   assert train.startswith('python train.py --config configs/cifar.py:none,resnet8,fashion_mnist')
   assert '--config.data.local_dir=/usr/share/datasets/fashion-mnist' in train
+  # Few-pixel attacks 200 images: data.examples (128 for the main table) would cap it.
+  main_eval, few_pixel_eval = lines[1].split(' && ')[1:]
+  assert '--config.data.examples=128' in main_eval
+  assert '--config.data.examples=200 --config.few_pixel.examples=200' in few_pixel_eval
   bad = subprocess.run(
     [
       sys.executable,
