@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default='paper',
     help="L2P's update order (both frameworks)",
   )
+  parser.add_argument(
+    '--conv-input-gradient',
+    choices=models.CONV_INPUT_GRADIENTS,
+    default='auto',
+    help='model.conv_input_gradient (JAX only): auto, transposed_kernel (conv_same) or xla',
+  )
   parser.add_argument('--attacks', default=','.join(ATTACKS))
   parser.add_argument(
     '--attack-methods',
@@ -395,12 +401,14 @@ def experiment_config(
   alternation: str = 'paper',
   dtype: str = 'float32',
   unroll: bool = False,
+  conv_input_gradient: str = 'auto',
 ):
   """The paper's config of `method` on `arch`, in the phase where everything is on:
   noise (from epoch 0), PGD examples (except method none), noise-parameter updates."""
   config = load_get_config()(f'{method},{arch},cifar10')
   config.model.width = width
   config.model.dtype = dtype
+  config.model.conv_input_gradient = conv_input_gradient
   config.adv.unroll = unroll
   config.batch_size = batch
   config.l2p.alternation = alternation
@@ -456,9 +464,16 @@ def _initializer(method: str, arch: str, width: float, dtype: str, mesh: jax.sha
 
 
 def args_config(args: argparse.Namespace, method: str, arch: str, **kwargs):
-  """experiment_config with the command line's width, batch and L2P alternation."""
+  """experiment_config with the command line's width, batch, L2P alternation and
+  convolution gradient."""
   return experiment_config(
-    method, arch, width=args.width, batch=args.batch, alternation=args.alternation, **kwargs
+    method,
+    arch,
+    width=args.width,
+    batch=args.batch,
+    alternation=args.alternation,
+    conv_input_gradient=args.conv_input_gradient,
+    **kwargs,
   )
 
 

@@ -176,34 +176,34 @@ def train_forward(
 
 
 def adversarial_examples(
-  state: TrainState,
+  frozen: dict[str, Any],
+  clean_logits: jax.Array,
+  clean_batch_stats: Any,
   x: jax.Array,
   y: jax.Array,
-  keys: dict[str, jax.Array],
+  key: jax.Array,
   *,
   phase: Phase,
   model: models.ResNet,
   config: ml_collections.ConfigDict,
 ) -> jax.Array:
-  """The step's PGD examples, made on the state's variables frozen: the model in
-  training mode with BatchNorm statistics left alone, or (adv.attack_batchnorm=running,
-  as the authors' codes) in eval mode with the running statistics as the step's passes
-  so far left them: after the clean pass (L2P's and PNI's code), or as the step found
-  them when the loss has no clean term (Adv-BNN's code attacks first)."""
-  frozen = jax.lax.stop_gradient(state.variables)
-  needs_clean_pass = config.adv.labels != 'true' or (
-    config.adv.attack_batchnorm == 'running' and config.adv.clean_weight > 0
-  )
-  if needs_clean_pass:  # The loss's own clean pass, at the frozen variables.
-    clean_logits, updates = train_forward(model, frozen, x, keys['clean'], phase.noise)
+  """The step's PGD examples on the `frozen` variables, given the clean pass there (its
+  logits are the targets under adv.labels=prediction).
+
+  The model attacked is in training mode with BatchNorm statistics left alone, or
+  (adv.attack_batchnorm=running, as the authors' codes) in eval mode with the running
+  statistics as the step's passes so far left them: after the clean pass (L2P's and
+  PNI's code), or as the step found them when the loss has no clean term (Adv-BNN's
+  code attacks first).
+  """
   if config.adv.attack_batchnorm == 'running':
     if config.adv.clean_weight > 0:
-      frozen = {**frozen, 'batch_stats': jax.lax.stop_gradient(updates['batch_stats'])}
+      frozen = {**frozen, 'batch_stats': clean_batch_stats}
     logits_fn = models.inference_logits(model, frozen, phase.noise)
   else:
     logits_fn = lambda inputs, key: train_forward(model, frozen, inputs, key, phase.noise)[0]
   target = y if config.adv.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
-  return pgd_attack(config, config.adv.steps)(logits_fn, keys['pgd'], x, target).x_adv
+  return pgd_attack(config, config.adv.steps)(logits_fn, key, x, target).x_adv
 
 
 def step_loss_fn(
@@ -215,31 +215,36 @@ def step_loss_fn(
   model: models.ResNet,
   config: ml_collections.ConfigDict,
   kl_weight: float,
+  x_adv: jax.Array | None = None,
 ):
   """The loss of training step `state.step` as a function of (params, perturb).
 
-  loss_fn(params, perturb) -> (objective, (loss, batch_stats, clean_logits)): the
-  objective is the training loss (the 0.5/0.5 mix of clean and PGD cross-entropies,
-  plus Adv-BNN's KL) minus `reg_weight` times L2P's regularizer. Augmentation, noise
-  draws and the PGD examples are fixed by the step's keys and made once, here.
+  loss_fn(params, perturb) -> (objective, (loss, batch_stats, clean_logits, x_adv)):
+  the objective is the training loss (the 0.5/0.5 mix of clean and PGD cross-entropies,
+  plus Adv-BNN's KL) minus `reg_weight` times L2P's regularizer. Augmentation and noise
+  draws are fixed by the step's keys. In an adversarial phase the PGD examples are made
+  from the loss's own clean pass on the variables frozen (no gradient flows through
+  PGD), unless `x_adv` gives them (a second gradient in the same step).
   """
   keys = step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
   y = batch['label']
-  x_adv = None
-  if phase.adversarial:
-    x_adv = adversarial_examples(state, x, y, keys, phase=phase, model=model, config=config)
 
   def loss_fn(params, perturb):
     variables = {'params': params, 'perturb': perturb, 'batch_stats': state.batch_stats}
     clean_logits, updates = train_forward(model, variables, x, keys['clean'], phase.noise)
-    adv_logits = None
-    if x_adv is not None:
+    adv_logits, examples = None, x_adv
+    if phase.adversarial:
+      if examples is None:
+        frozen, clean = jax.lax.stop_gradient((variables, (clean_logits, updates['batch_stats'])))
+        examples = adversarial_examples(
+          frozen, *clean, x, y, keys['pgd'], phase=phase, model=model, config=config
+        )
       # A loss of the adversarial term alone (Adv-BNN's code) runs only the
       # adversarial batch through the network: its statistics alone move BatchNorm's.
       if config.adv.clean_weight > 0:
         variables = {**variables, 'batch_stats': updates['batch_stats']}
-      adv_logits, updates = train_forward(model, variables, x_adv, keys['adv'], phase.noise)
+      adv_logits, updates = train_forward(model, variables, examples, keys['adv'], phase.noise)
     loss = objectives.mixed_loss(
       clean_logits, adv_logits, y, config.adv.clean_weight, config.adv.adv_weight
     )
@@ -248,7 +253,7 @@ def step_loss_fn(
         params, perturb, config.bnn.prior_sigma, config.bnn.kl_scope
       )
     objective = loss - reg_weight * objectives.l2p_regularizer(perturb)
-    return objective, (loss, updates['batch_stats'], clean_logits)
+    return objective, (loss, updates['batch_stats'], clean_logits, examples)
 
   return loss_fn
 
@@ -287,14 +292,20 @@ def joint_update(state: TrainState, loss_at, step, reg_weight, *, train_perturb:
 
 def l2p_paper_update(state: TrainState, loss_at, step, reg_weight):
   """The paper's alternating back-propagation: theta steps with W fixed, then W with
-  the new theta fixed, both on the loss minus the regularizer. Returns (state, aux of
-  the first pass, with the second pass's BatchNorm statistics)."""
-  grad_fn = jax.value_and_grad(loss_at(state, reg_weight=reg_weight), argnums=(0, 1), has_aux=True)
-  (_, aux), (_, g_perturb) = grad_fn(state.params, state.perturb)
+  the new theta fixed, both on the loss minus the regularizer and the same PGD
+  examples. Returns (state, aux of the first pass with the second's BatchNorm
+  statistics)."""
+  loss_fn = loss_at(state, reg_weight=reg_weight)
+  (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+    state.params, state.perturb
+  )
   state = step(state, 'perturb', g_perturb)
-  (_, (_, batch_stats, _)), (g_params, _) = grad_fn(state.params, state.perturb)
+  loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux[3])
+  (_, (_, batch_stats, *_)), (g_params, _) = jax.value_and_grad(
+    loss_fn, argnums=(0, 1), has_aux=True
+  )(state.params, state.perturb)
   state = step(state, 'params', g_params)
-  return state, (aux[0], batch_stats, aux[2])
+  return state, (aux[0], batch_stats, *aux[2:])
 
 
 def l2p_code_update(state: TrainState, loss_at, step, reg_weight):
@@ -334,7 +345,7 @@ def train_step(
   loss_at = functools.partial(
     step_loss_fn, batch=batch, phase=phase, model=model, config=config, kl_weight=kl_weight
   )
-  new, (loss, batch_stats, clean_logits) = update_rule(config, phase)(
+  new, (loss, batch_stats, clean_logits, _) = update_rule(config, phase)(
     state, loss_at, step, reg_weight
   )
   new = new.replace(step=state.step + 1, batch_stats=batch_stats)
