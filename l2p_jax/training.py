@@ -1,6 +1,11 @@
 """The train state and the jitted steps of the five methods: one training iteration
 per phase (clean or adversarial, noise on or off) and the per-epoch evaluation step.
 
+As in Flax's examples, a step is one loss function of (params, perturb)
+(`step_loss_fn`), differentiated with `jax.value_and_grad` by the method's update rule
+(`joint_update`, `l2p_paper_update`, `l2p_code_update`), and `train_step` returns
+(state, metrics); the loop sums the metrics of an epoch in `EpochMetrics`.
+
 Everything random is a pure function of (config.seed, step): a run resumed from a
 checkpoint continues bit-identically to one that was never interrupted.
 """
