@@ -641,19 +641,7 @@ def prepare_torch_train(
   config = args_config(args, method, arch)
   model = torch_model(method, arch, args, config)
   adversarial = training.phase_for_epoch(config, 0).adversarial
-  step = torch_step.make_train_step(
-    model,
-    pgd_steps=config.adv.steps,
-    eps=config.adv.eps,
-    step_size=config.adv.step_size,
-    clean_weight=config.adv.clean_weight,
-    adv_weight=config.adv.adv_weight,
-    alternation=config.l2p.alternation,
-    weight_decay=config.optim.weight_decay,
-    kl_weight=1.0 / TRAIN_EXAMPLES,
-    prior_sigma=config.bnn.prior_sigma,
-    theta_floor=config.l2p.theta_floor,
-  )
+  step = torch_step.make_train_step_for_config(model, config, kl_weight=1.0 / TRAIN_EXAMPLES)
   images, labels = torch_inputs(args.batch, 0)
 
   def call() -> None:

@@ -298,6 +298,30 @@ def make_train_step(
   )
 
 
+def make_train_step_for_config(
+  model: nn.Module, config: Any, kl_weight: float
+) -> Callable[..., torch.Tensor]:
+  """`make_train_step` with every setting taken from a training config (configs/cifar.py),
+  so the PyTorch step trains as l2p_jax's `train_step` does for that config."""
+  return make_train_step(
+    model,
+    pgd_steps=config.adv.steps,
+    eps=config.adv.eps,
+    step_size=config.adv.step_size,
+    clean_weight=config.adv.clean_weight,
+    adv_weight=config.adv.adv_weight,
+    alternation=config.l2p.alternation,
+    momentum=config.optim.momentum,
+    nesterov=config.optim.nesterov,
+    weight_decay=config.optim.weight_decay,
+    kl_weight=kl_weight,
+    prior_sigma=config.bnn.prior_sigma,
+    theta_floor=config.l2p.theta_floor,
+    attack_labels=config.adv.labels,
+    attack_batchnorm=config.adv.attack_batchnorm,
+  )
+
+
 class _TrainStep:
   """The authors' training iteration on one model with its two SGD optimizers (see
   make_train_step); calling it does one step."""

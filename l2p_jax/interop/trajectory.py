@@ -277,23 +277,7 @@ def _torch_twin(
     raise RuntimeError(
       f'Export to the PyTorch reference failed: missing {missing}, unexpected {unexpected}.'
     )
-  return net, torch_step.make_train_step(
-    torch_model,
-    pgd_steps=config.adv.steps,
-    eps=config.adv.eps,
-    step_size=config.adv.step_size,
-    clean_weight=config.adv.clean_weight,
-    adv_weight=config.adv.adv_weight,
-    alternation=config.l2p.alternation,
-    momentum=config.optim.momentum,
-    nesterov=config.optim.nesterov,
-    weight_decay=config.optim.weight_decay,
-    kl_weight=kl_weight,
-    prior_sigma=config.bnn.prior_sigma,
-    theta_floor=config.l2p.theta_floor,
-    attack_labels=config.adv.labels,
-    attack_batchnorm=config.adv.attack_batchnorm,
-  )
+  return net, torch_step.make_train_step_for_config(torch_model, config, kl_weight)
 
 
 def _to_torch_images(images: jax.Array) -> Any:
