@@ -16,8 +16,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from l2p_jax import experiment
-from l2p_jax.interop import trajectory
-from l2p_jax.plots import plot_divergence
+from l2p_jax.interop.parity import trajectory
+from l2p_jax.runtime.plots import plot_divergence
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -11,8 +11,8 @@ Export the latest checkpoint of a training run in the authors' key layout:
 from absl import app, flags
 from ml_collections import config_flags
 
-from l2p_jax import cli
 from l2p_jax.interop import LAYOUTS, convert
+from l2p_jax.runtime import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -13,7 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2p_jax import cli, distributed, evaluation
+from l2p_jax import evaluation
+from l2p_jax.runtime import cli, distributed
 
 FLAGS = flags.FLAGS
 try:  # With a default file, config_flags applies the overrides here, at import.

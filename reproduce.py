@@ -1,5 +1,5 @@
 r"""Reproduces the paper's tables and figures: trains and evaluates every run through
-train.py and eval.py, then writes REPORT.md; see l2p_jax/paper_grid.py for the grid.
+train.py and eval.py, then writes REPORT.md; see l2p_jax/reproduction/paper_grid.py for the grid.
 
   python reproduce.py --workdir runs/paper --scale full
   python reproduce.py --workdir runs/small --scale small     # Fashion-MNIST, 2-core CPU
@@ -16,7 +16,7 @@ import shlex
 
 from absl import app, flags
 
-from l2p_jax import paper_grid, paper_report, reproduce
+from l2p_jax.reproduction import grid_runner, paper_grid, paper_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder of the grid: runs/, transfer/, REPORT.md.')
@@ -88,13 +88,13 @@ def main(argv):
   if FLAGS.slurm:
     os.makedirs(os.path.join(plan.workdir, 'slurm'), exist_ok=True)  # Tasks' output.
     with open(FLAGS.slurm, 'w') as f:
-      f.write(reproduce.slurm_script(plan, assemble_command()))
+      f.write(grid_runner.slurm_script(plan, assemble_command()))
     print(f'Wrote {FLAGS.slurm}: {len(plan.jobs)} array tasks.')
     return
   if not FLAGS.assemble:
     try:
-      reproduce.run_plan(plan)
-    except reproduce.ReproduceError as error:
+      grid_runner.run_plan(plan)
+    except grid_runner.ReproduceError as error:
       raise SystemExit(f'reproduce.py: {error}') from None
   for path in paper_report.write(plan):
     print(f'Wrote {path}')

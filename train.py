@@ -10,7 +10,8 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2p_jax import cli, distributed, train
+from l2p_jax.runtime import cli, distributed
+from l2p_jax.training import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -27,8 +28,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.USER_ERRORS as error:
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except loop.USER_ERRORS as error:
     raise SystemExit(f'train.py: {error}') from None
 
 

@@ -42,12 +42,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/ and l2p_jax.
 
 from benchmarks import render  # noqa: E402
-from l2p_jax import attacks, data, experiment, models, optim, sharding, training  # noqa: E402
+from l2p_jax import attacks, data, experiment, models, training  # noqa: E402
+from l2p_jax.runtime import sharding  # noqa: E402
+from l2p_jax.training import optim  # noqa: E402
 
 try:
   import torch
 
-  from l2p_jax.interop import torch_step
+  from l2p_jax.interop.parity import torch_step
 except ImportError:  # torch is optional: the JAX figures stand alone.
   torch = None
 

@@ -11,7 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from l2p_jax import data, models, optim
+from l2p_jax import data, models
+from l2p_jax.training import optim
 
 ADV_LABELS = ('prediction', 'true')
 ATTACK_BATCHNORMS = ('batch', 'running')

@@ -14,19 +14,12 @@ from flax import traverse_util
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import (
-  checkpointing,
-  data,
-  evaluation,
-  experiment,
-  optim,
-  prediction,
-  sharding,
-  train,
-  training,
-)
-from l2p_jax.metrics import read_metrics
+from l2p_jax import data, evaluation, experiment, training
+from l2p_jax.evaluation import prediction
 from l2p_jax.models import bayes_kl, create_model
+from l2p_jax.runtime import sharding
+from l2p_jax.runtime.metrics import read_metrics
+from l2p_jax.training import checkpointing, loop, optim
 
 IMAGE = (8, 8, 3)
 
@@ -314,7 +307,7 @@ def test_loop_restarts_the_optimizer_at_each_stage(tmp_path):
   config.progress_bar = False
   config.model.width, config.num_epochs = 0.25, 3
   config.optim.lr_boundaries, config.adv.steps = (2,), 1
-  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  state = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 6  # 3 epochs of 128 / 64 steps.
   adam_states = [
     s

@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 from test_train import get_config  # noqa: E402
 
 from l2p_jax import attacks, data, models  # noqa: E402
-from l2p_jax.interop import trajectory  # noqa: E402
+from l2p_jax.interop.parity import trajectory  # noqa: E402
 from l2p_jax.models.layers import DRAWS, FeatureNoise  # noqa: E402
 
 TOLERANCE = 1e-5  # float32 on CPU: one step differs by about 1e-7.
@@ -147,7 +147,7 @@ def test_unsupported_settings_and_missing_torch_are_clear(monkeypatch):
   ):
     trajectory.compare(code, 1, split())
   monkeypatch.setitem(sys.modules, 'torch', None)
-  monkeypatch.delitem(sys.modules, 'l2p_jax.interop.torch_step', raising=False)
-  monkeypatch.delitem(sys.modules, 'l2p_jax.interop.torch_reference', raising=False)
+  monkeypatch.delitem(sys.modules, 'l2p_jax.interop.parity.torch_step', raising=False)
+  monkeypatch.delitem(sys.modules, 'l2p_jax.interop.parity.torch_reference', raising=False)
   with pytest.raises(ImportError, match=r'pip install -e "\.\[torch\]"'):
     trajectory.compare(tiny('none'), 1, split())

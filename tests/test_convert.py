@@ -13,9 +13,10 @@ torch = pytest.importorskip('torch')
 
 from test_train import get_config  # noqa: E402
 
-from l2p_jax import checkpointing, experiment  # noqa: E402
+from l2p_jax import experiment  # noqa: E402
 from l2p_jax.interop import convert, import_torch_checkpoint  # noqa: E402
-from l2p_jax.interop import torch_reference as ref  # noqa: E402
+from l2p_jax.interop.parity import torch_reference as ref  # noqa: E402
+from l2p_jax.training import checkpointing  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the L2P code's

@@ -16,7 +16,9 @@ import pytest
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import checkpointing, data, evaluation, experiment, report, train
+from l2p_jax import data, evaluation, experiment
+from l2p_jax.evaluation import results_report
+from l2p_jax.training import checkpointing, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,7 +45,7 @@ def runs(tmp_path_factory):
     config.data.source, config.data.local_dir = 'local', str(cifar)
     config.progress_bar, config.num_epochs = False, epochs
     workdirs[method] = base / method
-    train.train_and_evaluate(config, str(workdirs[method]))
+    loop.train_and_evaluate(config, str(workdirs[method]))
   return workdirs
 
 
@@ -114,7 +116,7 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
   assert json.loads((output / 'results.json').read_text()) == json.loads(json.dumps(results))
   records = results['records']
   for r in records:
-    assert set(report.RECORD_FIELDS) <= set(r), set(report.RECORD_FIELDS) - set(r)
+    assert set(results_report.RECORD_FIELDS) <= set(r), set(results_report.RECORD_FIELDS) - set(r)
     assert 0 <= r['accuracy'] <= 1 and r['correct'] == round(r['accuracy'] * r['n'])
     assert r['n'] == (4 if r['attack'] == 'few_pixel' else 12)
     assert (r['rule'], r['draws'], r['noise'], r['batch_size']) == ('single', 1, True, 8)

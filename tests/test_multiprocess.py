@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from l2p_jax import checkpointing
-from l2p_jax.metrics import read_metrics
+from l2p_jax.runtime.metrics import read_metrics
+from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The tiny config cut to one epoch of 4 steps, all adversarial; a checkpoint every 2.
@@ -196,7 +196,8 @@ from absl import flags
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from l2p_jax import data, distributed, sharding
+from l2p_jax import data
+from l2p_jax.runtime import distributed, sharding
 
 flags.FLAGS(sys.argv)
 distributed.initialize_from_flags()

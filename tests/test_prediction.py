@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2p_jax import prediction
+from l2p_jax.evaluation import prediction
 
 KEY = jax.random.key(0)
 RNG = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import sys
 import fake_datasets
 import pytest
 
-from l2p_jax import paper_grid, paper_report, reproduce
+from l2p_jax.reproduction import grid_runner, paper_grid, paper_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def tiny_plan(workdir, cifar, **kwargs):
 def grid(tmp_path_factory, cifar):
   """The tiny grid run without interruption, and its report."""
   plan = tiny_plan(tmp_path_factory.mktemp('grid'), cifar)
-  ran = reproduce.run_plan(plan, progress_bar=False)
+  ran = grid_runner.run_plan(plan, progress_bar=False)
   paper_report.write(plan)
   return plan, ran
 
@@ -163,16 +163,16 @@ def test_finished_steps_are_skipped_by_their_markers(grid):
   def record(command, log):
     launched.append(command)
 
-  assert reproduce.run_plan(plan, launch=record, progress_bar=False) == 0
+  assert grid_runner.run_plan(plan, launch=record, progress_bar=False) == 0
   assert launched == []
   # A marker of another command (here: a different attack list) does not count.
   step = plan.jobs[0].steps[1]
   other = paper_grid.Step(step.command[:-1] + ('--config.data.examples=9',), step.marker)
-  assert reproduce.is_done(step) and not reproduce.is_done(other)
+  assert grid_runner.is_done(step) and not grid_runner.is_done(other)
   # Without its marker, only that step runs again (the checkpoint alone does not count).
   os.remove(step.marker)
-  assert not reproduce.is_done(step)
-  assert reproduce.run_plan(plan, launch=record, progress_bar=False) == 1
+  assert not grid_runner.is_done(step)
+  assert grid_runner.run_plan(plan, launch=record, progress_bar=False) == 1
   assert launched == [step.command]
 
 
@@ -183,14 +183,14 @@ def test_grid_stopped_midway_resumes_to_the_same_report(grid, cifar, tmp_path):
   def dies_on_third(command, log):
     calls.append(command)
     if len(calls) == 3:
-      raise reproduce.ReproduceError('killed')
-    reproduce.launch_subprocess(command, log)
+      raise grid_runner.ReproduceError('killed')
+    grid_runner.launch_subprocess(command, log)
 
-  with pytest.raises(reproduce.ReproduceError, match='killed'):
-    reproduce.run_plan(plan, launch=dies_on_third, progress_bar=False)
-  done = [reproduce.is_done(s) for job in plan.jobs for s in job.steps]
+  with pytest.raises(grid_runner.ReproduceError, match='killed'):
+    grid_runner.run_plan(plan, launch=dies_on_third, progress_bar=False)
+  done = [grid_runner.is_done(s) for job in plan.jobs for s in job.steps]
   assert done == [True, True, False, False, False]
-  assert reproduce.run_plan(plan, progress_bar=False) == 3
+  assert grid_runner.run_plan(plan, progress_bar=False) == 3
   paper_report.write(plan)
   uninterrupted = grid[0].workdir
   assert read(tmp_path / 'report.json') == read(os.path.join(uninterrupted, 'report.json'))
@@ -207,8 +207,8 @@ def test_a_failing_command_stops_the_grid_naming_it_and_its_log(tmp_path):
     '--workdir',
     str(tmp_path / 'run'),
   )
-  with pytest.raises(reproduce.ReproduceError) as error:
-    reproduce.launch_subprocess(command, log)
+  with pytest.raises(grid_runner.ReproduceError) as error:
+    grid_runner.launch_subprocess(command, log)
   message = str(error.value)
   assert message.startswith(f'train.py exited with status 1; its output is in {log}')
   assert "Unknown method 'bogus'" in message
@@ -292,7 +292,7 @@ def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
 
 def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_path):
   plan = paper_grid.make_plan(str(tmp_path / 'paper'))
-  script = reproduce.slurm_script(plan, 'python reproduce.py --workdir X --assemble')
+  script = grid_runner.slurm_script(plan, 'python reproduce.py --workdir X --assemble')
   assert '#SBATCH --array=0-46' in script
   assert [f'  {i})  # {job.name}' for i, job in enumerate(plan.jobs)] == [
     line for line in script.splitlines() if line.startswith('  ') and ')  # ' in line
@@ -301,13 +301,13 @@ def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_p
   # Run task 0 of a tiny grid with a `python` that only succeeds: its markers say done.
   plan = tiny_plan(tmp_path / 'tiny', cifar)
   path = tmp_path / 'grid.sbatch'
-  path.write_text(reproduce.slurm_script(plan, 'python reproduce.py --assemble'))
+  path.write_text(grid_runner.slurm_script(plan, 'python reproduce.py --assemble'))
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   shutil.copy('/bin/true', bin_dir / 'python')
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_ARRAY_TASK_ID': '0'}
   subprocess.run(['bash', str(path)], env=env, check=True)
-  assert [reproduce.is_done(s) for job in plan.jobs for s in job.steps] == [
+  assert [grid_runner.is_done(s) for job in plan.jobs for s in job.steps] == [
     True,
     True,
     False,

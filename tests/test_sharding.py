@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from l2p_jax import sharding
+from l2p_jax.runtime import sharding
 
 
 def run_with_devices(code: str, num_devices: int = 8) -> str:
@@ -49,7 +49,7 @@ def test_batch_split_over_8_devices():
   out = run_with_devices("""
       import jax, numpy as np
       from jax.sharding import PartitionSpec as P
-      from l2p_jax import sharding
+      from l2p_jax.runtime import sharding
       mesh = sharding.make_mesh()
       assert mesh.size == 8 and sharding.make_mesh(4).size == 4
       host = {'image': np.arange(16 * 4 * 4 * 3, dtype=np.uint8).reshape(16, 4, 4, 3),
@@ -82,7 +82,8 @@ def test_data_pipeline_on_8_devices():
   out = run_with_devices("""
       import jax, numpy as np
       from jax.sharding import PartitionSpec as P
-      from l2p_jax import data, sharding
+      from l2p_jax import data
+      from l2p_jax.runtime import sharding
       mesh = sharding.make_mesh()
       rng = np.random.default_rng(0)
       split = data.HostSplit(

@@ -22,7 +22,7 @@ from l2p_jax.interop import (  # noqa: E402
   read_torch_normalization,
   save_torch_checkpoint,
 )
-from l2p_jax.interop import torch_reference as ref  # noqa: E402
+from l2p_jax.interop.parity import torch_reference as ref  # noqa: E402
 from l2p_jax.models import create_model  # noqa: E402
 from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise  # noqa: E402
 

@@ -20,20 +20,10 @@ import pytest
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import (
-  checkpointing,
-  data,
-  evaluation,
-  experiment,
-  locking,
-  metrics,
-  objectives,
-  optim,
-  sharding,
-  train,
-  training,
-)
-from l2p_jax.metrics import read_metrics
+from l2p_jax import data, evaluation, experiment, training
+from l2p_jax.runtime import metrics, sharding
+from l2p_jax.runtime.metrics import read_metrics
+from l2p_jax.training import checkpointing, locking, loop, objectives, optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -361,7 +351,7 @@ def tiny(cifar_dir, method='l2p', **fields):
 def reference_run(cifar_dir, tmp_path_factory):
   """The tiny L2P config trained uninterrupted: 3 epochs of 8 steps."""
   workdir = tmp_path_factory.mktemp('reference')
-  state = train.train_and_evaluate(tiny(cifar_dir), str(workdir))
+  state = loop.train_and_evaluate(tiny(cifar_dir), str(workdir))
   return workdir, state
 
 
@@ -453,7 +443,7 @@ def test_checkpoint_of_another_model_is_refused(reference_run, cifar_dir):
     checkpointing.CheckpointMismatchError,
     match=r'(?s)model.width: checkpoint has 0.5, config has 1.0.*--workdir',
   ):
-    train.train_and_evaluate(tiny(cifar_dir, model__width=1.0), str(workdir))
+    loop.train_and_evaluate(tiny(cifar_dir, model__width=1.0), str(workdir))
 
 
 def copy_run(reference_run, tmp_path):
@@ -470,11 +460,11 @@ def test_divergence_stops_naming_the_last_good_checkpoint_and_keeps_it(cifar_dir
   finite; the run stops, and the checkpoints it kept are all finite."""
   config = tiny(cifar_dir, num_epochs=2, optim__lr_boundaries=(1,), optim__lr_decay=1e7)
   with pytest.raises(
-    train.NonFiniteLossError,
+    loop.NonFiniteLossError,
     match=r'train state .* at step (8|9|10|11)\. Last good checkpoint: '
     r'.*checkpoints/8\.',
   ):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   assert saved_steps(tmp_path) == [4, 8]  # Nothing written after it went bad.
   for step in (4, 8):
     state, _ = restore_state(tmp_path, step)
@@ -497,13 +487,13 @@ def test_interrupt_at_an_epochs_end_loses_no_record(cifar_dir, tmp_path, monkeyp
       lambda self, step, *a: save(self, step, *a) if step != 8 else _interrupt(),
     )
   with pytest.raises(
-    train.TrainingInterrupted,
+    loop.TrainingInterrupted,
     match=r'^interrupted; rerun the same command to resume from step '
     r'4\.$',
   ):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   monkeypatch.undo()
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   assert [r['epoch'] for r in read_metrics(tmp_path / 'metrics.jsonl')] == [0]
 
 
@@ -535,9 +525,9 @@ def test_resume_refuses_a_changed_step_and_keeps_the_original_config(
     checkpointing.CheckpointMismatchError,
     match=r'(?s)batch_size: checkpoint has 64, config has 32.*--workdir',
   ):
-    train.train_and_evaluate(tiny(cifar_dir, batch_size=32), str(workdir))
+    loop.train_and_evaluate(tiny(cifar_dir, batch_size=32), str(workdir))
   # Another learning rate is accepted, said, and kept beside the original config.
-  train.train_and_evaluate(tiny(cifar_dir, optim__learning_rate=0.05), str(workdir))
+  loop.train_and_evaluate(tiny(cifar_dir, optim__learning_rate=0.05), str(workdir))
   assert 'optim.learning_rate: checkpoint has 0.1, config has 0.05' in caplog.text
   assert (workdir / 'config.json').read_text() == original
   changed = json.loads((workdir / 'config.24.json').read_text())
@@ -559,7 +549,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
   assert f'{broken} is unreadable' in caplog.text
   with pytest.raises(checkpointing.CheckpointUnreadableError, match='No readable checkpoint in'):
     checkpointing.load_checkpoint(str(broken))  # Named explicitly: one message.
-  train.train_and_evaluate(tiny(cifar_dir), str(workdir))
+  loop.train_and_evaluate(tiny(cifar_dir), str(workdir))
   assert (workdir / 'unreadable_checkpoints' / '24' / 'state').is_dir()
   chex.assert_trees_all_equal(restore_state(workdir, 24)[0], restore_state(reference_run[0], 24)[0])
 
@@ -578,7 +568,7 @@ def test_a_second_run_on_a_workdir_is_refused_but_a_stale_lock_is_not(
   assert 'Traceback' not in result.stderr
   # A run killed long ago leaves its name in the file but holds no lock.
   (workdir / 'lock').write_text('pid 999999999 on host gone\n')
-  train.train_and_evaluate(tiny(cifar_dir), str(workdir))
+  loop.train_and_evaluate(tiny(cifar_dir), str(workdir))
 
 
 def sharded_step_result(path):
@@ -612,14 +602,14 @@ def test_one_and_eight_devices_agree(cifar_dir, tmp_path):
   """The same step and the same run on 8 simulated CPU devices (batch split 8 ways)
   match 1 device: one step to float rounding, a whole epoch to a looser tolerance."""
   sharded_step_result(tmp_path / 'step1.npy')
-  one = train.train_and_evaluate(tiny(cifar_dir, num_epochs=1), str(tmp_path / 'one'))
+  one = loop.train_and_evaluate(tiny(cifar_dir, num_epochs=1), str(tmp_path / 'one'))
   script = (
     'import sys; sys.path.insert(0, {!r})\n'
     'import jax; assert jax.device_count() == 8\n'
     'from test_train import tiny, sharded_step_result\n'
-    'from l2p_jax import train\n'
+    'from l2p_jax.training import loop\n'
     'sharded_step_result({!r})\n'
-    'train.train_and_evaluate(tiny({!r}, num_epochs=1), {!r})\n'
+    'loop.train_and_evaluate(tiny({!r}, num_epochs=1), {!r})\n'
   ).format(
     str(ROOT / 'tests'), str(tmp_path / 'step8.npy'), str(cifar_dir), str(tmp_path / 'eight')
   )

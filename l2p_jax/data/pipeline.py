@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from l2p_jax.data.sources import HostSplit
-from l2p_jax.sharding import replicate, shard_batch
+from l2p_jax.runtime.sharding import replicate, shard_batch
 
 Batch = dict[str, np.ndarray]
 

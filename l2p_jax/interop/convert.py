@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from l2p_jax import checkpointing, data, experiment
+from l2p_jax import data, experiment
 from l2p_jax.interop.torch_checkpoints import (
   import_torch_checkpoint,
   read_torch_normalization,
   save_torch_checkpoint,
 )
+from l2p_jax.training import checkpointing
 
 KNOWN_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2p_jax import attacks, data, models, objectives, optim
+from l2p_jax import attacks, data, models
+from l2p_jax.training import objectives, optim
 
 # Streams folded into the root key, so no two uses of the seed share random numbers.
 INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2

@@ -1,14 +1,14 @@
 """The authors' training iteration of each method in PyTorch, on `torch_reference`'s networks.
 
 The networks are Learn2Perturb's `L2P_ResNet_V1` / `L2P_ResNet_V2` and PNI's noisy
-layers (`l2p_jax.interop.torch_reference`); Adv-BNN's Bayesian layers are added here.
+layers (`l2p_jax.interop.parity.torch_reference`); Adv-BNN's Bayesian layers are added here.
 One iteration does what Learn2Perturb's train.py does: a clean forward pass whose
 prediction PGD attacks (noise on, training-mode BatchNorm), the 0.5/0.5
 clean/adversarial cross-entropy (+ KL for Adv-BNN, - gamma/tau sum sqrt(theta) for
 L2P), and SGD-Nesterov updates of the weights and of the noise parameters (L2P
 alternating as `alternation` says, theta floored after updates). Noise draws and the
 PGD start can be given, so that a run can follow another framework's exactly
-(`l2p_jax.interop.trajectory`); `benchmarks/run.py` times it. Needs the `torch` extra.
+(`l2p_jax.interop.parity.trajectory`); `benchmarks/run.py` times it. Needs the `torch` extra.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2p_jax.interop import torch_reference as ref
+from l2p_jax.interop.parity import torch_reference as ref
 
 # Names of the noise parameters: L2P maps, PNI alphas, Bayesian log-sigmas.
 PERTURB_NAMES = ('sigma_map', 'alpha_w', 'log_sigma')
@@ -233,7 +233,7 @@ def pgd(
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-  """(weights, noise parameters) of a model, the two collections of `l2p_jax.optim`."""
+  """(weights, noise parameters) of a model, the two collections of `l2p_jax.training.optim`."""
   weights, perturb = [], []
   for name, p in model.named_parameters():
     if p.requires_grad:

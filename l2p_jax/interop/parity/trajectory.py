@@ -22,10 +22,11 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from l2p_jax import data, experiment, objectives, optim, training
+from l2p_jax import data, experiment, training
 from l2p_jax.attacks import core
 from l2p_jax.interop.torch_checkpoints import torch_entries
 from l2p_jax.models.layers import DRAWS
+from l2p_jax.training import objectives, optim
 
 LAYOUT = 'l2p'  # The authors' module names: ResNet-V1 fb-style, ResNet-18 kuangliu.
 LOG_SIGMA = '_log_sigma'
@@ -38,7 +39,7 @@ def _torch_modules():
   try:
     import torch  # pylint: disable=import-outside-toplevel
 
-    from l2p_jax.interop import torch_reference, torch_step  # pylint: disable=import-outside-toplevel
+    from l2p_jax.interop.parity import torch_reference, torch_step  # pylint: disable=import-outside-toplevel
   except ImportError as error:
     raise ImportError(TORCH_HINT) from error
   return torch, torch_reference, torch_step

@@ -1,6 +1,6 @@
 """PyTorch reference CIFAR ResNets in the authors' published layouts.
 
-The interop tests check our models against these, and `l2p_jax.interop.torch_step`
+The interop tests check our models against these, and `l2p_jax.interop.parity.torch_step`
 trains them with the authors' step semantics. Needs the `torch` extra.
 Written here after the published code (module names, parameter shapes, forward passes):
 - `ResNetV1`: Learn2Perturb's `L2P_ResNet_V1` (models/resnet_v1.py) and PNI's

@@ -11,9 +11,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from l2p_jax import plots, report
-from l2p_jax.metrics import read_metrics
-from l2p_jax.paper_grid import (
+from l2p_jax.evaluation import results_report
+from l2p_jax.reproduction.grid_runner import is_done
+from l2p_jax.reproduction.paper_grid import (
   METHOD_TITLES,
   METHODS,
   PUBLISHED_FEW_PIXEL,
@@ -25,7 +25,8 @@ from l2p_jax.paper_grid import (
   Scale,
   arch_name,
 )
-from l2p_jax.reproduce import is_done
+from l2p_jax.runtime import plots
+from l2p_jax.runtime.metrics import read_metrics
 
 
 def paper_arch(setting: tuple[str, float]) -> str:
@@ -79,12 +80,12 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
   sizes: set[int] = set()
 
   def key(cell, labels, record, eps):
-    column = report.table_column(record, eps)
+    column = results_report.table_column(record, eps)
     if column is None or record['label'] not in labels:
       return None
     columns[column[1]] = column[0]
     method = labels[record['label']]
-    if column[1] == report.CW_COLUMN and record['mean_l2'] is not None:
+    if column[1] == results_report.CW_COLUMN and record['mean_l2'] is not None:
       extra.setdefault((cell.setting, method, column[1]), []).append(record['mean_l2'])
     return cell.setting, method, column[1]
 
@@ -151,7 +152,7 @@ def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
   """{attack: {method: [[eps_255, mean accuracy %, std], ...]}}, averaged over seeds."""
 
   def key(cell, labels, record, eps):
-    name = report.curve_name(record)
+    name = results_report.curve_name(record)
     if name is None or record['label'] not in labels:
       return None
     return name, labels[record['label']], round(record['params']['eps'] * 255, 6)

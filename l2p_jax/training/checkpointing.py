@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from l2p_jax import experiment, models, sharding
+from l2p_jax import experiment, models
+from l2p_jax.runtime import sharding
 
 # Config fields that decide the shapes and meaning of the saved variables.
 STRUCTURE_FIELDS = ('method', 'model', 'data.dataset')

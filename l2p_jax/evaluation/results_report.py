@@ -26,8 +26,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from l2p_jax import plots
-from l2p_jax.metrics import read_metrics
+from l2p_jax.runtime import plots
+from l2p_jax.runtime.metrics import read_metrics
 
 RECORD_FIELDS = (
   'label',

@@ -22,21 +22,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2p_jax import (
-  checkpointing,
-  data,
-  experiment,
-  locking,
-  models,
-  objectives,
-  optim,
-  sharding,
-  training,
-)
+from l2p_jax import data, experiment, models, training
 from l2p_jax.experiment import ConfigError
-from l2p_jax.metrics import MetricsWriter, read_metrics
-from l2p_jax.plots import plot_noise_evolution
-from l2p_jax.training import EpochMetrics, TrainState
+from l2p_jax.runtime import sharding
+from l2p_jax.runtime.metrics import MetricsWriter, read_metrics
+from l2p_jax.runtime.plots import plot_noise_evolution
+from l2p_jax.training import EpochMetrics, TrainState, checkpointing, locking, objectives, optim
 
 
 def summarize(record: dict[str, Any]) -> str:

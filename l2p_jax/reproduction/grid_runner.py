@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from l2p_jax.paper_grid import ROOT, Job, Plan, Step, marker_text
+from l2p_jax.reproduction.paper_grid import ROOT, Job, Plan, Step, marker_text
 
 Launcher = Callable[[Sequence[str], str], None]
 

@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from l2p_jax import sharding
+from l2p_jax.runtime import sharding
 
 _DISTRIBUTED = flags.DEFINE_enum(
   'distributed',

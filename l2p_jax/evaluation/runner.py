@@ -29,8 +29,11 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from l2p_jax import attacks, checkpointing, data, experiment, models, prediction, report, sharding
-from l2p_jax.checkpointing import Checkpoint
+from l2p_jax import attacks, data, experiment, models
+from l2p_jax.evaluation import prediction, results_report
+from l2p_jax.runtime import sharding
+from l2p_jax.training import checkpointing
+from l2p_jax.training.checkpointing import Checkpoint
 
 # The prediction rule each method's authors judge it by: Adv-BNN's acc_under_attack.py
 # sums the softmax of 50 weight draws; the others predict from one draw.
@@ -484,7 +487,7 @@ def _record(
   source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """One result: what was attacked how, with which key and prediction rule, and the
-  outcome (see report.RECORD_FIELDS)."""
+  outcome (see results_report.RECORD_FIELDS)."""
   rule, draws, origin = prediction_rule(config, target.meta['config']['method'])
   return {
     'label': label,
@@ -626,9 +629,9 @@ def _eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def _write_results(results: dict[str, Any], output_dir: str) -> dict[str, Any]:
   """Merges the earlier records of output_dir into `results`, writes the report there
   (first process only) and returns the merged results."""
-  results = report.merge_previous(results, output_dir)
+  results = results_report.merge_previous(results, output_dir)
   if jax.process_index() == 0:
-    for path in report.write_report(results, output_dir):
+    for path in results_report.write_report(results, output_dir):
       tqdm.write(f'Wrote {path}')
   return results
 

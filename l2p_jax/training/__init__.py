@@ -1,0 +1,35 @@
+"""Training: the train state, the step of every method, the epoch schedule, the
+objectives and optimizers, the loop (`loop.train_and_evaluate`), its checkpoints and
+the workdir's lock."""
+
+from l2p_jax.training.step import (
+  EVAL_STREAM,
+  INIT_STREAM,
+  TRAIN_STREAM,
+  EpochMetrics,
+  Phase,
+  TrainState,
+  accumulating,
+  adversarial_examples,
+  all_finite,
+  checkpoint_tree,
+  create_train_state,
+  descend,
+  epoch_schedule,
+  eval_step,
+  from_checkpoint_tree,
+  joint_update,
+  kl_loss_weight,
+  l2p_code_update,
+  l2p_paper_update,
+  pgd_attack,
+  phase_for_epoch,
+  regularizer_weight,
+  restart_optimizers,
+  step_keys,
+  step_loss_fn,
+  train_forward,
+  train_step,
+  train_step_on_split,
+  update_rule,
+)
