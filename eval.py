@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from l2p_jax import evaluation
+from l2p_jax.errors import UserError
 from l2p_jax.runtime import cli, distributed
 
 FLAGS = flags.FLAGS
@@ -44,7 +45,7 @@ def main(argv):
   distributed.initialize_from_flags()
   try:
     evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-  except evaluation.USER_ERRORS as error:
+  except UserError as error:
     raise SystemExit(f'eval.py: {error}') from None
 
 

@@ -10,6 +10,7 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from l2p_jax.errors import UserError
 from l2p_jax.runtime import cli, distributed
 from l2p_jax.training import loop
 
@@ -29,7 +30,7 @@ def main(argv):
   distributed.initialize_from_flags()
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except loop.USER_ERRORS as error:
+  except UserError as error:
     raise SystemExit(f'train.py: {error}') from None
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2p_jax import data, models
+from l2p_jax.errors import UserError
 from l2p_jax.training import optim
 
 ADV_LABELS = ('prediction', 'true')
@@ -20,7 +21,7 @@ ALTERNATIONS = ('paper', 'authors_code')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value no run can use."""
 
 

@@ -24,6 +24,8 @@ from typing import BinaryIO
 import numpy as np
 import tensorflow_datasets as tfds
 
+from l2p_jax.errors import UserError
+
 SOURCES = ('tfds', 'local')
 LOCAL_SPLITS = ('train', 'test')
 
@@ -35,11 +37,11 @@ KNOWN_CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
   """The requested dataset is not on this machine and may not be downloaded."""
 
 
-class DatasetFileError(ValueError):
+class DatasetFileError(UserError, ValueError):
   """A dataset file is there but cannot be read (truncated, or of another format)."""
 
 

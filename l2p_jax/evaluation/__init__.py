@@ -9,7 +9,6 @@ from l2p_jax.evaluation.runner import (
   AUTHORS_PREDICTION,
   DEFAULT_DRAWS,
   KEY_LAYOUT,
-  USER_ERRORS,
   AttackSpec,
   EvaluationError,
   RegisteredAttack,

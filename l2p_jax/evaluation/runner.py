@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from l2p_jax import attacks, data, experiment, models
+from l2p_jax.errors import UserError
 from l2p_jax.evaluation import prediction, results_report
 from l2p_jax.runtime import sharding
 from l2p_jax.training import checkpointing
@@ -46,12 +47,8 @@ KEY_LAYOUT = (
 )
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
   """A request the evaluation cannot serve, with one message saying what to do."""
-
-
-# Errors whose message is the whole story: eval.py prints them without a traceback.
-USER_ERRORS = (EvaluationError, data.DatasetNotFoundError)
 
 
 # --- attacks by name ------------------------------------------------------------------

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from l2p_jax.errors import UserError
 from l2p_jax.models import create_model, resnet_layout
 
 LAYOUTS = ('l2p', 'pni', 'torchvision')
@@ -92,7 +93,7 @@ def _torch() -> Any:
   return torch
 
 
-class TorchStateDictMismatchError(ValueError):
+class TorchStateDictMismatchError(UserError, ValueError):
   """A PyTorch state_dict that does not fit the requested model; lists every problem.
 
   Attributes: `unexpected` (checkpoint keys the model lacks), `missing` (model keys the

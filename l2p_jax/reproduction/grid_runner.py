@@ -15,12 +15,13 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from l2p_jax.errors import UserError
 from l2p_jax.reproduction.paper_grid import ROOT, Job, Plan, Step, marker_text
 
 Launcher = Callable[[Sequence[str], str], None]
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(UserError, RuntimeError):
   """A command of the grid failed; the message names it and its log."""
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]  # Holds train.py, eval.py, configs/.
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # Holds train.py, eval.py, configs/.
 METHODS = ('none', 'vanilla', 'pni', 'adv_bnn', 'l2p')
 METHOD_TITLES = {
   'none': 'No defence',

@@ -25,6 +25,7 @@ from absl import logging
 from flax import traverse_util
 
 from l2p_jax import experiment, models
+from l2p_jax.errors import UserError
 from l2p_jax.runtime import sharding
 
 # Config fields that decide the shapes and meaning of the saved variables.
@@ -41,15 +42,15 @@ STEP_FIELDS = STRUCTURE_FIELDS + (
 )  # SGD and Adam states differ.
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint was written for a different model or steps than the config describes."""
 
 
-class CheckpointUnreadableError(RuntimeError):
+class CheckpointUnreadableError(UserError, RuntimeError):
   """No checkpoint of a folder can be read."""
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
   """A path names no checkpoint: no step folder, checkpoints folder or workdir with one."""
 
 

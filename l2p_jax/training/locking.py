@@ -11,8 +11,10 @@ import fcntl
 import os
 import socket
 
+from l2p_jax.errors import UserError
 
-class WorkdirLockedError(RuntimeError):
+
+class WorkdirLockedError(UserError, RuntimeError):
   """Another live process is training in the same workdir."""
 
 

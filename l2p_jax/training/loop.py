@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from l2p_jax import data, experiment, models, training
+from l2p_jax.errors import UserError
 from l2p_jax.experiment import ConfigError
 from l2p_jax.runtime import sharding
 from l2p_jax.runtime.metrics import MetricsWriter, read_metrics
@@ -49,11 +50,11 @@ def summarize(record: dict[str, Any]) -> str:
   return ' | '.join(parts)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN or infinite loss, parameter or optimizer state."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(UserError, RuntimeError):
   """The run was stopped by Ctrl-C (KeyboardInterrupt); it resumes from a checkpoint."""
 
 
@@ -73,19 +74,6 @@ def evaluate(
     clean, robust = clean + c, robust + r
   n = split.num_examples
   return {'clean_accuracy': float(clean) / n, 'pgd_accuracy': float(robust) / n}
-
-
-# Errors whose message is the whole story: train.py prints them without a traceback.
-USER_ERRORS = (
-  ConfigError,
-  NonFiniteLossError,
-  TrainingInterrupted,
-  data.DatasetNotFoundError,
-  data.DatasetFileError,
-  checkpointing.CheckpointMismatchError,
-  checkpointing.CheckpointUnreadableError,
-  locking.WorkdirLockedError,
-)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
