@@ -8,10 +8,11 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from l2p_jax import data, models
+from l2p_jax import data, methods, models
 from l2p_jax.errors import UserError
 from l2p_jax.training import optim
 
@@ -34,10 +35,10 @@ def _require(ok: bool, message: str) -> None:
 def _check_model(config: ml_collections.ConfigDict) -> None:
   """The method and the network: a known method, architecture/width, dtype,
   convolution gradient and Bayesian mean initialization."""
-  _require(
-    config.method in models.METHODS,
-    f'Unknown method {config.method!r}; expected one of {models.METHODS}.',
-  )
+  try:
+    methods.get(config.method)
+  except methods.UnknownMethodError as error:
+    raise ConfigError(str(error)) from None
   try:
     models.resnet_layout(config.model.arch, config.model.width)
   except ValueError as error:
@@ -54,9 +55,9 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     f'of {models.CONV_INPUT_GRADIENTS}.',
   )
   _require(
-    config.model.bnn_mean_init in models.BAYES_MEAN_INITS,
+    config.model.bnn_mean_init in models.BNN_MEAN_INITS,
     f'Unknown model.bnn_mean_init {config.model.bnn_mean_init!r}; expected one of '
-    f'{models.BAYES_MEAN_INITS}.',
+    f'{models.BNN_MEAN_INITS}.',
   )
 
 
@@ -86,14 +87,15 @@ def _check_adversarial(config: ml_collections.ConfigDict) -> None:
     config.adv.labels in ADV_LABELS,
     f'Unknown adv.labels {config.adv.labels!r}; expected one of {ADV_LABELS}.',
   )
+  adversarial = methods.get(config.method).adversarial
   _require(
-    config.method != 'none' or config.adv.start_epoch < 0,
-    f'method=none trains on clean images only, but adv.start_epoch='
+    adversarial or config.adv.start_epoch < 0,
+    f'method={config.method} trains on clean images only, but adv.start_epoch='
     f'{config.adv.start_epoch}; use method=vanilla for PGD training or set '
     'adv.start_epoch=-1.',
   )
   _require(
-    config.method in ('none',) or config.adv.start_epoch >= 0,
+    not adversarial or config.adv.start_epoch >= 0,
     f'method={config.method} needs adversarial training, but adv.start_epoch='
     f'{config.adv.start_epoch}; use method=none for clean training.',
   )
@@ -159,28 +161,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_bnn(config)
 
 
+# Model fields added after the first runs, with the value those runs were trained with:
+# the saved config of an older run builds the network its checkpoint holds.
+MODEL_FIELDS_ADDED_LATER = {
+  'bnn_mean_init': 'kaiming_normal',
+  'bnn_batchnorm': False,
+  'conv_input_gradient': 'auto',
+}
+
+
 def build_model(
   config: ml_collections.ConfigDict, num_classes: int, mean: Any, std: Any
-) -> models.ResNet:
-  """The network of `config.method` and `config.model`, normalizing with mean/std."""
+) -> nn.Module:
+  """The network of `config.method` (its registry record builds it) on `config.model`'s
+  ResNet, normalizing with mean/std."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for field, value in MODEL_FIELDS_ADDED_LATER.items():
+    if field not in config.model:
+      config.model[field] = value
   m = config.model
-  return models.create_model(
+  base = models.resnet_settings(
     m.arch,
     num_classes,
-    config.method,
     width=m.width,
-    mean=tuple(mean),
-    std=tuple(std),
-    l2p_init=m.l2p_init,
-    l2p_per_example=m.l2p_per_example,
-    pni_mode=m.pni_mode,
-    pni_init=m.pni_init,
-    bnn_init_sigma=m.bnn_init_sigma,
-    bnn_mean_init=m.get('bnn_mean_init', 'kaiming_normal'),
-    bnn_batchnorm=m.get('bnn_batchnorm', False),
-    conv_input_gradient=m.get('conv_input_gradient', 'auto'),
+    mean=mean,
+    std=std,
+    conv_input_gradient=m.conv_input_gradient,
     dtype=DTYPES[m.dtype],
   )
+  return methods.get(config.method).network(config, base)
 
 
 def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:

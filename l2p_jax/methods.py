@@ -8,12 +8,24 @@ then know it by `config.method`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
+import ml_collections
+
+from l2p_jax import models
 from l2p_jax.errors import UserError
 
 
 class UnknownMethodError(UserError, ValueError):
   """A method name that no record is registered under."""
+
+
+def plain_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> models.ResNet:
+  """The ResNet without randomization (no defence, vanilla PGD training)."""
+  del config  # A plain network has no settings of its own.
+  return models.ResNet(**base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +34,14 @@ class Method:
 
   name: `config.method`; title: its name in tables; randomized: its network draws noise
   at test time (and is judged over draws); config_section: the config section of its own
-  settings (None: it has none); authors_prediction: (rule, draws) of the prediction its
-  authors judge it by.
+  settings (None: it has none; Adv-BNN's is `bnn`, the name old runs' configs carry);
+  authors_prediction: (rule, draws) of the prediction its authors judge it by.
+
+  Model construction: network(config, base) is the method's Flax module, given the
+  training config and `models.resnet_settings`' keyword arguments of the plain ResNet
+  (layout, num_classes, mean, std, conv_input_gradient, dtype); it takes `train` and
+  `noise` as ResNet does and draws from the 'noise' RNG stream. adversarial: the method
+  trains on PGD examples (none trains on clean images only).
   """
 
   name: str
@@ -31,6 +49,9 @@ class Method:
   randomized: bool
   config_section: str | None = None
   authors_prediction: tuple[str, int] = ('single', 1)
+  # --- Model construction ---
+  network: Callable[[ml_collections.ConfigDict, dict[str, Any]], nn.Module] = plain_network
+  adversarial: bool = True
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -54,9 +75,40 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-NONE = register(Method('none', 'No defence', randomized=False))
+def randomized_names() -> tuple[str, ...]:
+  """The names of the registered methods whose networks draw noise."""
+  return tuple(name for name, method in _REGISTRY.items() if method.randomized)
+
+
+def _pni_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> models.ResNet:
+  """PNI-W: every kernel W + alpha * N(0, std(W)^2), alpha learned (He et al. 2019)."""
+  noise = models.WeightNoise('pni', pni_mode=config.model.pni_mode, pni_init=config.model.pni_init)
+  return models.ResNet(**base, weight_noise=noise)
+
+
+def _adv_bnn_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> models.ResNet:
+  """Adv-BNN: mean-field Gaussian weights (and BatchNorm, as in its code, if asked)."""
+  m = config.model
+  noise = models.WeightNoise(
+    'adv_bnn',
+    bnn_init_sigma=m.bnn_init_sigma,
+    bnn_mean_init=m.bnn_mean_init,
+    bnn_batchnorm=m.bnn_batchnorm,
+  )
+  return models.ResNet(**base, weight_noise=noise)
+
+
+def _l2p_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> models.ResNet:
+  """Learn2Perturb: learned feature noise after the stem and every block."""
+  noise = models.FeatureNoiseSpec(
+    enabled=True, init_scale=config.model.l2p_init, per_example=config.model.l2p_per_example
+  )
+  return models.ResNet(**base, feature_noise=noise)
+
+
+NONE = register(Method('none', 'No defence', randomized=False, adversarial=False))
 VANILLA = register(Method('vanilla', 'Vanilla', randomized=False))
-PNI = register(Method('pni', 'PNI-W', randomized=True))
+PNI = register(Method('pni', 'PNI-W', randomized=True, network=_pni_network))
 # Adv-BNN's acc_under_attack.py sums the softmax of 50 weight draws.
 ADV_BNN = register(
   Method(
@@ -65,9 +117,12 @@ ADV_BNN = register(
     randomized=True,
     config_section='bnn',
     authors_prediction=('mean_softmax', 50),
+    network=_adv_bnn_network,
   )
 )
-L2P = register(Method('l2p', 'Learn2Perturb', randomized=True, config_section='l2p'))
+L2P = register(
+  Method('l2p', 'Learn2Perturb', randomized=True, config_section='l2p', network=_l2p_network)
+)
 
 # The paper's five methods; the registry may hold more (a user's own defense).
 METHODS = names()

@@ -11,12 +11,13 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from networks import create_model
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation, experiment, training
 from l2p_jax.evaluation import prediction
-from l2p_jax.models import bayes_kl, create_model
+from l2p_jax.models import bayes_kl
 from l2p_jax.runtime import sharding
 from l2p_jax.runtime.metrics import read_metrics
 from l2p_jax.training import checkpointing, loop, optim

@@ -10,9 +10,10 @@ torch = pytest.importorskip('torch')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import networks  # noqa: E402
 from test_train import get_config  # noqa: E402
 
-from l2p_jax import attacks, data, models  # noqa: E402
+from l2p_jax import attacks, data  # noqa: E402
 from l2p_jax.interop.parity import trajectory  # noqa: E402
 from l2p_jax.models.layers import DRAWS, FeatureNoise  # noqa: E402
 
@@ -109,7 +110,7 @@ def test_twenty_clean_steps_stay_together_and_torch_batch_norm_parts():
 
 
 def test_pgd_trace_is_the_training_pgd():
-  model = models.create_model('resnet8', 10, 'l2p', width=0.5)
+  model = networks.create_model('resnet8', 10, 'l2p', width=0.5)
   x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
   variables = model.init({'params': jax.random.key(0), 'noise': jax.random.key(0)}, x)
   logits_fn = lambda inputs, key: model.apply(variables, inputs, rngs={'noise': key})  # noqa: E731

@@ -6,15 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from networks import create_model
 
-from l2p_jax.models import (
-  METHODS,
-  bayes_kl,
-  create_model,
-  gaussian_kl,
-  project_perturb,
-  resnet_layout,
-)
+from l2p_jax.methods import METHODS
+from l2p_jax.models import bayes_kl, gaussian_kl, project_perturb, resnet_layout
 from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise, resolve_input_gradient
 
 RNGS = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
@@ -78,7 +73,7 @@ def test_pni_alpha_modes(mode, shape):
   assert variables['perturb']['classifier']['kernel_alpha'].shape == shape
 
 
-def test_bayes_has_a_log_sigma_for_every_weight_and_bias():
+def test_adv_bnn_has_a_log_sigma_for_every_weight_and_bias():
   variables = init(create_model('resnet8', 10, 'adv_bnn', width=0.25, bnn_init_sigma=0.08))
   weights = {
     k: v
@@ -143,7 +138,7 @@ def test_feature_noise_per_example_draws_differ_across_the_batch():
 
 @pytest.mark.parametrize('mode', ['layer', 'element'])
 def test_pni_gradients_alpha_gets_noise_and_weight_gets_plain_gradient(mode):
-  layer = Dense(3, WeightNoise('pni', pni_mode=mode))
+  layer = Dense(3, WeightNoise('pni', pni_mode=mode, pni_init=0.25))
   eye = jnp.eye(4)  # identity batch: the output rows are the noisy kernel
   variables = layer.init(RNGS, eye)
   rngs = {'noise': jax.random.key(5)}
@@ -158,15 +153,15 @@ def test_pni_gradients_alpha_gets_noise_and_weight_gets_plain_gradient(mode):
   np.testing.assert_allclose(d_perturb['kernel_alpha'], expected_alpha, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(d_params['kernel'], jnp.ones_like(kernel))
   # The draw is N(0, std(W)^2) with the unbiased std, as PNI's code.
-  big = Dense(512, WeightNoise('pni', pni_mode='layer'))
+  big = Dense(512, WeightNoise('pni', pni_mode='layer', pni_init=0.25))
   bv = big.init(RNGS, jnp.eye(512))
   noisy = big.apply(bv, jnp.eye(512), rngs=rngs)
   ratio = np.std(noisy - bv['params']['kernel']) / 0.25 / np.std(bv['params']['kernel'], ddof=1)
   assert abs(ratio - 1) < 0.01
 
 
-def test_bayes_sample_is_reparametrized_and_kl_matches_closed_form():
-  layer = Dense(2, WeightNoise('bayes', bayes_init_sigma=0.5))
+def test_adv_bnn_sample_is_reparametrized_and_kl_matches_closed_form():
+  layer = Dense(2, WeightNoise('adv_bnn', bnn_init_sigma=0.5))
   x = jnp.concatenate([jnp.eye(3), jnp.zeros((1, 3))])  # rows: kernel, bias
   variables = layer.init(RNGS, x)
   params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros((2,))}

@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
+from networks import create_model  # noqa: E402
 
 from l2p_jax.attacks import fgsm  # noqa: E402
 from l2p_jax.interop import (  # noqa: E402
@@ -23,10 +24,9 @@ from l2p_jax.interop import (  # noqa: E402
   save_torch_checkpoint,
 )
 from l2p_jax.interop.parity import torch_reference as ref  # noqa: E402
-from l2p_jax.models import create_model  # noqa: E402
 from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise  # noqa: E402
 
-# Learn2Perturb's main.py normalization (not our create_model default).
+# Learn2Perturb's main.py normalization (not CIFAR-10's true statistics).
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
@@ -198,7 +198,7 @@ def test_pni_noise_has_the_authors_distribution(mode):
   variables = import_torch_checkpoint(
     torch_model.state_dict(), arch='resnet8', num_classes=2, method='pni', width=0.125
   )
-  net, draws, spec = torch_model[1], 4000, WeightNoise('pni', pni_mode=mode)
+  net, draws, spec = torch_model[1], 4000, WeightNoise('pni', pni_mode=mode, pni_init=0.25)
   ref.set_noise(net, True)
   names = ('stem_conv', 'classifier')
   layer_vars = [

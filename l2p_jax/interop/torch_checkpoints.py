@@ -31,11 +31,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from l2p_jax import methods
 from l2p_jax.errors import UserError
-from l2p_jax.models import create_model, resnet_layout
+from l2p_jax.models import resnet_layout, resnet_settings
 
 LAYOUTS = ('l2p', 'pni', 'torchvision')
 
@@ -335,7 +337,7 @@ def _split_normalizer(
 
 def read_torch_normalization(source: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
   """The (mean, std) of the checkpoint's input Normalize layer, or None if it has none;
-  pass them to `create_model` so an imported model sees the inputs it was trained on."""
+  pass them to the network so an imported model sees the inputs it was trained on."""
   _, normalizer = _split_normalizer(_load_state_dict(source))
   if normalizer is None:
     return None
@@ -364,6 +366,18 @@ def _detect_layout(state: Mapping[str, Any], option_a: bool) -> str:
   return 'pni' if alphas else 'l2p' if 'cn1_sigma_map' in state else 'torchvision'
 
 
+# The model settings `_variable_shapes` does not take: initial values and options that
+# change no variable's shape a PyTorch family can hold, so any valid value does.
+_SHAPE_NEUTRAL_SETTINGS = dict(
+  l2p_init=1.0,
+  l2p_per_example=False,
+  pni_init=1.0,
+  bnn_init_sigma=1.0,
+  bnn_mean_init='kaiming_normal',
+  bnn_batchnorm=False,
+)
+
+
 def _variable_shapes(
   arch: str,
   num_classes: int,
@@ -374,16 +388,23 @@ def _variable_shapes(
   channels: int,
   image_size: tuple[int, int],
 ) -> dict[Path, tuple[int, ...]]:
-  """Shapes of the variables `create_model` builds, flattened to (collection, ..., leaf)."""
-  model = create_model(
+  """Shapes of the variables of `method`'s network (as its registry record builds it),
+  flattened to (collection, ..., leaf)."""
+  config = ml_collections.ConfigDict(
+    dict(
+      method=method, model=dict(_SHAPE_NEUTRAL_SETTINGS, arch=arch, width=width, pni_mode=pni_mode)
+    )
+  )
+  base = resnet_settings(
     arch,
     num_classes,
-    method,
     width=width,
-    pni_mode=pni_mode,
     mean=(0.0,) * channels,
     std=(1.0,) * channels,
+    conv_input_gradient='auto',
+    dtype=jnp.float32,
   )
+  model = methods.get(method).network(config, base)
   shapes = jax.eval_shape(
     lambda: model.init(
       {'params': jax.random.key(0), 'noise': jax.random.key(0)},
@@ -496,7 +517,7 @@ def import_torch_checkpoint(
   std: Sequence[float] | None = None,
 ) -> dict[str, Any]:
   """Our variables {'params', 'perturb'?, 'batch_stats'} from a PyTorch checkpoint of
-  the L2P, PNI or torchvision-style CIFAR ResNets, for `create_model(arch, ...)`.
+  the L2P, PNI or torchvision-style CIFAR ResNets, for `method`'s network on `arch`.
 
   `source`: a file path (read with weights_only=True), an nn.Module, a checkpoint dict
   ({'state_dict': ...}, {'net': ...}, {'model': ...}) or a state_dict, with or without

@@ -1,7 +1,8 @@
-"""Model construction by name: CIFAR ResNet-V1(6n+2) at any width, ResNet-V2(18).
+"""The networks: CIFAR ResNet-V1(6n+2) at any width and ResNet-V2(18), and the layers
+that randomize them.
 
-`create_model` turns (architecture, width, method) into a Flax module; the method
-decides which randomization the network carries.
+`resnet_settings` turns an architecture name and width into a plain ResNet's settings;
+which randomization a network carries is its method's choice (`l2p_jax.methods`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from l2p_jax.models.layers import (
-  BAYES_MEAN_INITS,
+  BNN_MEAN_INITS,
   CONV_INPUT_GRADIENTS,
   KL_SCOPES,
   NOISE_RNG,
@@ -29,18 +29,14 @@ from l2p_jax.models.layers import (
 )
 from l2p_jax.models.resnet import ResNet
 
-METHODS = ('none', 'vanilla', 'pni', 'adv_bnn', 'l2p')
-RANDOMIZED_METHODS = ('l2p', 'pni', 'adv_bnn')  # Their networks draw noise.
 ARCHITECTURES_HELP = (
   "'resnet<6n+2>' (ResNet-V1: resnet20, resnet32, resnet44, "
   "resnet56, ...) or 'resnet18' (ResNet-V2(18))"
 )
 
 __all__ = [
-  'METHODS',
-  'RANDOMIZED_METHODS',
   'inference_logits',
-  'BAYES_MEAN_INITS',
+  'BNN_MEAN_INITS',
   'KL_SCOPES',
   'ResNet',
   'WeightNoise',
@@ -48,7 +44,7 @@ __all__ = [
   'FeatureNoiseSpec',
   'CONV_INPUT_GRADIENTS',
   'resolve_input_gradient',
-  'create_model',
+  'resnet_settings',
   'bayes_kl',
   'gaussian_kl',
   'project_perturb',
@@ -90,51 +86,29 @@ def resnet_layout(arch: str, width: float = 1.0) -> dict[str, Any]:
   raise ValueError(f'Unknown architecture {arch!r}; expected {ARCHITECTURES_HELP}.')
 
 
-def create_model(
+def resnet_settings(
   arch: str,
   num_classes: int,
-  method: str = 'none',
   *,
-  width: float = 1.0,
-  mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-  std: Sequence[float] = (0.2470, 0.2435, 0.2616),
-  l2p_init: float = 0.25,
-  l2p_per_example: bool = False,
-  pni_mode: str = 'layer',
-  pni_init: float = 0.25,
-  bnn_init_sigma: float = 0.1,
-  bnn_mean_init: str = 'kaiming_normal',
-  bnn_batchnorm: bool = False,
-  conv_input_gradient: str = 'auto',
-  dtype: Any = jnp.float32,
-) -> ResNet:
-  """The network for `method`: plain for none/vanilla, feature noise for l2p,
-  weight noise for pni, Bayesian weights (and optionally BatchNorm) for adv_bnn."""
+  width: float,
+  mean: Sequence[float],
+  std: Sequence[float],
+  conv_input_gradient: str,
+  dtype: Any,
+) -> dict[str, Any]:
+  """The keyword arguments of the plain `ResNet` of a named architecture, checked; a
+  method's network (`methods.Method.network`) builds on them."""
   resolve_input_gradient(conv_input_gradient)  # An unknown option fails here, not in a trace.
-  if method not in METHODS:
-    raise ValueError(f'Unknown method {method!r}; expected one of {METHODS}.')
   if len(mean) != len(std):
     raise ValueError(
       f'Normalization mean {tuple(mean)} and std {tuple(std)} '
       'must have one value per input channel each.'
     )
-  kind = {'pni': 'pni', 'adv_bnn': 'bayes'}.get(method, 'none')
-  return ResNet(
+  return dict(
     **resnet_layout(arch, width),
     num_classes=num_classes,
     mean=tuple(mean),
     std=tuple(std),
-    weight_noise=WeightNoise(
-      kind=kind,
-      pni_mode=pni_mode,
-      pni_init=pni_init,
-      bayes_init_sigma=bnn_init_sigma,
-      bayes_mean_init=bnn_mean_init,
-      bayes_batchnorm=bnn_batchnorm,
-    ),
-    feature_noise=FeatureNoiseSpec(
-      enabled=method == 'l2p', init_scale=l2p_init, per_example=l2p_per_example
-    ),
     conv_input_gradient=conv_input_gradient,
     dtype=dtype,
   )
@@ -146,3 +120,13 @@ def inference_logits(
   """The model in inference mode (BatchNorm's running statistics) as a function of
   (inputs, noise key), the form the attacks and prediction rules take."""
   return lambda x, key: model.apply(variables, x, train=False, noise=noise, rngs={'noise': key})
+
+
+def __getattr__(name: str) -> Any:
+  """RANDOMIZED_METHODS, the registry's randomized methods asked at use (for the training
+  step until it asks `l2p_jax.methods` itself; the registry imports this package)."""
+  if name == 'RANDOMIZED_METHODS':
+    from l2p_jax import methods  # pylint: disable=import-outside-toplevel
+
+    return methods.randomized_names()
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

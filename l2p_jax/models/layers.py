@@ -22,11 +22,11 @@ PERTURB = 'perturb'
 NOISE_RNG = 'noise'
 DRAWS = 'draws'
 
-WEIGHT_NOISE_KINDS = ('none', 'pni', 'bayes')
+WEIGHT_NOISE_KINDS = ('none', 'pni', 'adv_bnn')
 PNI_MODES = ('layer', 'channel', 'element')
 # Initial means of Bayesian weights: He-normal as every other method here, or the
 # Adv-BNN code's (conv/dense uniform(+-1/sqrt(fan_in)), BatchNorm scale uniform(0, 1)).
-BAYES_MEAN_INITS = ('kaiming_normal', 'adv_bnn_code')
+BNN_MEAN_INITS = ('kaiming_normal', 'adv_bnn_code')
 # How a convolution's input gradient is computed: 'transposed_kernel' (`conv_same`, fast
 # on XLA:CPU), 'xla' (JAX's own transpose rule), or 'auto': the first on CPU, else the second.
 CONV_INPUT_GRADIENTS = ('auto', 'transposed_kernel', 'xla')
@@ -41,38 +41,42 @@ class WeightNoise:
   """How the kernels of conv and dense layers are randomized.
 
   kind: 'none' (plain weights), 'pni' (W + alpha * N(0, std(W)^2), He et al. 2019)
-    or 'bayes' (mean-field Gaussian weights, Adv-BNN, Liu et al. 2019).
+    or 'adv_bnn' (mean-field Gaussian weights, Adv-BNN, Liu et al. 2019).
   pni_mode: shape of PNI's alpha: one scalar per layer, one per output channel, or
     one per weight element.
-  pni_init: initial value of alpha.
-  bayes_init_sigma: initial standard deviation of each Bayesian weight.
-  bayes_mean_init: initial means of Bayesian weights, one of BAYES_MEAN_INITS.
-  bayes_batchnorm: BatchNorm's scale and bias are Bayesian too (Adv-BNN's code).
+  pni_init: initial value of alpha (required for 'pni').
+  bnn_init_sigma: initial standard deviation of each Bayesian weight (required for
+    'adv_bnn'); the initial values come from the config, which holds their defaults.
+  bnn_mean_init: initial means of Bayesian weights, one of BNN_MEAN_INITS.
+  bnn_batchnorm: BatchNorm's scale and bias are Bayesian too (Adv-BNN's code).
   """
 
   kind: str = 'none'
   pni_mode: str = 'layer'
-  pni_init: float = 0.25
-  bayes_init_sigma: float = 0.1
-  bayes_mean_init: str = 'kaiming_normal'
-  bayes_batchnorm: bool = False
+  pni_init: float | None = None
+  bnn_init_sigma: float | None = None
+  bnn_mean_init: str = 'kaiming_normal'
+  bnn_batchnorm: bool = False
 
   def __post_init__(self):
     if self.kind not in WEIGHT_NOISE_KINDS:
       raise ValueError(
         f'Unknown weight noise kind {self.kind!r}; expected one of {WEIGHT_NOISE_KINDS}.'
       )
+    needed = {'pni': 'pni_init', 'adv_bnn': 'bnn_init_sigma'}.get(self.kind)
+    if needed and getattr(self, needed) is None:
+      raise ValueError(f'Weight noise {self.kind!r} needs {needed}.')
     if self.pni_mode not in PNI_MODES:
       raise ValueError(f'Unknown PNI mode {self.pni_mode!r}; expected one of {PNI_MODES}.')
-    if self.bayes_mean_init not in BAYES_MEAN_INITS:
+    if self.bnn_mean_init not in BNN_MEAN_INITS:
       raise ValueError(
-        f'Unknown Bayesian mean init {self.bayes_mean_init!r}; expected one of {BAYES_MEAN_INITS}.'
+        f'Unknown Bayesian mean init {self.bnn_mean_init!r}; expected one of {BNN_MEAN_INITS}.'
       )
 
   def init(self, default: Callable[..., jax.Array], fan_in: int) -> Callable[..., jax.Array]:
     """The initializer of a conv/dense weight or bias of `fan_in` inputs: `default`,
     except Adv-BNN code's uniform(+-1/sqrt(fan_in)) for its Bayesian means."""
-    if self.kind == 'bayes' and self.bayes_mean_init == 'adv_bnn_code':
+    if self.kind == 'adv_bnn' and self.bnn_mean_init == 'adv_bnn_code':
       bound = fan_in**-0.5
       return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
         key, shape, dtype, -bound, bound
@@ -84,13 +88,17 @@ class WeightNoise:
 class FeatureNoiseSpec:
   """Whether Learn2Perturb's noise modules follow the stem and every block, and how.
 
-  init_scale: initial value of every theta; per_example: one draw per example instead
-  of one per call shared by the batch (the authors' code).
+  init_scale: initial value of every theta (required when enabled); per_example: one
+  draw per example instead of one per call shared by the batch (the authors' code).
   """
 
   enabled: bool = False
-  init_scale: float = 0.25
+  init_scale: float | None = None
   per_example: bool = False
+
+  def __post_init__(self):
+    if self.enabled and self.init_scale is None:
+      raise ValueError('Feature noise needs init_scale.')
 
 
 def gaussian_kl(mean: jax.Array, log_sigma: jax.Array, prior_sigma: float) -> jax.Array:
@@ -162,11 +170,11 @@ def perturbed_weight(
       std = jax.lax.stop_gradient(jnp.std(weight, ddof=1))
       eta = draw_normal(module, name, weight.shape, weight.dtype) * std
       weight = weight + alpha * eta
-  elif spec.kind == 'bayes':
+  elif spec.kind == 'adv_bnn':
     log_sigma = module.variable(
       PERTURB,
       f'{name}_log_sigma',
-      lambda: jnp.full(tuple(shape), jnp.log(spec.bayes_init_sigma), jnp.float32),
+      lambda: jnp.full(tuple(shape), jnp.log(spec.bnn_init_sigma), jnp.float32),
     ).value
     if noise:
       eps = draw_normal(module, name, weight.shape, weight.dtype)
@@ -309,9 +317,7 @@ class BayesBatchNorm(nn.Module):
     )(x)
     spec, shape = self.weight_noise, (x.shape[-1],)
     scale_init = (
-      nn.initializers.uniform(1.0)
-      if spec.bayes_mean_init == 'adv_bnn_code'
-      else nn.initializers.ones
+      nn.initializers.uniform(1.0) if spec.bnn_mean_init == 'adv_bnn_code' else nn.initializers.ones
     )
     scale = perturbed_weight(self, 'scale', shape, scale_init, spec, self.noise)
     bias = perturbed_weight(self, 'bias', shape, nn.initializers.zeros, spec, self.noise)

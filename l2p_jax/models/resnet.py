@@ -32,7 +32,7 @@ def batch_norm_def(weight_noise: WeightNoise, train: bool, noise: bool, dtype: A
   """The network's BatchNorm as a partial taking `name`: Flax's, or with Bayesian scale
   and bias when `weight_noise` asks for it (Adv-BNN's code)."""
   settings = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
-  if weight_noise.kind == 'bayes' and weight_noise.bayes_batchnorm:
+  if weight_noise.kind == 'adv_bnn' and weight_noise.bnn_batchnorm:
     return functools.partial(BayesBatchNorm, weight_noise=weight_noise, noise=noise, **settings)
   return functools.partial(nn.BatchNorm, **settings)
 
@@ -82,6 +82,7 @@ class ResNet(nn.Module):
 
   stage_sizes: blocks per stage; stage_features: channels per stage (the first
   stage has stride 1, later ones stride 2); stem_features: channels of the 3x3 stem.
+  mean/std: the per-channel input normalization (the dataset's, from the caller).
   conv_input_gradient: how convolutions are differentiated (see `layers.Conv`).
   """
 
@@ -89,9 +90,9 @@ class ResNet(nn.Module):
   stage_features: Sequence[int]
   stem_features: int
   num_classes: int
+  mean: Sequence[float]
+  std: Sequence[float]
   shortcut: str = 'A'
-  mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
-  std: Sequence[float] = (0.2470, 0.2435, 0.2616)
   weight_noise: WeightNoise = WeightNoise()
   feature_noise: FeatureNoiseSpec = FeatureNoiseSpec()
   conv_input_gradient: str = 'auto'

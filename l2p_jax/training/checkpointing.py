@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from l2p_jax import experiment, models
+from l2p_jax import experiment, methods
 from l2p_jax.errors import UserError
 from l2p_jax.runtime import sharding
 
@@ -223,7 +224,7 @@ class Checkpoint:
 
   path: str  # The step folder.
   step: int
-  model: models.ResNet
+  model: nn.Module
   variables: dict[str, Any]  # params, perturb, batch_stats.
   meta: dict[str, Any]  # config (the training config), num_classes, mean, std, ...
 
@@ -234,7 +235,8 @@ class Checkpoint:
 
   @property
   def randomized(self) -> bool:
-    return self.meta['config']['method'] in models.RANDOMIZED_METHODS
+    """The checkpoint's network draws noise (its method's registry record says so)."""
+    return methods.get(self.meta['config']['method']).randomized
 
   def describe(self) -> dict[str, Any]:
     """Where the checkpoint is and which model it holds, JSON-ready."""
@@ -294,7 +296,7 @@ def check_expected_model(
 
 
 def check_variables_fit(
-  model: models.ResNet, variables: dict[str, Any], image_shape: Sequence[int], where: str
+  model: nn.Module, variables: dict[str, Any], image_shape: Sequence[int], where: str
 ) -> None:
   """Raises CheckpointMismatchError naming every variable that is missing, unexpected or of
   another shape than `model` has for inputs of `image_shape`."""
