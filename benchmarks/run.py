@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/ and l2p_jax.
 
 from benchmarks import render  # noqa: E402
-from l2p_jax import attacks, data, experiment, models, training  # noqa: E402
+from l2p_jax import attacks, data, experiment, methods, models, training  # noqa: E402
 from l2p_jax.runtime import sharding  # noqa: E402
 from l2p_jax.training import optim  # noqa: E402
 
@@ -69,7 +69,7 @@ ATTACKS = ('pgd7', 'eot_pgd', 'apgd')
 INPUTS = ('device', 'host')
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+MEAN_STD = data.KNOWN_CHANNEL_STATS['cifar10']
 TRAIN_EXAMPLES = 50_000  # Adv-BNN's KL weight is 1 / N_train, as on CIFAR-10.
 # --quick: a small network and batch, so the whole run takes a minute or two on a CPU.
 QUICK = dict(
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--suite', choices=SUITES, default='all')
   parser.add_argument(
     '--methods',
-    default=','.join(models.METHODS),
+    default=','.join(methods.METHODS),
     help='comma-separated training methods (train suite)',
   )
   parser.add_argument('--archs', default='resnet20,resnet18')
@@ -142,8 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   for name, allowed in (
-    ('methods', models.METHODS),
-    ('attack_methods', models.METHODS),
+    ('methods', methods.METHODS),
+    ('attack_methods', methods.METHODS),
     ('attacks', ATTACKS),
     ('dtypes', tuple(experiment.DTYPES)),
     ('inputs', INPUTS),
@@ -415,7 +415,7 @@ def experiment_config(
   config.batch_size = batch
   config.l2p.alternation = alternation
   config.l2p.noise_start_epoch = 0
-  if method != 'none':
+  if methods.get(method).adversarial:
     config.adv.start_epoch = 0
   return config
 

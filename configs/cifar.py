@@ -23,14 +23,14 @@ about a minute on a 2-core CPU (ResNet-8 unless ARCH is given).
 
 import ml_collections
 
-from l2p_jax.models import METHODS, resnet_layout
+from l2p_jax import methods
+from l2p_jax.models import resnet_layout
 
 MODIFIERS = ('authors_code', 'tiny')
 
-# Per-method changes to the supplementary's schedule (section 1.4).
+# Per-method changes to the supplementary's schedule (section 1.4), whose PGD training
+# starts at epoch 0 (for methods that train adversarially).
 _METHOD_OVERRIDES = {
-  'none': dict(adv_start_epoch=-1),
-  'vanilla': dict(adv_start_epoch=0),
   'l2p': dict(noise_start_epoch=10, adv_start_epoch=20),
   # PNI (He et al. 2019): 160 epochs, lr x0.1 at 80 and 120, wd 3e-4, AT after 5.
   'pni': dict(num_epochs=160, lr_boundaries=(80, 120), weight_decay=3e-4, adv_start_epoch=5),
@@ -76,9 +76,9 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
       'METHOD,ARCH,DATASET[,authors_code][,tiny].'
     )
   method, arch, dataset = parts + defaults[len(parts) :]
-  if method not in METHODS:
-    raise ValueError(
-      f'Unknown method {method!r} in config argument {arg!r}; expected one of {METHODS}.'
+  if method not in methods.names():
+    raise methods.UnknownMethodError(
+      f'Unknown method {method!r} in config argument {arg!r}; expected one of {methods.names()}.'
     )
   if 'authors_code' in modifiers and method != 'adv_bnn':
     raise ValueError(
@@ -87,12 +87,17 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
     )
   resnet_layout(arch)  # An unknown ARCH fails here, naming the accepted ones.
   over = dict(
-    num_epochs=350, lr_boundaries=(150, 250), weight_decay=1e-4, noise_start_epoch=0, adv_steps=7
+    num_epochs=350,
+    lr_boundaries=(150, 250),
+    weight_decay=1e-4,
+    noise_start_epoch=0,
+    adv_steps=7,
+    adv_start_epoch=0 if methods.get(method).adversarial else -1,
   )
-  over.update(_METHOD_OVERRIDES[method])
+  over.update(_METHOD_OVERRIDES.get(method, {}))
 
   c = ml_collections.ConfigDict()
-  c.method = method  # none | vanilla | pni | adv_bnn | l2p
+  c.method = method  # A registered method (l2p_jax.methods): none | vanilla | pni | adv_bnn | l2p
   c.seed = 0  # Root of every random key: init, data order, augmentation, noise, PGD.
 
   c.model = ml_collections.ConfigDict()

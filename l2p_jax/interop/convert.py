@@ -26,9 +26,12 @@ from l2p_jax.training import checkpointing
 KNOWN_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
 
-def _pni_mode(variables: dict[str, Any]) -> str:
-  """The PNI mode of imported variables, read from the classifier's alpha shape."""
-  alpha = variables['perturb']['classifier']['kernel_alpha']
+def _pni_mode(variables: dict[str, Any]) -> str | None:
+  """The PNI mode of imported variables, read from the classifier's alpha shape; None
+  for a network without PNI alphas."""
+  alpha = variables.get('perturb', {}).get('classifier', {}).get('kernel_alpha')
+  if alpha is None:
+    return None
   return {0: 'layer', 1: 'channel'}.get(alpha.ndim, 'element')
 
 
@@ -79,8 +82,7 @@ def torch_to_workdir(
     mean=mean,
     std=std,
   )
-  if config.method == 'pni':
-    config.model.pni_mode = _pni_mode(variables)
+  config.model.pni_mode = _pni_mode(variables) or config.model.pni_mode
   state = {
     'step': jnp.zeros((), jnp.int32),
     'params': variables['params'],

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2p_jax import data
 from l2p_jax.interop.parity import torch_reference as ref
 
 # Names of the noise parameters: L2P maps, PNI alphas, Bayesian log-sigmas.
@@ -143,8 +144,8 @@ def build_model(
   width: float = 1.0,
   image_size: int = 32,
   in_channels: int = 3,
-  mean=(0.4914, 0.4822, 0.4465),
-  std=(0.2470, 0.2435, 0.2616),
+  mean=data.KNOWN_CHANNEL_STATS['cifar10'][0],
+  std=data.KNOWN_CHANNEL_STATS['cifar10'][1],
   pni_mode: str = 'layer',
   bnn_init_sigma: float = 0.08,
   batch_norm: str = 'authors',
