@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from l2p_jax import experiment
-from l2p_jax.interop.parity import trajectory
+from l2p_jax.interop.parity import trajectory, trajectory_report
 from l2p_jax.runtime.plots import plot_divergence
 
 FLAGS = flags.FLAGS
@@ -53,7 +53,7 @@ def main(argv):
   with open(output + '.json', 'w') as f:
     json.dump(report, f, indent=1)
   plot_divergence(report, output + '.png')
-  print(trajectory.summarize(report))
+  print(trajectory_report.summarize(report))
   print(f'Wrote {output}.json and {output}.png')
 
 

@@ -1,5 +1,6 @@
 r"""Reproduces the paper's tables and figures: trains and evaluates every run through
-train.py and eval.py, then writes REPORT.md; see l2p_jax/reproduction/paper_grid.py for the grid.
+train.py and eval.py, then writes REPORT.md; see l2p_jax/reproduction/paper_tables.py for
+the tables and paper_grid.py for the grid.
 
   python reproduce.py --workdir runs/paper --scale full
   python reproduce.py --workdir runs/small --scale small     # Fashion-MNIST, 2-core CPU
@@ -8,7 +9,9 @@ train.py and eval.py, then writes REPORT.md; see l2p_jax/reproduction/paper_grid
   python reproduce.py --workdir runs/paper --slurm paper.sbatch
   python reproduce.py --workdir runs/paper --assemble        # only REPORT.md
 
-Rerunning the same command skips finished steps and resumes interrupted ones.
+Rerunning the same command skips finished steps and resumes interrupted ones. The
+commands run in this file's checkout, with its configs/ (the library reads no file of
+the repository itself, so an installed l2p_jax serves any checkout).
 """
 
 import os
@@ -16,7 +19,11 @@ import shlex
 
 from absl import app, flags
 
-from l2p_jax.reproduction import grid_runner, paper_grid, paper_report
+from configs import cifar
+from l2p_jax.methods import METHODS
+from l2p_jax.reproduction import grid_runner, paper_grid, paper_report, paper_tables
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # This checkout: train.py, eval.py, configs/.
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder of the grid: runs/, transfer/, REPORT.md.')
@@ -28,9 +35,9 @@ flags.DEFINE_enum(
   'a 2-core CPU; tiny: for tests.',
 )
 flags.DEFINE_list(
-  'tables', [], f"Tables to reproduce (default: the scale's): {', '.join(paper_grid.TABLES)}."
+  'tables', [], f"Tables to reproduce (default: the scale's): {', '.join(paper_tables.TABLES)}."
 )
-flags.DEFINE_list('methods', [], f'Only these methods: {", ".join(paper_grid.METHODS)}.')
+flags.DEFINE_list('methods', [], f'Only these methods: {", ".join(METHODS)}.')
 flags.DEFINE_list(
   'archs', [], "Only these of the paper's networks: resnet20, resnet20x1.5, resnet18, ..."
 )
@@ -73,6 +80,8 @@ def main(argv):
   try:
     plan = paper_grid.make_plan(
       FLAGS.workdir,
+      root=ROOT,
+      get_config=cifar.get_config,
       scale=FLAGS.scale,
       tables=FLAGS.tables,
       methods=FLAGS.methods,

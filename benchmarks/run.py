@@ -21,7 +21,6 @@ import argparse
 import datetime
 import functools
 import importlib.metadata
-import importlib.util
 import itertools
 import json
 import os
@@ -39,9 +38,10 @@ import jax
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/ and l2p_jax.
+sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/, configs/, l2p_jax.
 
 from benchmarks import render  # noqa: E402
+from configs import cifar  # noqa: E402
 from l2p_jax import attacks, data, experiment, methods, models, training  # noqa: E402
 from l2p_jax.runtime import sharding  # noqa: E402
 from l2p_jax.training import optim  # noqa: E402
@@ -386,14 +386,6 @@ def write_json(results: dict[str, Any], out: str) -> None:
 # --- what is measured ---------------------------------------------------------------
 
 
-def load_get_config() -> Callable[[str], Any]:
-  """configs/cifar.py's get_config (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location('cifar_config', ROOT / 'configs' / 'cifar.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
-
-
 def experiment_config(
   method: str,
   arch: str,
@@ -407,7 +399,7 @@ def experiment_config(
 ):
   """The paper's config of `method` on `arch`, in the phase where everything is on:
   noise (from epoch 0), PGD examples (except method none), noise-parameter updates."""
-  config = load_get_config()(f'{method},{arch},cifar10')
+  config = cifar.get_config(f'{method},{arch},cifar10')
   config.model.width = width
   config.model.dtype = dtype
   config.model.conv_input_gradient = conv_input_gradient

@@ -6,6 +6,7 @@ and the SLURM script."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,18 @@ import sys
 import fake_datasets
 import pytest
 
+from configs import cifar as cifar_configs
+from l2p_jax.methods import METHODS
 from l2p_jax.reproduction import grid_runner, paper_grid, paper_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_plan(workdir, **kwargs):
+  """paper_grid.make_plan of this checkout, as reproduce.py calls it."""
+  return paper_grid.make_plan(
+    str(workdir), root=str(ROOT), get_config=cifar_configs.get_config, **kwargs
+  )
 
 
 @pytest.fixture(scope='module')
@@ -24,9 +34,7 @@ def cifar(tmp_path_factory):
 
 
 def tiny_plan(workdir, cifar, **kwargs):
-  return paper_grid.make_plan(
-    str(workdir), scale='tiny', methods=['vanilla', 'pni'], data_dir=str(cifar), **kwargs
-  )
+  return make_plan(workdir, scale='tiny', methods=['vanilla', 'pni'], data_dir=str(cifar), **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +54,7 @@ def read(path):
 
 
 def test_full_plan_lists_every_run_of_the_paper(tmp_path):
-  plan = paper_grid.make_plan(str(tmp_path))
+  plan = make_plan(tmp_path)
   names = [job.name for job in plan.jobs]
   settings = [
     'resnet20',
@@ -59,8 +67,8 @@ def test_full_plan_lists_every_run_of_the_paper(tmp_path):
     'resnet18',
   ]
   expected = (
-    [f'{m}-{a}-cifar10-s0' for a in settings for m in paper_grid.METHODS]
-    + [f'{m}-resnet18-cifar100-s0' for m in paper_grid.METHODS]
+    [f'{m}-{a}-cifar10-s0' for a in settings for m in METHODS]
+    + [f'{m}-resnet18-cifar100-s0' for m in METHODS]
     + ['transfer-resnet20-cifar10-s0', 'transfer-resnet18-cifar10-s0']
   )
   assert sorted(names) == sorted(expected)
@@ -78,8 +86,8 @@ def test_full_plan_lists_every_run_of_the_paper(tmp_path):
   assert jobs['transfer-resnet18-cifar10-s0'].needs == tuple(
     f'{m}-resnet18-cifar10-s0' for m in ('vanilla', 'pni', 'adv_bnn', 'l2p')
   )
-  narrowed = paper_grid.make_plan(
-    str(tmp_path), tables=['main'], methods=['l2p', 'pni'], archs=['resnet20x2'], seeds=2
+  narrowed = make_plan(
+    tmp_path, tables=['main'], methods=['l2p', 'pni'], archs=['resnet20x2'], seeds=2
   )
   assert [j.name for j in narrowed.jobs] == [
     'pni-resnet20x2-cifar10-s0',
@@ -98,7 +106,7 @@ def test_plan_command_prints_one_line_per_job(tmp_path):
     check=True,
   )
   lines = result.stdout.splitlines()
-  plan = paper_grid.make_plan(str(tmp_path), scale='small')
+  plan = make_plan(tmp_path, scale='small')
   assert lines == paper_grid.plan_lines(plan)
   assert len(lines) == 2 * 6  # Five methods and the transfer matrix.
   train = lines[1].split(' && ')[0]
@@ -130,7 +138,7 @@ def test_plan_command_prints_one_line_per_job(tmp_path):
 
 
 def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
-  l2p = paper_grid.train_config('l2p', 'resnet8', 'fashion_mnist')
+  l2p = cifar_configs.get_config('l2p,resnet8,fashion_mnist')
   # 350 epochs -> 8: lr drops at 150 * 8/350 = 3.4 and 250 * 8/350 = 5.7; noise at
   # 10 * 8/350 = 0.2 and PGD at 0.5 still start after epoch 0 and after each other.
   assert paper_grid.scaled_schedule(l2p, 8) == {
@@ -139,17 +147,38 @@ def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
     'l2p.noise_start_epoch': 1,
     'adv.start_epoch': 2,
   }
-  pni = paper_grid.train_config('pni', 'resnet8', 'fashion_mnist')  # PNI's 160 epochs.
+  pni = cifar_configs.get_config('pni,resnet8,fashion_mnist')  # PNI's 160 epochs.
   assert paper_grid.scaled_schedule(pni, 8) == {
     'num_epochs': 8,
     'optim.lr_boundaries': (4, 6),
     'l2p.noise_start_epoch': 0,
     'adv.start_epoch': 1,
   }
-  none = paper_grid.train_config('none', 'resnet8', 'fashion_mnist')
+  none = cifar_configs.get_config('none,resnet8,fashion_mnist')
   assert paper_grid.scaled_schedule(none, 8)['adv.start_epoch'] == -1
   with pytest.raises(ValueError, match='at least 2 epochs, got 1'):
     paper_grid.scaled_schedule(l2p, 1)
+
+
+def test_plan_takes_its_configs_and_checkout_from_the_caller(tmp_path):
+  # The library reads no file of the repository (an installed l2p_jax has none beside
+  # it): the small scale's schedules come from the get_config given, and the commands
+  # run in the checkout given.
+  asked = []
+
+  def get_config(argument):
+    asked.append(argument)
+    return cifar_configs.get_config(argument)
+
+  checkout = tmp_path / 'checkout'
+  plan = paper_grid.make_plan(
+    str(tmp_path), root=str(checkout), get_config=get_config, scale='small'
+  )
+  assert sorted(asked) == sorted(f'{m},resnet8,fashion_mnist' for m in METHODS)
+  assert paper_grid.plan_lines(plan) == paper_grid.plan_lines(make_plan(tmp_path, scale='small'))
+  missing = re.escape(f'{checkout / "train.py"} is missing')
+  with pytest.raises(grid_runner.ReproduceError, match=missing):
+    grid_runner.run_plan(plan, progress_bar=False)
 
 
 # --- running, skipping, resuming ----------------------------------------------------
@@ -184,7 +213,7 @@ def test_grid_stopped_midway_resumes_to_the_same_report(grid, cifar, tmp_path):
     calls.append(command)
     if len(calls) == 3:
       raise grid_runner.ReproduceError('killed')
-    grid_runner.launch_subprocess(command, log)
+    grid_runner.launch_subprocess(command, log, plan.root)
 
   with pytest.raises(grid_runner.ReproduceError, match='killed'):
     grid_runner.run_plan(plan, launch=dies_on_third, progress_bar=False)
@@ -208,7 +237,7 @@ def test_a_failing_command_stops_the_grid_naming_it_and_its_log(tmp_path):
     str(tmp_path / 'run'),
   )
   with pytest.raises(grid_runner.ReproduceError) as error:
-    grid_runner.launch_subprocess(command, log)
+    grid_runner.launch_subprocess(command, log, str(ROOT))
   message = str(error.value)
   assert message.startswith(f'train.py exited with status 1; its output is in {log}')
   assert "Unknown method 'bogus'" in message
@@ -266,9 +295,7 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
 
 
 def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
-  plan = paper_grid.make_plan(
-    str(tmp_path), scale='tiny', tables=['main'], methods=['vanilla'], seeds=3
-  )
+  plan = make_plan(tmp_path, scale='tiny', tables=['main'], methods=['vanilla'], seeds=3)
   with open(
     os.path.join(
       grid[0].workdir, 'runs', 'vanilla-resnet8x0.5-cifar10-s0', 'eval', 'main', 'results.json'
@@ -291,7 +318,7 @@ def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
 
 
 def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_path):
-  plan = paper_grid.make_plan(str(tmp_path / 'paper'))
+  plan = make_plan(tmp_path / 'paper')
   script = grid_runner.slurm_script(plan, 'python reproduce.py --workdir X --assemble')
   assert '#SBATCH --array=0-46' in script
   assert [f'  {i})  # {job.name}' for i, job in enumerate(plan.jobs)] == [

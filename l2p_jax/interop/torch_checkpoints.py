@@ -1,31 +1,16 @@
-"""PyTorch checkpoints of the authors' CIFAR ResNets <-> our Flax variables.
-
-Three key layouts ("families") are understood, each read from the published code:
-
-- 'l2p' (ArmenJeddi/Learn2Perturb): ResNet-V1 named as fb.resnet.torch (`conv_1_3x3`,
-  `bn_1`, `stage_1.0.conv_a`/`bn_a`/`conv_b`/`bn_b`, `classifier`) and ResNet-V2(18)
-  named as kuangliu/pytorch-cifar (`conv1`, `bn1`, `layer1.0.conv1`/.../`shortcut.0`/
-  `shortcut.1`, `linear`); noise maps `cn1_sigma_map` and `<block>.sigma_map`, (C, H, W).
-- 'pni' (elliothe/CVPR_2019_PNI): the same ResNet-V1 names with `alpha_w` next to every
-  conv and linear weight: (1,) layer-wise, (out, 1, 1, 1) or (out, 1) channel-wise, the
-  weight's shape element-wise. PNI publishes no ResNet-18; ours uses the kuangliu names.
-- 'torchvision' (akamaster/pytorch_resnet_cifar10 for ResNet-V1, kuangliu for
-  ResNet-18): kuangliu names everywhere. akamaster's option-A shortcut pads planes//4
-  zero channels on *both* sides where ours (and the authors') appends them, so stage
-  channels are permuted on the way in and out to keep the function identical.
+"""PyTorch checkpoints of the authors' CIFAR ResNets <-> our Flax variables: reading a
+checkpoint in any of its forms, checking it against the requested model, importing and
+exporting it, in the key layouts of torch_layouts.py.
 
 The authors wrap the network as `nn.Sequential(Normalize_layer(mean, std), net)`, so their
-keys read `0.mean`, `0.std`, `1.<net key>`; DataParallel adds `module.`. The mapping is
-derived from the names in our variable tree, so every depth, width and ResNet-18 work.
-torch is imported inside the functions only: it is an optional extra.
+keys read `0.mean`, `0.std`, `1.<net key>`; DataParallel adds `module.`. torch is
+imported inside the functions only: it is an optional extra.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,53 +22,11 @@ from flax import traverse_util
 
 from l2p_jax import methods
 from l2p_jax.errors import UserError
+from l2p_jax.interop.torch_layouts import Entry, Path, detect_layout, torch_entries
 from l2p_jax.models import resnet_layout, resnet_settings
 
-LAYOUTS = ('l2p', 'pni', 'torchvision')
-
-# Module names in kuangliu/pytorch-cifar (and L2P's ResNet-V2, akamaster's ResNet-V1).
-_KUANGLIU = {
-  'stem_conv': 'conv1',
-  'stem_bn': 'bn1',
-  'stem_noise': 'cn1_sigma_map',
-  'stage': 'layer{stage}.{index}',
-  'conv1': 'conv1',
-  'bn1': 'bn1',
-  'conv2': 'conv2',
-  'bn2': 'bn2',
-  'shortcut_conv': 'shortcut.0',
-  'shortcut_bn': 'shortcut.1',
-  'noise': 'sigma_map',
-  'classifier': 'linear',
-}
-# Module names of L2P's and PNI's ResNet-V1 (fb.resnet.torch style).
-_FB = {
-  **_KUANGLIU,
-  'stem_conv': 'conv_1_3x3',
-  'stem_bn': 'bn_1',
-  'stage': 'stage_{stage}.{index}',
-  'conv1': 'conv_a',
-  'bn1': 'bn_a',
-  'conv2': 'conv_b',
-  'bn2': 'bn_b',
-  'classifier': 'classifier',
-}
-# (collection, our leaf) -> torch attribute; '' means the module's own name (L2P's maps
-# are bare Parameters, `cn1_sigma_map` on the root and `sigma_map` on each block).
-_LEAVES = {
-  ('params', 'kernel'): 'weight',
-  ('params', 'scale'): 'weight',
-  ('params', 'bias'): 'bias',
-  ('batch_stats', 'mean'): 'running_mean',
-  ('batch_stats', 'var'): 'running_var',
-  ('perturb', 'kernel_alpha'): 'alpha_w',
-  ('perturb', 'theta'): '',
-}
-_BLOCK = re.compile(r'stage(\d+)_block(\d+)')
 _WRAPPERS = ('module.', '_orig_mod.')  # DataParallel/DDP, torch.compile
 _TORCH_HINT = "PyTorch checkpoint interop needs torch: pip install 'l2p-jax[torch]'"
-
-Path = tuple[str, ...]
 
 
 def _torch() -> Any:
@@ -131,143 +74,6 @@ class TorchStateDictMismatchError(UserError, ValueError):
       lines += [f'  {key}: expected {want}, got {got}' for key, want, got in shape_mismatches]
     lines += [f'Other: {problem}' for problem in other]
     super().__init__('\n'.join(lines))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  """One of our variables and its torch tensor: key, axis order, shape, channel order."""
-
-  ours: Path  # (collection, *module path, leaf)
-  shape: tuple[int, ...]  # our shape
-  key: str  # torch key inside the bare network
-  axes: tuple[int, ...]  # transpose taking our array to torch's axis order
-  torch_shape: tuple[int, ...]
-  perms: tuple[tuple[int, np.ndarray], ...] = ()  # (our axis, our channel -> theirs)
-
-  def to_torch(self, value: np.ndarray) -> np.ndarray:
-    for axis, perm in self.perms:
-      value = np.take(value, np.argsort(perm), axis=axis)
-    return np.transpose(value, self.axes).reshape(self.torch_shape)
-
-  def to_ours(self, value: np.ndarray) -> np.ndarray:
-    value = value.reshape(tuple(self.shape[a] for a in self.axes))
-    value = np.transpose(value, np.argsort(self.axes))
-    for axis, perm in self.perms:
-      value = np.take(value, perm, axis=axis)
-    return value
-
-
-def _module_key(module: Path, names: Mapping[str, str]) -> str:
-  """Torch name of one of our module paths: stage2_block1/conv1 -> layer2.0.conv1."""
-  head, *rest = module
-  match = _BLOCK.fullmatch(head)
-  if not match:
-    return names[head]
-  stage, block = map(int, match.groups())
-  return '.'.join(
-    [names['stage'].format(stage=stage, index=block - 1), *(names[name] for name in rest)]
-  )
-
-
-def _streams(module: Path, last_stage: int) -> tuple[int | None, int | None]:
-  """(stage whose residual stream the module reads, stage whose stream it writes)."""
-  match = _BLOCK.fullmatch(module[0])
-  if not match:
-    return (last_stage, None) if module[0] == 'classifier' else (None, 1)
-  stage, block = map(int, match.groups())
-  entering = stage - 1 if block == 1 and stage > 1 else stage
-  return {
-    'conv1': (entering, None),
-    'conv2': (None, stage),
-    'bn2': (None, stage),
-    'noise': (None, stage),
-    'shortcut_conv': (entering, stage),
-    'shortcut_bn': (None, stage),
-  }.get(module[1], (None, None))
-
-
-def _stages(shapes: Mapping[Path, tuple[int, ...]]) -> dict[int, int]:
-  """Stage number -> channels, read from each stage's first conv2 kernel."""
-  return {
-    int(m.group(1)): shapes[('params', m.group(0), 'conv2', 'kernel')][-1]
-    for path in shapes
-    if (m := _BLOCK.fullmatch(path[1])) and m.group(2) == '1'
-  }
-
-
-def _symmetric_padding_perms(stages: Mapping[int, int]) -> dict[int, np.ndarray]:
-  """Our channel -> akamaster's channel, per stage, for option-A shortcuts that pad
-  planes//4 zero channels on both sides (ours append them at the end)."""
-  perms, perm = {}, np.arange(stages[min(stages)])
-  for stage in sorted(stages)[1:]:
-    before, after = stages[stage - 1], stages[stage]
-    pad = after // 4
-    if before + 2 * pad != after:
-      raise ValueError(
-        f"layout 'torchvision' (akamaster's option A pads {pad} zero channels on each "
-        f'side) cannot express stage {stage} going from {before} to {after} channels.'
-      )
-    rest = np.setdiff1d(np.arange(after), pad + np.arange(before))
-    perm = perms[stage] = np.concatenate([pad + perm, rest])
-  return perms
-
-
-def _entries(shapes: Mapping[Path, tuple[int, ...]], layout: str) -> list[_Entry]:
-  """The torch counterpart of each of our variables, in our flattening order."""
-  if layout not in LAYOUTS:
-    raise ValueError(f'Unknown layout {layout!r}; expected one of {LAYOUTS}.')
-  option_a = not any('shortcut_conv' in path for path in shapes)
-  names = _FB if layout in ('l2p', 'pni') and option_a else _KUANGLIU
-  stages = _stages(shapes)
-  perms = _symmetric_padding_perms(stages) if layout == 'torchvision' and option_a else {}
-  unsupported = [path for path in shapes if (path[0], path[-1]) not in _LEAVES]
-  if unsupported:
-    raise ValueError(
-      'No PyTorch layout holds these variables (Bayesian adv_bnn weights have no '
-      'counterpart in the l2p/pni/torchvision code): '
-      + ', '.join('/'.join(path) for path in unsupported)
-    )
-  entries = []
-  for path, shape in shapes.items():
-    collection, *module, leaf = path
-    suffix = _LEAVES[(collection, leaf)]
-    key = _module_key(tuple(module), names) + (f'.{suffix}' if suffix else '')
-    kernel = shapes.get(('params', *module, 'kernel'), ())
-    kernel_shaped = leaf == 'kernel' or (leaf == 'kernel_alpha' and shape == kernel)
-    axes = tuple(range(len(shape)))
-    if kernel_shaped:  # HWIO -> OIHW, (in, out) -> (out, in)
-      axes = (3, 2, 0, 1) if len(shape) == 4 else (1, 0)
-    elif len(shape) == 3:  # L2P map: HWC -> CHW
-      axes = (2, 0, 1)
-    torch_shape = tuple(shape[a] for a in axes)
-    if leaf == 'kernel_alpha' and not kernel_shaped:  # () -> (1,); (out,) -> (out, 1, ...)
-      torch_shape = (shape[0], *(1,) * (len(kernel) - 1)) if shape else (1,)
-    reads, writes = _streams(tuple(module), max(stages))
-    channel_axes = (
-      (len(shape) - 2 if kernel_shaped else None, reads),
-      (len(shape) - 1 if shape else None, writes),
-    )
-    entries.append(
-      _Entry(
-        path,
-        tuple(shape),
-        key,
-        axes,
-        torch_shape,
-        tuple(
-          (axis, perms[stage])
-          for axis, stage in channel_axes
-          if axis is not None and stage in perms
-        ),
-      )
-    )
-  return entries
-
-
-def torch_entries(shapes: Mapping[Path, tuple[int, ...]], layout: str) -> dict[Path, Any]:
-  """The torch counterpart of each of our variables, {(collection, ..., leaf): shape}
-  -> an entry with the torch `key` and `to_torch`/`to_ours` array conversions."""
-  return {entry.ours: entry for entry in _entries(shapes, layout)}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -356,16 +162,6 @@ def _infer_pni_mode(state: Mapping[str, Any]) -> str:
   return 'layer'
 
 
-def _detect_layout(state: Mapping[str, Any], option_a: bool) -> str:
-  """The family whose names the keys use: fb-style V1 names mean the authors' code."""
-  alphas = any(key.endswith('.alpha_w') for key in state)
-  if 'conv_1_3x3.weight' in state:
-    return 'pni' if alphas else 'l2p'
-  if option_a:  # a V1 with kuangliu names is akamaster's
-    return 'torchvision'
-  return 'pni' if alphas else 'l2p' if 'cn1_sigma_map' in state else 'torchvision'
-
-
 # The model settings `_variable_shapes` does not take: initial values and options that
 # change no variable's shape a PyTorch family can hold, so any valid value does.
 _SHAPE_NEUTRAL_SETTINGS = dict(
@@ -425,7 +221,7 @@ def _model_entries(
   layout: str,
   pni_mode: str | None,
   mean: Sequence[float] | None,
-) -> tuple[list[_Entry], str]:
+) -> tuple[list[Entry], str]:
   """The entries the requested model expects, and the layout they follow: channels from
   mean (else the checkpoint's normalizer, else 3), the L2P input size from
   `cn1_sigma_map`, the PNI mode and (for 'auto') the layout told from the state."""
@@ -445,12 +241,12 @@ def _model_entries(
     image_size=image_size,
   )
   if layout == 'auto':
-    layout = _detect_layout(state, resnet_layout(arch, width)['shortcut'] == 'A')
-  return _entries(shapes, layout), layout
+    layout = detect_layout(state, resnet_layout(arch, width)['shortcut'] == 'A')
+  return list(torch_entries(shapes, layout).values()), layout
 
 
 def _key_problems(
-  state: Mapping[str, np.ndarray], entries: Sequence[_Entry]
+  state: Mapping[str, np.ndarray], entries: Sequence[Entry]
 ) -> tuple[list[tuple], list[tuple], list[tuple]]:
   """(unexpected, missing, mismatched) keys of `state` against the model's `entries`,
   in TorchStateDictMismatchError's form; BatchNorm's step counters are never unexpected."""
@@ -575,7 +371,7 @@ def export_torch_state_dict(
     path: np.asarray(value) for path, value in traverse_util.flatten_dict(dict(variables)).items()
   }
   state = {}
-  for entry in _entries({path: value.shape for path, value in flat.items()}, layout):
+  for entry in torch_entries({path: value.shape for path, value in flat.items()}, layout).values():
     value = np.array(entry.to_torch(flat[entry.ours]))  # a writable copy
     state[entry.key] = torch.from_numpy(value)
     if entry.key.endswith('.running_var'):

@@ -1,11 +1,13 @@
 """Runs a plan of experiments (see paper_grid.py) through train.py and eval.py as
-subprocesses: skips every step whose marker says it finished with the same command,
-resumes the rest (train.py continues from its workdir's checkpoint), and shows one
-progress bar over the jobs; or writes the plan as a SLURM array script instead.
+subprocesses in the plan's `root` (the checkout that reproduce.py named): skips every
+step whose marker says it finished with the same command, resumes the rest (train.py
+continues from its workdir's checkpoint), and shows one progress bar over the jobs; or
+writes the plan as a SLURM array script instead.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import subprocess
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from l2p_jax.errors import UserError
-from l2p_jax.reproduction.paper_grid import ROOT, Job, Plan, Step, marker_text
+from l2p_jax.reproduction.paper_grid import Job, Plan, Step, marker_text
 
 Launcher = Callable[[Sequence[str], str], None]
 
@@ -48,15 +50,15 @@ def log_path(step: Step) -> str:
   return os.path.splitext(step.marker)[0] + '.log'
 
 
-def launch_subprocess(command: Sequence[str], log: str) -> None:
-  """Runs `command` ('python PROGRAM ...') with this interpreter from the repository's
-  root, its output appended to `log`; raises ReproduceError if it fails."""
+def launch_subprocess(command: Sequence[str], log: str, root: str) -> None:
+  """Runs `command` ('python PROGRAM ...') with this interpreter in the repository's
+  checkout `root`, its output appended to `log`; raises ReproduceError if it fails."""
   os.makedirs(os.path.dirname(log), exist_ok=True)
   with open(log, 'a') as f:
     f.write(f'$ {shlex.join(command)}\n')
     f.flush()
     code = subprocess.run(
-      [sys.executable, *command[1:]], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False
+      [sys.executable, *command[1:]], cwd=root, stdout=f, stderr=subprocess.STDOUT, check=False
     ).returncode
   if code:
     with open(log) as f:
@@ -68,13 +70,14 @@ def launch_subprocess(command: Sequence[str], log: str) -> None:
     )
 
 
-def run_plan(plan: Plan, launch: Launcher = launch_subprocess, progress_bar: bool = True) -> int:
-  """Runs every unfinished step of the plan's jobs in order, writing each step's marker
-  after it succeeds, with a progress bar (rate and ETA) over the jobs; returns the
-  number of steps run. A failure stops the grid with ReproduceError; rerunning
-  continues with the failed step."""
-  for name in ROOT / 'train.py', ROOT / 'eval.py':
-    if not name.exists():
+def run_plan(plan: Plan, launch: Launcher | None = None, progress_bar: bool = True) -> int:
+  """Runs every unfinished step of the plan's jobs in order with `launch` (default:
+  launch_subprocess in plan.root), writing each step's marker after it succeeds, with a
+  progress bar (rate and ETA) over the jobs; returns the number of steps run. A failure
+  stops the grid with ReproduceError; rerunning continues with the failed step."""
+  launch = launch or functools.partial(launch_subprocess, root=plan.root)
+  for name in os.path.join(plan.root, 'train.py'), os.path.join(plan.root, 'eval.py'):
+    if not os.path.exists(name):
       raise ReproduceError(
         f'{name} is missing; reproduce.py runs from a checkout of the repository.'
       )
@@ -133,7 +136,7 @@ def slurm_script(plan: Plan, assemble_command: str) -> str:
   lines += [
     f'# Then assemble the report: {assemble_command}',
     'set -euo pipefail',
-    f'cd {shlex.quote(str(ROOT))}',
+    f'cd {shlex.quote(plan.root)}',
     'case "$SLURM_ARRAY_TASK_ID" in',
   ]
   for i, job in enumerate(plan.jobs):

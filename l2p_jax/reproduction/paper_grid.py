@@ -1,205 +1,30 @@
-"""The paper's experiments as data: its tables and figures, the scales they run at
-(full: as published; small: Fashion-MNIST on a reduced ResNet-V1 for a 2-core CPU;
-tiny: for tests), the numbers published for them, and the plan of train.py/eval.py
-commands (one job per trained model, plus one per transfer matrix) that measures them.
+"""The plan of the paper's experiments: the scales they run at (full: as published;
+small: Fashion-MNIST on a reduced ResNet-V1 for a 2-core CPU; tiny: for tests) and the
+train.py/eval.py commands (one job per trained model, plus one per transfer matrix)
+that measure the tables of paper_tables.py.
+
+The library reads no file of the repository: the commands run from the checkout that
+holds train.py, eval.py and configs/, and the entry point (reproduce.py) passes that
+folder (`root`) and configs/cifar.py's `get_config` into `make_plan`. So a library
+installed with `pip install .` (not editable) plans and runs the grid of whichever
+checkout's reproduce.py calls it, and nothing here depends on where it is installed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import json
 import os
-import pathlib
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]  # Holds train.py, eval.py, configs/.
-METHODS = ('none', 'vanilla', 'pni', 'adv_bnn', 'l2p')
-METHOD_TITLES = {
-  'none': 'No defence',
-  'vanilla': 'Vanilla',
-  'pni': 'PNI-W',
-  'adv_bnn': 'Adv-BNN',
-  'l2p': 'Learn2Perturb',
-}
-Setting = tuple[str, float]  # (arch, width) of the paper's network.
+from l2p_jax.methods import METHODS
+from l2p_jax.reproduction.paper_tables import TABLES, V1_20, V2_18, Setting, arch_name
 
-_V1_20, _V2_18 = ('resnet20', 1.0), ('resnet18', 1.0)
-_MAIN_SETTINGS = (
-  _V1_20,
-  ('resnet32', 1.0),
-  ('resnet44', 1.0),
-  ('resnet56', 1.0),
-  ('resnet20', 1.5),
-  ('resnet20', 2.0),
-  ('resnet20', 4.0),
-  _V2_18,
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Table:
-  """One table or figure of the paper: on which data and networks, which methods, and
-  the eval.py attacks run on each trained model ('' none; 'transfer' is one eval.py
-  over all of a setting's models)."""
-
-  name: str
-  title: str
-  dataset: str
-  settings: tuple[Setting, ...]
-  methods: tuple[str, ...]
-  attacks: str
-
-
-TABLES = {
-  t.name: t
-  for t in (
-    Table(
-      'main',
-      'Accuracy under attack (main table; PNI Table 3)',
-      'cifar10',
-      _MAIN_SETTINGS,
-      METHODS,
-      'clean,fgsm,pgd,pgd20,pgd100,eot_pgd,apgd,cw',
-    ),
-    Table(
-      'few_pixel',
-      'Few-pixel attack (supplementary Table 1)',
-      'cifar10',
-      (_V1_20, _V2_18),
-      METHODS,
-      'few_pixel',
-    ),
-    Table(
-      'transfer',
-      'Transferability (supplementary Table 2)',
-      'cifar10',
-      (_V1_20, _V2_18),
-      ('vanilla', 'pni', 'adv_bnn', 'l2p'),
-      'transfer',
-    ),
-    Table(
-      'figure1',
-      'Noise parameters during training (supplementary Figure 1)',
-      'cifar10',
-      (_V2_18,),
-      ('pni', 'l2p'),
-      '',
-    ),
-    Table(
-      'figures23',
-      'FGSM and PGD accuracy against eps (supplementary Figures 2-3)',
-      'cifar100',
-      (_V2_18,),
-      METHODS,
-      'eps_sweep',
-    ),
-  )
-}
-
-# Published accuracies (%), CIFAR-10, eps 8/255. PNI Table 3 (He et al. 2019): PNI-W
-# with adversarial training and plain PGD training (vanilla), noise on at test time.
-PUBLISHED_MAIN: dict[tuple[str, float, str, str], float] = {}
-for _arch, _width, _method, _clean, _pgd, _fgsm in (
-  ('resnet20', 1.0, 'pni', 84.9, 45.9, 54.5),
-  ('resnet32', 1.0, 'pni', 85.9, 43.5, 51.5),
-  ('resnet44', 1.0, 'pni', 84.7, 48.5, 55.8),
-  ('resnet56', 1.0, 'pni', 86.8, 46.3, 53.9),
-  ('resnet20', 4.0, 'pni', 87.7, 49.1, 57.0),
-  ('resnet20', 1.0, 'vanilla', 83.8, 39.1, 46.6),
-):
-  PUBLISHED_MAIN.update(
-    {
-      (_arch, _width, _method, 'Clean'): _clean,
-      (_arch, _width, _method, 'PGD-7'): _pgd,
-      (_arch, _width, _method, 'FGSM'): _fgsm,
-    }
-  )
-
-# Supplementary Table 1: accuracy under the 1-, 2- and 3-pixel attack.
-PUBLISHED_FEW_PIXEL = {
-  (arch, 1.0, method, f'{pixels} px'): value
-  for arch, rows in (
-    (
-      'resnet20',
-      (
-        (21.45, 65.20, 67.40, 58.40, 70.15),
-        (2.55, 48.35, 61.75, 56.20, 63.90),
-        (1.10, 36.40, 58.10, 55.70, 61.85),
-      ),
-    ),
-    (
-      'resnet18',
-      (
-        (23.44, 56.10, 50.90, 68.60, 64.45),
-        (3.20, 33.20, 39.00, 64.55, 60.05),
-        (0.95, 23.95, 35.40, 59.70, 53.90),
-      ),
-    ),
-  )
-  for pixels, row in enumerate(rows, 1)
-  for method, value in zip(METHODS, row)
-}
-
-# Supplementary Table 2: (arch, width, source, target, FGSM|PGD) -> (mean, std).
-_TRANSFER_ROWS = {
-  'resnet20': {
-    'vanilla': {
-      'pni': (60.32, 0.05, 58.27, 0.01),
-      'adv_bnn': (49.22, 0.90, 48.63, 3.10),
-      'l2p': (58.86, 0.03, 56.75, 0.01),
-    },
-    'pni': {
-      'vanilla': (66.31, 0.02, 63.04, 0.01),
-      'adv_bnn': (51.12, 1.22, 49.59, 0.83),
-      'l2p': (63.26, 0.10, 59.31, 0.06),
-    },
-    'adv_bnn': {
-      'vanilla': (74.38, 0.16, 72.02, 0.02),
-      'pni': (73.05, 0.12, 70.26, 0.05),
-      'l2p': (72.48, 0.05, 69.25, 0.06),
-    },
-    'l2p': {
-      'vanilla': (70.66, 0.01, 67.32, 0.01),
-      'pni': (68.46, 0.03, 64.77, 0.01),
-      'adv_bnn': (54.16, 2.36, 52.23, 1.52),
-    },
-  },
-  'resnet18': {
-    'vanilla': {
-      'pni': (69.52, 0.02, 68.01, 0.02),
-      'adv_bnn': (67.20, 0.04, 65.88, 0.03),
-      'l2p': (67.32, 0.04, 65.58, 0.04),
-    },
-    'pni': {
-      'vanilla': (69.56, 0.01, 67.09, 0.02),
-      'adv_bnn': (67.63, 0.03, 64.87, 0.04),
-      'l2p': (67.63, 0.05, 64.61, 0.01),
-    },
-    'adv_bnn': {
-      'vanilla': (73.66, 0.01, 71.23, 0.01),
-      'pni': (74.02, 0.03, 71.51, 0.02),
-      'l2p': (71.67, 0.09, 68.75, 0.04),
-    },
-    'l2p': {
-      'vanilla': (73.49, 0.01, 70.44, 0.00),
-      'pni': (73.89, 0.04, 70.61, 0.01),
-      'adv_bnn': (70.22, 0.04, 67.33, 0.04),
-    },
-  },
-}
-PUBLISHED_TRANSFER = {
-  (arch, 1.0, source, target, kind): values[2 * i : 2 * i + 2]
-  for arch, sources in _TRANSFER_ROWS.items()
-  for source, targets in sources.items()
-  for target, values in targets.items()
-  for i, kind in enumerate(('FGSM', 'PGD'))
-}
+GetConfig = Callable[[str], ml_collections.ConfigDict]  # configs/cifar.py's get_config.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,11 +52,11 @@ class Scale:
 
 _QUIET = {'progress_bar': False}  # The runner's bar is the one shown; logs go to files.
 _ONE_SETTING = {
-  'main': (_V1_20,),
-  'few_pixel': (_V1_20,),
-  'transfer': (_V1_20,),
-  'figure1': (_V2_18,),
-  'figures23': (_V2_18,),
+  'main': (V1_20,),
+  'few_pixel': (V1_20,),
+  'transfer': (V1_20,),
+  'figure1': (V2_18,),
+  'figures23': (V2_18,),
 }
 SCALES = {
   s.name: s
@@ -282,19 +107,6 @@ SCALES = {
 }
 
 
-@functools.cache
-def _cifar_configs():
-  spec = importlib.util.spec_from_file_location('cifar_config', ROOT / 'configs' / 'cifar.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def train_config(method: str, arch: str, dataset: str) -> ml_collections.ConfigDict:
-  """configs/cifar.py's config of `method` on `arch` and `dataset`."""
-  return _cifar_configs().get_config(f'{method},{arch},{dataset}')
-
-
 def scaled_schedule(config: ml_collections.ConfigDict, epochs: int) -> dict[str, Any]:
   """The config's schedule shrunk to `epochs` epochs: learning-rate boundaries and the
   starts of the noise and adversarial phases at the same fractions of training
@@ -317,11 +129,6 @@ def scaled_schedule(config: ml_collections.ConfigDict, epochs: int) -> dict[str,
     'l2p.noise_start_epoch': noise,
     'adv.start_epoch': adv,
   }
-
-
-def arch_name(arch: str, width: float) -> str:
-  """A network's short name: resnet20, resnet20x1.5, resnet8x0.5."""
-  return arch if width == 1 else f'{arch}x{width:g}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,7 +184,8 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The grid: its jobs in an order that trains before the jobs needing it, where each
-  table's numbers will be, the scale, the tables and the grid's folder."""
+  table's numbers will be, the scale, the tables, the grid's folder and the folder its
+  commands run in (`root`: the repository's checkout, with train.py, eval.py, configs/)."""
 
   jobs: tuple[Job, ...]
   cells: tuple[Cell, ...]
@@ -385,6 +193,7 @@ class Plan:
   tables: tuple[str, ...]
   workdir: str
   seeds: int
+  root: str
 
 
 def _choose(kind: str, picked: Sequence[str], accepted: Sequence[str]) -> list[str]:
@@ -411,6 +220,8 @@ def _data_flags(scale: Scale, data_dir: str | None) -> list[str]:
 def make_plan(
   workdir: str,
   *,
+  root: str,
+  get_config: GetConfig,
   scale: str = 'full',
   tables: Sequence[str] = (),
   methods: Sequence[str] = (),
@@ -421,7 +232,9 @@ def make_plan(
   """The jobs that measure `tables` (default: the scale's) at `scale`, narrowed to
   `methods` and to the paper's `archs` (resnet20, resnet20x2, resnet18, ...), over
   seeds 0..seeds-1, in folders under `workdir`; `data_dir` (None: the scale's
-  default) is where the original dataset files are ('' reads TFDS)."""
+  default) is where the original dataset files are ('' reads TFDS). `root` is the
+  checkout the commands run in and `get_config` its configs/cifar.py's (whose schedules
+  the small scale shrinks); see the module docstring."""
   if scale not in SCALES:
     raise ValueError(f'Unknown scale {scale!r}; accepted: {", ".join(SCALES)}.')
   if seeds < 1:
@@ -453,7 +266,7 @@ def make_plan(
         if not runs:
           continue
         for run in runs.values():
-          _add_training(jobs, run, s, workdir, data)
+          _add_training(jobs, run, s, workdir, data, get_config)
         if attacks == 'transfer':
           results = _add_transfer(jobs, runs, s, workdir, eval_fields)
           cells.append(Cell(table_name, setting, seed, results, runs))
@@ -467,7 +280,7 @@ def make_plan(
       f'{", ".join(methods)} and a network of {", ".join(archs)}.'
     )
   ordered = sorted(jobs.values(), key=lambda j: j.run is None)  # Trainings first.
-  return Plan(tuple(ordered), tuple(cells), s, tuple(tables), workdir, seeds)
+  return Plan(tuple(ordered), tuple(cells), s, tuple(tables), workdir, seeds, root)
 
 
 def _add_transfer(
@@ -531,19 +344,20 @@ def _eval_step(
 
 
 def _add_training(
-  jobs: dict[str, Job], run: Run, scale: Scale, workdir: str, data: list[str]
+  jobs: dict[str, Job], run: Run, scale: Scale, workdir: str, data: list[str], get_config: GetConfig
 ) -> None:
   """Adds `run`'s job with its train.py command, unless another table added it."""
   if run.name in jobs:
     return
   folder = os.path.join(workdir, 'runs', run.name)
   fields = dict(scale.train)
+  paper_config = f'{run.method},{run.arch},{run.dataset}'
   if scale.epochs:
-    fields.update(scaled_schedule(train_config(run.method, run.arch, run.dataset), scale.epochs))
+    fields.update(scaled_schedule(get_config(paper_config), scale.epochs))
   if run.width != 1:
     fields['model.width'] = run.width
   fields['seed'] = run.seed
-  config = f'configs/cifar.py:{run.method},{run.arch},{run.dataset}{scale.train_config_suffix}'
+  config = f'configs/cifar.py:{paper_config}{scale.train_config_suffix}'
   command = (
     'python',
     'train.py',

@@ -11,19 +11,15 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from l2p_jax import methods
 from l2p_jax.evaluation import results_report
 from l2p_jax.reproduction.grid_runner import is_done
-from l2p_jax.reproduction.paper_grid import (
-  METHOD_TITLES,
-  METHODS,
+from l2p_jax.reproduction.paper_grid import Cell, Plan, Scale
+from l2p_jax.reproduction.paper_tables import TABLES, arch_name
+from l2p_jax.reproduction.published_numbers import (
   PUBLISHED_FEW_PIXEL,
   PUBLISHED_MAIN,
   PUBLISHED_TRANSFER,
-  TABLES,
-  Cell,
-  Plan,
-  Scale,
-  arch_name,
 )
 from l2p_jax.runtime import plots
 from l2p_jax.runtime.metrics import read_metrics
@@ -93,7 +89,7 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
   titles = sorted(columns, key=columns.get)
   rows = []
   for setting in dict.fromkeys(c.setting for c in cells):
-    for method in METHODS:
+    for method in methods.METHODS:
       if not any(method in c.runs for c in cells if c.setting == setting):
         continue
       row = {'setting': list(setting), 'method': method, 'cells': {}}
@@ -123,8 +119,10 @@ def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
   found = _collect(cells, key, sizes)
   rows = []
   for setting in dict.fromkeys(c.setting for c in cells):
-    methods = [m for m in METHODS if any(m in c.runs for c in cells if c.setting == setting)]
-    for source in methods:
+    trained = [
+      m for m in methods.METHODS if any(m in c.runs for c in cells if c.setting == setting)
+    ]
+    for source in trained:
       rows.append(
         {
           'setting': list(setting),
@@ -136,13 +134,13 @@ def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
               else None,
               'published': PUBLISHED_TRANSFER.get((*setting, source, target, kind)),
             }
-            for target in methods
+            for target in trained
             for kind in ('FGSM', 'PGD')
           },
         }
       )
   return {
-    'targets': [m for m in METHODS if any(m in c.runs for c in cells)],
+    'targets': [m for m in methods.METHODS if any(m in c.runs for c in cells)],
     'rows': rows,
     'examples': sorted(sizes),
   }
@@ -161,7 +159,7 @@ def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
   found = _collect(cells, key, sizes)
   curves: dict[str, dict[str, list]] = {}
   for (name, method, eps), values in sorted(
-    found.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]), item[0][2])
+    found.items(), key=lambda item: (item[0][0], methods.METHODS.index(item[0][1]), item[0][2])
   ):
     s = _summary(values)
     curves.setdefault(name, {}).setdefault(method, []).append([eps, s['mean'], s['std']])
@@ -323,7 +321,7 @@ def _section_body(name: str, section: dict[str, Any], plan: Plan) -> list[str]:
   if name in ('main', 'few_pixel'):
     header = ['network', 'method'] + section['columns']
     rows = [
-      [_setting(plan, r['setting']), METHOD_TITLES[r['method']]]
+      [_setting(plan, r['setting']), methods.get(r['method']).title]
       + [_cell(r['cells'][c]) for c in section['columns']]
       for r in section['rows']
     ]
@@ -343,10 +341,10 @@ def _transfer_markdown(section: dict[str, Any], plan: Plan) -> str:
   PGD accuracy."""
   keys = [f'{t} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
   header = ['network', 'source \\ target'] + [
-    f'{METHOD_TITLES[t]} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')
+    f'{methods.get(t).title} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')
   ]
   rows = [
-    [_setting(plan, r['setting']), METHOD_TITLES[r['source']]]
+    [_setting(plan, r['setting']), methods.get(r['source']).title]
     + [_cell(r['cells'][k]) for k in keys]
     for r in section['rows']
   ]
@@ -363,7 +361,7 @@ def _curves_markdown(section: dict[str, Any]) -> str:
     for method, points in by_method.items():
       at = {p[0]: p for p in points}
       rows.append(
-        [METHOD_TITLES[method], attack]
+        [methods.get(method).title, attack]
         + [_value({'mean': at[e][1], 'std': at[e][2]}) if e in at else 'not run' for e in radii]
       )
   return (
@@ -389,7 +387,7 @@ def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list
     path = os.path.join(folder, 'accuracy_vs_eps.png')
     lines = {
       attack: {
-        METHOD_TITLES[m]: [(p[0] / 255, p[1] / 100) for p in points]
+        methods.get(m).title: [(p[0] / 255, p[1] / 100) for p in points]
         for m, points in by_method.items()
       }
       for attack, by_method in curves.items()

@@ -1,3 +1,3 @@
 """The PyTorch parity harness: the authors' networks (`torch_reference`), their training
-step (`torch_step`) and training trajectories compared with ours (`trajectory`).
-Needs the `torch` extra."""
+step (`torch_step`), training trajectories compared with ours (`trajectory`) and the
+report of how far they part (`trajectory_report`). Needs the `torch` extra."""

@@ -6,8 +6,8 @@ Noise draws and PGD's random starts are made on our side and injected into PyTor
 each pass's draws are recorded through the `draws` collection of
 `l2p_jax.models.layers.draw_normal` (with the keys our `train_step` uses) and handed to
 `torch_reference.inject_draws`. After every step the report holds how far the two have
-parted: weights, noise parameters, BatchNorm statistics, loss, PGD's gradient signs.
-Needs the `torch` extra.
+parted: weights, noise parameters, BatchNorm statistics, loss, PGD's gradient signs
+(measured and summarized by trajectory_report.py). Needs the `torch` extra.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from flax import traverse_util
 
 from l2p_jax import data, experiment, training
 from l2p_jax.attacks import core
-from l2p_jax.interop.torch_checkpoints import torch_entries
+from l2p_jax.interop.parity import trajectory_report
+from l2p_jax.interop.torch_layouts import torch_entries
 from l2p_jax.models.layers import DRAWS
 from l2p_jax.training import objectives, optim
 
 LAYOUT = 'l2p'  # The authors' module names: ResNet-V1 fb-style, ResNet-18 kuangliu.
 LOG_SIGMA = '_log_sigma'
-COLLECTIONS = ('params', 'perturb', 'batch_stats')
 TORCH_HINT = 'Comparing with PyTorch needs torch: pip install -e ".[torch]"'
 
 
@@ -155,24 +155,6 @@ def torch_draws(draws: dict[str, Any], entries) -> dict[str, np.ndarray]:
   return out
 
 
-def _difference(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
-  """max |ours - theirs| and that over max |ours| (the arrays' own scale)."""
-  abs_diff = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
-  scale = float(np.max(np.abs(ours))) if ours.size else 0.0
-  return {'max_abs': abs_diff, 'max_rel': abs_diff / scale if scale else abs_diff}
-
-
-def _collection_differences(ours: dict, theirs: dict) -> dict[str, dict[str, float]]:
-  """Per collection, the largest difference of any of its arrays."""
-  out = {}
-  for collection in COLLECTIONS:
-    paths = [p for p in ours if p[0] == collection]
-    if paths:
-      diffs = [_difference(np.asarray(ours[p]), theirs[p]) for p in paths]
-      out[collection] = {k: max(d[k] for d in diffs) for k in ('max_abs', 'max_rel')}
-  return out
-
-
 def compare(
   config: ml_collections.ConfigDict,
   steps: int,
@@ -238,7 +220,7 @@ def compare(
         k, epoch, lr, phase, state, jax_loss, net, entries, made, torch_loss, torch_signs
       )
     )
-  return _report(config, batch_norm, records)
+  return trajectory_report.run_report(config, batch_norm, records)
 
 
 def _torch_twin(
@@ -340,59 +322,18 @@ def _step_record(
   torch_loss: float,
   torch_signs: list,
 ) -> dict[str, Any]:
-  """Step k+1's record: both losses, every collection's largest difference and, for
-  an adversarial step, how many PGD gradient signs differ and from when."""
+  """Step k+1's record (trajectory_report.step_record) from both sides: our state and
+  PGD signs, the PyTorch network's state and the signs its PGD recorded."""
   torch = _torch_modules()[0]
   ours = traverse_util.flatten_dict(jax.device_get(state.variables))
   theirs = from_torch_state(net.state_dict(), state.variables, entries)
-  record = {
-    'step': k + 1,
-    'epoch': epoch,
-    'learning_rate': lr,
-    'noise': phase.noise,
-    'adversarial': phase.adversarial,
-    'loss': {
-      'jax': jax_loss,
-      'torch': torch_loss,
-      **_difference(np.float64(jax_loss), np.float64(torch_loss)),
-    },
-    **_collection_differences(ours, theirs),
-  }
+  signs = None
   if phase.adversarial:
     ours_signs = np.asarray(made['pgd_signs']).transpose(0, 1, 4, 2, 3)
-    differ = ours_signs != torch.stack(torch_signs).numpy()
-    flipped = np.flatnonzero(differ.reshape(len(differ), -1).any(axis=1))
-    record['pgd'] = {
-      'sign_flip_fraction': float(differ.mean()),
-      'first_flip_iteration': int(flipped[0]) if flipped.size else None,
-    }
-  return record
-
-
-def _report(
-  config: ml_collections.ConfigDict, batch_norm: str, records: list[dict[str, Any]]
-) -> dict[str, Any]:
-  """The comparison's report: the run's settings, every step's record and the first
-  PGD gradient-sign flip."""
-  first_flip = next(
-    (
-      {'step': r['step'], 'iteration': r['pgd']['first_flip_iteration']}
-      for r in records
-      if r.get('pgd', {}).get('first_flip_iteration') is not None
-    ),
-    None,
+    signs = (ours_signs, torch.stack(torch_signs).numpy())
+  return trajectory_report.step_record(
+    k + 1, epoch, lr, phase, ours, theirs, (jax_loss, torch_loss), signs
   )
-  return {
-    'method': config.method,
-    'alternation': config.l2p.alternation,
-    'arch': config.model.arch,
-    'width': config.model.width,
-    'dataset': config.data.dataset,
-    'batch_size': config.batch_size,
-    'batch_norm': batch_norm,
-    'steps': records,
-    'first_pgd_sign_flip': first_flip,
-  }
 
 
 def _step_inputs(
@@ -453,30 +394,3 @@ def _step_inputs(
     made.update(pgd_start=start, pgd_signs=signs)
     made['draws'].update(adv=recorded(keys['adv']), pgd=jax.vmap(recorded)(noise_keys))
   return made
-
-
-def summarize(report: dict[str, Any]) -> str:
-  """A few lines: the largest difference of each quantity over the run, and the first
-  PGD sign flip."""
-  lines = [
-    f'{report["method"]} ({report["alternation"]}) {report["arch"]} '
-    f'x{report["width"]}, {len(report["steps"])} steps, '
-    f'BatchNorm {report["batch_norm"]}:'
-  ]
-  for key in ('params', 'perturb', 'batch_stats', 'loss'):
-    values = [r[key] for r in report['steps'] if key in r]
-    if values:
-      lines.append(
-        f'  {key}: max abs {max(v["max_abs"] for v in values):.3g}, '
-        f'max rel {max(v["max_rel"] for v in values):.3g}'
-      )
-  flip = report['first_pgd_sign_flip']
-  lines.append(
-    '  PGD signs: '
-    + (
-      'never differ'
-      if flip is None
-      else f'first differ at step {flip["step"]}, PGD iteration {flip["iteration"]}'
-    )
-  )
-  return '\n'.join(lines)
