@@ -91,11 +91,12 @@ def objective_of(scope):
   phase = training.Phase(noise=True, adversarial=False, train_perturb=True)
 
   def objective(params, perturb, kl_weight):
-    return training.step_loss_fn(
-      state, batch(), 0.0, phase=phase, model=model, config=config, kl_weight=kl_weight
-    )(params, perturb)[0]
+    settings = training.StepSettings.from_config(config, kl_weight)
+    return training.step_loss_fn(state, batch(), 0.0, phase=phase, model=model, settings=settings)(
+      params, perturb
+    )[0]
 
-  return jax.jit(objective), variables
+  return jax.jit(objective, static_argnames='kl_weight'), variables
 
 
 @pytest.mark.parametrize('scope', ['all', 'classifier'])
@@ -250,9 +251,8 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
       training.train_step,
       phase=phase,
       model=model,
-      config=config,
+      settings=training.StepSettings.from_config(config, kl_weight),
       optimizers=optimizers,
-      kl_weight=kl_weight,
     )
   )
 

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2p_jax import data, experiment, models, training
+from l2p_jax import data, experiment, methods, models, training
 from l2p_jax.errors import UserError
 from l2p_jax.experiment import ConfigError
 from l2p_jax.runtime import sharding
@@ -234,12 +234,10 @@ def _compile(
   from the host, or gathered from the split put on the mesh), evaluation step and
   optimizer restart."""
   replicated = sharding.replicated_sharding(mesh)
-  step_kwargs = dict(
-    model=model,
-    config=config,
-    optimizers=optimizers,
-    kl_weight=training.kl_loss_weight(config, train_split_size),
+  settings = training.StepSettings.from_config(
+    config, kl_weight=training.kl_loss_weight(config, train_split_size)
   )
+  step_kwargs = dict(model=model, settings=settings, optimizers=optimizers)
   restart = jax.jit(
     functools.partial(training.restart_optimizers, optimizers=optimizers), out_shardings=replicated
   )
@@ -255,7 +253,7 @@ def _compile(
     )
   step_fn = jax.jit(training.accumulating(step), static_argnames='phase', donate_argnums=(0, 1))
   eval_fn = jax.jit(
-    functools.partial(training.eval_step, model=model, config=config), static_argnames='noise'
+    functools.partial(training.eval_step, model=model, settings=settings), static_argnames='noise'
   )
   return step_fn, eval_fn, restart, device_split
 
@@ -320,7 +318,7 @@ def _train_and_evaluate(
     state, metrics = _train_epoch(run, state, metrics, epoch, saver, writer)
   checkpoints.wait()
   writer.close()
-  if jax.process_index() == 0 and config.method in models.RANDOMIZED_METHODS:
+  if jax.process_index() == 0 and methods.get(config.method).randomized:
     plot_noise_evolution(
       read_metrics(writer.path),
       os.path.join(workdir, 'noise_evolution.png'),
