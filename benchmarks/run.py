@@ -487,9 +487,8 @@ def prepare_jax_train(
   lr, reg_weight, epoch_start = sharding.replicate(
     mesh, (np.float32(config.optim.learning_rate), np.float32(config.l2p.gamma), np.int32(0))
   )
-  step_kwargs = dict(
-    model=model, config=config, optimizers=optimizers, kl_weight=1.0 / TRAIN_EXAMPLES
-  )
+  settings = training.StepSettings.from_config(config, kl_weight=1.0 / TRAIN_EXAMPLES)
+  step_kwargs = dict(model=model, settings=settings, optimizers=optimizers)
   phase = training.phase_for_epoch(config, 0)
   if inputs == 'device':
     step = functools.partial(

@@ -8,14 +8,19 @@ then know it by `config.method`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 
 from l2p_jax import models
 from l2p_jax.errors import UserError
+
+if TYPE_CHECKING:
+  from l2p_jax.training.step import StepSettings, UpdateRule
 
 
 class UnknownMethodError(UserError, ValueError):
@@ -26,6 +31,22 @@ def plain_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> mo
   """The ResNet without randomization (no defence, vanilla PGD training)."""
   del config  # A plain network has no settings of its own.
   return models.ResNet(**base)
+
+
+def from_the_first_epoch(config: ml_collections.ConfigDict) -> int:
+  """Noise from epoch 0 (PNI, Adv-BNN and, by default, a new randomized method)."""
+  del config  # The same for every config.
+  return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularizer:
+  """A term the training objective subtracts: weight(config, epoch) * value(perturb), the
+  weight asked for the epochs whose noise is on (0 before), so a larger value is
+  rewarded."""
+
+  value: Callable[[Any], jax.Array]
+  weight: Callable[[ml_collections.ConfigDict, int], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +63,13 @@ class Method:
   (layout, num_classes, mean, std, conv_input_gradient, dtype); it takes `train` and
   `noise` as ResNet does and draws from the 'noise' RNG stream. adversarial: the method
   trains on PGD examples (none trains on clean images only).
+
+  Training (`l2p_jax.training`; the defaults are a randomized method's plain training, as
+  PNI's): noise_start_epoch(config) is the first epoch a randomized method's network
+  draws noise (and its noise parameters train); loss_term(params, perturb, settings) is
+  added to the training loss (Adv-BNN's KL); regularizer is subtracted from it at its
+  scheduled weight (L2P's); noise_update(settings) is the update rule of the epochs its
+  noise parameters train (L2P's alternation), None: one joint step on both collections.
   """
 
   name: str
@@ -52,6 +80,11 @@ class Method:
   # --- Model construction ---
   network: Callable[[ml_collections.ConfigDict, dict[str, Any]], nn.Module] = plain_network
   adversarial: bool = True
+  # --- Training ---
+  noise_start_epoch: Callable[[ml_collections.ConfigDict], int] = from_the_first_epoch
+  loss_term: Callable[[Any, Any, StepSettings], jax.Array] | None = None
+  regularizer: Regularizer | None = None
+  noise_update: Callable[[StepSettings], UpdateRule] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -75,9 +108,7 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-def randomized_names() -> tuple[str, ...]:
-  """The names of the registered methods whose networks draw noise."""
-  return tuple(name for name, method in _REGISTRY.items() if method.randomized)
+# The networks of the paper's methods.
 
 
 def _pni_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> models.ResNet:
@@ -106,6 +137,41 @@ def _l2p_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> mod
   return models.ResNet(**base, feature_noise=noise)
 
 
+# The training behaviour of the paper's methods. Those using the training package, which
+# asks this registry, import it when called, not when this module loads.
+
+
+def _adv_bnn_kl(params: Any, perturb: Any, settings: StepSettings) -> jax.Array:
+  """Adv-BNN's alpha / N times the KL of the weight posterior from its Gaussian prior."""
+  return settings.kl_weight * models.bnn_kl(
+    params, perturb, settings.prior_sigma, settings.kl_scope
+  )
+
+
+def _l2p_regularizer(perturb: Any) -> jax.Array:
+  """sum(sqrt(theta)) over L2P's noise maps."""
+  from l2p_jax.training import objectives
+
+  return objectives.l2p_regularizer(perturb)
+
+
+def _l2p_regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
+  """gamma / tau(epoch): the harmonic decay from the first noise epoch."""
+  from l2p_jax.training import objectives
+
+  return config.l2p.gamma / objectives.harmonic_tau(epoch, config.l2p.noise_start_epoch)
+
+
+def _l2p_alternation(settings: StepSettings) -> UpdateRule:
+  """l2p.alternation's update: the paper's theta-then-W steps, or the authors' code's
+  regularizer step then joint step."""
+  from l2p_jax.training import step
+
+  if settings.alternation == 'paper':
+    return step.l2p_paper_update
+  return functools.partial(step.l2p_code_update, regularizer=settings.method.regularizer.value)
+
+
 NONE = register(Method('none', 'No defence', randomized=False, adversarial=False))
 VANILLA = register(Method('vanilla', 'Vanilla', randomized=False))
 PNI = register(Method('pni', 'PNI-W', randomized=True, network=_pni_network))
@@ -118,10 +184,20 @@ ADV_BNN = register(
     config_section='bnn',
     authors_prediction=('mean_softmax', 50),
     network=_adv_bnn_network,
+    loss_term=_adv_bnn_kl,
   )
 )
 L2P = register(
-  Method('l2p', 'Learn2Perturb', randomized=True, config_section='l2p', network=_l2p_network)
+  Method(
+    'l2p',
+    'Learn2Perturb',
+    randomized=True,
+    config_section='l2p',
+    network=_l2p_network,
+    noise_start_epoch=lambda config: config.l2p.noise_start_epoch,
+    regularizer=Regularizer(_l2p_regularizer, _l2p_regularizer_weight),
+    noise_update=_l2p_alternation,
+  )
 )
 
 # The paper's five methods; the registry may hold more (a user's own defense).

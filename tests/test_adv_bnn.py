@@ -17,7 +17,7 @@ from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation, experiment, training
 from l2p_jax.evaluation import prediction
-from l2p_jax.models import bayes_kl
+from l2p_jax.models import bnn_kl
 from l2p_jax.runtime import sharding
 from l2p_jax.runtime.metrics import read_metrics
 from l2p_jax.training import checkpointing, loop, optim
@@ -71,11 +71,11 @@ def test_kl_scope_picks_exactly_which_layers_enter(batchnorm):
   every = sum(layers.values())
   classifier = layers[('classifier',)]
   args = (variables['params'], variables['perturb'], 0.08)
-  np.testing.assert_allclose(bayes_kl(*args, scope='all'), every, rtol=1e-5)
-  np.testing.assert_allclose(bayes_kl(*args, scope='classifier'), classifier, rtol=1e-5)
+  np.testing.assert_allclose(bnn_kl(*args, scope='all'), every, rtol=1e-5)
+  np.testing.assert_allclose(bnn_kl(*args, scope='classifier'), classifier, rtol=1e-5)
   assert classifier < every / 5  # The scopes are far apart, not a rounding apart.
   with pytest.raises(ValueError, match=r"Unknown KL scope 'last'.*'all', 'classifier'"):
-    bayes_kl(*args, scope='last')
+    bnn_kl(*args, scope='last')
 
 
 @functools.cache
@@ -92,11 +92,12 @@ def objective_of(scope):
   phase = training.Phase(noise=True, adversarial=False, train_perturb=True)
 
   def objective(params, perturb, kl_weight):
-    return training.step_loss_fn(
-      state, batch(), 0.0, phase=phase, model=model, config=config, kl_weight=kl_weight
-    )(params, perturb)[0]
+    settings = training.StepSettings.from_config(config, kl_weight)
+    return training.step_loss_fn(state, batch(), 0.0, phase=phase, model=model, settings=settings)(
+      params, perturb
+    )[0]
 
-  return jax.jit(objective), variables
+  return jax.jit(objective, static_argnames='kl_weight'), variables
 
 
 @pytest.mark.parametrize('scope', ['all', 'classifier'])
@@ -251,9 +252,8 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
       training.train_step,
       phase=phase,
       model=model,
-      config=config,
+      settings=training.StepSettings.from_config(config, kl_weight),
       optimizers=optimizers,
-      kl_weight=kl_weight,
     )
   )
 
@@ -269,7 +269,7 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
       mutable=['batch_stats'],
     )
     ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), b['label'][:, None], 1))
-    return ce + kl_weight * bayes_kl(params, perturb, 0.08, 'classifier'), updates
+    return ce + kl_weight * bnn_kl(params, perturb, 0.08, 'classifier'), updates
 
   grad_fn = jax.jit(jax.grad(code_loss, argnums=(0, 1), has_aux=True))
   start, grads, new = state, [], state

@@ -9,7 +9,7 @@ from flax import traverse_util
 from networks import create_model
 
 from l2p_jax.methods import METHODS
-from l2p_jax.models import bayes_kl, gaussian_kl, project_perturb, resnet_layout
+from l2p_jax.models import bnn_kl, gaussian_kl, project_perturb, resnet_layout
 from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise, resolve_input_gradient
 
 RNGS = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
@@ -186,11 +186,11 @@ def test_adv_bnn_sample_is_reparametrized_and_kl_matches_closed_form():
   # Summed over the layer: 6 kernel entries at mean 1, 2 biases at mean 0.
   bias_element = np.log(2.0) + 0.25 / 2 - 0.5
   np.testing.assert_allclose(
-    bayes_kl(params, variables['perturb'], prior_sigma=1.0),
+    bnn_kl(params, variables['perturb'], prior_sigma=1.0),
     6 * per_element + 2 * bias_element,
     rtol=1e-6,
   )
-  assert bayes_kl(params, None, 1.0) == 0.0
+  assert bnn_kl(params, None, 1.0) == 0.0
 
 
 def test_project_perturb_floors_only_l2p_maps():

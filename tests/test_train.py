@@ -20,7 +20,7 @@ import pytest
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import data, evaluation, experiment, training
+from l2p_jax import data, evaluation, experiment, methods, training
 from l2p_jax.runtime import metrics, sharding
 from l2p_jax.runtime.metrics import read_metrics
 from l2p_jax.training import checkpointing, locking, loop, objectives, optim
@@ -125,6 +125,19 @@ def test_phases_switch_noise_and_adversarial_training_on_at_their_epochs():
   assert training.phase_for_epoch(get_config('none'), 99) == training.Phase(False, False, False)
 
 
+def test_a_new_randomized_method_trains_with_the_records_defaults(monkeypatch):
+  """A user's sixth record (Gaussian input noise, say) names nothing but `randomized`:
+  noise and its parameters from epoch 0, no regularizer, one joint update."""
+  monkeypatch.setitem(methods._REGISTRY, 'gauss', methods.Method('gauss', 'Gauss', True))
+  config = get_config('pni')
+  config.method = 'gauss'
+  assert training.phase_for_epoch(config, 0) == training.Phase(True, False, True)
+  assert training.regularizer_weight(config, 50) == 0.0
+  settings = training.StepSettings.from_config(config, kl_weight=0.0)
+  rule = training.update_rule(settings, training.phase_for_epoch(config, 0))
+  assert (rule.func, rule.keywords) == (training.joint_update, {'train_perturb': True})
+
+
 @pytest.mark.parametrize(
   'choice,std0', [('dataset', 0.2470), ('l2p_code', 0.2023), ('pni_code', 63.0 / 255)]
 )
@@ -193,7 +206,7 @@ def step_setup(method, alternation='paper'):
   model = experiment.build_model(config, 10, (0.5,) * 3, (0.25,) * 3)
   optimizers = optim.make_optimizers(0.9, True, config.optim.weight_decay)
   state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
-  kwargs = dict(model=model, config=config, kl_weight=1e-3)
+  kwargs = dict(model=model, settings=training.StepSettings.from_config(config, kl_weight=1e-3))
   step = jax.jit(
     functools.partial(training.train_step, optimizers=optimizers, **kwargs), static_argnames='phase'
   )

@@ -22,7 +22,7 @@ from l2p_jax.models.layers import (
   FeatureNoise,
   FeatureNoiseSpec,
   WeightNoise,
-  bayes_kl,
+  bnn_kl,
   gaussian_kl,
   project_perturb,
   resolve_input_gradient,
@@ -45,7 +45,7 @@ __all__ = [
   'CONV_INPUT_GRADIENTS',
   'resolve_input_gradient',
   'resnet_settings',
-  'bayes_kl',
+  'bnn_kl',
   'gaussian_kl',
   'project_perturb',
   'PERTURB',
@@ -120,13 +120,3 @@ def inference_logits(
   """The model in inference mode (BatchNorm's running statistics) as a function of
   (inputs, noise key), the form the attacks and prediction rules take."""
   return lambda x, key: model.apply(variables, x, train=False, noise=noise, rngs={'noise': key})
-
-
-def __getattr__(name: str) -> Any:
-  """RANDOMIZED_METHODS, the registry's randomized methods asked at use (for the training
-  step until it asks `l2p_jax.methods` itself; the registry imports this package)."""
-  if name == 'RANDOMIZED_METHODS':
-    from l2p_jax import methods  # pylint: disable=import-outside-toplevel
-
-    return methods.randomized_names()
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -363,7 +363,7 @@ def project_perturb(perturb: Any, theta_floor: float = 0.01) -> Any:
 KL_SCOPES = ('all', 'classifier')
 
 
-def bayes_kl(params: Any, perturb: Any, prior_sigma: float, scope: str = 'all') -> jax.Array:
+def bnn_kl(params: Any, perturb: Any, prior_sigma: float, scope: str = 'all') -> jax.Array:
   """Total KL of the Bayesian weights' posterior from the prior N(0, prior_sigma^2).
 
   Pairs each `<name>_log_sigma` in `perturb` with the mean `<name>` at the same

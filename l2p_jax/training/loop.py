@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2p_jax import data, experiment, models, training
+from l2p_jax import data, experiment, training
 from l2p_jax.errors import UserError
 from l2p_jax.experiment import ConfigError
 from l2p_jax.runtime import sharding
@@ -74,34 +74,6 @@ def evaluate(
     clean, robust = clean + c, robust + r
   n = split.num_examples
   return {'clean_accuracy': float(clean) / n, 'pgd_accuracy': float(robust) / n}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from the newest readable checkpoint there.
-
-  Leaves config.json, checkpoints/, metrics.jsonl, tensorboard/ and (for randomized
-  methods) noise_evolution.png in `workdir`; returns the final state. Process 0 holds
-  the workdir's lock for the run; Ctrl-C raises TrainingInterrupted naming the step a
-  rerun resumes from.
-  """
-  experiment.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  with contextlib.ExitStack() as stack:
-    if jax.process_index() == 0:  # The processes of one run share the workdir.
-      stack.enter_context(locking.WorkdirLock(workdir))
-    checkpoints = checkpointing.Checkpoints(
-      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
-    )
-    stack.callback(checkpoints.close)
-    try:
-      return _train_and_evaluate(config, workdir, checkpoints)
-    except KeyboardInterrupt:
-      checkpoints.wait()  # A save under way completes: the rerun starts from it.
-      step = checkpoints.latest_step()
-      raise TrainingInterrupted(
-        'interrupted; rerun the same command to resume from '
-        + (f'step {step}.' if step is not None else 'the start (no checkpoint yet).')
-      ) from None
 
 
 def resume(
@@ -177,22 +149,6 @@ class _Saver:
       self.last = step
 
 
-@dataclasses.dataclass(frozen=True)
-class _Run:
-  """What every epoch of one run uses: its config, mesh, data and compiled functions."""
-
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  train_split: data.HostSplit
-  eval_split: data.HostSplit
-  device_split: Any  # The training split on the mesh with data.on_device, else None.
-  steps_per_epoch: int
-  step_fn: Any  # (state, epoch metrics, *inputs, lr, reg_weight, phase=) -> both, updated.
-  eval_fn: Any  # (variables, batch, key, noise=) -> (clean, robust) counts.
-  restart: Any  # state -> state with fresh optimizer states.
-  root: jax.Array  # The key of config.seed.
-
-
 def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The mesh of every device, refusing batch sizes it cannot split evenly."""
   mesh = sharding.make_mesh()
@@ -222,44 +178,6 @@ def _refuse_changed_steps(
     pass  # An unreadable checkpoint: resume() warns and falls back to an older one.
 
 
-def _compile(
-  config: ml_collections.ConfigDict,
-  mesh: jax.sharding.Mesh,
-  model: models.ResNet,
-  optimizers: dict,
-  train_split: data.HostSplit,
-  train_split_size: int,
-) -> tuple[Any, Any, Any, Any]:
-  """(step_fn, eval_fn, restart, device_split): the jitted training step (on batches
-  from the host, or gathered from the split put on the mesh), evaluation step and
-  optimizer restart."""
-  replicated = sharding.replicated_sharding(mesh)
-  step_kwargs = dict(
-    model=model,
-    config=config,
-    optimizers=optimizers,
-    kl_weight=training.kl_loss_weight(config, train_split_size),
-  )
-  restart = jax.jit(
-    functools.partial(training.restart_optimizers, optimizers=optimizers), out_shardings=replicated
-  )
-  device_split = None
-  step = functools.partial(training.train_step, **step_kwargs)
-  if config.data.on_device:
-    device_split = data.put_on_mesh(mesh, train_split)
-    step = functools.partial(
-      training.train_step_on_split,
-      batch_size=config.batch_size,
-      batch_sharding=sharding.data_sharding(mesh),
-      **step_kwargs,
-    )
-  step_fn = jax.jit(training.accumulating(step), static_argnames='phase', donate_argnums=(0, 1))
-  eval_fn = jax.jit(
-    functools.partial(training.eval_step, model=model, config=config), static_argnames='noise'
-  )
-  return step_fn, eval_fn, restart, device_split
-
-
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """WORKDIR/config.json, the first run's config (changes go to config.STEP.json)."""
   config_path = os.path.join(workdir, 'config.json')
@@ -268,170 +186,196 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
-def _train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpointing.Checkpoints
-) -> TrainState:
-  """train_and_evaluate, in a workdir this run holds, saving to `checkpoints`."""
-  mesh = _make_mesh(config)
-  _refuse_changed_steps(checkpoints, config)
-  train_split, eval_split, train_split_size = experiment.load_data(config)
-  mean, std = experiment.normalization(config, train_split)
-  model = experiment.build_model(config, train_split.num_classes, mean, std)
-  optimizers = optim.make_optimizers(
-    config.optim.momentum, config.optim.nesterov, config.optim.weight_decay, config.optim.optimizer
-  )
-  root = jax.random.key(config.seed)
-  init = jax.jit(
-    functools.partial(
-      training.create_train_state, model, optimizers, image_shape=train_split.images.shape[1:]
-    ),
-    out_shardings=sharding.replicated_sharding(mesh),
-  )
-  state = init(jax.random.fold_in(root, training.INIT_STREAM))
-  metrics = sharding.replicate(mesh, EpochMetrics.empty())
-  meta = {
-    'config': config.to_dict(),
-    'num_classes': train_split.num_classes,
-    'mean': mean,
-    'std': std,
-    'image_shape': list(train_split.images.shape[1:]),
-  }
-  state, metrics, latest = resume(checkpoints, config, state, metrics, workdir)
-  _write_config(config, workdir)
-  step_fn, eval_fn, restart, device_split = _compile(
-    config, mesh, model, optimizers, train_split, train_split_size
-  )
-  run = _Run(
-    config,
-    mesh,
-    train_split,
-    eval_split,
-    device_split,
-    data.steps_per_epoch(train_split.num_examples, config.batch_size),
-    step_fn,
-    eval_fn,
-    restart,
-    root,
-  )
-  saver = _Saver(checkpoints, meta, latest)
-  writer = MetricsWriter(workdir)
-  writer.drop_epochs_from(int(state.step) // run.steps_per_epoch)
-  for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
-    state, metrics = _train_epoch(run, state, metrics, epoch, saver, writer)
-  checkpoints.wait()
-  writer.close()
-  if jax.process_index() == 0 and config.method in models.RANDOMIZED_METHODS:
-    plot_noise_evolution(
-      read_metrics(writer.path),
-      os.path.join(workdir, 'noise_evolution.png'),
-      title=f'{config.method} {config.model.arch}',
-    )
-  return state
+@contextlib.contextmanager
+def _interrupt_names_resume_step(checkpoints: checkpointing.Checkpoints):
+  """Turns Ctrl-C into TrainingInterrupted naming the step a rerun resumes from, once
+  a save under way has completed."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    checkpoints.wait()
+    step = checkpoints.latest_step()
+    raise TrainingInterrupted(
+      'interrupted; rerun the same command to resume from '
+      + (f'step {step}.' if step is not None else 'the start (no checkpoint yet).')
+    ) from None
 
 
-def _epoch_inputs(run: _Run, epoch: int, start: int, epoch_start: jax.Array):
-  """The step inputs (beyond state and per-epoch values) of the epoch's steps from
-  `start` on: batches from the host, or (split, order, epoch_start) on the mesh."""
-  config = run.config
-  if config.data.on_device:
-    order = data.epoch_order_on_mesh(run.mesh, config.seed, epoch, run.train_split.num_examples)
-    return itertools.repeat((run.device_split, order, epoch_start), run.steps_per_epoch - start)
-  return (
-    (batch,)
-    for batch in data.device_batches(
-      run.mesh,
-      data.train_batches(
-        run.train_split,
-        seed=config.seed,
-        epoch=epoch,
-        batch_size=config.batch_size,
-        start_step=start,
-      ),
-    )
-  )
-
-
-def _train_epoch(
-  run: _Run,
-  state: TrainState,
-  metrics: EpochMetrics,
+def _epoch_inputs(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  train_split: data.HostSplit,
+  device_split: Any,
   epoch: int,
-  saver: _Saver,
-  writer: MetricsWriter,
-) -> tuple[TrainState, EpochMetrics]:
-  """The rest of epoch `epoch` from `state` (with the epoch's `metrics` so far), its
-  record written and its end saved."""
-  config, steps_per_epoch = run.config, run.steps_per_epoch
-  step = int(state.step)
-  phase, lr, reg_weight = training.epoch_schedule(config, epoch)
-  start = step - epoch * steps_per_epoch
-  if start == 0:
-    metrics = sharding.replicate(run.mesh, EpochMetrics.empty())
-    if config.optim.restart_at_boundaries and epoch in config.optim.lr_boundaries:
-      state = run.restart(state)
-  started = time.time()
-  # Per-epoch values go to the devices once here, not with every step.
-  lr_on_mesh, reg_weight_on_mesh, epoch_start = sharding.replicate(
-    run.mesh, (np.float32(lr), np.float32(reg_weight), np.int32(epoch * steps_per_epoch))
+  start: int,
+  steps_per_epoch: int,
+):
+  """The step inputs of the epoch's steps from `start` on, beyond state, metrics and
+  the per-epoch values: batches from the host, or (the split on the mesh, the epoch's
+  order, the epoch's first step) with data.on_device."""
+  if config.data.on_device:
+    order = data.epoch_order_on_mesh(mesh, config.seed, epoch, train_split.num_examples)
+    epoch_start = sharding.replicate(mesh, np.int32(epoch * steps_per_epoch))
+    return itertools.repeat((device_split, order, epoch_start), steps_per_epoch - start)
+  batches = data.train_batches(
+    train_split, seed=config.seed, epoch=epoch, batch_size=config.batch_size, start_step=start
   )
-  bar = tqdm(
-    total=steps_per_epoch,
-    initial=start,
-    unit='step',
-    dynamic_ncols=True,
-    desc=f'epoch {epoch + 1}/{config.num_epochs}',
-    disable=not config.progress_bar or jax.process_index() != 0,
-  )
-  for step_inputs in _epoch_inputs(run, epoch, start, epoch_start):
-    state, metrics = run.step_fn(
-      state, metrics, *step_inputs, lr_on_mesh, reg_weight_on_mesh, phase=phase
+  return ((batch,) for batch in data.device_batches(mesh, batches))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from the newest readable checkpoint there.
+
+  Leaves config.json, checkpoints/, metrics.jsonl, tensorboard/ and (for randomized
+  methods) noise_evolution.png in `workdir`; returns the final state. Process 0 holds
+  the workdir's lock for the run; Ctrl-C raises TrainingInterrupted naming the step a
+  rerun resumes from.
+  """
+  experiment.validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:  # The processes of one run share the workdir.
+      stack.enter_context(locking.WorkdirLock(workdir))
+    checkpoints = checkpointing.Checkpoints(
+      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
     )
-    step += 1
-    bar.update()
-    if step % config.log_every_steps == 0:
+    stack.callback(checkpoints.close)
+    stack.enter_context(_interrupt_names_resume_step(checkpoints))
+
+    mesh = _make_mesh(config)
+    replicated = sharding.replicated_sharding(mesh)
+    _refuse_changed_steps(checkpoints, config)
+    train_split, eval_split, train_split_size = experiment.load_data(config)
+    mean, std = experiment.normalization(config, train_split)
+    model = experiment.build_model(config, train_split.num_classes, mean, std)
+    optimizers = optim.make_optimizers(
+      config.optim.momentum,
+      config.optim.nesterov,
+      config.optim.weight_decay,
+      config.optim.optimizer,
+    )
+    settings = training.StepSettings.from_config(
+      config, kl_weight=training.kl_loss_weight(config, train_split_size)
+    )
+
+    root = jax.random.key(config.seed)
+    state = jax.jit(
+      functools.partial(
+        training.create_train_state, model, optimizers, image_shape=train_split.images.shape[1:]
+      ),
+      out_shardings=replicated,
+    )(jax.random.fold_in(root, training.INIT_STREAM))
+    metrics = sharding.replicate(mesh, EpochMetrics.empty())
+    state, metrics, latest = resume(checkpoints, config, state, metrics, workdir)
+    _write_config(config, workdir)
+
+    # The jitted steps: training on batches from the host, or gathered from the split
+    # put on the mesh; evaluation; the optimizers' restart.
+    step_kwargs = dict(model=model, settings=settings, optimizers=optimizers)
+    step_fn = functools.partial(training.train_step, **step_kwargs)
+    device_split = None
+    if config.data.on_device:
+      device_split = data.put_on_mesh(mesh, train_split)
+      step_fn = functools.partial(
+        training.train_step_on_split,
+        batch_size=config.batch_size,
+        batch_sharding=sharding.data_sharding(mesh),
+        **step_kwargs,
+      )
+    train_step = jax.jit(
+      training.accumulating(step_fn), static_argnames='phase', donate_argnums=(0, 1)
+    )
+    eval_step = jax.jit(
+      functools.partial(training.eval_step, model=model, settings=settings), static_argnames='noise'
+    )
+    restart = jax.jit(
+      functools.partial(training.restart_optimizers, optimizers=optimizers),
+      out_shardings=replicated,
+    )
+
+    meta = {
+      'config': config.to_dict(),
+      'num_classes': train_split.num_classes,
+      'mean': mean,
+      'std': std,
+      'image_shape': list(train_split.images.shape[1:]),
+    }
+    saver = _Saver(checkpoints, meta, latest)
+    writer = MetricsWriter(workdir)
+    steps_per_epoch = data.steps_per_epoch(train_split.num_examples, config.batch_size)
+    writer.drop_epochs_from(int(state.step) // steps_per_epoch)
+    for epoch in range(int(state.step) // steps_per_epoch, config.num_epochs):
+      phase, lr, reg_weight = training.epoch_schedule(config, epoch)
+      step = int(state.step)
+      start = step - epoch * steps_per_epoch  # Past 0 when resumed within the epoch.
+      if start == 0:
+        metrics = sharding.replicate(mesh, EpochMetrics.empty())
+        if config.optim.restart_at_boundaries and epoch in config.optim.lr_boundaries:
+          state = restart(state)
+      started = time.time()
+      # Per-epoch values go to the devices once here, not with every step.
+      per_epoch = sharding.replicate(mesh, (np.float32(lr), np.float32(reg_weight)))
+      bar = tqdm(
+        total=steps_per_epoch,
+        initial=start,
+        unit='step',
+        dynamic_ncols=True,
+        desc=f'epoch {epoch + 1}/{config.num_epochs}',
+        disable=not config.progress_bar or jax.process_index() != 0,
+      )
+      for inputs in _epoch_inputs(
+        config, mesh, train_split, device_split, epoch, start, steps_per_epoch
+      ):
+        state, metrics = train_step(state, metrics, *inputs, *per_epoch, phase=phase)
+        step += 1
+        bar.update()
+        if step % config.log_every_steps == 0:
+          saver.check(metrics)
+          loss = float(metrics.loss_sum) / (step - epoch * steps_per_epoch)
+          bar.set_postfix(loss=f'{loss:.4f}')
+          writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
+        # The epoch's last step is saved after its record is written (below), so that
+        # a crash in between redoes the epoch rather than lose its record.
+        if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
+          saver.save(step, state, metrics)
+      bar.close()
+
+      record = {
+        'epoch': epoch,
+        'step': step,
+        'learning_rate': lr,
+        'regularizer_weight': reg_weight,
+        'train_loss': float(metrics.loss_sum) / steps_per_epoch,
+        'train_accuracy': float(metrics.correct_sum) / int(metrics.seen),
+        'epoch_seconds': time.time() - started,
+      }
+      # Every eval.every_epochs, and the last.
+      if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+        results = evaluate(
+          functools.partial(eval_step, noise=phase.noise),
+          state.variables,
+          eval_split,
+          mesh,
+          config.eval_batch_size,
+          jax.random.fold_in(jax.random.fold_in(root, training.EVAL_STREAM), epoch),
+        )
+        record.update({f'eval_{k}': v for k, v in results.items()})
+      record['noise'] = objectives.noise_statistics(state.perturb)
       saver.check(metrics)
-      loss = float(metrics.loss_sum) / (step - epoch * steps_per_epoch)
-      bar.set_postfix(loss=f'{loss:.4f}')
-      writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
-    # The epoch's last step is saved after its record is written (below), so that
-    # a crash in between redoes the epoch rather than lose its record.
-    if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
+      writer.epoch(record)
       saver.save(step, state, metrics)
-  bar.close()
-  record = {
-    'epoch': epoch,
-    'step': step,
-    'learning_rate': lr,
-    'regularizer_weight': reg_weight,
-    'train_loss': float(metrics.loss_sum) / steps_per_epoch,
-    'train_accuracy': float(metrics.correct_sum) / int(metrics.seen),
-    'epoch_seconds': time.time() - started,
-    **_epoch_evaluation(run, state, epoch, phase.noise),
-    'noise': objectives.noise_statistics(state.perturb),
-  }
-  saver.check(metrics)
-  writer.epoch(record)
-  saver.save(step, state, metrics)
-  if jax.process_index() == 0:
-    tqdm.write(summarize(record))
-  return state, metrics
+      if jax.process_index() == 0:
+        tqdm.write(summarize(record))
 
-
-def _epoch_evaluation(run: _Run, state: TrainState, epoch: int, noise: bool) -> dict[str, float]:
-  """Clean and PGD accuracy on the eval split at the end of `epoch` when it is an
-  evaluation epoch (every eval.every_epochs, and the last), else nothing."""
-  config = run.config
-  if (epoch + 1) % config.eval.every_epochs and epoch + 1 != config.num_epochs:
-    return {}
-  results = evaluate(
-    functools.partial(run.eval_fn, noise=noise),
-    state.variables,
-    run.eval_split,
-    run.mesh,
-    config.eval_batch_size,
-    jax.random.fold_in(jax.random.fold_in(run.root, training.EVAL_STREAM), epoch),
-  )
-  return {f'eval_{k}': v for k, v in results.items()}
+    checkpoints.wait()
+    writer.close()
+    if jax.process_index() == 0 and settings.method.randomized:
+      plot_noise_evolution(
+        read_metrics(writer.path),
+        os.path.join(workdir, 'noise_evolution.png'),
+        title=f'{config.method} {config.model.arch}',
+      )
+    return state
 
 
 def check_finite(

@@ -1,12 +1,14 @@
-"""The train state and the jitted steps of the five methods: one training iteration
-per phase (clean or adversarial, noise on or off) and the per-epoch evaluation step.
+"""The jitted steps of every method: one training iteration per phase (clean or
+adversarial, noise on or off) and the per-epoch evaluation step.
 
 As in Flax's examples, a step is one loss function of (params, perturb)
 (`step_loss_fn`), differentiated with `jax.value_and_grad` by the method's update rule
 (`joint_update`, `l2p_paper_update`, `l2p_code_update`), and `train_step` returns
-(state, metrics); the loop sums the metrics of an epoch in `EpochMetrics`.
+(state, metrics); the loop sums the metrics of an epoch in `EpochMetrics`. A step gets
+what it needs of the config as `StepSettings`, built once and hashable (a static
+argument), and the method's record from `l2p_jax.methods`.
 
-Everything random is a pure function of (config.seed, step): a run resumed from a
+Everything random is a pure function of (settings.seed, step): a run resumed from a
 checkpoint continues bit-identically to one that was never interrupted.
 """
 
@@ -14,136 +16,82 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from l2p_jax import attacks, data, models
+from l2p_jax import attacks, data, methods, models
 from l2p_jax.training import objectives, optim
+from l2p_jax.training.schedule import Phase
+from l2p_jax.training.train_state import TrainState
 
 # Streams folded into the root key, so no two uses of the seed share random numbers.
 INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
 
 
-@flax.struct.dataclass
-class TrainState:
-  """The variables, the optimizer states and the step count: what a step updates."""
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the steps use of a training config: the method's record, its PGD and loss
+  settings (adv.*, the eval PGD's steps), Adv-BNN's KL weight (alpha / N), prior and
+  scope, L2P's alternation and theta floor, and the seed."""
 
-  step: jax.Array
-  params: Any
-  perturb: Any
-  batch_stats: Any
-  opt_state: Any  # {'params': ..., 'perturb': ...}, one optax state per collection.
-
-  @property
-  def variables(self) -> dict[str, Any]:
-    return {'params': self.params, 'perturb': self.perturb, 'batch_stats': self.batch_stats}
-
-
-@flax.struct.dataclass
-class EpochMetrics:
-  """The current epoch's step metrics summed so far, checkpointed beside the state so
-  a resumed epoch reports what an uninterrupted one would."""
-
-  loss_sum: jax.Array  # Sum of step losses.
-  correct_sum: jax.Array  # Clean training examples classified right.
-  seen: jax.Array  # Training examples seen.
-  nonfinite_step: jax.Array  # First step with a non-finite loss or state, -1 if none.
+  method: methods.Method
+  seed: int
+  eps: float
+  steps: int
+  step_size: float
+  random_start: bool
+  unroll: bool
+  labels: str  # PGD's targets: 'true' labels or the clean 'prediction'.
+  attack_batchnorm: str  # BatchNorm statistics PGD sees: 'batch' or 'running'.
+  clean_weight: float
+  adv_weight: float
+  eval_pgd_steps: int
+  kl_weight: float
+  prior_sigma: float
+  kl_scope: str
+  alternation: str
+  theta_floor: float
 
   @classmethod
-  def empty(cls) -> EpochMetrics:
-    """No step yet (NumPy values, for the loop to place on its mesh)."""
-    return cls(np.float32(0), np.int32(0), np.int32(0), np.int32(-1))
-
-  def add(self, metrics: dict[str, jax.Array]) -> EpochMetrics:
-    """These sums with one more step's `metrics` (as `train_step` returns them)."""
-    nonfinite = (self.nonfinite_step < 0) & ~metrics['finite']
-    return EpochMetrics(
-      loss_sum=self.loss_sum + metrics['loss'],
-      correct_sum=self.correct_sum + metrics['correct'],
-      seen=self.seen + metrics['count'],
-      nonfinite_step=jnp.where(nonfinite, metrics['step'], self.nonfinite_step),
+  def from_config(cls, config: ml_collections.ConfigDict, kl_weight: float) -> StepSettings:
+    """The settings of `config`, with Adv-BNN's KL weight (see `kl_loss_weight`)."""
+    adv = config.adv
+    return cls(
+      method=methods.get(config.method),
+      seed=config.seed,
+      eps=adv.eps,
+      steps=adv.steps,
+      step_size=adv.step_size,
+      random_start=adv.random_start,
+      unroll=adv.unroll,
+      labels=adv.labels,
+      attack_batchnorm=adv.attack_batchnorm,
+      clean_weight=adv.clean_weight,
+      adv_weight=adv.adv_weight,
+      eval_pgd_steps=config.eval.pgd_steps,
+      kl_weight=kl_weight,
+      prior_sigma=config.bnn.prior_sigma,
+      kl_scope=config.bnn.kl_scope,
+      alternation=config.l2p.alternation,
+      theta_floor=config.l2p.theta_floor,
     )
 
 
-def checkpoint_tree(state: TrainState, metrics: EpochMetrics) -> dict[str, Any]:
-  """The state's and the epoch metrics' fields as the one dict a checkpoint holds (the
-  layout of the checkpoints written when the sums were fields of the state)."""
-  return {
-    f.name: getattr(tree, f.name) for tree in (state, metrics) for f in dataclasses.fields(tree)
-  }
+class StepAux(NamedTuple):
+  """What a loss function returns beside its objective."""
+
+  loss: jax.Array  # The training loss (the objective without the regularizer).
+  batch_stats: Any  # BatchNorm statistics after the loss's passes.
+  clean_logits: jax.Array
+  x_adv: jax.Array | None  # The PGD examples (None in a clean phase).
 
 
-def from_checkpoint_tree(tree: dict[str, Any]) -> tuple[TrainState, EpochMetrics]:
-  """`checkpoint_tree`'s inverse: (state, epoch metrics)."""
-  fields = lambda cls: {f.name: tree[f.name] for f in dataclasses.fields(cls)}
-  return TrainState(**fields(TrainState)), EpochMetrics(**fields(EpochMetrics))
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  """What changes between epochs and changes the compiled step."""
-
-  noise: bool  # Noise layers draw noise.
-  adversarial: bool  # The loss includes PGD examples.
-  train_perturb: bool  # The perturb collection is updated.
-
-
-def phase_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> Phase:
-  """Noise on from l2p.noise_start_epoch for L2P (always for PNI and Adv-BNN), PGD
-  examples from adv.start_epoch, noise parameters trained while noise is on."""
-  has_noise = config.method in models.RANDOMIZED_METHODS
-  noise = has_noise and (config.method != 'l2p' or epoch >= config.l2p.noise_start_epoch)
-  adversarial = config.adv.start_epoch >= 0 and epoch >= config.adv.start_epoch
-  return Phase(noise=noise, adversarial=adversarial, train_perturb=noise)
-
-
-def regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
-  """gamma / tau(t) for L2P once noise is on, else 0."""
-  if config.method != 'l2p' or epoch < config.l2p.noise_start_epoch:
-    return 0.0
-  return config.l2p.gamma / objectives.harmonic_tau(epoch, config.l2p.noise_start_epoch)
-
-
-def epoch_schedule(config: ml_collections.ConfigDict, epoch: int) -> tuple[Phase, float, float]:
-  """(phase, learning rate, regularizer weight) of every step of `epoch`."""
-  lr = optim.learning_rate(
-    epoch, config.optim.learning_rate, config.optim.lr_boundaries, config.optim.lr_decay
-  )
-  return phase_for_epoch(config, epoch), lr, regularizer_weight(config, epoch)
-
-
-def create_train_state(
-  model: models.ResNet, optimizers: dict, key: jax.Array, image_shape: tuple[int, ...]
-) -> TrainState:
-  """Initial variables (from `key`) and optimizer states."""
-  params_key, noise_key = jax.random.split(key)
-  variables = model.init(
-    {'params': params_key, 'noise': noise_key}, jnp.zeros((1, *image_shape), jnp.float32)
-  )
-  perturb = variables.get('perturb', {})
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=variables['params'],
-    perturb=perturb,
-    batch_stats=variables['batch_stats'],
-    opt_state={
-      'params': optimizers['params'].init(variables['params']),
-      'perturb': optimizers['perturb'].init(perturb),
-    },
-  )
-
-
-def restart_optimizers(state: TrainState, optimizers: dict) -> TrainState:
-  """Fresh optimizer states for both collections (Adv-BNN's code makes a new Adam
-  at every learning-rate stage); the variables stay as they are."""
-  return state.replace(
-    opt_state={c: optimizers[c].init(getattr(state, c)) for c in ('params', 'perturb')}
-  )
+# update(state, loss_at, descend, reg_weight) -> (state, aux): see `joint_update`.
+UpdateRule = Callable[..., tuple[TrainState, StepAux]]
 
 
 def kl_loss_weight(config: ml_collections.ConfigDict, train_split_size: int) -> float:
@@ -160,15 +108,15 @@ def step_keys(seed: int, step: jax.Array) -> dict[str, jax.Array]:
   }
 
 
-def pgd_attack(config: ml_collections.ConfigDict, steps: int):
+def pgd_attack(settings: StepSettings, steps: int):
   """The configured L-inf PGD with `steps` steps, as a function of (logits_fn, key, x, y)."""
   return functools.partial(
     attacks.pgd,
-    eps=config.adv.eps,
+    eps=settings.eps,
     steps=steps,
-    step_size=config.adv.step_size,
-    random_start=config.adv.random_start,
-    unroll=True if config.adv.unroll else 1,
+    step_size=settings.step_size,
+    random_start=settings.random_start,
+    unroll=True if settings.unroll else 1,
   )
 
 
@@ -191,7 +139,7 @@ def adversarial_examples(
   *,
   phase: Phase,
   model: models.ResNet,
-  config: ml_collections.ConfigDict,
+  settings: StepSettings,
 ) -> jax.Array:
   """The step's PGD examples on the `frozen` variables, given the clean pass there (its
   logits are the targets under adv.labels=prediction).
@@ -202,14 +150,14 @@ def adversarial_examples(
   PNI's code), or as the step found them when the loss has no clean term (Adv-BNN's
   code attacks first).
   """
-  if config.adv.attack_batchnorm == 'running':
-    if config.adv.clean_weight > 0:
+  if settings.attack_batchnorm == 'running':
+    if settings.clean_weight > 0:
       frozen = {**frozen, 'batch_stats': clean_batch_stats}
     logits_fn = models.inference_logits(model, frozen, phase.noise)
   else:
     logits_fn = lambda inputs, key: train_forward(model, frozen, inputs, key, phase.noise)[0]
-  target = y if config.adv.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
-  return pgd_attack(config, config.adv.steps)(logits_fn, key, x, target).x_adv
+  target = y if settings.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
+  return pgd_attack(settings, settings.steps)(logits_fn, key, x, target).x_adv
 
 
 def step_loss_fn(
@@ -219,20 +167,21 @@ def step_loss_fn(
   *,
   phase: Phase,
   model: models.ResNet,
-  config: ml_collections.ConfigDict,
-  kl_weight: float,
+  settings: StepSettings,
   x_adv: jax.Array | None = None,
 ):
   """The loss of training step `state.step` as a function of (params, perturb).
 
-  loss_fn(params, perturb) -> (objective, (loss, batch_stats, clean_logits, x_adv)):
-  the objective is the training loss (the 0.5/0.5 mix of clean and PGD cross-entropies,
-  plus Adv-BNN's KL) minus `reg_weight` times L2P's regularizer. Augmentation and noise
-  draws are fixed by the step's keys. In an adversarial phase the PGD examples are made
-  from the loss's own clean pass on the variables frozen (no gradient flows through
-  PGD), unless `x_adv` gives them (a second gradient in the same step).
+  loss_fn(params, perturb) -> (objective, StepAux): the objective is the training loss
+  (the 0.5/0.5 mix of clean and PGD cross-entropies, plus the method's loss term:
+  Adv-BNN's KL) minus `reg_weight` times the method's regularizer (L2P's).
+  Augmentation and noise draws are fixed by the step's keys. In an adversarial phase
+  the PGD examples are made from the loss's own clean pass on the variables frozen (no
+  gradient flows through PGD), unless `x_adv` gives them (a second gradient in the
+  same step).
   """
-  keys = step_keys(config.seed, state.step)
+  method = settings.method
+  keys = step_keys(settings.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
   y = batch['label']
 
@@ -244,22 +193,22 @@ def step_loss_fn(
       if examples is None:
         frozen, clean = jax.lax.stop_gradient((variables, (clean_logits, updates['batch_stats'])))
         examples = adversarial_examples(
-          frozen, *clean, x, y, keys['pgd'], phase=phase, model=model, config=config
+          frozen, *clean, x, y, keys['pgd'], phase=phase, model=model, settings=settings
         )
       # A loss of the adversarial term alone (Adv-BNN's code) runs only the
       # adversarial batch through the network: its statistics alone move BatchNorm's.
-      if config.adv.clean_weight > 0:
+      if settings.clean_weight > 0:
         variables = {**variables, 'batch_stats': updates['batch_stats']}
       adv_logits, updates = train_forward(model, variables, examples, keys['adv'], phase.noise)
     loss = objectives.mixed_loss(
-      clean_logits, adv_logits, y, config.adv.clean_weight, config.adv.adv_weight
+      clean_logits, adv_logits, y, settings.clean_weight, settings.adv_weight
     )
-    if config.method == 'adv_bnn':
-      loss += kl_weight * models.bayes_kl(
-        params, perturb, config.bnn.prior_sigma, config.bnn.kl_scope
-      )
-    objective = loss - reg_weight * objectives.l2p_regularizer(perturb)
-    return objective, (loss, updates['batch_stats'], clean_logits, examples)
+    if method.loss_term is not None:
+      loss += method.loss_term(params, perturb, settings)
+    objective = loss
+    if method.regularizer is not None:
+      objective = loss - reg_weight * method.regularizer.value(perturb)
+    return objective, StepAux(loss, updates['batch_stats'], clean_logits, examples)
 
   return loss_fn
 
@@ -285,9 +234,12 @@ def descend(
   )
 
 
-def joint_update(state: TrainState, loss_at, step, reg_weight, *, train_perturb: bool):
+def joint_update(
+  state: TrainState, loss_at, step, reg_weight, *, train_perturb: bool
+) -> tuple[TrainState, StepAux]:
   """Both collections step on one gradient of the loss (every method; the noise
-  parameters only while they are trained). Returns (state, loss aux)."""
+  parameters only while they are trained). `loss_at(state, reg_weight=, x_adv=)` is the
+  step's loss function at `state`, `step(state, collection, grads)` one `descend`."""
   grad_fn = jax.value_and_grad(loss_at(state, reg_weight=reg_weight), argnums=(0, 1), has_aux=True)
   (_, aux), (g_params, g_perturb) = grad_fn(state.params, state.perturb)
   state = step(state, 'params', g_params)
@@ -296,37 +248,38 @@ def joint_update(state: TrainState, loss_at, step, reg_weight, *, train_perturb:
   return state, aux
 
 
-def l2p_paper_update(state: TrainState, loss_at, step, reg_weight):
+def l2p_paper_update(state: TrainState, loss_at, step, reg_weight) -> tuple[TrainState, StepAux]:
   """The paper's alternating back-propagation: theta steps with W fixed, then W with
   the new theta fixed, both on the loss minus the regularizer and the same PGD
-  examples. Returns (state, aux of the first pass with the second's BatchNorm
-  statistics)."""
+  examples. Returns the first pass's aux with the second's BatchNorm statistics."""
   loss_fn = loss_at(state, reg_weight=reg_weight)
   (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
     state.params, state.perturb
   )
   state = step(state, 'perturb', g_perturb)
-  loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux[3])
-  (_, (_, batch_stats, *_)), (g_params, _) = jax.value_and_grad(
-    loss_fn, argnums=(0, 1), has_aux=True
-  )(state.params, state.perturb)
+  loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv)
+  (_, second), (g_params, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+    state.params, state.perturb
+  )
   state = step(state, 'params', g_params)
-  return state, (aux[0], batch_stats, *aux[2:])
+  return state, aux._replace(batch_stats=second.batch_stats)
 
 
-def l2p_code_update(state: TrainState, loss_at, step, reg_weight):
-  """The authors' code: a theta step on the regularizer alone, then (at the new
-  theta) PGD and a joint step on the loss without it. Returns (state, loss aux)."""
-  g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
+def l2p_code_update(
+  state: TrainState, loss_at, step, reg_weight, *, regularizer
+) -> tuple[TrainState, StepAux]:
+  """The authors' code: a theta step on the `regularizer` alone, then (at the new
+  theta) PGD and a joint step on the loss without it."""
+  g_reg = jax.grad(lambda p: -reg_weight * regularizer(p))(state.perturb)
   state = step(state, 'perturb', g_reg)
   return joint_update(state, loss_at, step, 0.0, train_perturb=True)
 
 
-def update_rule(config: ml_collections.ConfigDict, phase: Phase):
-  """The update of `config.method` in `phase`: L2P's alternation while its noise is
-  trained, the joint update otherwise."""
-  if config.method == 'l2p' and phase.train_perturb:
-    return l2p_paper_update if config.l2p.alternation == 'paper' else l2p_code_update
+def update_rule(settings: StepSettings, phase: Phase) -> UpdateRule:
+  """The method's update in `phase`: its own while its noise parameters train (L2P's
+  alternation), the joint update otherwise."""
+  if phase.train_perturb and settings.method.noise_update is not None:
+    return settings.method.noise_update(settings)
   return functools.partial(joint_update, train_perturb=phase.train_perturb)
 
 
@@ -338,28 +291,25 @@ def train_step(
   *,
   phase: Phase,
   model: models.ResNet,
-  config: ml_collections.ConfigDict,
+  settings: StepSettings,
   optimizers: dict,
-  kl_weight: float,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One training iteration of `config.method` in `phase` on a uint8 batch: (the new
-  state, its metrics: the loss at the iteration's first pass, clean examples right,
-  examples seen, whether loss and state are finite, and the step's index)."""
-  step = functools.partial(
-    descend, lr=lr, optimizers=optimizers, theta_floor=config.l2p.theta_floor
-  )
+  """One training iteration of the method in `phase` on a uint8 batch: (the new state,
+  its metrics: the loss at the iteration's first pass, clean examples right, examples
+  seen, whether loss and state are finite, and the step's index)."""
+  step = functools.partial(descend, lr=lr, optimizers=optimizers, theta_floor=settings.theta_floor)
   loss_at = functools.partial(
-    step_loss_fn, batch=batch, phase=phase, model=model, config=config, kl_weight=kl_weight
+    step_loss_fn, batch=batch, phase=phase, model=model, settings=settings
   )
-  new, (loss, batch_stats, clean_logits, _) = update_rule(config, phase)(
-    state, loss_at, step, reg_weight
-  )
-  new = new.replace(step=state.step + 1, batch_stats=batch_stats)
+  new, aux = update_rule(settings, phase)(state, loss_at, step, reg_weight)
+  new = new.replace(step=state.step + 1, batch_stats=aux.batch_stats)
   # NaN weights can give finite logits (XLA:CPU did), so the state is checked too.
-  finite = jnp.isfinite(loss) & all_finite((new.params, new.perturb, new.opt_state, batch_stats))
+  finite = jnp.isfinite(aux.loss) & all_finite(
+    (new.params, new.perturb, new.opt_state, aux.batch_stats)
+  )
   metrics = {
-    'loss': loss,
-    'correct': jnp.sum(jnp.argmax(clean_logits, -1) == batch['label']),
+    'loss': aux.loss,
+    'correct': jnp.sum(jnp.argmax(aux.clean_logits, -1) == batch['label']),
     'count': jnp.asarray(batch['label'].shape[0], jnp.int32),
     'finite': finite,
     'step': state.step,
@@ -409,7 +359,7 @@ def eval_step(
   *,
   noise: bool,
   model: models.ResNet,
-  config: ml_collections.ConfigDict,
+  settings: StepSettings,
 ) -> tuple[jax.Array, jax.Array]:
   """Correct predictions on clean and PGD inputs of a masked batch (one noise draw,
   BatchNorm running statistics, true labels)."""
@@ -417,7 +367,7 @@ def eval_step(
   clean_key, pgd_key, adv_key = jax.random.split(key, 3)
   logits_fn = models.inference_logits(model, variables, noise)
 
-  x_adv = pgd_attack(config, config.eval.pgd_steps)(logits_fn, pgd_key, x, y).x_adv
+  x_adv = pgd_attack(settings, settings.eval_pgd_steps)(logits_fn, pgd_key, x, y).x_adv
   clean = jnp.argmax(logits_fn(x, clean_key), -1) == y
   robust = jnp.argmax(logits_fn(x_adv, adv_key), -1) == y
   return jnp.sum(clean & mask), jnp.sum(robust & mask)

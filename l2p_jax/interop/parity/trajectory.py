@@ -189,10 +189,9 @@ def compare(
   net, torch_train_step = _torch_twin(
     config, split, state, entries, mean, std, batch_norm, kl_weight
   )
+  settings = training.StepSettings.from_config(config, kl_weight)
   jax_step = jax.jit(
-    functools.partial(
-      training.train_step, model=model, config=config, optimizers=optimizers, kl_weight=kl_weight
-    ),
+    functools.partial(training.train_step, model=model, settings=settings, optimizers=optimizers),
     static_argnames='phase',
   )
   inputs = jax.jit(
