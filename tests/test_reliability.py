@@ -187,6 +187,7 @@ def test_train_py_on_a_real_full_tmpfs_is_one_line_naming_the_last_good_checkpoi
       '--config.data.source=local',
       f'--config.data.local_dir={cifar_dir}',
       '--config.data.train_examples=64',
+      '--config.data.eval_examples=32',
       '--config.batch_size=8',
       '--config.progress_bar=False',
       timeout=600,

@@ -62,9 +62,8 @@ def torch_to_workdir(
   """Imports `source` for `config`'s method/architecture into workdir/checkpoints/0.
 
   The normalization is the checkpoint's own Normalize layer when it has one, else the
-  config's (`data.normalization`); the number of classes and the input shape are
-  `num_classes` and `image_shape`, or known from the dataset. Returns the checkpoint
-  path.
+  config's (`data.normalization`); the classes and input shape are `num_classes` and
+  `image_shape`, or known from the dataset. Returns the checkpoint path.
   """
   dataset = config.data.dataset
   known = data.LOCAL_FORMATS.get(dataset)
