@@ -53,10 +53,11 @@ def log_path(step: Step) -> str:
   return os.path.splitext(step.marker)[0] + '.log'
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
   """In a child before it runs its program (Linux): asks the kernel to send it SIGTERM
-  when its parent dies, even by SIGKILL, so that no train.py outlives reproduce.py."""
-  ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+  when its parent dies, even by SIGKILL, so that no train.py outlives reproduce.py.
+  `prctl` is looked up before the fork: a forked child of threads must not dlopen."""
+  prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
   if os.getppid() != parent:  # The parent died before the request was made.
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -96,7 +97,7 @@ def launch_subprocess(command: Sequence[str], log: str) -> None:
       cwd=ROOT,
       stdout=f,
       stderr=subprocess.STDOUT,
-      preexec_fn=functools.partial(_die_with_parent, os.getpid())
+      preexec_fn=functools.partial(_die_with_parent, ctypes.CDLL(None).prctl, os.getpid())
       if sys.platform.startswith('linux')
       else None,
     )
