@@ -12,11 +12,13 @@ Writes OUTPUT.json (the per-step report) and OUTPUT.png (divergence against step
 import json
 import os
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from l2p_jax import experiment
 from l2p_jax.interop.parity import trajectory, trajectory_report
+from l2p_jax.runtime import cli, files
 from l2p_jax.runtime.plots import plot_divergence
 
 FLAGS = flags.FLAGS
@@ -42,20 +44,27 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
+  # trajectory raises ValueError for a config the reference cannot follow, and
+  # ImportError (with the install hint) without torch.
+  with cli.one_line_errors('compare_torch.py', also=(ValueError, ImportError)):
+    compare(FLAGS.config)
+
+
+def compare(config: ml_collections.ConfigDict) -> None:
+  """Runs both frameworks as the flags say and writes the report and its plot."""
   name = config.method + (f'_{config.l2p.alternation}' if config.method == 'l2p' else '')
   output = FLAGS.output or os.path.join('trajectories', name)
+  cli.check_writable_folder('--output', os.path.dirname(os.path.abspath(output)))
   split, _, split_size = experiment.load_data(config)
   report = trajectory.compare(
     config, FLAGS.steps, split, batch_norm=FLAGS.batch_norm, train_split_size=split_size
   )
   os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
-  with open(output + '.json', 'w') as f:
-    json.dump(report, f, indent=1)
+  files.write_with(output + '.json', lambda f: json.dump(report, f, indent=1))
   plot_divergence(report, output + '.png')
   print(trajectory_report.summarize(report))
   print(f'Wrote {output}.json and {output}.png')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('compare_torch.py'))

@@ -14,8 +14,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from l2p_jax import evaluation
-from l2p_jax.errors import UserError
-from l2p_jax.runtime import cli, distributed
+from l2p_jax.evaluation import results_report
+from l2p_jax.runtime import cli, distributed, orbax_logging
 
 FLAGS = flags.FLAGS
 try:  # With a default file, config_flags applies the overrides here, at import.
@@ -41,12 +41,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
-    logging.set_verbosity(logging.ERROR)
+    logging.set_verbosity(logging.WARNING)
+    orbax_logging.quiet_orbax()
   distributed.initialize_from_flags()
-  try:
+  with cli.one_line_errors('eval.py'):
+    output_dir = FLAGS.config.output_dir or os.path.join(FLAGS.workdir[0], 'eval')
+    cli.check_writable_folder(
+      'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
+    )
+    results_report.read_previous(output_dir)  # Refused now, not after the attacks.
     evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-  except UserError as error:
-    raise SystemExit(f'eval.py: {error}') from None
 
 
 if __name__ == '__main__':

@@ -20,8 +20,10 @@ import shlex
 from absl import app, flags
 
 from configs import cifar
+from l2p_jax.errors import UserError
 from l2p_jax.methods import METHODS
 from l2p_jax.reproduction import grid_runner, paper_grid, paper_report, paper_tables
+from l2p_jax.runtime import cli, files
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # This checkout: train.py, eval.py, configs/.
 
@@ -77,36 +79,38 @@ def assemble_command() -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    plan = paper_grid.make_plan(
-      FLAGS.workdir,
-      root=ROOT,
-      get_config=cifar.get_config,
-      scale=FLAGS.scale,
-      tables=FLAGS.tables,
-      methods=FLAGS.methods,
-      archs=FLAGS.archs,
-      seeds=FLAGS.seeds,
-      data_dir=FLAGS.data_dir,
-    )
-  except ValueError as error:
-    raise SystemExit(f'reproduce.py: {error}') from None
-  if FLAGS.plan:
-    print('\n'.join(paper_grid.plan_lines(plan)))
-    return
-  if FLAGS.slurm:
-    os.makedirs(os.path.join(plan.workdir, 'slurm'), exist_ok=True)  # Tasks' output.
-    with open(FLAGS.slurm, 'w') as f:
-      f.write(grid_runner.slurm_script(plan, assemble_command()))
-    print(f'Wrote {FLAGS.slurm}: {len(plan.jobs)} array tasks.')
-    return
-  if not FLAGS.assemble:
+  with cli.one_line_errors('reproduce.py'):
     try:
-      grid_runner.run_plan(plan)
-    except grid_runner.ReproduceError as error:
-      raise SystemExit(f'reproduce.py: {error}') from None
-  for path in paper_report.write(plan):
-    print(f'Wrote {path}')
+      plan = paper_grid.make_plan(
+        FLAGS.workdir,
+        root=ROOT,
+        get_config=cifar.get_config,
+        scale=FLAGS.scale,
+        tables=FLAGS.tables,
+        methods=FLAGS.methods,
+        archs=FLAGS.archs,
+        seeds=FLAGS.seeds,
+        data_dir=FLAGS.data_dir,
+      )
+    except ValueError as error:
+      raise UserError(str(error)) from None
+    if FLAGS.plan:
+      print('\n'.join(paper_grid.plan_lines(plan)))
+      return
+    cli.check_writable_folder('--workdir', plan.workdir)
+    if FLAGS.slurm:
+      os.makedirs(os.path.join(plan.workdir, 'slurm'), exist_ok=True)  # Tasks' output.
+      files.write_text(FLAGS.slurm, grid_runner.slurm_script(plan, assemble_command()))
+      print(f'Wrote {FLAGS.slurm}: {len(plan.jobs)} array tasks.')
+      return
+    if not FLAGS.assemble:
+      grid_runner.check_local_data(plan, FLAGS.data_dir)
+      try:
+        grid_runner.run_plan(plan)
+      except KeyboardInterrupt:
+        raise UserError('interrupted; rerun the same command to continue.') from None
+    for path in paper_report.write(plan):
+      print(f'Wrote {path}')
 
 
 if __name__ == '__main__':

@@ -7,12 +7,13 @@ r"""Trains one of the five methods; see configs/cifar.py for the experiments.
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2p_jax.errors import UserError
-from l2p_jax.runtime import cli, distributed
-from l2p_jax.training import loop
+from l2p_jax.runtime import cli, distributed, orbax_logging
+from l2p_jax.training import checkpointing, loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -27,11 +28,17 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
     logging.set_verbosity(logging.WARNING)
+    orbax_logging.quiet_orbax()
   distributed.initialize_from_flags()
-  try:
+  with cli.one_line_errors('train.py', kept=last_good_checkpoint):
+    cli.check_writable_folder('--workdir', FLAGS.workdir)
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except UserError as error:
-    raise SystemExit(f'train.py: {error}') from None
+
+
+def last_good_checkpoint() -> str:
+  """What a run stopped by a full disk kept: the newest checkpoint that reads."""
+  path = checkpointing.newest_readable(os.path.join(FLAGS.workdir, 'checkpoints'))
+  return f'the last good checkpoint is {path}' if path else 'no checkpoint was saved yet'
 
 
 if __name__ == '__main__':

@@ -149,6 +149,23 @@ def _check_bnn(config: ml_collections.ConfigDict) -> None:
   )
 
 
+def _check_choices(config: ml_collections.ConfigDict) -> None:
+  """Named choices the sections' checks leave to the model: PNI's noise granularity."""
+  _require(
+    config.model.pni_mode in models.PNI_MODES,
+    f'Unknown model.pni_mode {config.model.pni_mode!r}; expected one of {models.PNI_MODES}.',
+  )
+
+
+def check_batch_fits(config: ml_collections.ConfigDict, train: data.HostSplit) -> None:
+  """Refuses a batch larger than the training examples: no step could be taken."""
+  _require(
+    config.batch_size <= train.num_examples,
+    f'batch_size={config.batch_size} exceeds the {train.num_examples} training examples '
+    f'of {train.name}/{train.split}; lower batch_size or raise data.train_examples.',
+  )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for values no run can use, naming the field and what is accepted;
   the checks run section by section, so a config with several errors reports the first
@@ -159,6 +176,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_adversarial(config)
   _check_l2p(config)
   _check_bnn(config)
+  _check_choices(config)
 
 
 # Model fields added after the first runs, with the value those runs were trained with:
@@ -218,6 +236,7 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data.HostSplit, data.H
   )
   full_train = load(d.train_split)
   train = first_examples(full_train, d.train_examples, 'data.train_examples')
+  check_batch_fits(config, train)
   evaluation = first_examples(load(d.eval_split), d.eval_examples, 'data.eval_examples')
   return train, evaluation, full_train.num_examples
 

@@ -21,6 +21,7 @@ from l2p_jax.data.sources import (
   LOCAL_FORMATS,
   LOCAL_SPLITS,
   SOURCES,
+  DataConfigError,
   DatasetFileError,
   DatasetNotFoundError,
   HostSplit,

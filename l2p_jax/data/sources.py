@@ -10,6 +10,7 @@ a download that fails removes what it left and names the offline route.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import gzip
 import importlib.util
@@ -39,6 +40,10 @@ KNOWN_CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
   """The requested dataset is not on this machine and may not be downloaded."""
+
+
+class DataConfigError(UserError, ValueError):
+  """A data setting names no source, no local reader or no split there is."""
 
 
 class DatasetFileError(UserError, ValueError):
@@ -94,7 +99,7 @@ def load_split(
   elif source == 'local':
     images, labels, num_classes = _read_local(name, split, local_dir)
   else:
-    raise ValueError(f'Unknown data source {source!r}; expected one of {SOURCES}.')
+    raise DataConfigError(f'Unknown data.source {source!r}; expected one of {SOURCES}.')
   return HostSplit(
     name=name,
     split=split,
@@ -261,11 +266,13 @@ def _read_mnist(directory: pathlib.Path, split: str) -> tuple[np.ndarray, np.nda
 
 @dataclasses.dataclass(frozen=True)
 class LocalFormat:
-  """A dataset's original distribution files: what local_dir must hold, and a reader."""
+  """A dataset's original distribution files: what local_dir must hold, a reader, and
+  the classes and image shape it gives (which also tell a converted model its input)."""
 
   expected: str  # For the error message when the files are missing.
   read: Callable[[pathlib.Path, str], tuple[np.ndarray, np.ndarray]]
   num_classes: int
+  image_shape: tuple[int, int, int]  # (height, width, channels) of every image.
 
 
 _MNIST_FILES = (
@@ -284,6 +291,7 @@ LOCAL_FORMATS: dict[str, LocalFormat] = {
       label_key=b'labels',
     ),
     num_classes=10,
+    image_shape=(32, 32, 3),
   ),
   'cifar100': LocalFormat(
     expected='cifar-100-python.tar.gz or its extracted folder cifar-100-python',
@@ -295,22 +303,31 @@ LOCAL_FORMATS: dict[str, LocalFormat] = {
       label_key=b'fine_labels',
     ),
     num_classes=100,
+    image_shape=(32, 32, 3),
   ),
-  'mnist': LocalFormat(expected=_MNIST_FILES, read=_read_mnist, num_classes=10),
-  'fashion_mnist': LocalFormat(expected=_MNIST_FILES, read=_read_mnist, num_classes=10),
+  'mnist': LocalFormat(_MNIST_FILES, _read_mnist, num_classes=10, image_shape=(28, 28, 1)),
+  'fashion_mnist': LocalFormat(_MNIST_FILES, _read_mnist, num_classes=10, image_shape=(28, 28, 1)),
 }
 
 
 def _read_local(name: str, split: str, local_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
   """Reads a split from the original distribution files in `local_dir`."""
   if name not in LOCAL_FORMATS:
-    raise ValueError(
-      f'No local reader for dataset {name!r}; source=local knows {sorted(LOCAL_FORMATS)}.'
+    close = difflib.get_close_matches(name, LOCAL_FORMATS, n=1)
+    raise DataConfigError(
+      f'data.dataset={name!r} has no local reader; data.source=local reads '
+      f'{", ".join(sorted(LOCAL_FORMATS))}'
+      + (f' (did you mean {close[0]!r}?)' if close else ' (data.source=tfds reads the others)')
+      + '.'
     )
   if split not in LOCAL_SPLITS:
-    raise ValueError(f'Unknown split {split!r} for source=local; expected one of {LOCAL_SPLITS}.')
+    raise DataConfigError(
+      f'Unknown split {split!r} for data.source=local; expected one of {LOCAL_SPLITS}.'
+    )
   if local_dir is None:
-    raise ValueError('source=local needs local_dir, the directory holding the files.')
+    raise DataConfigError(
+      'data.source=local needs data.local_dir, the directory holding the files.'
+    )
   directory = pathlib.Path(local_dir).expanduser()
   if directory.exists() and not directory.is_dir():
     raise DatasetNotFoundError(

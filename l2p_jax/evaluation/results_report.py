@@ -26,7 +26,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from l2p_jax.runtime import plots
+from l2p_jax.errors import UserError
+from l2p_jax.runtime import files, plots
 from l2p_jax.runtime.metrics import read_metrics
 
 RECORD_FIELDS = (
@@ -258,14 +259,36 @@ def _identity(record: dict[str, Any]) -> tuple:
   )
 
 
+class ResultsFileError(UserError, ValueError):
+  """An earlier results.json that cannot be read, so its records cannot be kept."""
+
+
+def read_previous(output_dir: str) -> dict[str, Any] | None:
+  """The results of an earlier output_dir/results.json, None when there is none; raises
+  ResultsFileError, naming the file and what to do, when it does not read."""
+  path = os.path.join(output_dir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      previous = json.load(f)
+    if not (isinstance(previous, dict) and {'checkpoints', 'records'} <= set(previous)):
+      raise ValueError('it has no checkpoints and records')
+  except (OSError, ValueError, TypeError) as error:
+    raise ResultsFileError(
+      f'{path} does not read ({type(error).__name__}: {error}), so its earlier records '
+      'cannot be kept; move it aside and rerun, or write elsewhere with '
+      '--config.output_dir=DIR.'
+    ) from None
+  return previous
+
+
 def merge_previous(results: dict[str, Any], output_dir: str) -> dict[str, Any]:
   """`results` with the records and checkpoints of an earlier output_dir/results.json
   that it does not redo kept in front of its own."""
-  path = os.path.join(output_dir, 'results.json')
-  if not os.path.exists(path):
+  previous = read_previous(output_dir)
+  if previous is None:
     return results
-  with open(path) as f:
-    previous = json.load(f)
   redone = {_identity(r) for r in results['records']}
   listed = {c['checkpoint'] for c in results['checkpoints']}
   return {
@@ -282,10 +305,8 @@ def write_report(results: dict[str, Any], output_dir: str) -> list[str]:
   with noise statistics) into `output_dir`; returns the paths written."""
   os.makedirs(output_dir, exist_ok=True)
   paths = [os.path.join(output_dir, name) for name in ('results.json', 'results.md')]
-  with open(paths[0], 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  with open(paths[1], 'w') as f:
-    f.write(markdown(results))
+  files.write_json(paths[0], results)  # Atomically: a full disk keeps the old file.
+  files.write_text(paths[1], markdown(results))
   plot = os.path.join(output_dir, 'accuracy_vs_eps.png')
   if plots.plot_accuracy_vs_eps(eps_curves(results['records']), plot):
     paths.append(plot)

@@ -9,6 +9,7 @@ checkpoint in one of the authors' layouts, so PyTorch tools can attack ours.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,9 +22,8 @@ from l2p_jax.interop.torch_checkpoints import (
   read_torch_normalization,
   save_torch_checkpoint,
 )
+from l2p_jax.runtime import files
 from l2p_jax.training import checkpointing
-
-KNOWN_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
 
 def _pni_mode(variables: dict[str, Any]) -> str | None:
@@ -35,11 +35,22 @@ def _pni_mode(variables: dict[str, Any]) -> str | None:
   return {0: 'layer', 1: 'channel'}.get(alpha.ndim, 'element')
 
 
-def _image_shape(variables: dict[str, Any], channels: int) -> list[int]:
-  """Input shape of the imported model: from L2P's stem map if any, else 32x32."""
+def _image_shape(
+  variables: dict[str, Any], dataset: str, channels: int, image_shape: Sequence[int] | None
+) -> list[int]:
+  """Input shape of the imported model: `image_shape` when given, else the height and
+  width of L2P's stem noise map, else the dataset's (data.LOCAL_FORMATS)."""
+  if image_shape:
+    return [int(v) for v in image_shape]
   theta = variables.get('perturb', {}).get('stem_noise', {}).get('theta')
-  height, width = theta.shape[:2] if theta is not None else (32, 32)
-  return [int(height), int(width), channels]
+  if theta is not None:
+    return [int(theta.shape[0]), int(theta.shape[1]), channels]
+  if dataset in data.LOCAL_FORMATS:
+    return list(data.LOCAL_FORMATS[dataset].image_shape)
+  raise ValueError(
+    f'The image shape of {dataset!r} is not known here; pass '
+    '--image_shape=HEIGHT,WIDTH,CHANNELS (e.g. 32,32,3).'
+  )
 
 
 def torch_to_workdir(
@@ -49,15 +60,17 @@ def torch_to_workdir(
   *,
   layout: str = 'auto',
   num_classes: int | None = None,
+  image_shape: Sequence[int] | None = None,
 ) -> str:
   """Imports `source` for `config`'s method/architecture into workdir/checkpoints/0.
 
   The normalization is the checkpoint's own Normalize layer when it has one, else the
-  config's (`data.normalization`); the number of classes is `num_classes` or known
-  from the dataset. Returns the checkpoint path.
+  config's (`data.normalization`); the classes and input shape are `num_classes` and
+  `image_shape`, or known from the dataset. Returns the checkpoint path.
   """
   dataset = config.data.dataset
-  num_classes = num_classes or KNOWN_NUM_CLASSES.get(dataset)
+  known = data.LOCAL_FORMATS.get(dataset)
+  num_classes = num_classes or (known and known.num_classes)
   if not num_classes:
     raise ValueError(f'The number of classes of {dataset!r} is not known here; pass --num_classes.')
   normalization = read_torch_normalization(source)
@@ -94,7 +107,7 @@ def torch_to_workdir(
     'num_classes': num_classes,
     'mean': mean,
     'std': std,
-    'image_shape': _image_shape(variables, len(mean)),
+    'image_shape': _image_shape(variables, dataset, len(mean), image_shape),
     'imported_from': str(source)
     if isinstance(source, (str, os.PathLike))
     else type(source).__name__,
@@ -107,8 +120,7 @@ def torch_to_workdir(
   manager.save(0, jax.device_put(state), meta)
   manager.wait()
   manager.close()
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   return manager.path(0)
 
 

@@ -119,6 +119,11 @@ def _load_state_dict(source: Any) -> dict[str, Any]:
       obj = obj[inner[0]]
     else:
       break
+  if not isinstance(obj, Mapping):
+    raise ValueError(
+      f'The checkpoint holds a {type(obj).__name__}, not a state dict (a mapping from '
+      'parameter names to tensors); save one with torch.save(model.state_dict(), path).'
+    )
   state = dict(obj)
   while state and (
     prefix := next((p for p in _WRAPPERS if all(key.startswith(p) for key in state)), None)

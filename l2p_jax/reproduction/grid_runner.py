@@ -7,20 +7,27 @@ writes the plan as a SLURM array script instead.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
+from l2p_jax import data
 from l2p_jax.errors import UserError
 from l2p_jax.reproduction.paper_grid import Job, Plan, Step, marker_text
+from l2p_jax.runtime import files
 
 Launcher = Callable[[Sequence[str], str], None]
+_PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
 
 
 class ReproduceError(UserError, RuntimeError):
@@ -39,10 +46,7 @@ def is_done(step: Step) -> bool:
 def mark_done(step: Step) -> None:
   """Writes `step`'s marker (atomically, so a kill never leaves half of one)."""
   os.makedirs(os.path.dirname(step.marker), exist_ok=True)
-  partial = f'{step.marker}.partial'
-  with open(partial, 'w') as f:
-    f.write(marker_text(step) + '\n')
-  os.replace(partial, step.marker)
+  files.write_text(step.marker, marker_text(step) + '\n')
 
 
 def log_path(step: Step) -> str:
@@ -50,16 +54,56 @@ def log_path(step: Step) -> str:
   return os.path.splitext(step.marker)[0] + '.log'
 
 
+def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
+  """In a child before it runs its program (Linux): asks the kernel to send it SIGTERM
+  when its parent dies, even by SIGKILL, so that no train.py outlives reproduce.py.
+  `prctl` is looked up before the fork: a forked child of threads must not dlopen."""
+  prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+  if os.getppid() != parent:  # The parent died before the request was made.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _forwarding_signals(process: subprocess.Popen) -> Iterator[None]:
+  """While the block (waiting for `process`) runs, SIGTERM and SIGINT sent to this
+  process go to `process` (train.py then stops as it would alone: Ctrl-C lets its
+  checkpoint finish); after the block, this process meets the signal as it would have
+  without a child."""
+  received = []
+
+  def forward(signum: int, frame: Any) -> None:
+    process.send_signal(signum)
+    received.append(signum)
+
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  if received:
+    signal.raise_signal(received[0])
+
+
 def launch_subprocess(command: Sequence[str], log: str, root: str) -> None:
   """Runs `command` ('python PROGRAM ...') with this interpreter in the repository's
-  checkout `root`, its output appended to `log`; raises ReproduceError if it fails."""
+  checkout `root`, its output appended to `log`; raises ReproduceError if it fails. The child dies
+  with this process (see _die_with_parent, _forwarding_signals)."""
   os.makedirs(os.path.dirname(log), exist_ok=True)
   with open(log, 'a') as f:
     f.write(f'$ {shlex.join(command)}\n')
     f.flush()
-    code = subprocess.run(
-      [sys.executable, *command[1:]], cwd=root, stdout=f, stderr=subprocess.STDOUT, check=False
-    ).returncode
+    process = subprocess.Popen(
+      [sys.executable, *command[1:]],
+      cwd=root,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      preexec_fn=functools.partial(_die_with_parent, ctypes.CDLL(None).prctl, os.getpid())
+      if sys.platform.startswith('linux')
+      else None,
+    )
+    with _forwarding_signals(process):
+      code = process.wait()
   if code:
     with open(log) as f:
       tail = ''.join(f.readlines()[-5:])
@@ -68,6 +112,30 @@ def launch_subprocess(command: Sequence[str], log: str, root: str) -> None:
       f'{log}, ending:\n{tail}Rerun the same reproduce.py command to '
       'continue from there.'
     )
+
+
+def check_local_data(plan: Plan, data_dir: str | None) -> None:
+  """Raises ReproduceError, naming --data_dir, unless the folder the plan's trainings
+  read (--data_dir, else the scale's default; '' is TFDS, not checked here) holds
+  every split of their datasets: a missing file stops the grid before its first job."""
+  folder = plan.scale.data_dir if data_dir is None else data_dir
+  if not folder:
+    return
+  for dataset in sorted({job.run.dataset for job in plan.jobs if job.run is not None}):
+    try:
+      for split in data.LOCAL_SPLITS:
+        data.load_split(dataset, split, source='local', local_dir=folder)
+    except (data.DatasetNotFoundError, data.DatasetFileError) as error:
+      cause = error.__cause__
+      reason = (
+        f'{cause.filename} is missing'
+        if isinstance(cause, FileNotFoundError)
+        else str(error).splitlines()[0]
+      )
+      raise ReproduceError(
+        f'--data_dir={folder} does not hold {dataset} ({reason}); pass --data_dir=DIR, '
+        f'where DIR holds {data.LOCAL_FORMATS[dataset].expected}, or --data_dir= to read TFDS.'
+      ) from None
 
 
 def run_plan(plan: Plan, launch: Launcher | None = None, progress_bar: bool = True) -> int:

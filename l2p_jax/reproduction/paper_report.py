@@ -21,7 +21,7 @@ from l2p_jax.reproduction.published_numbers import (
   PUBLISHED_MAIN,
   PUBLISHED_TRANSFER,
 )
-from l2p_jax.runtime import plots
+from l2p_jax.runtime import files, plots
 from l2p_jax.runtime.metrics import read_metrics
 
 
@@ -403,8 +403,6 @@ def write(plan: Plan) -> list[str]:
   content = assemble(plan)
   figures = _figures(content, plan, os.path.join(plan.workdir, 'figures'))
   paths = [os.path.join(plan.workdir, 'report.json'), os.path.join(plan.workdir, 'REPORT.md')]
-  with open(paths[0], 'w') as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-  with open(paths[1], 'w') as f:
-    f.write(markdown(content, plan, figures))
+  files.write_json(paths[0], content)  # Atomically: a full disk keeps the old report.
+  files.write_text(paths[1], markdown(content, plan, figures))
   return paths

@@ -1,12 +1,18 @@
 """What the command-line entry points share: flag parsing that ends a bad config
-argument or a mistyped `--config.FIELD=...` override in one line, not tracebacks."""
+argument or a mistyped `--config.FIELD=...` override in one line, a check of the folder
+a command writes, and one line, not tracebacks, for a user error or a full disk."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from absl import flags
+
+from l2p_jax.errors import UserError
+from l2p_jax.runtime import files
 
 
 def unknown_field_message(program: str, error: Exception, argv: list[str]) -> str:
@@ -34,7 +40,7 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
 
   def parse(argv: list[str]) -> list[str]:
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:
       raise SystemExit(unknown_field_message(program, error, argv)) from None
     except flags.Error as error:
@@ -44,5 +50,54 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
       raise SystemExit(
         f'{program}: {message}\nPass --helpshort or --helpfull to see help on flags.'
       ) from None
+    _check_config_files_loaded(program)
+    return rest
 
   return parse
+
+
+def _check_config_files_loaded(program: str) -> None:
+  """Exits with one line naming a config file that did not load: ml_collections
+  defers that error to the config's first use, as a traceback."""
+  for flag in (flags.FLAGS[name] for name in flags.FLAGS):
+    if type(flag.value).__name__ == '_ErrorConfig':  # ml_collections' stand-in.
+      reason = str(flag.value._error).strip().splitlines()[-1].strip()  # noqa: SLF001
+      raise SystemExit(
+        f'{program}: --{flag.name}={flag.config_filename} did not load ({reason}); name a '
+        'config file of configs/, as FILE.py[:ARG].'
+      )
+
+
+def check_writable_folder(what: str, path: str, fix: str = 'name a folder you can write') -> None:
+  """Raises UserError, naming `what` (e.g. '--workdir'), `path` and `fix`, unless `path`
+  is a folder this process can write or can create: a file in the way, or a read-only
+  folder, is refused before any work."""
+  path = os.path.abspath(os.path.expanduser(path))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  where = f'{what} {path}' + (f' cannot be created: {existing}' if existing != path else '')
+  if not os.path.isdir(existing):
+    raise UserError(f'{where} is a file, not a folder; {fix}.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'{where} is read-only here; {fix}.')
+
+
+@contextlib.contextmanager
+def one_line_errors(
+  program: str, kept: Callable[[], str] | None = None, also: tuple[type[Exception], ...] = ()
+) -> Iterator[None]:
+  """Ends a UserError (or one of `also`), or a full disk anywhere below, as one line
+  `program: message` (SystemExit, status 1); for a full disk, `kept()` adds what was
+  kept (e.g. the last good checkpoint)."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    if files.is_disk_full(error):
+      parts = [files.disk_full_message(error)] + ([kept()] if kept else [])
+      raise SystemExit(
+        f'{program}: {"; ".join(parts)}. Free some space and rerun the same command.'
+      ) from None
+    if isinstance(error, (UserError, *also)):
+      raise SystemExit(f'{program}: {error}') from None
+    raise

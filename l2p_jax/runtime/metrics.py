@@ -10,6 +10,8 @@ from typing import Any
 import jax
 from flax import traverse_util
 
+from l2p_jax.runtime import files
+
 
 class MetricsWriter:
   """Appends per-epoch records to DIR/metrics.jsonl and scalars to DIR/tensorboard."""
@@ -27,10 +29,7 @@ class MetricsWriter:
     """Forgets records of `epoch` and later: a resumed run writes them again."""
     if self.active and os.path.exists(self.path):
       kept = [r for r in read_metrics(self.path) if r['epoch'] < epoch]
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-      os.replace(tmp, self.path)
+      files.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
 
   def scalars(self, step: int, values: dict[str, Any]) -> None:
     """Writes flat or nested scalars to TensorBoard at `step`."""
@@ -41,8 +40,7 @@ class MetricsWriter:
   def epoch(self, record: dict[str, Any]) -> None:
     """Appends one epoch's record to metrics.jsonl and its scalars to TensorBoard."""
     if self.active:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+      files.append_line(self.path, json.dumps(record))  # A failed append leaves no half line.
       self.scalars(record['step'], {k: v for k, v in record.items() if k not in ('epoch', 'step')})
       self._tb.flush()
 

@@ -14,6 +14,16 @@ matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from l2p_jax.runtime import files  # noqa: E402
+
+
+def _save(fig: Any, path: str) -> None:
+  """Writes `fig` to `path` atomically (a full disk keeps the previous file) and frees it."""
+  try:
+    files.save_figure(fig, path, dpi=120)
+  finally:
+    plt.close(fig)
+
 
 def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str, title: str = '') -> bool:
   """Plots, per epoch, the mean of every layer's noise parameters (thin lines) and
@@ -43,8 +53,7 @@ def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str, title: st
   ax.set_title(title or 'Noise parameters during training')
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
   return True
 
 
@@ -70,8 +79,7 @@ def plot_accuracy_vs_eps(
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
   return True
 
 
@@ -114,5 +122,4 @@ def plot_divergence(report: dict[str, Any], path: str) -> None:
   ax.set_title(f'{name}, {report["arch"]} x{report["width"]}, BatchNorm {report["batch_norm"]}')
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)

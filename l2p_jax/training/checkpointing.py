@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from l2p_jax import experiment, methods
 from l2p_jax.errors import UserError
-from l2p_jax.runtime import sharding
+from l2p_jax.runtime import orbax_logging, sharding
 
 # Config fields that decide the shapes and meaning of the saved variables.
 STRUCTURE_FIELDS = ('method', 'model', 'data.dataset')
@@ -133,24 +133,27 @@ class Checkpoints:
     skipped, reasons = [], []
 
     def skip(step: int, error: Exception) -> None:
-      reasons.append(f'{type(error).__name__}: {(str(error).splitlines() or [""])[0]}')
+      reasons.append(_reason(error))
       logging.warning(
         'Checkpoint %s is unreadable (%s); trying an older one.', self.path(step), reasons[-1]
       )
       skipped.append(step)
 
     # orbax and tensorstore raise many types for a damaged file (ValueError, OSError,
-    # JSON errors, ...): whatever they are, the checkpoint does not read.
+    # JSON errors, ...): whatever they are, the checkpoint does not read. Their own
+    # logging of the attempt (tracebacks per array) is silenced: skip() says it once.
     for step in sorted(self.steps() if steps is None else steps, reverse=True):
       try:
-        meta = self.meta(step)
+        with orbax_logging.silenced():
+          meta = self.meta(step)
       except Exception as error:  # pylint: disable=broad-except
         skip(step, error)
         continue
       if check is not None:
         check(meta, self.path(step))
       try:
-        state, meta = self.restore(step, abstract_state)
+        with orbax_logging.silenced():
+          state, meta = self.restore(step, abstract_state)
       except Exception as error:  # pylint: disable=broad-except
         skip(step, error)
         continue
@@ -166,6 +169,29 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _reason(error: Exception) -> str:
+  """Why a checkpoint did not read, in a few words: the error's type and the start of
+  its first line (TensorStore's go on with a spec of thousands of characters)."""
+  text = (str(error).splitlines() or [''])[0]
+  for cut in (' [tensorstore_spec', '. See full TensorStore details'):
+    text = text.split(cut)[0]
+  return f'{type(error).__name__}: {text[:200]}'
+
+
+def newest_readable(directory: str) -> str | None:
+  """The folder of the newest checkpoint in `directory` that restores; None when there
+  is none (or no such folder)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = Checkpoints(directory, read_only=True)
+  try:
+    return manager.path(manager.restore_newest_readable()[0])
+  except CheckpointUnreadableError:
+    return None
+  finally:
+    manager.close()
 
 
 def config_differences(
