@@ -173,11 +173,17 @@ def test_markdown_tables_and_plots_are_written(evaluated):
 
 
 def test_transfer_of_a_model_to_itself_is_its_white_box_accuracy(evaluated):
+  """Every diagonal cell of the transfer matrix (both models, FGSM and PGD) has the
+  key and the correct count of that model's white-box record."""
   results, _ = evaluated
-  for r in results['records']:
-    if r['source'] is not None and r['source']['label'] == r['label']:
-      own = white_box(results, r['label'], r['attack'])
-      assert (r['correct'], r['key']) == (own['correct'], own['key'])
+  diagonal = [
+    r for r in results['records'] if r['source'] is not None and r['source']['label'] == r['label']
+  ]
+  cells = sorted((r['label'], r['attack']) for r in diagonal)
+  assert cells == [('l2p', 'fgsm'), ('l2p', 'pgd'), ('none', 'fgsm'), ('none', 'pgd')]
+  for r in diagonal:
+    own = white_box(results, r['label'], r['attack'])
+    assert (r['correct'], r['key']) == (own['correct'], own['key']), (r['label'], r['attack'])
 
 
 def test_attacks_do_not_raise_the_accuracy_of_a_deterministic_model(evaluated):
