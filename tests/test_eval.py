@@ -108,6 +108,26 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
     config.pgd.step = 3  # Locked: a typo of pgd.steps is an error.
 
 
+def test_attack_keys_are_those_of_earlier_runs():
+  """A spec's key_id is a CRC-32 of its text, which names the records of earlier runs in
+  results.json: the text and the number of these specs must never change."""
+  specs, _ = evaluation.plan_attacks(eval_config_file(), 'clean,pgd,few_pixel1')
+  assert [(repr(s), s.key_id) for s in specs] == [
+    ("AttackSpec(attack='clean', params=(), eps=None, examples=0)", 31498196),
+    (
+      "AttackSpec(attack='pgd', params=(('steps', 7), ('step_size', 0.01), ('random_start', "
+      "True), ('restarts', 1), ('eot_draws', 1), ('unroll', 1)), eps=0.03137254901960784, "
+      'examples=0)',
+      774184371,
+    ),
+    (
+      "AttackSpec(attack='few_pixel', params=(('n_pixels', 1), ('population', 400), "
+      "('iterations', 75), ('chunk_size', 50)), eps=None, examples=1000)",
+      346202895,
+    ),
+  ]
+
+
 # --- end to end ---------------------------------------------------------------------
 
 
