@@ -1,0 +1,227 @@
+"""The attacks an evaluation can run: ATTACKS, the names config.attacks accepts, each
+with the attack function it runs and the specs it plans from the config
+(`plan_attacks`).
+
+A spec's text is its identity: its key_id (a CRC-32 of its repr) picks its random
+numbers and names its records, so the spec's fields, their order and values are part of
+every earlier result's key and must not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from l2p_jax import attacks
+from l2p_jax.errors import UserError
+
+
+class EvaluationError(UserError, ValueError):
+  """A request the evaluation cannot serve, with one message saying what to do."""
+
+
+def _clean(
+  logits_fn: attacks.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array
+) -> attacks.AttackResult:
+  """No attack: the inputs themselves, so clean accuracy runs through the same path."""
+  del logits_fn, key
+  return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+  """One attack with every parameter that changes its result.
+
+  attack: a key of ATTACK_FUNCTIONS; params: its static keyword arguments; eps: the L-inf
+  radius (None for attacks without one), passed traced so that an eps sweep compiles
+  once; examples: attack only the first N examples of the split (0: all).
+  """
+
+  attack: str
+  params: tuple[tuple[str, Any], ...] = ()
+  eps: float | None = None
+  examples: int = 0
+
+  @property
+  def key_id(self) -> int:
+    """The number folded into the seed's key for this attack (stable across runs)."""
+    return zlib.crc32(repr(self).encode()) & 0x7FFFFFFF
+
+  @property
+  def name(self) -> str:
+    """A readable one-line description, e.g. 'pgd(steps=20, ..., eps=8/255)'."""
+    parts = [f'{k}={v}' for k, v in self.params if k != 'unroll']
+    if self.eps is not None:
+      parts.append(f'eps={self.eps * 255:g}/255')
+    if self.examples:
+      parts.append(f'first {self.examples}')
+    return f'{self.attack}({", ".join(parts)})'
+
+  def describe(self) -> dict[str, Any]:
+    """The parameters as a JSON-ready dict."""
+    return {**dict(self.params), 'eps': self.eps, 'examples': self.examples}
+
+
+def listed_names(value: str | Sequence[str]) -> list[str]:
+  """The items of a comma-separated string or of a sequence of such strings, as
+  config.attacks and the --workdir and --checkpoint flags take them."""
+  items = [value] if isinstance(value, str) else list(value)
+  return [name.strip() for item in items for name in item.split(',') if name.strip()]
+
+
+def _pgd(
+  config: ml_collections.ConfigDict, steps: int, eps: float, eot_draws: int = 1
+) -> AttackSpec:
+  """PGD (with EOT over `eot_draws` draws) of `steps` steps at `eps`, config.pgd's
+  other settings."""
+  p = config.pgd
+  return AttackSpec(
+    'pgd',
+    (
+      ('steps', steps),
+      ('step_size', p.step_size),
+      ('random_start', p.random_start),
+      ('restarts', p.restarts),
+      ('eot_draws', eot_draws),
+      ('unroll', _unroll(config)),
+    ),
+    eps,
+  )
+
+
+def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
+  """The few-pixel attack on `n_pixels` pixels with config.few_pixel's settings."""
+  f = config.few_pixel
+  return AttackSpec(
+    'few_pixel',
+    (
+      ('n_pixels', n_pixels),
+      ('population', f.population),
+      ('iterations', f.iterations),
+      ('chunk_size', f.chunk_size),
+    ),
+    None,
+    f.examples,
+  )
+
+
+def _cw(config: ml_collections.ConfigDict) -> AttackSpec:
+  """C&W L2 with config.cw's settings."""
+  cw = config.cw
+  return AttackSpec(
+    'cw',
+    (
+      ('c_init', cw.c_init),
+      ('learning_rate', cw.learning_rate),
+      ('kappa', cw.kappa),
+      ('binary_steps', cw.binary_steps),
+      ('steps', cw.steps),
+      ('unroll', _unroll(config)),
+    ),
+  )
+
+
+def _apgd(config: ml_collections.ConfigDict) -> AttackSpec:
+  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT), config.apgd's."""
+  return AttackSpec(
+    'apgd_rand',
+    (
+      ('steps', config.apgd.steps),
+      ('eot_draws', config.apgd.eot_draws),
+      ('unroll', _unroll(config)),
+    ),
+    config.eps,
+  )
+
+
+def _unroll(config: ml_collections.ConfigDict) -> bool | int:
+  return True if config.unroll else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredAttack:
+  """A name of config.attacks: the attack function it runs and the name its
+  AttackSpecs carry (both None for a plan of other attacks), the config section of
+  its parameters, and its specs as a function of (config, N of `name<N>`: 0 when not
+  given, accepted only when `counted`)."""
+
+  attack: str | None
+  function: Callable[..., attacks.AttackResult] | None
+  section: str | None
+  specs: Callable[[ml_collections.ConfigDict, int], list[AttackSpec]]
+  counted: bool = False
+
+
+# Every attack evaluation runs, by its name in config.attacks.
+ATTACKS: dict[str, RegisteredAttack] = {
+  'clean': RegisteredAttack('clean', _clean, None, lambda c, n: [AttackSpec('clean')]),
+  'fgsm': RegisteredAttack(
+    'fgsm', attacks.fgsm, None, lambda c, n: [AttackSpec('fgsm', (), c.eps)]
+  ),
+  'pgd': RegisteredAttack(
+    'pgd', attacks.pgd, 'pgd', lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True
+  ),
+  'eot_pgd': RegisteredAttack(
+    'pgd',
+    attacks.pgd,
+    'eot',
+    lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)],
+    counted=True,
+  ),
+  'eps_sweep': RegisteredAttack(
+    None,
+    None,
+    'eps_sweep',
+    lambda c, n: [
+      spec
+      for e in c.eps_sweep.eps_255
+      for spec in (AttackSpec('fgsm', (), e / 255), _pgd(c, c.pgd.steps, e / 255))
+    ],
+  ),
+  'cw': RegisteredAttack('cw', attacks.cw_l2, 'cw', lambda c, n: [_cw(c)]),
+  'apgd': RegisteredAttack('apgd_rand', attacks.autoattack_rand, 'apgd', lambda c, n: [_apgd(c)]),
+  'few_pixel': RegisteredAttack(
+    'few_pixel',
+    attacks.few_pixel,
+    'few_pixel',
+    lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)],
+    counted=True,
+  ),
+  'transfer': RegisteredAttack(None, None, 'transfer', lambda c, n: []),
+}
+ATTACK_NAMES = tuple(
+  f'{name}{suffix}'
+  for name, entry in ATTACKS.items()
+  for suffix in ('', '<N>')[: 1 + entry.counted]
+)
+# The function of an AttackSpec, by its `attack`.
+ATTACK_FUNCTIONS = {
+  entry.attack: entry.function for entry in ATTACKS.values() if entry.function is not None
+}
+
+
+def plan_attacks(
+  config: ml_collections.ConfigDict, names: str | Sequence[str] | None = None
+) -> tuple[list[AttackSpec], bool]:
+  """The white-box attacks that `names` (default: config.attacks) asks for, with their
+  parameters from `config` and duplicates removed (an eps-sweep point at the headline
+  eps is the headline attack), and whether the transfer matrix is asked for."""
+  specs, transfer = [], False
+  for name in listed_names(config.attacks if names is None else names):
+    base, number = re.fullmatch(r'(.*?)(\d*)', name).groups()
+    if base not in ATTACKS or (number and not ATTACKS[base].counted):
+      raise EvaluationError(
+        f'Unknown attack {name!r} in config.attacks; accepted: {", ".join(ATTACK_NAMES)}.'
+      )
+    if number and int(number) < 1:
+      raise EvaluationError(f'Attack {name!r} needs a count of at least 1.')
+    specs += ATTACKS[base].specs(config, int(number or 0))
+    transfer |= base == 'transfer'
+  return list(dict.fromkeys(specs)), transfer
