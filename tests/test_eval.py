@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+import l2p_jax.attacks
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation, experiment
@@ -125,6 +126,11 @@ def test_attack_keys_are_those_of_earlier_runs():
       "('iterations', 75), ('chunk_size', 50)), eps=None, examples=1000)",
       346202895,
     ),
+  ]
+  assert [s.function for s in specs] == [
+    evaluation.ATTACK_FUNCTIONS['clean'],
+    l2p_jax.attacks.pgd,
+    l2p_jax.attacks.few_pixel,
   ]
 
 

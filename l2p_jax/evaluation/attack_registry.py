@@ -1,6 +1,6 @@
-"""The attacks an evaluation can run: ATTACKS, the names config.attacks accepts, each
-with the attack function it runs and the specs it plans from the config
-(`plan_attacks`).
+"""The attacks an evaluation can run, in two tables: ATTACK_FUNCTIONS, the function an
+`AttackSpec` runs by its `attack`, and ATTACKS, the names config.attacks accepts, each
+with the specs it plans from the config (`plan_attacks`).
 
 A spec's text is its identity: its key_id (a CRC-32 of its repr) picks its random
 numbers and names its records, so the spec's fields, their order and values are part of
@@ -35,6 +35,17 @@ def _clean(
   return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
 
 
+# The function each AttackSpec runs, by its `attack` (the records' 'attack' field).
+ATTACK_FUNCTIONS: dict[str, Callable[..., attacks.AttackResult]] = {
+  'clean': _clean,
+  'fgsm': attacks.fgsm,
+  'pgd': attacks.pgd,
+  'cw': attacks.cw_l2,
+  'apgd_rand': attacks.autoattack_rand,
+  'few_pixel': attacks.few_pixel,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
   """One attack with every parameter that changes its result.
@@ -48,6 +59,17 @@ class AttackSpec:
   params: tuple[tuple[str, Any], ...] = ()
   eps: float | None = None
   examples: int = 0
+
+  def __post_init__(self):
+    if self.attack not in ATTACK_FUNCTIONS:
+      raise ValueError(
+        f'Unknown attack {self.attack!r}; expected one of {tuple(ATTACK_FUNCTIONS)}.'
+      )
+
+  @property
+  def function(self) -> Callable[..., attacks.AttackResult]:
+    """The attack function this spec runs."""
+    return ATTACK_FUNCTIONS[self.attack]
 
   @property
   def key_id(self) -> int:
@@ -74,6 +96,13 @@ def listed_names(value: str | Sequence[str]) -> list[str]:
   config.attacks and the --workdir and --checkpoint flags take them."""
   items = [value] if isinstance(value, str) else list(value)
   return [name.strip() for item in items for name in item.split(',') if name.strip()]
+
+
+# --- the specs of each config.attacks name ------------------------------------------
+
+
+def _unroll(config: ml_collections.ConfigDict) -> bool | int:
+  return True if config.unroll else 1
 
 
 def _pgd(
@@ -141,70 +170,46 @@ def _apgd(config: ml_collections.ConfigDict) -> AttackSpec:
   )
 
 
-def _unroll(config: ml_collections.ConfigDict) -> bool | int:
-  return True if config.unroll else 1
+def _eps_sweep(config: ml_collections.ConfigDict) -> list[AttackSpec]:
+  """FGSM and PGD at every eps of config.eps_sweep.eps_255 (in 1/255 units)."""
+  return [
+    spec
+    for e in config.eps_sweep.eps_255
+    for spec in (AttackSpec('fgsm', (), e / 255), _pgd(config, config.pgd.steps, e / 255))
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
 class RegisteredAttack:
-  """A name of config.attacks: the attack function it runs and the name its
-  AttackSpecs carry (both None for a plan of other attacks), the config section of
-  its parameters, and its specs as a function of (config, N of `name<N>`: 0 when not
-  given, accepted only when `counted`)."""
+  """A name of config.attacks: its specs as a function of (config, N of `name<N>`: 0
+  when not given, accepted only when `counted`); none for 'transfer', which asks for
+  the transfer matrix instead."""
 
-  attack: str | None
-  function: Callable[..., attacks.AttackResult] | None
-  section: str | None
   specs: Callable[[ml_collections.ConfigDict, int], list[AttackSpec]]
   counted: bool = False
 
 
 # Every attack evaluation runs, by its name in config.attacks.
 ATTACKS: dict[str, RegisteredAttack] = {
-  'clean': RegisteredAttack('clean', _clean, None, lambda c, n: [AttackSpec('clean')]),
-  'fgsm': RegisteredAttack(
-    'fgsm', attacks.fgsm, None, lambda c, n: [AttackSpec('fgsm', (), c.eps)]
-  ),
-  'pgd': RegisteredAttack(
-    'pgd', attacks.pgd, 'pgd', lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True
-  ),
+  'clean': RegisteredAttack(lambda c, n: [AttackSpec('clean')]),
+  'fgsm': RegisteredAttack(lambda c, n: [AttackSpec('fgsm', (), c.eps)]),
+  'pgd': RegisteredAttack(lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True),
   'eot_pgd': RegisteredAttack(
-    'pgd',
-    attacks.pgd,
-    'eot',
-    lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)],
-    counted=True,
+    lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)], counted=True
   ),
-  'eps_sweep': RegisteredAttack(
-    None,
-    None,
-    'eps_sweep',
-    lambda c, n: [
-      spec
-      for e in c.eps_sweep.eps_255
-      for spec in (AttackSpec('fgsm', (), e / 255), _pgd(c, c.pgd.steps, e / 255))
-    ],
-  ),
-  'cw': RegisteredAttack('cw', attacks.cw_l2, 'cw', lambda c, n: [_cw(c)]),
-  'apgd': RegisteredAttack('apgd_rand', attacks.autoattack_rand, 'apgd', lambda c, n: [_apgd(c)]),
+  'eps_sweep': RegisteredAttack(lambda c, n: _eps_sweep(c)),
+  'cw': RegisteredAttack(lambda c, n: [_cw(c)]),
+  'apgd': RegisteredAttack(lambda c, n: [_apgd(c)]),
   'few_pixel': RegisteredAttack(
-    'few_pixel',
-    attacks.few_pixel,
-    'few_pixel',
-    lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)],
-    counted=True,
+    lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)], counted=True
   ),
-  'transfer': RegisteredAttack(None, None, 'transfer', lambda c, n: []),
+  'transfer': RegisteredAttack(lambda c, n: []),
 }
 ATTACK_NAMES = tuple(
   f'{name}{suffix}'
   for name, entry in ATTACKS.items()
   for suffix in ('', '<N>')[: 1 + entry.counted]
 )
-# The function of an AttackSpec, by its `attack`.
-ATTACK_FUNCTIONS = {
-  entry.attack: entry.function for entry in ATTACKS.values() if entry.function is not None
-}
 
 
 def plan_attacks(

@@ -14,7 +14,7 @@ white-box result.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from l2p_jax import attacks, data, experiment, models
 from l2p_jax.evaluation import prediction
-from l2p_jax.evaluation.attack_registry import ATTACK_FUNCTIONS, AttackSpec
+from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.training.checkpointing import Checkpoint
 
 # The prediction rule each method's authors judge it by: Adv-BNN's acc_under_attack.py
@@ -59,13 +59,13 @@ def _attack_batch(
   eps: jax.Array | None,
   *,
   model: models.ResNet,
-  attack: str,
+  attack: Callable[..., attacks.AttackResult],
   params: tuple,
   noise: bool,
 ) -> jax.Array:
   """The attack's inputs for one uint8 batch; compiled once per (model, attack, params)."""
   kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
-  return ATTACK_FUNCTIONS[attack](
+  return attack(
     models.inference_logits(model, variables, noise), key, data.to_float(images), labels, **kwargs
   ).x_adv
 
@@ -138,7 +138,7 @@ def attack_accuracy(
       jax.random.fold_in(batch_key, 0),
       eps,
       model=source.model,
-      attack=spec.attack,
+      attack=spec.function,
       params=spec.params,
       noise=config.noise,
     )
