@@ -12,13 +12,7 @@ from l2p_jax.evaluation.attack_registry import (
   RegisteredAttack,
   plan_attacks,
 )
-from l2p_jax.evaluation.judging import (
-  AUTHORS_PREDICTION,
-  DEFAULT_DRAWS,
-  KEY_LAYOUT,
-  attack_accuracy,
-  prediction_rule,
-)
+from l2p_jax.evaluation.judging import DEFAULT_DRAWS, KEY_LAYOUT, attack_accuracy, prediction_rule
 from l2p_jax.evaluation.runner import (
   check_model_takes_split,
   data_settings,

@@ -23,14 +23,11 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from l2p_jax import attacks, data, experiment, models
+from l2p_jax import attacks, data, experiment, methods, models
 from l2p_jax.evaluation import prediction
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.training.checkpointing import Checkpoint
 
-# The prediction rule each method's authors judge it by: Adv-BNN's acc_under_attack.py
-# sums the softmax of 50 weight draws; the others predict from one draw.
-AUTHORS_PREDICTION = {'adv_bnn': ('mean_softmax', 50)}
 DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws is None.
 KEY_LAYOUT = (
   'attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
@@ -41,11 +38,11 @@ KEY_LAYOUT = (
 
 def prediction_rule(config: ml_collections.ConfigDict, method: str) -> tuple[str, int, str]:
   """(rule, draws, origin) of a `method` checkpoint's predictions: config.predict's
-  rule, or with none set the method authors' (AUTHORS_PREDICTION, else one draw);
-  origin says which ('config' or 'authors')."""
+  rule, or with none set the rule the method's authors judge it by (its registry
+  record's authors_prediction); origin says which ('config' or 'authors')."""
   rule, draws = config.predict.rule, config.predict.draws
   if rule is None:
-    rule, authors_draws = AUTHORS_PREDICTION.get(method, ('single', 1))
+    rule, authors_draws = methods.get(method).authors_prediction
     return rule, 1 if rule == 'single' else draws or authors_draws, 'authors'
   return rule, 1 if rule == 'single' else draws or DEFAULT_DRAWS, 'config'
 
