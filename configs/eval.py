@@ -41,7 +41,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   # How a randomized model predicts. None: as the method's authors judge it, which is
   # mean_softmax over 50 draws for adv_bnn (Adv-BNN's acc_under_attack.py) and single
-  # for the others (evaluation.AUTHORS_PREDICTION).
+  # for the others (authors_prediction in l2p_jax.methods).
   c.predict = ml_collections.ConfigDict()
   c.predict.rule = placeholder(str)  # single (first draw) | vote | mean_softmax.
   c.predict.draws = placeholder(int)  # Draws for vote and mean_softmax (None: 50).

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+import l2p_jax.attacks
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation, experiment
@@ -108,6 +109,31 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
     config.pgd.step = 3  # Locked: a typo of pgd.steps is an error.
 
 
+def test_attack_keys_are_those_of_earlier_runs():
+  """A spec's key_id is a CRC-32 of its text, which names the records of earlier runs in
+  results.json: the text and the number of these specs must never change."""
+  specs, _ = evaluation.plan_attacks(eval_config_file(), 'clean,pgd,few_pixel1')
+  assert [(repr(s), s.key_id) for s in specs] == [
+    ("AttackSpec(attack='clean', params=(), eps=None, examples=0)", 31498196),
+    (
+      "AttackSpec(attack='pgd', params=(('steps', 7), ('step_size', 0.01), ('random_start', "
+      "True), ('restarts', 1), ('eot_draws', 1), ('unroll', 1)), eps=0.03137254901960784, "
+      'examples=0)',
+      774184371,
+    ),
+    (
+      "AttackSpec(attack='few_pixel', params=(('n_pixels', 1), ('population', 400), "
+      "('iterations', 75), ('chunk_size', 50)), eps=None, examples=1000)",
+      346202895,
+    ),
+  ]
+  assert [s.function for s in specs] == [
+    evaluation.ATTACK_FUNCTIONS['clean'],
+    l2p_jax.attacks.pgd,
+    l2p_jax.attacks.few_pixel,
+  ]
+
+
 # --- end to end ---------------------------------------------------------------------
 
 
@@ -173,11 +199,17 @@ def test_markdown_tables_and_plots_are_written(evaluated):
 
 
 def test_transfer_of_a_model_to_itself_is_its_white_box_accuracy(evaluated):
+  """Every diagonal cell of the transfer matrix (both models, FGSM and PGD) has the
+  key and the correct count of that model's white-box record."""
   results, _ = evaluated
-  for r in results['records']:
-    if r['source'] is not None and r['source']['label'] == r['label']:
-      own = white_box(results, r['label'], r['attack'])
-      assert (r['correct'], r['key']) == (own['correct'], own['key'])
+  diagonal = [
+    r for r in results['records'] if r['source'] is not None and r['source']['label'] == r['label']
+  ]
+  cells = sorted((r['label'], r['attack']) for r in diagonal)
+  assert cells == [('l2p', 'fgsm'), ('l2p', 'pgd'), ('none', 'fgsm'), ('none', 'pgd')]
+  for r in diagonal:
+    own = white_box(results, r['label'], r['attack'])
+    assert (r['correct'], r['key']) == (own['correct'], own['key']), (r['label'], r['attack'])
 
 
 def test_attacks_do_not_raise_the_accuracy_of_a_deterministic_model(evaluated):

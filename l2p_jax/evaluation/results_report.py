@@ -4,8 +4,8 @@ transfer matrix of supplementary Table 2) and the plots.
 
 A record (one per checkpoint, attack and parameters) has the fields RECORD_FIELDS:
 label, checkpoint, step, workdir, method, arch, width, dataset, split (what was
-evaluated); attack, name, params (the attack: ATTACKS key, readable name, parameters
-with eps and examples); source (None for white-box, else the checkpoint the examples
+evaluated); attack, name, params (the attack: ATTACK_FUNCTIONS key, readable name,
+parameters with eps and examples); source (None for white-box, else the checkpoint the examples
 were made on); accuracy, correct, n, fooled, mean_l2 (the outcome; fooled counts the
 examples predicted right on the clean input and wrong on the attack's, mean_l2 is the
 mean L2 norm of their perturbations, None if there are none); seconds (wall

@@ -1,267 +1,34 @@
-"""Evaluation of trained checkpoints under attack: a model rebuilt from its checkpoint
-alone, any attack run over a split and judged with a prediction rule, transfer attacks
-between checkpoints, and one record per (checkpoint, attack, parameters).
-
-Keys (so that any result can be recomputed bit for bit): an attack with all its
-parameters (an `AttackSpec`) has the key fold_in(key(seed), spec.key_id), key_id being
-a CRC-32 of the spec's text; batch b of the split uses batch_key = fold_in(that key, b);
-the attack runs with fold_in(batch_key, 0) and the prediction of its output with
-fold_in(batch_key, 1). Keys do not depend on the checkpoint, so every model meets the
-same random numbers and a transfer cell whose source is its target equals that model's
-white-box result.
-"""
+"""The evaluation of trained checkpoints under attack (`evaluate_workdirs`): each model
+rebuilt from its checkpoint alone, the data it is evaluated on, the white-box attacks of
+config.attacks on every checkpoint and the transfer matrix between them, and the results
+written to results.json and results.md. Keys and prediction rules: see judging."""
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import os
-import re
 import time
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from tqdm import tqdm
 
-from l2p_jax import attacks, data, experiment, models
-from l2p_jax.errors import UserError
+from l2p_jax import data, experiment
 from l2p_jax.evaluation import prediction, results_report
+from l2p_jax.evaluation.attack_registry import (
+  AttackSpec,
+  EvaluationError,
+  listed_names,
+  plan_attacks,
+)
+from l2p_jax.evaluation.judging import KEY_LAYOUT, attack_accuracy
+from l2p_jax.evaluation.records import log_record, make_record
 from l2p_jax.runtime import sharding
 from l2p_jax.training import checkpointing
 from l2p_jax.training.checkpointing import Checkpoint
-
-# The prediction rule each method's authors judge it by: Adv-BNN's acc_under_attack.py
-# sums the softmax of 50 weight draws; the others predict from one draw.
-AUTHORS_PREDICTION = {'adv_bnn': ('mean_softmax', 50)}
-DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws is None.
-KEY_LAYOUT = (
-  'attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
-  'fold_in(spec key, b); attack key = fold_in(batch_key, 0); prediction key '
-  '= fold_in(batch_key, 1)'
-)
-
-
-class EvaluationError(UserError, ValueError):
-  """A request the evaluation cannot serve, with one message saying what to do."""
-
-
-# --- attacks by name ------------------------------------------------------------------
-
-
-def _clean(
-  logits_fn: attacks.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array
-) -> attacks.AttackResult:
-  """No attack: the inputs themselves, so clean accuracy runs through the same path."""
-  del logits_fn, key
-  return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackSpec:
-  """One attack with every parameter that changes its result.
-
-  attack: a key of ATTACK_FUNCTIONS; params: its static keyword arguments; eps: the L-inf
-  radius (None for attacks without one), passed traced so that an eps sweep compiles
-  once; examples: attack only the first N examples of the split (0: all).
-  """
-
-  attack: str
-  params: tuple[tuple[str, Any], ...] = ()
-  eps: float | None = None
-  examples: int = 0
-
-  @property
-  def key_id(self) -> int:
-    """The number folded into the seed's key for this attack (stable across runs)."""
-    return zlib.crc32(repr(self).encode()) & 0x7FFFFFFF
-
-  @property
-  def name(self) -> str:
-    """A readable one-line description, e.g. 'pgd(steps=20, ..., eps=8/255)'."""
-    parts = [f'{k}={v}' for k, v in self.params if k != 'unroll']
-    if self.eps is not None:
-      parts.append(f'eps={self.eps * 255:g}/255')
-    if self.examples:
-      parts.append(f'first {self.examples}')
-    return f'{self.attack}({", ".join(parts)})'
-
-  def describe(self) -> dict[str, Any]:
-    """The parameters as a JSON-ready dict."""
-    return {**dict(self.params), 'eps': self.eps, 'examples': self.examples}
-
-
-def _names(value: str | Sequence[str]) -> list[str]:
-  """The items of a comma-separated string or of a sequence of such strings."""
-  items = [value] if isinstance(value, str) else list(value)
-  return [name.strip() for item in items for name in item.split(',') if name.strip()]
-
-
-def _pgd(
-  config: ml_collections.ConfigDict, steps: int, eps: float, eot_draws: int = 1
-) -> AttackSpec:
-  """PGD (with EOT over `eot_draws` draws) of `steps` steps at `eps`, config.pgd's
-  other settings."""
-  p = config.pgd
-  return AttackSpec(
-    'pgd',
-    (
-      ('steps', steps),
-      ('step_size', p.step_size),
-      ('random_start', p.random_start),
-      ('restarts', p.restarts),
-      ('eot_draws', eot_draws),
-      ('unroll', _unroll(config)),
-    ),
-    eps,
-  )
-
-
-def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
-  """The few-pixel attack on `n_pixels` pixels with config.few_pixel's settings."""
-  f = config.few_pixel
-  return AttackSpec(
-    'few_pixel',
-    (
-      ('n_pixels', n_pixels),
-      ('population', f.population),
-      ('iterations', f.iterations),
-      ('chunk_size', f.chunk_size),
-    ),
-    None,
-    f.examples,
-  )
-
-
-def _cw(config: ml_collections.ConfigDict) -> AttackSpec:
-  """C&W L2 with config.cw's settings."""
-  cw = config.cw
-  return AttackSpec(
-    'cw',
-    (
-      ('c_init', cw.c_init),
-      ('learning_rate', cw.learning_rate),
-      ('kappa', cw.kappa),
-      ('binary_steps', cw.binary_steps),
-      ('steps', cw.steps),
-      ('unroll', _unroll(config)),
-    ),
-  )
-
-
-def _apgd(config: ml_collections.ConfigDict) -> AttackSpec:
-  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT), config.apgd's."""
-  return AttackSpec(
-    'apgd_rand',
-    (
-      ('steps', config.apgd.steps),
-      ('eot_draws', config.apgd.eot_draws),
-      ('unroll', _unroll(config)),
-    ),
-    config.eps,
-  )
-
-
-def _unroll(config: ml_collections.ConfigDict) -> bool | int:
-  return True if config.unroll else 1
-
-
-@dataclasses.dataclass(frozen=True)
-class RegisteredAttack:
-  """A name of config.attacks: the attack function it runs and the name its
-  AttackSpecs carry (both None for a plan of other attacks), the config section of
-  its parameters, and its specs as a function of (config, N of `name<N>`: 0 when not
-  given, accepted only when `counted`)."""
-
-  attack: str | None
-  function: Callable[..., attacks.AttackResult] | None
-  section: str | None
-  specs: Callable[[ml_collections.ConfigDict, int], list[AttackSpec]]
-  counted: bool = False
-
-
-# Every attack evaluation runs, by its name in config.attacks.
-ATTACKS: dict[str, RegisteredAttack] = {
-  'clean': RegisteredAttack('clean', _clean, None, lambda c, n: [AttackSpec('clean')]),
-  'fgsm': RegisteredAttack(
-    'fgsm', attacks.fgsm, None, lambda c, n: [AttackSpec('fgsm', (), c.eps)]
-  ),
-  'pgd': RegisteredAttack(
-    'pgd', attacks.pgd, 'pgd', lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True
-  ),
-  'eot_pgd': RegisteredAttack(
-    'pgd',
-    attacks.pgd,
-    'eot',
-    lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)],
-    counted=True,
-  ),
-  'eps_sweep': RegisteredAttack(
-    None,
-    None,
-    'eps_sweep',
-    lambda c, n: [
-      spec
-      for e in c.eps_sweep.eps_255
-      for spec in (AttackSpec('fgsm', (), e / 255), _pgd(c, c.pgd.steps, e / 255))
-    ],
-  ),
-  'cw': RegisteredAttack('cw', attacks.cw_l2, 'cw', lambda c, n: [_cw(c)]),
-  'apgd': RegisteredAttack('apgd_rand', attacks.autoattack_rand, 'apgd', lambda c, n: [_apgd(c)]),
-  'few_pixel': RegisteredAttack(
-    'few_pixel',
-    attacks.few_pixel,
-    'few_pixel',
-    lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)],
-    counted=True,
-  ),
-  'transfer': RegisteredAttack(None, None, 'transfer', lambda c, n: []),
-}
-ATTACK_NAMES = tuple(
-  f'{name}{suffix}'
-  for name, entry in ATTACKS.items()
-  for suffix in ('', '<N>')[: 1 + entry.counted]
-)
-# The function of an AttackSpec, by its `attack`.
-ATTACK_FUNCTIONS = {
-  entry.attack: entry.function for entry in ATTACKS.values() if entry.function is not None
-}
-
-
-def plan_attacks(
-  config: ml_collections.ConfigDict, names: str | Sequence[str] | None = None
-) -> tuple[list[AttackSpec], bool]:
-  """The white-box attacks that `names` (default: config.attacks) asks for, with their
-  parameters from `config` and duplicates removed (an eps-sweep point at the headline
-  eps is the headline attack), and whether the transfer matrix is asked for."""
-  specs, transfer = [], False
-  for name in _names(config.attacks if names is None else names):
-    base, number = re.fullmatch(r'(.*?)(\d*)', name).groups()
-    if base not in ATTACKS or (number and not ATTACKS[base].counted):
-      raise EvaluationError(
-        f'Unknown attack {name!r} in config.attacks; accepted: {", ".join(ATTACK_NAMES)}.'
-      )
-    if number and int(number) < 1:
-      raise EvaluationError(f'Attack {name!r} needs a count of at least 1.')
-    specs += ATTACKS[base].specs(config, int(number or 0))
-    transfer |= base == 'transfer'
-  return list(dict.fromkeys(specs)), transfer
-
-
-def prediction_rule(config: ml_collections.ConfigDict, method: str) -> tuple[str, int, str]:
-  """(rule, draws, origin) of a `method` checkpoint's predictions: config.predict's
-  rule, or with none set the method authors' (AUTHORS_PREDICTION, else one draw);
-  origin says which ('config' or 'authors')."""
-  rule, draws = config.predict.rule, config.predict.draws
-  if rule is None:
-    rule, authors_draws = AUTHORS_PREDICTION.get(method, ('single', 1))
-    return rule, 1 if rule == 'single' else draws or authors_draws, 'authors'
-  return rule, 1 if rule == 'single' else draws or DEFAULT_DRAWS, 'config'
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -333,180 +100,6 @@ def check_model_takes_split(split: data.HostSplit, checkpoint: Checkpoint) -> No
     )
 
 
-# --- running attacks ------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'attack', 'params', 'noise'))
-def _attack_batch(
-  variables: dict[str, Any],
-  images: jax.Array,
-  labels: jax.Array,
-  key: jax.Array,
-  eps: jax.Array | None,
-  *,
-  model: models.ResNet,
-  attack: str,
-  params: tuple,
-  noise: bool,
-) -> jax.Array:
-  """The attack's inputs for one uint8 batch; compiled once per (model, attack, params)."""
-  kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
-  return ATTACK_FUNCTIONS[attack](
-    models.inference_logits(model, variables, noise), key, data.to_float(images), labels, **kwargs
-  ).x_adv
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'noise', 'draws', 'rule'))
-def _judge_batch(
-  variables: dict[str, Any],
-  images: jax.Array,
-  x_adv: jax.Array,
-  labels: jax.Array,
-  mask: jax.Array,
-  key: jax.Array,
-  *,
-  model: models.ResNet,
-  noise: bool,
-  draws: int,
-  rule: str,
-) -> jax.Array:
-  """(correct, fooled, L2 sum of fooled) over the batch's real examples: predictions
-  on x_adv made by `rule` over `draws` noise draws; fooled examples are those predicted
-  right on the clean images (same key) and wrong on x_adv."""
-  predict = functools.partial(
-    prediction.predict,
-    models.inference_logits(model, variables, noise),
-    key,
-    draws=draws,
-    rule=rule,
-  )
-  x = data.to_float(images)
-  mask = mask.astype(bool)
-  correct = mask & (predict(x_adv) == labels)
-  fooled = mask & (predict(x) == labels) & ~correct
-  l2 = attacks.core.l2_norm(x_adv - x)
-  return jnp.stack([jnp.sum(correct), jnp.sum(fooled), jnp.sum(jnp.where(fooled, l2, 0.0))]).astype(
-    jnp.float32
-  )
-
-
-def attack_accuracy(
-  spec: AttackSpec,
-  source: Checkpoint,
-  targets: Sequence[Checkpoint],
-  split: data.HostSplit,
-  *,
-  config: ml_collections.ConfigDict,
-  mesh: jax.sharding.Mesh,
-  desc: str = '',
-) -> list[dict[str, Any]]:
-  """Runs `spec` on `source` over the split, batch by batch, and judges every target on
-  the resulting inputs with config.predict's rule (white-box: targets == [source]).
-
-  Returns per target: accuracy, correct, n, fooled (right on the clean input, wrong on
-  the attack's) and mean_l2 (mean L2 of the fooled perturbations, None if none).
-  """
-  split = experiment.first_examples(
-    split, min(spec.examples, split.num_examples), 'few_pixel.examples'
-  )
-  key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
-  eps = None if spec.eps is None else jnp.float32(spec.eps)
-  totals = np.zeros((len(targets), 3))
-  rules = [prediction_rule(config, t.meta['config']['method'])[:2] for t in targets]
-  batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
-  bar = _progress_bar(batches, split, config, desc or spec.name)
-  for b, batch in enumerate(bar):
-    batch_key = jax.random.fold_in(key, b)
-    x_adv = _attack_batch(
-      source.variables,
-      batch['image'],
-      batch['label'],
-      jax.random.fold_in(batch_key, 0),
-      eps,
-      model=source.model,
-      attack=spec.attack,
-      params=spec.params,
-      noise=config.noise,
-    )
-    for t, (target, (rule, draws)) in enumerate(zip(targets, rules)):
-      totals[t] += np.asarray(
-        _judge_batch(
-          target.variables,
-          batch['image'],
-          x_adv,
-          batch['label'],
-          batch['mask'],
-          jax.random.fold_in(batch_key, 1),
-          model=target.model,
-          noise=config.noise,
-          draws=draws,
-          rule=rule,
-        )
-      )
-  return [_counts(correct, fooled, l2, split.num_examples) for correct, fooled, l2 in totals]
-
-
-def _progress_bar(
-  batches: Iterable[Any], split: data.HostSplit, config: ml_collections.ConfigDict, desc: str
-) -> tqdm:
-  """A progress bar over the split's evaluation batches, shown on the first process only
-  and only when config.progress_bar asks for it."""
-  return tqdm(
-    batches,
-    total=data.num_eval_batches(split.num_examples, config.batch_size),
-    desc=desc,
-    unit='batch',
-    dynamic_ncols=True,
-    disable=not config.progress_bar or jax.process_index() != 0,
-  )
-
-
-def _counts(correct: float, fooled: float, l2: float, n: int) -> dict[str, Any]:
-  """One target's outcome over n examples from its summed (correct, fooled, L2 of the
-  fooled) totals: accuracy, the counts, and the mean L2 of the fooled (None if none)."""
-  return {
-    'accuracy': correct / n,
-    'correct': int(correct),
-    'n': n,
-    'fooled': int(fooled),
-    'mean_l2': float(l2 / fooled) if fooled else None,
-  }
-
-
-def _record(
-  config: ml_collections.ConfigDict,
-  spec: AttackSpec,
-  target: Checkpoint,
-  label: str,
-  split: data.HostSplit,
-  counts: dict[str, Any],
-  seconds: float,
-  source: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-  """One result: what was attacked how, with which key and prediction rule, and the
-  outcome (see results_report.RECORD_FIELDS)."""
-  rule, draws, origin = prediction_rule(config, target.meta['config']['method'])
-  return {
-    'label': label,
-    **target.describe(),
-    'dataset': split.name,
-    'split': split.split,
-    'attack': spec.attack,
-    'name': spec.name,
-    'params': spec.describe(),
-    'source': source,
-    **counts,
-    'seconds': seconds,
-    'rule': rule,
-    'draws': draws,
-    'rule_from': origin,
-    'noise': config.noise,
-    'randomized': config.noise and target.randomized,
-    'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
-    'batch_size': config.batch_size,
-  }
-
-
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict,
   checkpoint: Checkpoint,
@@ -522,8 +115,10 @@ def evaluate_checkpoint(
     [counts] = attack_accuracy(
       spec, checkpoint, [checkpoint], split, config=config, mesh=mesh, desc=f'{label} {spec.name}'
     )
-    records.append(_record(config, spec, checkpoint, label, split, counts, time.time() - started))
-    _log(records[-1])
+    records.append(
+      make_record(config, spec, checkpoint, label, split, counts, time.time() - started)
+    )
+    log_record(records[-1])
   return records
 
 
@@ -554,20 +149,10 @@ def transfer_records(
       origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': source.step}
       for target, c in zip(targets, counts):
         records.append(
-          _record(config, spec, target, labels[target.path], split, c, seconds, source=origin)
+          make_record(config, spec, target, labels[target.path], split, c, seconds, source=origin)
         )
-        _log(records[-1])
+        log_record(records[-1])
   return records
-
-
-def _log(record: dict[str, Any]) -> None:
-  """One console line per result."""
-  if jax.process_index() == 0:
-    origin = f' from {record["source"]["label"]}' if record['source'] else ''
-    tqdm.write(
-      f'{record["label"]}{origin} {record["name"]}: accuracy '
-      f'{100 * record["accuracy"]:.2f}% of {record["n"]} ({record["seconds"]:.1f}s)'
-    )
 
 
 def _labels(restored: Sequence[Checkpoint]) -> dict[str, str]:
@@ -644,7 +229,7 @@ def evaluate_workdirs(
   workdir's eval/), keeping the earlier records there that this run does not redo.
   Returns the results written to results.json.
   """
-  workdirs, checkpoint_paths = _names(workdirs), _names(checkpoint_paths)
+  workdirs, checkpoint_paths = listed_names(workdirs), listed_names(checkpoint_paths)
   _check_paths(workdirs, checkpoint_paths)
   validate_config(config)
   specs, transfer = plan_attacks(config)
@@ -653,8 +238,8 @@ def evaluate_workdirs(
   paths = checkpoint_paths or workdirs
   evaluated = [cache.load(path) for path in paths]
   if transfer:
-    sources = [cache.load(p) for p in _names(config.transfer.sources) or paths]
-    targets = [cache.load(p) for p in _names(config.transfer.targets) or paths]
+    sources = [cache.load(p) for p in listed_names(config.transfer.sources) or paths]
+    targets = [cache.load(p) for p in listed_names(config.transfer.targets) or paths]
   labels = _labels(list(cache.restored.values()))
   examples = functools.cache(load_examples)
 
