@@ -14,7 +14,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from l2p_jax import evaluation
-from l2p_jax.evaluation import results_report
 from l2p_jax.runtime import cli, distributed, orbax_logging
 
 FLAGS = flags.FLAGS
@@ -45,11 +44,6 @@ def main(argv):
     orbax_logging.quiet_orbax()
   distributed.initialize_from_flags()
   with cli.one_line_errors('eval.py'):
-    output_dir = FLAGS.config.output_dir or os.path.join(FLAGS.workdir[0], 'eval')
-    cli.check_writable_folder(
-      'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
-    )
-    results_report.read_previous(output_dir)  # Refused now, not after the attacks.
     evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 
 

@@ -320,8 +320,8 @@ def test_two_processes_train_like_one_process_with_four_devices(runs):
     'ocdbt.process_1',
   ]
   first, second = log(two, 0), log(two, 1)
-  assert 'epoch 1 | lr 0.1' in first and 'epoch 1 |' not in second
-  assert 'epoch 1/1' in first and 'epoch 1/1' not in second  # The progress bar.
+  assert 'epoch 0 | lr 0.1' in first and 'epoch 0 |' not in second
+  assert 'epoch 0 [1/1]' in first and 'epoch 0 [1/1]' not in second  # The progress bar.
 
 
 def test_killed_process_stops_the_other_and_restart_resumes(runs: Runs):

@@ -278,6 +278,39 @@ def test_train_py_config_mistakes_are_one_line(cifar_dir, tmp_path, overrides, m
   assert one_line(stderr) == message
 
 
+def test_a_failed_start_leaves_no_workdir_and_no_config_json(cifar_dir, tmp_path):
+  """A start refused at its data leaves nothing behind; the start that then trains
+  writes config.json with its own values (it used to keep the failed start's)."""
+  code, _, _ = train(cifar_dir, tmp_path / 'run', '--config.batch_size=128')
+  assert code == 1 and not (tmp_path / 'run').exists()
+  code, _, stderr = train(cifar_dir, tmp_path / 'run', '--config.data.dataset=fashion_mnst')
+  assert code == 1 and not (tmp_path / 'run').exists(), stderr
+  code, stdout, stderr = train(
+    cifar_dir, tmp_path / 'run', '--config.num_epochs=1', '--config.data.eval_examples=32'
+  )
+  assert code == 0, stderr[-3000:]
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['batch_size'] == 64
+  assert 'epoch 0 [1/1]' in stderr and 'epoch 0 | lr' in stdout  # From 0, as metrics.jsonl.
+  assert (
+    'method=l2p trains no adversarial step: adv.start_epoch=1 is not below num_epochs=1.'
+  ) in stderr
+
+
+def test_divergence_before_any_checkpoint_says_a_rerun_starts_over(cifar_dir, tmp_path):
+  code, _, stderr = train(
+    cifar_dir,
+    tmp_path / 'run',
+    '--config.optim.learning_rate=3e38',  # Infinite weights after the first step.
+    '--config.data.eval_examples=32',
+  )
+  assert code == 1 and 'Traceback' not in stderr
+  line = stderr.strip().splitlines()[-1]  # The progress bar closed before the message.
+  assert line.startswith('train.py: Non-finite loss or train state')
+  assert 'Last good checkpoint: none (no checkpoint was written yet).' in line
+  assert line.endswith('rerunning the same command starts over.')
+  assert not (tmp_path / 'run' / 'config.json').exists()
+
+
 def test_a_missing_config_file_is_one_line(tmp_path):
   for program, *rest in (
     ('train.py', '--workdir', tmp_path),
@@ -317,8 +350,15 @@ def test_a_read_only_workdir_is_one_line(cifar_dir, tmp_path):
   )
 
 
-@pytest.mark.xfail(strict=True, reason='issue 25: needs the evaluation split to land')
-@pytest.mark.parametrize('override', ['--config.eot.draws=0', '--config.pgd.restarts=-1'])
+@pytest.mark.parametrize(
+  'override',
+  [
+    '--config.eot.draws=0',
+    '--config.pgd.restarts=-1',
+    '--config.pgd.steps=0',
+    '--config.predict.draws=0',
+  ],
+)
 def test_eval_py_refuses_counts_below_one_in_one_line(tmp_path, override):
   save_checkpoints(tmp_path / 'checkpoints', (4,))
   code, _, stderr = run('eval.py', '--workdir', tmp_path, override)

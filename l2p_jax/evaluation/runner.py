@@ -26,7 +26,7 @@ from l2p_jax.evaluation.attack_registry import (
 )
 from l2p_jax.evaluation.judging import KEY_LAYOUT, attack_accuracy
 from l2p_jax.evaluation.records import log_record, make_record
-from l2p_jax.runtime import sharding
+from l2p_jax.runtime import cli, sharding
 from l2p_jax.training import checkpointing
 from l2p_jax.training.checkpointing import Checkpoint
 
@@ -38,10 +38,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise EvaluationError(
       f'Unknown prediction rule {rule!r} (config.predict.rule); expected one of {prediction.RULES}.'
     )
+  draws = config.predict.draws
   for field, value, low in (
     ('eps', config.eps, 0),
-    ('predict.draws', config.predict.draws or 1, 1),
+    ('predict.draws', 1 if draws is None else draws, 1),  # None: the rule's default.
     ('batch_size', config.batch_size, 1),
+    ('pgd.steps', config.pgd.steps, 1),
+    ('pgd.restarts', config.pgd.restarts, 1),
+    ('eot.draws', config.eot.draws, 1),
+    ('cw.binary_steps', config.cw.binary_steps, 1),
+    ('cw.steps', config.cw.steps, 1),
+    ('apgd.steps', config.apgd.steps, 1),
+    ('apgd.eot_draws', config.apgd.eot_draws, 1),
     ('few_pixel.population', config.few_pixel.population, 4),
     ('few_pixel.examples', config.few_pixel.examples, 0),
   ):
@@ -233,6 +241,11 @@ def evaluate_workdirs(
   _check_paths(workdirs, checkpoint_paths)
   validate_config(config)
   specs, transfer = plan_attacks(config)
+  output_dir = config.output_dir or os.path.join(workdirs[0], 'eval')
+  cli.check_writable_folder(
+    'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
+  )
+  results_report.read_previous(output_dir)  # Refused now, not after the attacks.
   mesh = _eval_mesh(config)
   cache = _RestoredCheckpoints(config)
   paths = checkpoint_paths or workdirs
@@ -259,4 +272,4 @@ def evaluate_workdirs(
     'checkpoints': [{'label': labels[c.path], **c.describe()} for c in cache.restored.values()],
     'records': records,
   }
-  return _write_results(results, config.output_dir or os.path.join(workdirs[0], 'eval'))
+  return _write_results(results, output_dir)

@@ -5,7 +5,6 @@ REPORT.md and the figures (noise evolution, accuracy against eps) as PNG."""
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from collections.abc import Sequence
@@ -34,11 +33,11 @@ def paper_arch(setting: tuple[str, float]) -> str:
 
 
 def _load(path: str) -> tuple[list[dict[str, Any]], float]:
-  """The records of a results.json ([] if not there yet) and its headline eps."""
-  if not path or not os.path.exists(path):
+  """The records of a results.json ([] if not there yet) and its headline eps; a file
+  that does not read is one ResultsFileError naming it."""
+  results = results_report.read_previous(os.path.dirname(path)) if path else None
+  if results is None:
     return [], 0.0
-  with open(path) as f:
-    results = json.load(f)
   return results['records'], results['config']['eps']
 
 

@@ -22,10 +22,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2p_jax import data, experiment, training
+from l2p_jax import data, experiment, methods, training
 from l2p_jax.errors import UserError
 from l2p_jax.experiment import ConfigError
-from l2p_jax.runtime import sharding
+from l2p_jax.runtime import files, sharding
 from l2p_jax.runtime.metrics import MetricsWriter, read_metrics
 from l2p_jax.runtime.plots import plot_noise_evolution
 from l2p_jax.training import EpochMetrics, TrainState, checkpointing, locking, objectives, optim
@@ -34,7 +34,7 @@ from l2p_jax.training import EpochMetrics, TrainState, checkpointing, locking, o
 def summarize(record: dict[str, Any]) -> str:
   """One console line for an epoch's record."""
   parts = [
-    f'epoch {record["epoch"] + 1}',
+    f'epoch {record["epoch"]}',  # Counted from 0, as in metrics.jsonl.
     f'lr {record["learning_rate"]:.4g}',
     f'loss {record["train_loss"]:.4f}',
     f'train acc {record["train_accuracy"]:.4f}',
@@ -107,16 +107,15 @@ def resume(
   )
   state, metrics = training.from_checkpoint_tree(tree)
   if jax.process_index() == 0:
-    for bad in unreadable:
-      aside = os.path.join(workdir, 'unreadable_checkpoints', str(bad))
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      os.replace(checkpoints.path(bad), aside)
-      logging.warning('Moved the unreadable checkpoint %s to %s.', checkpoints.path(bad), aside)
-    tqdm.write(f'Resuming from {checkpoints.path(step)}.')
+    aside = os.path.join(workdir, 'unreadable_checkpoints')
+    for bad in unreadable:  # Each was named by one warning when it failed to restore.
+      os.makedirs(aside, exist_ok=True)
+      os.replace(checkpoints.path(bad), os.path.join(aside, str(bad)))
+    moved = f' (unreadable newer ones moved to {aside})' if unreadable else ''
+    tqdm.write(f'Resuming from {checkpoints.path(step)}{moved}.')
     if changes:
       changed = os.path.join(workdir, f'config.{step}.json')
-      with open(changed, 'w') as f:
-        f.write(config.to_json_best_effort(indent=2))
+      files.write_text(changed, config.to_json_best_effort(indent=2))
       logging.warning(
         'Resuming %s with a changed config (written to %s):\n  %s',
         checkpoints.path(step),
@@ -133,11 +132,15 @@ def resume(
 @dataclasses.dataclass
 class _Saver:
   """Saves checkpoints with the run's metadata, never a non-finite state nor one step
-  twice; `last` is the newest step saved (or resumed from), None before any."""
+  twice; `last` is the newest step saved (or resumed from), None before any. With the
+  first checkpoint of a workdir it writes WORKDIR/config.json, so that file is the
+  config of the run its checkpoints hold, never of a start that failed before one."""
 
   checkpoints: checkpointing.Checkpoints
   meta: dict[str, Any]
   last: int | None
+  config: ml_collections.ConfigDict
+  workdir: str
 
   def check(self, metrics: EpochMetrics) -> None:
     check_finite(metrics, self.checkpoints, self.last)
@@ -145,6 +148,7 @@ class _Saver:
   def save(self, step: int, state: TrainState, metrics: EpochMetrics) -> None:
     self.check(metrics)
     if step != self.last:
+      _write_config(self.config, self.workdir)
       self.checkpoints.save(step, training.checkpoint_tree(state, metrics), self.meta)
       self.last = step
 
@@ -182,8 +186,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """WORKDIR/config.json, the first run's config (changes go to config.STEP.json)."""
   config_path = os.path.join(workdir, 'config.json')
   if jax.process_index() == 0 and not os.path.exists(config_path):
-    with open(config_path, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    files.write_text(config_path, config.to_json_best_effort(indent=2))
 
 
 @contextlib.contextmanager
@@ -232,6 +235,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   rerun resumes from.
   """
   experiment.validate_config(config)
+  if methods.get(config.method).adversarial and config.adv.start_epoch >= config.num_epochs:
+    logging.warning(  # A short smoke run may mean it; a real run would not.
+      'method=%s trains no adversarial step: adv.start_epoch=%d is not below num_epochs=%d.',
+      config.method,
+      config.adv.start_epoch,
+      config.num_epochs,
+    )
+  mesh = _make_mesh(config)
+  # The data first: a missing dataset leaves no workdir behind.
+  train_split, eval_split, train_split_size = experiment.load_data(config)
   os.makedirs(workdir, exist_ok=True)
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # The processes of one run share the workdir.
@@ -242,10 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     stack.callback(checkpoints.close)
     stack.enter_context(_interrupt_names_resume_step(checkpoints))
 
-    mesh = _make_mesh(config)
     replicated = sharding.replicated_sharding(mesh)
     _refuse_changed_steps(checkpoints, config)
-    train_split, eval_split, train_split_size = experiment.load_data(config)
     mean, std = experiment.normalization(config, train_split)
     model = experiment.build_model(config, train_split.num_classes, mean, std)
     optimizers = optim.make_optimizers(
@@ -267,7 +278,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )(jax.random.fold_in(root, training.INIT_STREAM))
     metrics = sharding.replicate(mesh, EpochMetrics.empty())
     state, metrics, latest = resume(checkpoints, config, state, metrics, workdir)
-    _write_config(config, workdir)
 
     # The jitted steps: training on batches from the host, or gathered from the split
     # put on the mesh; evaluation; the optimizers' restart.
@@ -300,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       'std': std,
       'image_shape': list(train_split.images.shape[1:]),
     }
-    saver = _Saver(checkpoints, meta, latest)
+    saver = _Saver(checkpoints, meta, latest, config, workdir)
     writer = MetricsWriter(workdir)
     steps_per_epoch = data.steps_per_epoch(train_split.num_examples, config.batch_size)
     writer.drop_epochs_from(int(state.step) // steps_per_epoch)
@@ -315,30 +325,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       started = time.time()
       # Per-epoch values go to the devices once here, not with every step.
       per_epoch = sharding.replicate(mesh, (np.float32(lr), np.float32(reg_weight)))
-      bar = tqdm(
+      # The bar closes before any error propagates, so its message starts a line.
+      with tqdm(
         total=steps_per_epoch,
         initial=start,
         unit='step',
         dynamic_ncols=True,
-        desc=f'epoch {epoch + 1}/{config.num_epochs}',
+        desc=f'epoch {epoch} [{epoch + 1}/{config.num_epochs}]',
         disable=not config.progress_bar or jax.process_index() != 0,
-      )
-      for inputs in _epoch_inputs(
-        config, mesh, train_split, device_split, epoch, start, steps_per_epoch
-      ):
-        state, metrics = train_step(state, metrics, *inputs, *per_epoch, phase=phase)
-        step += 1
-        bar.update()
-        if step % config.log_every_steps == 0:
-          saver.check(metrics)
-          loss = float(metrics.loss_sum) / (step - epoch * steps_per_epoch)
-          bar.set_postfix(loss=f'{loss:.4f}')
-          writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
-        # The epoch's last step is saved after its record is written (below), so that
-        # a crash in between redoes the epoch rather than lose its record.
-        if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
-          saver.save(step, state, metrics)
-      bar.close()
+      ) as bar:
+        for inputs in _epoch_inputs(
+          config, mesh, train_split, device_split, epoch, start, steps_per_epoch
+        ):
+          state, metrics = train_step(state, metrics, *inputs, *per_epoch, phase=phase)
+          step += 1
+          bar.update()
+          if step % config.log_every_steps == 0:
+            saver.check(metrics)
+            loss = float(metrics.loss_sum) / (step - epoch * steps_per_epoch)
+            bar.set_postfix(loss=f'{loss:.4f}')
+            writer.scalars(step, {'train/loss_running': loss, 'train/learning_rate': lr})
+          # The epoch's last step is saved after its record is written (below), so that
+          # a crash in between redoes the epoch rather than lose its record.
+          if step % config.checkpoint_every_steps == 0 and step < (epoch + 1) * steps_per_epoch:
+            saver.save(step, state, metrics)
 
       record = {
         'epoch': epoch,
@@ -384,14 +394,12 @@ def check_finite(
   """Raises NonFiniteLossError naming the step and the last good checkpoint."""
   bad = int(metrics.nonfinite_step)
   if bad >= 0:
-    where = (
-      checkpoints.path(last_saved)
-      if last_saved is not None
-      else 'none (no checkpoint was written yet)'
-    )
+    if last_saved is None:
+      where, rerun = 'none (no checkpoint was written yet)', 'starts over'
+    else:
+      where, rerun = checkpoints.path(last_saved), 'resumes from that checkpoint'
     raise NonFiniteLossError(
       f'Non-finite loss or train state (parameters, noise parameters or optimizer '
-      f'state) at step {bad}. Last good checkpoint: {where}. '
-      'Lower optim.learning_rate or check the data; rerunning the same command '
-      'resumes from that checkpoint.'
+      f'state) at step {bad}. Last good checkpoint: {where}. Lower '
+      f'optim.learning_rate or check the data; rerunning the same command {rerun}.'
     )
