@@ -16,7 +16,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from l2p_jax import experiment
+from l2p_jax import experiment, methods
 from l2p_jax.interop.parity import trajectory, trajectory_report
 from l2p_jax.runtime import cli, files
 from l2p_jax.runtime.plots import plot_divergence
@@ -52,7 +52,8 @@ def main(argv):
 
 def compare(config: ml_collections.ConfigDict) -> None:
   """Runs both frameworks as the flags say and writes the report and its plot."""
-  name = config.method + (f'_{config.l2p.alternation}' if config.method == 'l2p' else '')
+  alternates = methods.get(config.method).noise_update is not None  # L2P's alternation.
+  name = config.method + (f'_{config.l2p.alternation}' if alternates else '')
   output = FLAGS.output or os.path.join('trajectories', name)
   cli.check_writable_folder('--output', os.path.dirname(os.path.abspath(output)))
   split, _, split_size = experiment.load_data(config)

@@ -118,7 +118,8 @@ def plot_divergence(report: dict[str, Any], path: str) -> None:
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel('optimizer step')
   ax.set_ylabel('JAX vs PyTorch')
-  name = report['method'] + (f' ({report["alternation"]})' if report['method'] == 'l2p' else '')
+  alternation = report['alternation']  # L2P's (None for the other methods).
+  name = report['method'] + (f' ({alternation})' if alternation else '')
   ax.set_title(f'{name}, {report["arch"]} x{report["width"]}, BatchNorm {report["batch_norm"]}')
   ax.legend(fontsize=7)
   fig.tight_layout()

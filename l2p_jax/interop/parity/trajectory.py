@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from l2p_jax import data, experiment, training
+from l2p_jax import data, experiment, methods, training
 from l2p_jax.attacks import core
 from l2p_jax.interop.parity import trajectory_report
 from l2p_jax.interop.torch_layouts import torch_entries
@@ -84,7 +84,7 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
     problems.append(f'steps={steps} (needs at least 1)')
   if (
     config.adv.attack_batchnorm == 'running'
-    and config.method == 'l2p'
+    and methods.get(config.method).noise_update is not None
     and config.l2p.alternation == 'paper'
   ):
     problems.append(
@@ -351,9 +351,9 @@ def _step_inputs(
   and each PGD step's gradient sign."""
   keys = training.step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
-  if (
-    config.method == 'l2p' and phase.train_perturb and config.l2p.alternation == 'authors_code'
-  ):  # PGD comes after theta's step.
+  alternates = methods.get(config.method).noise_update is not None  # L2P's alternation.
+  if alternates and phase.train_perturb and config.l2p.alternation == 'authors_code':
+    # PGD comes after theta's step.
     g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
     state = training.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
 

@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from l2p_jax import training
+from l2p_jax import methods, training
 
 COLLECTIONS = ('params', 'perturb', 'batch_stats')
 
@@ -87,7 +87,10 @@ def run_report(
   )
   return {
     'method': config.method,
-    'alternation': config.l2p.alternation,
+    # L2P's update alternation; None for a method without one.
+    'alternation': (
+      config.l2p.alternation if methods.get(config.method).noise_update is not None else None
+    ),
     'arch': config.model.arch,
     'width': config.model.width,
     'dataset': config.data.dataset,
@@ -101,8 +104,9 @@ def run_report(
 def summarize(report: dict[str, Any]) -> str:
   """A few lines: the largest difference of each quantity over the run, and the first
   PGD sign flip."""
+  alternation = f' ({report["alternation"]})' if report['alternation'] else ''
   lines = [
-    f'{report["method"]} ({report["alternation"]}) {report["arch"]} '
+    f'{report["method"]}{alternation} {report["arch"]} '
     f'x{report["width"]}, {len(report["steps"])} steps, '
     f'BatchNorm {report["batch_norm"]}:'
   ]
