@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 from l2p_jax.runtime import files
@@ -71,3 +72,20 @@ def silenced() -> Iterator[None]:
   finally:
     for logger in loggers:
       logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def stderr_discarded() -> Iterator[None]:
+  """Within the block, what anything writes to the process's stderr (file descriptor 2)
+  goes nowhere: closing a checkpoint manager whose save failed on a full disk, whose
+  TensorStore callbacks print 'Event loop is closed' tracebacks from outside Python's
+  logging, while the entry point's one line says what happened."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)

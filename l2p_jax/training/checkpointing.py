@@ -11,10 +11,11 @@ missing file) is skipped for the newest one that reads, with a warning naming it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ from flax import traverse_util
 
 from l2p_jax import experiment, methods
 from l2p_jax.errors import UserError
-from l2p_jax.runtime import orbax_logging, sharding
+from l2p_jax.runtime import files, orbax_logging, sharding
 
 # Config fields that decide the shapes and meaning of the saved variables.
 STRUCTURE_FIELDS = ('method', 'model', 'data.dataset')
@@ -169,6 +170,19 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+  @contextlib.contextmanager
+  def closing(self) -> Iterator[Checkpoints]:
+    """Closes the manager when the block ends; after a full disk without the tracebacks
+    of its failed save's callbacks (the error that ends the block says what failed)."""
+    try:
+      yield self
+    except BaseException as error:
+      quiet = orbax_logging.stderr_discarded() if files.is_disk_full(error) else None
+      with quiet or contextlib.nullcontext():
+        self.close()
+      raise
+    self.close()
 
 
 def _reason(error: Exception) -> str:

@@ -249,10 +249,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # The processes of one run share the workdir.
       stack.enter_context(locking.WorkdirLock(workdir))
-    checkpoints = checkpointing.Checkpoints(
-      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
+    checkpoints = stack.enter_context(
+      checkpointing.Checkpoints(
+        os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
+      ).closing()
     )
-    stack.callback(checkpoints.close)
     stack.enter_context(_interrupt_names_resume_step(checkpoints))
 
     replicated = sharding.replicated_sharding(mesh)
