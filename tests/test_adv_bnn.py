@@ -115,6 +115,7 @@ def test_kl_weight_is_alpha_over_the_whole_training_split(tmp_path):
   config = get_config('adv_bnn,resnet8,cifar10,tiny')
   config.data.source, config.data.local_dir = 'local', str(cifar)
   config.data.train_examples, config.data.eval_examples = 20, 10
+  config.batch_size = 20  # At most the training examples.
   train_split, _, full_size = experiment.load_data(config)
   assert (train_split.num_examples, full_size) == (20, 60)
   assert training.kl_loss_weight(config, full_size) == 1 / 60  # Not 1/20: same prior.

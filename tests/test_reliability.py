@@ -415,7 +415,7 @@ import sys
 from l2p_jax.reproduction import grid_runner
 child = 'import os, time; open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(120)'
 grid_runner.launch_subprocess(
-  ['python', '-c', 'import sys; ' + child, sys.argv[1]], sys.argv[2]
+  ['python', '-c', 'import sys; ' + child, sys.argv[1]], sys.argv[2], root='.'
 )
 """
 
