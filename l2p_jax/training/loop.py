@@ -226,6 +226,18 @@ def _epoch_inputs(
   return ((batch,) for batch in data.device_batches(mesh, batches))
 
 
+def _warn_without_adversarial_steps(config: ml_collections.ConfigDict) -> None:
+  """Says when an adversarial method's run ends before its adversarial phase starts (a
+  short smoke run may mean it; a real run would not)."""
+  if methods.get(config.method).adversarial and config.adv.start_epoch >= config.num_epochs:
+    logging.warning(
+      'method=%s trains no adversarial step: adv.start_epoch=%d is not below num_epochs=%d.',
+      config.method,
+      config.adv.start_epoch,
+      config.num_epochs,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from the newest readable checkpoint there.
 
@@ -235,13 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   rerun resumes from.
   """
   experiment.validate_config(config)
-  if methods.get(config.method).adversarial and config.adv.start_epoch >= config.num_epochs:
-    logging.warning(  # A short smoke run may mean it; a real run would not.
-      'method=%s trains no adversarial step: adv.start_epoch=%d is not below num_epochs=%d.',
-      config.method,
-      config.adv.start_epoch,
-      config.num_epochs,
-    )
+  _warn_without_adversarial_steps(config)
   mesh = _make_mesh(config)
   # The data first: a missing dataset leaves no workdir behind.
   train_split, eval_split, train_split_size = experiment.load_data(config)
