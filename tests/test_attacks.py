@@ -205,6 +205,24 @@ def test_best_of_restarts_keeps_the_first_fooling_else_the_highest_loss_restart(
   assert 0 < int(fooled.sum()) < 6  # both branches are exercised
 
 
+@jax.jit
+def pgd_mlp_step_fraction(eps, key, x, y):
+  """PGD with its step a quarter of eps, eps traced: one compilation for every radius."""
+  return attacks.pgd(mlp, key, x, y, eps=eps, steps=10, step_fraction=0.25)
+
+
+def test_pgd_step_fraction_is_that_fraction_of_eps_at_every_radius():
+  for eps in (EPS, 2 * EPS):
+    fixed = jax.jit(functools.partial(attacks.pgd, mlp, eps=eps, steps=10, step_size=eps / 4))
+    # eps / 4 is exact in binary, so the two steps are the same float.
+    np.testing.assert_array_equal(
+      pgd_mlp_step_fraction(eps, KEY, X, Y).x_adv, fixed(KEY, X, Y).x_adv
+    )
+  for both_or_neither in ({'step_size': 0.01, 'step_fraction': 0.25}, {}):
+    with pytest.raises(ValueError, match='exactly one of step_size and step_fraction'):
+      attacks.pgd(mlp, KEY, X, Y, eps=EPS, steps=1, **both_or_neither)
+
+
 # ---------------------------------------------------------------- EOT and keys
 
 

@@ -22,7 +22,8 @@ def pgd(
   *,
   eps: float,
   steps: int,
-  step_size: float,
+  step_size: float | None = None,
+  step_fraction: float | None = None,
   random_start: bool = True,
   restarts: int = 1,
   loss: str = 'ce',
@@ -32,6 +33,9 @@ def pgd(
   """L-inf PGD: `steps` sign-gradient ascent steps on `loss`, each projected back onto
   the eps-ball around x and [0, 1]; returns the last iterate of the best restart.
 
+  Each step is `step_size`, or `step_fraction` * eps when that is given instead (exactly
+  one of the two), so that an eps sweep with eps traced keeps its step in proportion to
+  the radius and still compiles once.
   `eot_draws` > 1 averages each step's gradient over that many noise draws (EOT);
   `restarts` > 1 keeps per example the first restart that fools the model, else the
   highest-loss one; `unroll` is passed to the step loop (True unrolls it fully, which
@@ -39,6 +43,9 @@ def pgd(
   fresh draws at x_adv. Jittable with the integer and string arguments static; with one
   restart, unused outputs (success, l2) cost nothing under jit.
   """
+  if (step_size is None) == (step_fraction is None):
+    raise ValueError('pgd takes exactly one of step_size and step_fraction.')
+  step_size = step_size if step_fraction is None else step_fraction * eps
   loss_fn = core.get_loss(loss)
 
   def run(run_key):
