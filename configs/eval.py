@@ -13,8 +13,9 @@ evaluation, `get_config('tiny')` a CPU smoke test of every attack:
 
 Attack names (config.attacks, comma-separated): clean; fgsm; pgd (pgd.steps steps),
 pgd<N> (N steps: pgd20, pgd100); eot_pgd, eot_pgd<N> (PGD with gradients averaged
-over eot.draws noise draws); eps_sweep (FGSM and PGD at every eps_sweep.eps_255/255);
-cw (C&W L2); apgd (AutoAttack 'rand': APGD-CE + APGD-DLR with EOT); few_pixel (every
+over eot.draws noise draws); eps_sweep (FGSM and PGD at every eps_sweep.eps_255/255,
+PGD with eps_sweep.steps steps of eps_sweep.step_fraction * eps); cw (C&W L2);
+apgd (AutoAttack 'rand': APGD-CE + APGD-DLR with EOT); few_pixel (every
 few_pixel.pixels), few_pixel<N> (N pixels); transfer (FGSM and PGD examples of every
 transfer source judged by every transfer target).
 """
@@ -69,8 +70,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.eot = ml_collections.ConfigDict()
   c.eot.draws = 30  # Noise draws averaged per EOT-PGD gradient (the L2P authors').
 
+  # The sweep doubles eps up to 64/255, where every model, defended or not, must fall to
+  # about 0% (a curve that does not points at a broken attack, not at robustness), and
+  # scales PGD's step with eps: 10 steps of eps/4 travel 2.5 eps, across the ball's
+  # 2 eps diameter at every radius, where pgd.step_size's fixed 0.01 (7 x 0.01 = 0.07
+  # against 64/255 = 0.25) cannot.
   c.eps_sweep = ml_collections.ConfigDict()
-  c.eps_sweep.eps_255 = (1, 2, 3, 4, 5, 6, 7, 8)  # Radii in units of 1/255.
+  c.eps_sweep.eps_255 = (1, 2, 4, 8, 16, 32, 64)  # Radii in units of 1/255.
+  c.eps_sweep.steps = 10  # PGD steps at every radius...
+  c.eps_sweep.step_fraction = 0.25  # ...each of step_fraction * eps.
 
   c.cw = ml_collections.ConfigDict()  # PNI's settings.
   c.cw.c_init = 0.01  # Initial trade-off constant c.
@@ -100,6 +108,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.data.examples = 12
     c.pgd.steps = 2
     c.eps_sweep.eps_255 = (4, 8)
+    c.eps_sweep.steps = 2
     c.cw.c_init = 10.0
     c.cw.learning_rate = 0.05
     c.cw.binary_steps = 2

@@ -58,6 +58,8 @@ def evaluated(runs):
 
 
 def white_box(results, label, attack, eps=8 / 255):
+  """The white-box record of `attack` at `eps`; for PGD the headline one, not the eps
+  sweep's (whose step is a fraction of eps)."""
   [record] = [
     r
     for r in results['records']
@@ -65,6 +67,7 @@ def white_box(results, label, attack, eps=8 / 255):
     and r['source'] is None
     and r['attack'] == attack
     and r['params']['eps'] == eps
+    and 'step_fraction' not in r['params']
   ]
   return record
 
@@ -84,7 +87,7 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
   pgd_steps = sorted(
     params(s)['steps']
     for s in specs
-    if s.attack == 'pgd' and params(s)['eot_draws'] == 1 and s.eps == 8 / 255
+    if s.attack == 'pgd' and params(s)['eot_draws'] == 1 and params(s).get('step_size') == 0.01
   )
   assert pgd_steps == [7, 20, 100]
   [eot] = [s for s in specs if s.attack == 'pgd' and params(s)['eot_draws'] > 1]
@@ -102,8 +105,13 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
   assert [
     (params(s)['n_pixels'], params(s)['population'], params(s)['iterations']) for s in few
   ] == [(1, 400, 75), (2, 400, 75), (3, 400, 75)]
-  sweep = sorted(round(s.eps * 255) for s in specs if s.attack == 'fgsm')
-  assert sweep == list(range(1, 9))  # The sweep's 8/255 point is the headline FGSM.
+  radii = [1, 2, 4, 8, 16, 32, 64]
+  assert sorted(round(s.eps * 255) for s in specs if s.attack == 'fgsm') == radii
+  # The sweep's FGSM at 8/255 is the headline FGSM; its PGD, 10 steps of eps/4, is not
+  # the headline PGD-7 of step 0.01.
+  sweep = [s for s in specs if s.attack == 'pgd' and 'step_fraction' in params(s)]
+  assert [round(s.eps * 255) for s in sweep] == radii
+  assert {(params(s)['steps'], params(s)['step_fraction']) for s in sweep} == {(10, 0.25)}
   assert len(specs) == len(set(specs)) == len({s.key_id for s in specs}) and not transfer
   with pytest.raises(AttributeError):
     config.pgd.step = 3  # Locked: a typo of pgd.steps is an error.
@@ -170,8 +178,9 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
       ('few_pixel', None),
       ('fgsm', 4),
       ('fgsm', 8),
-      ('pgd', 4),
-      ('pgd', 8),
+      ('pgd', 4),  # the sweep's
+      ('pgd', 8),  # the sweep's
+      ('pgd', 8),  # the headline PGD
     )
   )
   transfer = sorted(
@@ -192,6 +201,7 @@ def test_markdown_tables_and_plots_are_written(evaluated):
   assert '| l2p (l2p resnet8 x0.5, step 8) |' in table
   assert '| none (none resnet8 x0.5, step 24) |' in table
   assert '| checkpoint | attack | 4/255 | 8/255 |' in table
+  assert '| none | PGD-2 (step eps/4) |' in table
   assert '| source \\ target | l2p FGSM | l2p PGD-2 | none FGSM | none PGD-2 |' in table
   for name in ('accuracy_vs_eps.png', 'noise_evolution_l2p.png'):
     assert (output / name).stat().st_size > 10_000, name

@@ -171,11 +171,22 @@ def _apgd(config: ml_collections.ConfigDict) -> AttackSpec:
 
 
 def _eps_sweep(config: ml_collections.ConfigDict) -> list[AttackSpec]:
-  """FGSM and PGD at every eps of config.eps_sweep.eps_255 (in 1/255 units)."""
+  """FGSM and PGD at every eps of config.eps_sweep.eps_255 (in 1/255 units); PGD takes
+  eps_sweep.steps steps of eps_sweep.step_fraction * eps, so that every radius is crossed
+  in the same number of steps, with config.pgd's random start and restarts."""
+  sweep = config.eps_sweep
+  pgd = (
+    ('steps', sweep.steps),
+    ('step_fraction', sweep.step_fraction),
+    ('random_start', config.pgd.random_start),
+    ('restarts', config.pgd.restarts),
+    ('eot_draws', 1),
+    ('unroll', _unroll(config)),
+  )
   return [
     spec
-    for e in config.eps_sweep.eps_255
-    for spec in (AttackSpec('fgsm', (), e / 255), _pgd(config, config.pgd.steps, e / 255))
+    for e in sweep.eps_255
+    for spec in (AttackSpec('fgsm', (), e / 255), AttackSpec('pgd', pgd, e / 255))
   ]
 
 
@@ -216,8 +227,8 @@ def plan_attacks(
   config: ml_collections.ConfigDict, names: str | Sequence[str] | None = None
 ) -> tuple[list[AttackSpec], bool]:
   """The white-box attacks that `names` (default: config.attacks) asks for, with their
-  parameters from `config` and duplicates removed (an eps-sweep point at the headline
-  eps is the headline attack), and whether the transfer matrix is asked for."""
+  parameters from `config` and duplicates removed (the eps sweep's FGSM at the headline
+  eps is the headline FGSM), and whether the transfer matrix is asked for."""
   specs, transfer = [], False
   for name in listed_names(config.attacks if names is None else names):
     base, number = re.fullmatch(r'(.*?)(\d*)', name).groups()

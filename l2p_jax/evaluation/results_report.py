@@ -65,15 +65,17 @@ ATTACK_ORDER = ('clean', 'fgsm', 'pgd', 'cw', 'apgd_rand', 'few_pixel')
 
 
 def attack_title(record: dict[str, Any]) -> str:
-  """A short column title: Clean, FGSM, PGD-7, EOT-PGD-7 (30 draws), C&W, APGD-rand,
-  1 px."""
+  """A short column title: Clean, FGSM, PGD-7, EOT-PGD-7 (30 draws), PGD-10 (step eps/4)
+  (a step in proportion to eps, as the eps sweep's), C&W, APGD-rand, 1 px."""
   p, attack = record['params'], record['attack']
   if attack == 'pgd':
-    return (
+    title = (
       f'PGD-{p["steps"]}'
       if p['eot_draws'] == 1
       else f'EOT-PGD-{p["steps"]} ({p["eot_draws"]} draws)'
     )
+    fraction = p.get('step_fraction')
+    return title if fraction is None else f'{title} (step eps/{1 / fraction:.3g})'
   if attack == 'few_pixel':
     return f'{p["n_pixels"]} px'
   return {'clean': 'Clean', 'fgsm': 'FGSM', 'cw': CW_COLUMN, 'apgd_rand': 'APGD-rand'}[attack]
@@ -81,9 +83,10 @@ def attack_title(record: dict[str, Any]) -> str:
 
 def table_column(record: dict[str, Any], eps: float) -> tuple[tuple, str] | None:
   """(sort key, title) of the main table's column for a white-box record at the
-  headline eps; None for transfer records and other radii."""
+  headline eps; None for transfer records, other radii and the eps sweep's PGD (its step
+  a fraction of eps), which the table against eps shows."""
   p = record['params']
-  if record['source'] is not None or p['eps'] not in (None, eps):
+  if record['source'] is not None or p['eps'] not in (None, eps) or 'step_fraction' in p:
     return None
   order = (
     ATTACK_ORDER.index(record['attack']),
@@ -94,8 +97,10 @@ def table_column(record: dict[str, Any], eps: float) -> tuple[tuple, str] | None
 
 
 def curve_name(record: dict[str, Any]) -> str | None:
-  """The accuracy-vs-eps curve a white-box record is a point of: 'FGSM' or 'PGD-<steps>'
-  (without EOT); None otherwise."""
+  """The accuracy-vs-eps curve a white-box record is a point of: 'FGSM', 'PGD-<steps>'
+  or, for the eps sweep's PGD, 'PGD-<steps> (step eps/<1/fraction>)' (without EOT), so
+  that PGD with a fixed step and PGD with a step in proportion to eps are two curves even
+  at equal steps; None otherwise."""
   if record['source'] is None and (
     record['attack'] == 'fgsm' or (record['attack'] == 'pgd' and record['params']['eot_draws'] == 1)
   ):
