@@ -92,13 +92,14 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
   assert pgd_steps == [7, 20, 100]
   [eot] = [s for s in specs if s.attack == 'pgd' and params(s)['eot_draws'] > 1]
   assert params(eot)['eot_draws'] == 30 and params(eot)['step_size'] == 0.01
+  cw_settings = lambda spec: tuple(  # noqa: E731
+    params(spec)[k] for k in ('c_init', 'learning_rate', 'kappa', 'binary_steps', 'steps')
+  )
   [cw] = [s for s in specs if s.attack == 'cw']
-  assert (
-    params(cw)['c_init'],
-    params(cw)['learning_rate'],
-    params(cw)['binary_steps'],
-    params(cw)['steps'],
-  ) == (0.01, 5e-4, 9, 10)
+  assert cw_settings(cw) == (0.01, 0.01, 0.0, 9, 1000)  # Carlini & Wagner's
+  config.cw.steps = 3  # cw_pni keeps PNI's settings whatever config.cw says.
+  [pni] = evaluation.plan_attacks(config, 'cw_pni')[0]
+  assert cw_settings(pni) == (0.01, 5e-4, 0.0, 9, 10)
   [apgd] = [s for s in specs if s.attack == 'apgd_rand']
   assert params(apgd)['eot_draws'] == 20
   few = [s for s in specs if s.attack == 'few_pixel']

@@ -115,6 +115,8 @@ def test_plan_command_prints_one_line_per_job(tmp_path):
   # Few-pixel attacks 200 images: data.examples (128 for the main table) would cap it.
   main_eval, few_pixel_eval = lines[1].split(' && ')[1:]
   assert '--config.data.examples=128' in main_eval
+  # C&W's distance in w (lr x iterations) as the default's, at a tenth of the iterations.
+  assert '--config.cw.learning_rate=0.1 --config.cw.steps=100' in main_eval
   assert '--config.data.examples=200 --config.few_pixel.examples=200' in few_pixel_eval
   bad = subprocess.run(
     [

@@ -1,7 +1,9 @@
 """results.md's grouping of records into columns and accuracy-vs-eps curves, on records
 written by hand: the eps sweep's PGD (step a fraction of eps) is one curve of its own,
-apart from the headline PGD of as many steps."""
+apart from the headline PGD of as many steps, and the two C&W settings are two columns."""
 
+from configs import eval as eval_configs
+from l2p_jax import evaluation
 from l2p_jax.evaluation import results_report
 
 
@@ -46,3 +48,19 @@ def test_sweep_pgd_is_its_own_curve_and_stays_out_of_the_headline_table():
   }
   columns = [results_report.table_column(r, 8 * e) for r in records]
   assert [c and c[1] for c in columns] == [None, 'FGSM', None, None, 'PGD-10', 'PGD-7']
+
+
+def test_cw_and_its_pni_preset_are_two_columns():
+  config = eval_configs.get_config()
+  specs, _ = evaluation.plan_attacks(config, 'cw,cw_pni')
+  records = [record('cw', **{k: v for k, v in s.describe().items() if k != 'eps'}) for s in specs]
+  titles = [results_report.table_column(r, 8 / 255)[1] for r in records]
+  assert titles == [results_report.CW_COLUMN, results_report.CW_PNI_COLUMN]
+  table = results_report._attack_table(
+    {
+      'records': records,
+      'config': {'eps': 8 / 255},
+      'checkpoints': [{'label': 'm', 'method': 'none', 'arch': 'resnet8', 'width': 1, 'step': 1}],
+    }
+  )
+  assert '| m (none resnet8, step 1) | 50.00 / 1.000 | 50.00 / 1.000 |' in table

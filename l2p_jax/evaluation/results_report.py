@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from l2p_jax.errors import UserError
+from l2p_jax.evaluation.attack_registry import PNI_CW
 from l2p_jax.runtime import files, plots
 from l2p_jax.runtime.metrics import read_metrics
 
@@ -59,6 +60,7 @@ RECORD_FIELDS = (
   'batch_size',
 )
 CW_COLUMN = 'C&W acc / L2'
+CW_PNI_COLUMN = 'C&W (PNI) acc / L2'  # The `cw_pni` preset: PNI's settings.
 
 
 ATTACK_ORDER = ('clean', 'fgsm', 'pgd', 'cw', 'apgd_rand', 'few_pixel')
@@ -66,7 +68,7 @@ ATTACK_ORDER = ('clean', 'fgsm', 'pgd', 'cw', 'apgd_rand', 'few_pixel')
 
 def attack_title(record: dict[str, Any]) -> str:
   """A short column title: Clean, FGSM, PGD-7, EOT-PGD-7 (30 draws), PGD-10 (step eps/4)
-  (a step in proportion to eps, as the eps sweep's), C&W, APGD-rand, 1 px."""
+  (a step in proportion to eps, as the eps sweep's), C&W, C&W (PNI), APGD-rand, 1 px."""
   p, attack = record['params'], record['attack']
   if attack == 'pgd':
     title = (
@@ -78,7 +80,9 @@ def attack_title(record: dict[str, Any]) -> str:
     return title if fraction is None else f'{title} (step eps/{1 / fraction:.3g})'
   if attack == 'few_pixel':
     return f'{p["n_pixels"]} px'
-  return {'clean': 'Clean', 'fgsm': 'FGSM', 'cw': CW_COLUMN, 'apgd_rand': 'APGD-rand'}[attack]
+  if attack == 'cw':
+    return CW_PNI_COLUMN if all(p.get(k) == v for k, v in PNI_CW.items()) else CW_COLUMN
+  return {'clean': 'Clean', 'fgsm': 'FGSM', 'apgd_rand': 'APGD-rand'}[attack]
 
 
 def table_column(record: dict[str, Any], eps: float) -> tuple[tuple, str] | None:
@@ -179,7 +183,7 @@ def _attack_table(results: dict[str, Any]) -> str | None:
       cells[r['label'], column[1]] = (
         f'{_percent(r["accuracy"])} / '
         f'{"-" if r["mean_l2"] is None else format(r["mean_l2"], ".3f")}'
-        if column[1] == CW_COLUMN
+        if r['attack'] == 'cw'
         else _percent(r['accuracy'])
       )
   if not columns:

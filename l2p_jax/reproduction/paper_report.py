@@ -80,7 +80,7 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
       return None
     columns[column[1]] = column[0]
     method = labels[record['label']]
-    if column[1] == results_report.CW_COLUMN and record['mean_l2'] is not None:
+    if record['attack'] == 'cw' and record['mean_l2'] is not None:
       extra.setdefault((cell.setting, method, column[1]), []).append(record['mean_l2'])
     return cell.setting, method, column[1]
 
