@@ -16,7 +16,10 @@ pgd<N> (N steps: pgd20, pgd100); eot_pgd, eot_pgd<N> (PGD with gradients average
 over eot.draws noise draws); eps_sweep (FGSM and PGD at every eps_sweep.eps_255/255,
 PGD with eps_sweep.steps steps of eps_sweep.step_fraction * eps); cw (C&W L2 with
 cw.*); cw_pni (C&W L2 with PNI's settings whatever cw.* says: the authors' column);
-apgd (AutoAttack 'rand': APGD-CE + APGD-DLR with EOT); few_pixel (every
+apgd (AutoAttack 'rand': APGD-CE + APGD-DLR with EOT); noise_off_pgd, noise_off_pgd<N>,
+noise_off_apgd (PGD / APGD made on the checkpoint with its noise off, the mean network,
+and judged with it on: an adaptive attack on noise defenses, run on randomized models
+only); few_pixel (every
 few_pixel.pixels), few_pixel<N> (N pixels); transfer (FGSM and PGD examples of every
 transfer source judged by every transfer target).
 """
@@ -31,13 +34,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown eval config argument {arg!r}; expected '' or 'tiny'.")
   c = ml_collections.ConfigDict()
   c.attacks = (
-    'clean,fgsm,pgd,pgd20,pgd100,eot_pgd,cw,apgd,few_pixel,'
+    'clean,fgsm,pgd,pgd20,pgd100,eot_pgd,cw,apgd,noise_off_pgd20,noise_off_apgd,few_pixel,'
     'eps_sweep'
   )  # Comma-separated attack names (module docstring).
   c.seed = 0  # Root of every attack's and prediction's key.
   c.batch_size = 256  # Global batch of examples attacked at once.
   c.noise = True  # Noise layers draw noise in attacks and predictions (False: off).
-  c.unroll = False  # Unroll attack loops (much faster on XLA:CPU, slower compile).
+  c.unroll = False  # Unroll attack loops (speed only: faster on XLA:CPU, slower compile).
   c.output_dir = placeholder(str)  # Where results go; None: WORKDIR/eval of the first --workdir.
   c.progress_bar = True  # tqdm bar with rate and ETA per attack.
 
@@ -47,6 +50,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.predict = ml_collections.ConfigDict()
   c.predict.rule = placeholder(str)  # single (first draw) | vote | mean_softmax.
   c.predict.draws = placeholder(int)  # Draws for vote and mean_softmax (None: 50).
+
+  # How often a randomized model judges each attack's inputs: the examples are made
+  # once, then judged under judge.draws independent noise draws (each by the rule
+  # above); records give the mean, a 95% interval over images and draws, and the share
+  # of images right under every draw. Deterministic models are judged once.
+  c.judge = ml_collections.ConfigDict()
+  c.judge.draws = 10
 
   c.model = ml_collections.ConfigDict()  # Checks only: the model comes from the checkpoint.
   c.model.arch = placeholder(str)  # Refuse a checkpoint of another architecture.
@@ -114,8 +124,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.transfer.targets = ''  # Likewise, the models judged on the sources' examples.
 
   if arg == 'tiny':
-    c.attacks = 'clean,fgsm,pgd,eps_sweep,cw,apgd,few_pixel,transfer'
+    c.attacks = 'clean,fgsm,pgd,eps_sweep,cw,apgd,noise_off_pgd,few_pixel,transfer'
     c.batch_size = 8
+    c.judge.draws = 3
     c.data.examples = 12
     c.pgd.steps = 2
     c.eps_sweep.eps_255 = (4, 8)

@@ -68,13 +68,14 @@ def white_box(results, label, attack, eps=8 / 255):
     and r['attack'] == attack
     and r['params']['eps'] == eps
     and 'step_fraction' not in r['params']
+    and r['params']['attack_noise']
   ]
   return record
 
 
 def without_times(results):
   """The records without their wall-clock seconds."""
-  return [{k: v for k, v in r.items() if k != 'seconds'} for r in results['records']]
+  return [without(r) for r in results['records']]
 
 
 # --- the config ---------------------------------------------------------------------
@@ -87,7 +88,10 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
   pgd_steps = sorted(
     params(s)['steps']
     for s in specs
-    if s.attack == 'pgd' and params(s)['eot_draws'] == 1 and params(s).get('step_size') == 0.01
+    if s.attack == 'pgd'
+    and params(s)['eot_draws'] == 1
+    and params(s).get('step_size') == 0.01
+    and s.attack_noise
   )
   assert pgd_steps == [7, 20, 100]
   [eot] = [s for s in specs if s.attack == 'pgd' and params(s)['eot_draws'] > 1]
@@ -100,7 +104,7 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
   config.cw.steps = 3  # cw_pni keeps PNI's settings whatever config.cw says.
   [pni] = evaluation.plan_attacks(config, 'cw_pni')[0]
   assert cw_settings(pni) == (0.01, 5e-4, 0.0, 9, 10)
-  [apgd] = [s for s in specs if s.attack == 'apgd_rand']
+  [apgd] = [s for s in specs if s.attack == 'apgd_rand' and s.attack_noise]
   assert params(apgd)['eot_draws'] == 20
   few = [s for s in specs if s.attack == 'few_pixel']
   assert [
@@ -113,34 +117,60 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
   sweep = [s for s in specs if s.attack == 'pgd' and 'step_fraction' in params(s)]
   assert [round(s.eps * 255) for s in sweep] == radii
   assert {(params(s)['steps'], params(s)['step_fraction']) for s in sweep} == {(10, 0.25)}
+  noise_off = [(s.attack, params(s)) for s in specs if not s.attack_noise]
+  assert [(a, p['steps'], p['eot_draws']) for a, p in noise_off] == [
+    ('pgd', 20, 1),
+    ('apgd_rand', 100, 1),
+  ]
+  assert config.judge.draws == 10
   assert len(specs) == len(set(specs)) == len({s.key_id for s in specs}) and not transfer
   with pytest.raises(AttributeError):
     config.pgd.step = 3  # Locked: a typo of pgd.steps is an error.
 
 
-def test_attack_keys_are_those_of_earlier_runs():
+KEYS = [440203067, 1693245369, 2077025426, 583080202]  # key_id of the specs below.
+
+
+def test_attack_keys_are_fixed_and_speed_settings_change_none():
   """A spec's key_id is a CRC-32 of its text, which names the records of earlier runs in
-  results.json: the text and the number of these specs must never change."""
-  specs, _ = evaluation.plan_attacks(eval_config_file(), 'clean,pgd,few_pixel1')
+  results.json: the text and the number of these specs must never change (they did once,
+  when speed settings left the text). Unrolling and few-pixel chunks change neither."""
+  specs, _ = evaluation.plan_attacks(eval_config_file(), 'clean,pgd,few_pixel1,noise_off_pgd')
   assert [(repr(s), s.key_id) for s in specs] == [
-    ("AttackSpec(attack='clean', params=(), eps=None, examples=0)", 31498196),
+    ("AttackSpec(attack='clean', params=(), eps=None, examples=0, attack_noise=True)", KEYS[0]),
     (
       "AttackSpec(attack='pgd', params=(('steps', 7), ('step_size', 0.01), ('random_start', "
-      "True), ('restarts', 1), ('eot_draws', 1), ('unroll', 1)), eps=0.03137254901960784, "
-      'examples=0)',
-      774184371,
+      "True), ('restarts', 1), ('eot_draws', 1)), eps=0.03137254901960784, examples=0, "
+      'attack_noise=True)',
+      KEYS[1],
     ),
     (
       "AttackSpec(attack='few_pixel', params=(('n_pixels', 1), ('population', 400), "
-      "('iterations', 75), ('chunk_size', 50)), eps=None, examples=1000)",
-      346202895,
+      "('iterations', 75)), eps=None, examples=1000, attack_noise=True)",
+      KEYS[2],
+    ),
+    (
+      "AttackSpec(attack='pgd', params=(('steps', 7), ('step_size', 0.01), ('random_start', "
+      "True), ('restarts', 1), ('eot_draws', 1)), eps=0.03137254901960784, examples=0, "
+      'attack_noise=False)',
+      KEYS[3],
     ),
   ]
   assert [s.function for s in specs] == [
     evaluation.ATTACK_FUNCTIONS['clean'],
     l2p_jax.attacks.pgd,
     l2p_jax.attacks.few_pixel,
+    l2p_jax.attacks.pgd,
   ]
+  fast = eval_config_file()
+  fast.unroll, fast.few_pixel.chunk_size = True, 7
+  fast_specs, _ = evaluation.plan_attacks(fast, 'clean,pgd,few_pixel1,noise_off_pgd')
+  assert fast_specs == specs and [s.key_id for s in fast_specs] == KEYS
+  assert [s.name for s in fast_specs] == [s.name for s in specs]
+  assert (
+    dict(fast_specs[1].arguments)['unroll'] is True
+    and dict(fast_specs[2].arguments)['chunk_size'] == 7
+  )
 
 
 # --- end to end ---------------------------------------------------------------------
@@ -152,10 +182,15 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
   records = results['records']
   for r in records:
     assert set(results_report.RECORD_FIELDS) <= set(r), set(results_report.RECORD_FIELDS) - set(r)
-    assert 0 <= r['accuracy'] <= 1 and r['correct'] == round(r['accuracy'] * r['n'])
+    k = 3 if r['method'] == 'l2p' else 1  # configs/eval.py:tiny's judge.draws.
+    assert r['judged_draws'] == k
+    assert 0 <= r['accuracy'] <= 1 and r['correct'] == round(r['accuracy'] * r['n'] * k)
     assert r['n'] == (4 if r['attack'] == 'few_pixel' else 12)
+    low, high = r['accuracy_ci95']
+    assert low <= r['accuracy'] <= high and 0 <= r['accuracy_all_draws'] <= r['accuracy']
     assert (r['rule'], r['draws'], r['noise'], r['batch_size']) == ('single', 1, True, 8)
     assert r['randomized'] == (r['method'] == 'l2p')
+    assert 0 < r['judge_seconds'] < r['seconds']
     assert r['key'] == {'seed': 0, 'fold_in': [r['key']['fold_in'][0]]}
     assert pathlib.Path(r['checkpoint']).parent.parent == runs[r['label']]
     assert (r['dataset'], r['split'], r['step']) == (
@@ -170,19 +205,22 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
     if r['source'] is None
   )
   assert white == sorted(
-    (label, attack, eps)
-    for label in ('l2p', 'none')
-    for attack, eps in (
-      ('apgd_rand', 8),
-      ('clean', None),
-      ('cw', None),
-      ('few_pixel', None),
-      ('fgsm', 4),
-      ('fgsm', 8),
-      ('pgd', 4),  # the sweep's
-      ('pgd', 8),  # the sweep's
-      ('pgd', 8),  # the headline PGD
-    )
+    [
+      (label, attack, eps)
+      for label in ('l2p', 'none')
+      for attack, eps in (
+        ('apgd_rand', 8),
+        ('clean', None),
+        ('cw', None),
+        ('few_pixel', None),
+        ('fgsm', 4),
+        ('fgsm', 8),
+        ('pgd', 4),  # the sweep's
+        ('pgd', 8),  # the sweep's
+        ('pgd', 8),  # the headline PGD
+      )
+    ]
+    + [('l2p', 'pgd', 8)]  # The noise-off PGD, on the randomized model only.
   )
   transfer = sorted(
     (r['source']['label'], r['label'], r['attack']) for r in records if r['source'] is not None
@@ -197,8 +235,12 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
 def test_markdown_tables_and_plots_are_written(evaluated):
   _, output = evaluated
   table = (output / 'results.md').read_text()
-  header = '| checkpoint | Clean | FGSM | PGD-2 | C&W acc / L2 | APGD-rand | 1 px |'
+  header = (
+    '| checkpoint | Clean | FGSM | PGD-2 | PGD-2 noise-off | C&W acc / L2 | APGD-rand | 1 px '
+    '| Worst case |'
+  )
   assert header in table
+  assert '## Worst case per image over the attacks' in table and '## Sanity checks (' in table
   assert '| l2p (l2p resnet8 x0.5, step 8) |' in table
   assert '| none (none resnet8 x0.5, step 24) |' in table
   assert '| checkpoint | attack | 4/255 | 8/255 |' in table
@@ -249,8 +291,9 @@ def test_a_rerun_with_the_same_key_is_bit_identical(evaluated, runs):
 
 def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
   """The L2P clean accuracy recomputed by hand from the record's seed and fold_in path
-  and the documented layout (batch b, then 1 for the prediction, draw 0)."""
-  results, _ = evaluated
+  and the documented layout (batch b, then 1 for the prediction, judged draw k,
+  prediction draw 0), and its per-image verdicts in verdicts.npz."""
+  results, output = evaluated
   record = white_box(results, 'l2p', 'clean', None)
   checkpoint = checkpointing.load_checkpoint(str(runs['l2p']))
   split = evaluation.load_examples(evaluation.data_settings(eval_config(), checkpoint))
@@ -260,12 +303,79 @@ def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
       checkpoint.variables, x, train=False, noise=True, rngs={'noise': k}
     )
   )
-  correct = 0
+  right = []
   for b, batch in enumerate(data.eval_batches(split, record['batch_size'])):
-    noise_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, b), 1), 0)
-    predicted = np.argmax(logits(data.to_float(batch['image']), noise_key), -1)
-    correct += int(np.sum((predicted == batch['label']) & batch['mask']))
-  assert correct == record['correct']
+    judge_key = jax.random.fold_in(jax.random.fold_in(key, b), 1)
+    draws = [
+      np.argmax(
+        logits(
+          data.to_float(batch['image']), jax.random.fold_in(jax.random.fold_in(judge_key, k), 0)
+        ),
+        -1,
+      )
+      == batch['label']
+      for k in range(record['judged_draws'])
+    ]
+    right.append(np.sum(draws, axis=0)[batch['mask']])
+  right = np.concatenate(right)
+  assert int(right.sum()) == record['correct']
+  with np.load(output / 'verdicts.npz') as stored:
+    np.testing.assert_array_equal(stored[f'{record["verdicts"]}.right'], right)
+    assert int(stored[f'{record["verdicts"]}.draw_right'].sum()) == record['correct']
+
+
+def test_the_worst_case_is_the_union_of_the_stored_verdicts(evaluated):
+  """Per checkpoint, the images right under every draw of every L-inf attack at the
+  headline eps (clean, FGSM, PGD, APGD, noise-off and transfer), from verdicts.npz."""
+  results, output = evaluated
+  assert [w['label'] for w in results['worst_case']] == ['l2p', 'none']
+  with np.load(output / 'verdicts.npz') as stored:
+    for worst in results['worst_case']:
+      members = [
+        r
+        for r in results['records']
+        if r['label'] == worst['label']
+        and r['attack'] in ('clean', 'fgsm', 'pgd', 'apgd_rand')
+        and r['params']['eps'] in (None, 8 / 255)
+      ]
+      # Clean, FGSM, PGD, the eps sweep's PGD at 8/255, APGD, transfer FGSM and PGD from
+      # both; L2P's noise-off PGD.
+      assert len(worst['attacks']) == len(members) == (10 if worst['label'] == 'l2p' else 9)
+      shares = np.min([stored[f'{r["verdicts"]}.right'] / r['judged_draws'] for r in members], 0)
+      assert worst['accuracy'] == pytest.approx(shares.mean())
+      assert worst['accuracy'] <= min(r['accuracy'] for r in members)
+      assert worst['accuracy_all_draws'] <= worst['accuracy']
+
+
+def test_sanity_checks_are_recorded_for_every_checkpoint(evaluated):
+  results, output = evaluated
+  checks = {(c['label'], c['name']): c for c in results['sanity']}
+  assert checks['l2p', 'judged_over_draws']['passed']  # Its logits vary; judged 3 times.
+  assert 'do not change' in checks['none', 'judged_over_draws']['detail']
+  assert {name for label, name in checks if label == 'none'} >= {
+    'largest_eps',
+    'single_step',
+    'white_box_vs_transfer',
+    'unbounded',
+  }
+  assert {c['checkpoint'] for c in results['sanity']} == {
+    c['checkpoint'] for c in results['checkpoints']
+  }
+
+
+def test_speed_settings_change_no_record(runs, tmp_path):
+  """A rerun with unrolled attack loops meets the same random numbers: the same keys and
+  the same verdicts (issue 23's unroll rerun replaced records with other keys' numbers)."""
+  records = {}
+  for unroll in (False, True):
+    config = eval_config(attacks='pgd,apgd', unroll=unroll, output_dir=str(tmp_path / str(unroll)))
+    records[unroll] = evaluation.evaluate_workdirs(config, str(runs['l2p']))['records']
+  assert [without(r) for r in records[False]] == [without(r) for r in records[True]]
+
+
+def without(record):
+  """A record without its wall-clock times."""
+  return {k: v for k, v in record.items() if k not in ('seconds', 'judge_seconds')}
 
 
 def test_noise_can_be_switched_off_and_is_recorded(evaluated, runs, tmp_path):

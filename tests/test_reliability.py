@@ -114,30 +114,30 @@ def results(n):
 
 
 def test_eval_report_on_a_full_disk_keeps_the_earlier_results(tmp_path, monkeypatch):
-  results_report.write_report(results(10), str(tmp_path))
+  results_report.write_report(results(10), {}, str(tmp_path))
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
   monkeypatch.setattr(os, 'replace', no_space)
   with pytest.raises(files.DiskFullError, match='the previous results.json is intact'):
-    results_report.write_report(results(20), str(tmp_path))
+    results_report.write_report(results(20), {}, str(tmp_path))
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_eval_report_on_a_real_full_tmpfs_keeps_the_earlier_results(tmp_path):
   with mounted_tmpfs(tmp_path / 'disk', 'size=256k') as disk:
-    results_report.write_report(results(1000), str(disk))
+    results_report.write_report(results(1000), {}, str(disk))
     before = (disk / 'results.json').read_text()
     fill(disk, leave=8192)
     with pytest.raises(files.DiskFullError, match='the previous results.json is intact'):
-      results_report.write_report(results(100_000), str(disk))
+      results_report.write_report(results(100_000), {}, str(disk))
     assert (disk / 'results.json').read_text() == before
-    assert sorted(os.listdir(disk)) == ['filler', 'results.json', 'results.md']
+    assert sorted(os.listdir(disk)) == ['filler', 'results.json', 'results.md', 'verdicts.npz']
 
 
 def test_an_unreadable_results_json_is_one_line_naming_it(tmp_path):
   (tmp_path / 'eval').mkdir()
   (tmp_path / 'eval' / 'results.json').write_text('{"records": [')
   with pytest.raises(results_report.ResultsFileError, match='move it aside'):
-    results_report.merge_previous(results(0), str(tmp_path / 'eval'))
+    results_report.merge_previous(results(0), {}, str(tmp_path / 'eval'))
   code, _, stderr = run('eval.py', '--workdir', tmp_path)
   assert code == 1
   assert one_line(stderr).startswith(f'eval.py: {tmp_path}/eval/results.json does not read (')

@@ -260,12 +260,15 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
   plan, _ = grid
   content = json.loads(read(os.path.join(plan.workdir, 'report.json')))
   main = content['sections']['main']
-  assert main['columns'] == ['Clean', 'FGSM', 'PGD-2']
+  assert main['columns'] == ['Clean', 'FGSM', 'PGD-2', 'Worst case']
   rows = {r['method']: r['cells'] for r in main['rows']}
   assert list(rows) == ['vanilla', 'pni']
   for method in rows:
     assert rows[method]['Clean']['measured']['mean'] == white_box_accuracy(plan, method, 'clean')
     assert rows[method]['FGSM']['measured']['mean'] == white_box_accuracy(plan, method, 'fgsm')
+    # The images that survive every attack: at most the fewest any one attack leaves.
+    worst = rows[method]['Worst case']['measured']['mean']
+    assert worst <= min(rows[method][c]['measured']['mean'] for c in ('Clean', 'FGSM', 'PGD-2'))
   # PNI Table 3, ResNet-V1(20): vanilla 83.8 / 46.6, PNI-W 84.9 / 54.5 (clean / FGSM);
   # the tiny grid's PGD-2 is not the paper's PGD-7.
   assert rows['vanilla']['Clean']['published'] == 83.8

@@ -4,7 +4,9 @@ with the specs it plans from the config (`plan_attacks`).
 
 A spec's text is its identity: its key_id (a CRC-32 of its repr) picks its random
 numbers and names its records, so the spec's fields, their order and values are part of
-every earlier result's key and must not change.
+every earlier result's key and must not change. Settings that change only how fast an
+attack runs (loop unrolling, chunks of candidates) are the spec's `speed`, outside its
+text: a rerun with other speed settings meets the same random numbers.
 """
 
 from __future__ import annotations
@@ -50,15 +52,21 @@ ATTACK_FUNCTIONS: dict[str, Callable[..., attacks.AttackResult]] = {
 class AttackSpec:
   """One attack with every parameter that changes its result.
 
-  attack: a key of ATTACK_FUNCTIONS; params: its static keyword arguments; eps: the L-inf
-  radius (None for attacks without one), passed traced so that an eps sweep compiles
-  once; examples: attack only the first N examples of the split (0: all).
+  attack: a key of ATTACK_FUNCTIONS; params: its static keyword arguments that change
+  its result; eps: the L-inf radius (None for attacks without one), passed traced so
+  that an eps sweep compiles once; examples: attack only the first N examples of the
+  split (0: all); attack_noise: False makes the examples on the checkpoint with its
+  noise off (the mean network), which are then judged with the noise on (an adaptive
+  attack on noise defenses); speed: keyword arguments that change only the speed,
+  outside the spec's text and equality.
   """
 
   attack: str
   params: tuple[tuple[str, Any], ...] = ()
   eps: float | None = None
   examples: int = 0
+  attack_noise: bool = True
+  speed: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), repr=False, compare=False)
 
   def __post_init__(self):
     if self.attack not in ATTACK_FUNCTIONS:
@@ -72,6 +80,11 @@ class AttackSpec:
     return ATTACK_FUNCTIONS[self.attack]
 
   @property
+  def arguments(self) -> tuple[tuple[str, Any], ...]:
+    """Every static keyword argument of the function: params, then speed settings."""
+    return self.params + self.speed
+
+  @property
   def key_id(self) -> int:
     """The number folded into the seed's key for this attack (stable across runs)."""
     return zlib.crc32(repr(self).encode()) & 0x7FFFFFFF
@@ -79,16 +92,23 @@ class AttackSpec:
   @property
   def name(self) -> str:
     """A readable one-line description, e.g. 'pgd(steps=20, ..., eps=8/255)'."""
-    parts = [f'{k}={v}' for k, v in self.params if k != 'unroll']
+    parts = [f'{k}={v}' for k, v in self.params]
     if self.eps is not None:
       parts.append(f'eps={self.eps * 255:g}/255')
     if self.examples:
       parts.append(f'first {self.examples}')
+    if not self.attack_noise:
+      parts.append('noise off')
     return f'{self.attack}({", ".join(parts)})'
 
   def describe(self) -> dict[str, Any]:
     """The parameters as a JSON-ready dict."""
-    return {**dict(self.params), 'eps': self.eps, 'examples': self.examples}
+    return {
+      **dict(self.params),
+      'eps': self.eps,
+      'examples': self.examples,
+      'attack_noise': self.attack_noise,
+    }
 
 
 def listed_names(value: str | Sequence[str]) -> list[str]:
@@ -101,15 +121,20 @@ def listed_names(value: str | Sequence[str]) -> list[str]:
 # --- the specs of each config.attacks name ------------------------------------------
 
 
-def _unroll(config: ml_collections.ConfigDict) -> bool | int:
-  return True if config.unroll else 1
+def _unroll(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """The speed setting of the attacks with loops: unrolled or not (config.unroll)."""
+  return (('unroll', True if config.unroll else 1),)
 
 
 def _pgd(
-  config: ml_collections.ConfigDict, steps: int, eps: float, eot_draws: int = 1
+  config: ml_collections.ConfigDict,
+  steps: int,
+  eps: float,
+  eot_draws: int = 1,
+  attack_noise: bool = True,
 ) -> AttackSpec:
   """PGD (with EOT over `eot_draws` draws) of `steps` steps at `eps`, config.pgd's
-  other settings."""
+  other settings, on the checkpoint with its noise on or off."""
   p = config.pgd
   return AttackSpec(
     'pgd',
@@ -119,9 +144,10 @@ def _pgd(
       ('random_start', p.random_start),
       ('restarts', p.restarts),
       ('eot_draws', eot_draws),
-      ('unroll', _unroll(config)),
     ),
     eps,
+    attack_noise=attack_noise,
+    speed=_unroll(config),
   )
 
 
@@ -130,14 +156,10 @@ def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
   f = config.few_pixel
   return AttackSpec(
     'few_pixel',
-    (
-      ('n_pixels', n_pixels),
-      ('population', f.population),
-      ('iterations', f.iterations),
-      ('chunk_size', f.chunk_size),
-    ),
+    (('n_pixels', n_pixels), ('population', f.population), ('iterations', f.iterations)),
     None,
     f.examples,
+    speed=(('chunk_size', f.chunk_size),),
   )
 
 
@@ -161,21 +183,20 @@ def _cw(
       ('kappa', cw.kappa),
       ('binary_steps', cw.binary_steps),
       ('steps', cw.steps),
-      ('unroll', _unroll(config)),
     ),
+    speed=_unroll(config),
   )
 
 
-def _apgd(config: ml_collections.ConfigDict) -> AttackSpec:
-  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT), config.apgd's."""
+def _apgd(config: ml_collections.ConfigDict, attack_noise: bool = True) -> AttackSpec:
+  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT over config.apgd's
+  draws), or with the noise off APGD on the mean network (one draw is all it has)."""
   return AttackSpec(
     'apgd_rand',
-    (
-      ('steps', config.apgd.steps),
-      ('eot_draws', config.apgd.eot_draws),
-      ('unroll', _unroll(config)),
-    ),
+    (('steps', config.apgd.steps), ('eot_draws', config.apgd.eot_draws if attack_noise else 1)),
     config.eps,
+    attack_noise=attack_noise,
+    speed=_unroll(config),
   )
 
 
@@ -190,12 +211,14 @@ def _eps_sweep(config: ml_collections.ConfigDict) -> list[AttackSpec]:
     ('random_start', config.pgd.random_start),
     ('restarts', config.pgd.restarts),
     ('eot_draws', 1),
-    ('unroll', _unroll(config)),
   )
   return [
     spec
     for e in sweep.eps_255
-    for spec in (AttackSpec('fgsm', (), e / 255), AttackSpec('pgd', pgd, e / 255))
+    for spec in (
+      AttackSpec('fgsm', (), e / 255),
+      AttackSpec('pgd', pgd, e / 255, speed=_unroll(config)),
+    )
   ]
 
 
@@ -221,6 +244,11 @@ ATTACKS: dict[str, RegisteredAttack] = {
   'cw': RegisteredAttack(lambda c, n: [_cw(c)]),
   'cw_pni': RegisteredAttack(lambda c, n: [_cw(c, PNI_CW)]),
   'apgd': RegisteredAttack(lambda c, n: [_apgd(c)]),
+  # Made on the mean network (noise off), judged on the noisy one; randomized models only.
+  'noise_off_pgd': RegisteredAttack(
+    lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, attack_noise=False)], counted=True
+  ),
+  'noise_off_apgd': RegisteredAttack(lambda c, n: [_apgd(c, attack_noise=False)]),
   'few_pixel': RegisteredAttack(
     lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)], counted=True
   ),

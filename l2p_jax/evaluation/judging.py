@@ -1,19 +1,24 @@
-"""Attacks run over a split and judged: each batch attacked on a source checkpoint, every
-target's predictions on the result made by its prediction rule, and the counts summed
-(`attack_accuracy`).
+"""Attacks run over a split and judged: each batch attacked on a source checkpoint, and
+every target's predictions on the result made under K judged noise draws (K =
+config.judge.draws for a randomized model, 1 for a deterministic one), each draw by the
+target's prediction rule (`attack_accuracy`). The adversarial examples are made once;
+only the judgement is repeated, so K draws cost K forward passes, not K attacks.
 
 Keys (so that any result can be recomputed bit for bit): an attack with all its
 parameters (an `AttackSpec`) has the key fold_in(key(seed), spec.key_id), key_id being
 a CRC-32 of the spec's text; batch b of the split uses batch_key = fold_in(that key, b);
-the attack runs with fold_in(batch_key, 0) and the prediction of its output with
-fold_in(batch_key, 1). Keys do not depend on the checkpoint, so every model meets the
+the attack runs with fold_in(batch_key, 0); judged draw k predicts its output with
+fold_in(fold_in(batch_key, 1), k), whose prediction draw j (vote, mean_softmax) uses
+fold_in(that, j). Keys do not depend on the checkpoint, so every model meets the
 same random numbers and a transfer cell whose source is its target equals that model's
 white-box result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,18 +26,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from l2p_jax import attacks, data, experiment, methods, models
-from l2p_jax.evaluation import prediction
+from l2p_jax.evaluation import intervals, prediction
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.training.checkpointing import Checkpoint
 
 DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws is None.
 KEY_LAYOUT = (
   'attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
-  'fold_in(spec key, b); attack key = fold_in(batch_key, 0); prediction key '
-  '= fold_in(batch_key, 1)'
+  'fold_in(spec key, b); attack key = fold_in(batch_key, 0); judged draw k: '
+  'fold_in(fold_in(batch_key, 1), k); its prediction draw j: fold_in(draw key, j)'
 )
 
 
@@ -67,7 +73,34 @@ def _attack_batch(
   ).x_adv
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'noise', 'draws', 'rule'))
+def judged_verdicts(
+  logits_fn: attacks.LogitsFn,
+  key: jax.Array,
+  x: jax.Array,
+  x_adv: jax.Array,
+  labels: jax.Array,
+  *,
+  judged_draws: int,
+  rule: str,
+  draws: int,
+  first_draw: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """(right, fooled), each (judged_draws, N) bool: judgement k (of draws first_draw,
+  first_draw + 1, ...) predicts with the key fold_in(key, k) by `rule` over `draws`
+  prediction draws; right: x_adv classified right; fooled: x right and x_adv wrong under
+  the same key. One draw at a time, so judging draw k alone gives the same bits."""
+
+  def one_draw(k):
+    predict = functools.partial(
+      prediction.predict, logits_fn, jax.random.fold_in(key, k), draws=draws, rule=rule
+    )
+    right = predict(x_adv) == labels
+    return right, (predict(x) == labels) & ~right
+
+  return jax.lax.map(one_draw, first_draw + jnp.arange(judged_draws))
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'noise', 'judged_draws', 'draws', 'rule'))
 def _judge_batch(
   variables: dict[str, Any],
   images: jax.Array,
@@ -78,27 +111,71 @@ def _judge_batch(
   *,
   model: models.ResNet,
   noise: bool,
+  judged_draws: int,
   draws: int,
   rule: str,
-) -> jax.Array:
-  """(correct, fooled, L2 sum of fooled) over the batch's real examples: predictions
-  on x_adv made by `rule` over `draws` noise draws; fooled examples are those predicted
-  right on the clean images (same key) and wrong on x_adv."""
-  predict = functools.partial(
-    prediction.predict,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One batch judged under `judged_draws` draws (judged_verdicts): per example the
+  draws right and the draws fooled, the L2 size of its perturbation, and per draw the
+  real examples right."""
+  x = data.to_float(images)
+  right, fooled = judged_verdicts(
     models.inference_logits(model, variables, noise),
     key,
-    draws=draws,
+    x,
+    x_adv,
+    labels,
+    judged_draws=judged_draws,
     rule=rule,
+    draws=draws,
   )
-  x = data.to_float(images)
-  mask = mask.astype(bool)
-  correct = mask & (predict(x_adv) == labels)
-  fooled = mask & (predict(x) == labels) & ~correct
-  l2 = attacks.core.l2_norm(x_adv - x)
-  return jnp.stack([jnp.sum(correct), jnp.sum(fooled), jnp.sum(jnp.where(fooled, l2, 0.0))]).astype(
-    jnp.float32
+  real = mask.astype(bool)
+  return (
+    right.sum(axis=0, dtype=jnp.int32),
+    fooled.sum(axis=0, dtype=jnp.int32),
+    attacks.core.l2_norm(x_adv - x),
+    (right & real).sum(axis=1, dtype=jnp.int32),
   )
+
+
+@dataclasses.dataclass
+class Judgement:
+  """One target's verdicts on an attack's inputs over n examples and K judged draws:
+  per example the draws right and fooled and the perturbation's L2 size, per draw the
+  examples right, and the seconds spent judging."""
+
+  right: np.ndarray
+  fooled: np.ndarray
+  l2: np.ndarray
+  draw_right: np.ndarray
+  seconds: float = 0.0
+
+  @property
+  def judged_draws(self) -> int:
+    return len(self.draw_right)
+
+  def counts(self) -> dict[str, Any]:
+    """The record's outcome fields (see results_report.RECORD_FIELDS)."""
+    n, k = len(self.right), self.judged_draws
+    correct, fooled = int(self.right.sum()), int(self.fooled.sum())
+    low, high = intervals.accuracy_interval(self.right / k, k, self.draw_right / n)
+    return {
+      'accuracy': correct / (n * k),
+      'correct': correct,
+      'n': n,
+      'fooled': fooled,
+      'mean_l2': float(np.dot(self.fooled, self.l2) / fooled) if fooled else None,
+      'judged_draws': k,
+      'accuracy_ci95': [low, high],
+      'accuracy_all_draws': float(np.mean(self.right == k)),
+      'judge_seconds': self.seconds,
+    }
+
+
+def judged_draws(config: ml_collections.ConfigDict, checkpoint: Checkpoint) -> int:
+  """How many draws judge `checkpoint`: config.judge.draws for a randomized model with
+  its noise on, 1 for a deterministic one (every draw is the same)."""
+  return config.judge.draws if config.noise and checkpoint.randomized else 1
 
 
 def attack_accuracy(
@@ -110,20 +187,22 @@ def attack_accuracy(
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   desc: str = '',
-) -> list[dict[str, Any]]:
+) -> list[Judgement]:
   """Runs `spec` on `source` over the split, batch by batch, and judges every target on
-  the resulting inputs with config.predict's rule (white-box: targets == [source]).
-
-  Returns per target: accuracy, correct, n, fooled (right on the clean input, wrong on
-  the attack's) and mean_l2 (mean L2 of the fooled perturbations, None if none).
+  the resulting inputs under its judged draws (white-box: targets == [source]), each
+  draw predicting by config.predict's rule. Returns one Judgement per target.
   """
   split = experiment.first_examples(
     split, min(spec.examples, split.num_examples), 'few_pixel.examples'
   )
   key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
   eps = None if spec.eps is None else jnp.float32(spec.eps)
-  totals = np.zeros((len(targets), 3))
-  rules = [prediction_rule(config, t.meta['config']['method'])[:2] for t in targets]
+  settings = [
+    (judged_draws(config, t), *prediction_rule(config, t.meta['config']['method'])[:2])
+    for t in targets
+  ]
+  outputs = [[] for _ in targets]
+  seconds = [0.0] * len(targets)
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
   bar = _progress_bar(batches, split, config, desc or spec.name)
   for b, batch in enumerate(bar):
@@ -136,25 +215,40 @@ def attack_accuracy(
       eps,
       model=source.model,
       attack=spec.function,
-      params=spec.params,
-      noise=config.noise,
-    )
-    for t, (target, (rule, draws)) in enumerate(zip(targets, rules)):
-      totals[t] += np.asarray(
-        _judge_batch(
-          target.variables,
-          batch['image'],
-          x_adv,
-          batch['label'],
-          batch['mask'],
-          jax.random.fold_in(batch_key, 1),
-          model=target.model,
-          noise=config.noise,
-          draws=draws,
-          rule=rule,
-        )
+      params=spec.arguments,
+      noise=config.noise and spec.attack_noise,
+    ).block_until_ready()
+    for t, (target, (k, rule, draws)) in enumerate(zip(targets, settings)):
+      started = time.time()
+      verdicts = _judge_batch(
+        target.variables,
+        batch['image'],
+        x_adv,
+        batch['label'],
+        batch['mask'],
+        jax.random.fold_in(batch_key, 1),
+        model=target.model,
+        noise=config.noise,
+        judged_draws=k,
+        draws=draws,
+        rule=rule,
       )
-  return [_counts(correct, fooled, l2, split.num_examples) for correct, fooled, l2 in totals]
+      outputs[t].append([multihost_utils.process_allgather(v, tiled=True) for v in verdicts])
+      seconds[t] += time.time() - started
+  return [_judgement(parts, split.num_examples, s) for parts, s in zip(outputs, seconds)]
+
+
+def _judgement(parts: list[list[np.ndarray]], n: int, seconds: float) -> Judgement:
+  """A target's Judgement from its batches' (right, fooled, l2, draw_right), the padded
+  rows at the end of the last batch cut off."""
+  right, fooled, l2, draw_right = zip(*parts)
+  return Judgement(
+    right=np.concatenate(right)[:n],
+    fooled=np.concatenate(fooled)[:n],
+    l2=np.concatenate(l2)[:n],
+    draw_right=np.sum(draw_right, axis=0),
+    seconds=seconds,
+  )
 
 
 def _progress_bar(
@@ -170,15 +264,3 @@ def _progress_bar(
     dynamic_ncols=True,
     disable=not config.progress_bar or jax.process_index() != 0,
   )
-
-
-def _counts(correct: float, fooled: float, l2: float, n: int) -> dict[str, Any]:
-  """One target's outcome over n examples from its summed (correct, fooled, L2 of the
-  fooled) totals: accuracy, the counts, and the mean L2 of the fooled (None if none)."""
-  return {
-    'accuracy': correct / n,
-    'correct': int(correct),
-    'n': n,
-    'fooled': int(fooled),
-    'mean_l2': float(l2 / fooled) if fooled else None,
-  }

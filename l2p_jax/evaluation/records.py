@@ -1,9 +1,11 @@
 """One record per result (checkpoint, attack with its parameters, source of the examples)
-with everything that reproduces it, and its line on the console; results_report writes
-the records out."""
+with everything that reproduces it, its identity (what a rerun replaces) and its line on
+the console; results_report writes the records out, verdicts the per-image verdicts."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import jax
@@ -12,7 +14,7 @@ from tqdm import tqdm
 
 from l2p_jax import data
 from l2p_jax.evaluation.attack_registry import AttackSpec
-from l2p_jax.evaluation.judging import prediction_rule
+from l2p_jax.evaluation.judging import Judgement, prediction_rule
 from l2p_jax.training.checkpointing import Checkpoint
 
 
@@ -22,14 +24,14 @@ def make_record(
   target: Checkpoint,
   label: str,
   split: data.HostSplit,
-  counts: dict[str, Any],
+  judgement: Judgement,
   seconds: float,
   source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """One result: what was attacked how, with which key and prediction rule, and the
   outcome (see results_report.RECORD_FIELDS)."""
   rule, draws, origin = prediction_rule(config, target.meta['config']['method'])
-  return {
+  record = {
     'label': label,
     **target.describe(),
     'dataset': split.name,
@@ -38,7 +40,7 @@ def make_record(
     'name': spec.name,
     'params': spec.describe(),
     'source': source,
-    **counts,
+    **judgement.counts(),
     'seconds': seconds,
     'rule': rule,
     'draws': draws,
@@ -48,13 +50,44 @@ def make_record(
     'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
     'batch_size': config.batch_size,
   }
+  return {**record, 'verdicts': verdicts_id(record)}
+
+
+def identity(record: dict[str, Any]) -> tuple:
+  """What a record measured: the checkpoint, the attack with its parameters, the data
+  and the prediction rule; a newer record of the same identity replaces an older one."""
+  source = record['source'] and record['source']['checkpoint']
+  return (
+    record['checkpoint'],
+    source,
+    record['name'],
+    record['dataset'],
+    record['split'],
+    record['rule'],
+    record['draws'],
+    record['noise'],
+  )
+
+
+def verdicts_id(record: dict[str, Any]) -> str:
+  """The name of a record's per-image verdicts in verdicts.npz: a hash of its identity,
+  so that the record that replaces it replaces its verdicts."""
+  return hashlib.sha1(json.dumps(identity(record)).encode()).hexdigest()[:16]
 
 
 def log_record(result: dict[str, Any]) -> None:
   """One console line per result (first process only)."""
   if jax.process_index() == 0:
     origin = f' from {result["source"]["label"]}' if result['source'] else ''
+    low, high = result['accuracy_ci95']
+    draws = result['judged_draws']
     tqdm.write(
       f'{result["label"]}{origin} {result["name"]}: accuracy '
-      f'{100 * result["accuracy"]:.2f}% of {result["n"]} ({result["seconds"]:.1f}s)'
+      f'{100 * result["accuracy"]:.2f}% [{100 * low:.1f}, {100 * high:.1f}] of {result["n"]}'
+      + (
+        f' x {draws} draws, right under all {100 * result["accuracy_all_draws"]:.2f}%'
+        if draws > 1
+        else ''
+      )
+      + f' ({result["seconds"]:.1f}s)'
     )

@@ -14,17 +14,18 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from tqdm import tqdm
 
-from l2p_jax import data, experiment
-from l2p_jax.evaluation import prediction, results_report
+from l2p_jax import data, experiment, models
+from l2p_jax.evaluation import prediction, results_report, verdicts
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
   listed_names,
   plan_attacks,
 )
-from l2p_jax.evaluation.judging import KEY_LAYOUT, attack_accuracy
+from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, attack_accuracy
 from l2p_jax.evaluation.records import log_record, make_record
 from l2p_jax.runtime import cli, sharding
 from l2p_jax.training import checkpointing
@@ -46,6 +47,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ('pgd.steps', config.pgd.steps, 1),
     ('pgd.restarts', config.pgd.restarts, 1),
     ('eot.draws', config.eot.draws, 1),
+    ('judge.draws', config.judge.draws, 1),
     ('cw.binary_steps', config.cw.binary_steps, 1),
     ('cw.steps', config.cw.steps, 1),
     ('apgd.steps', config.apgd.steps, 1),
@@ -108,6 +110,16 @@ def check_model_takes_split(split: data.HostSplit, checkpoint: Checkpoint) -> No
     )
 
 
+Verdicts = dict[str, Any]  # verdicts.npz's arrays by name (verdicts.arrays).
+
+
+def _recorded(record: dict[str, Any], judgement: Judgement, found: Verdicts) -> dict[str, Any]:
+  """Logs `record`, adds its judgement's per-image verdicts to `found`, returns it."""
+  log_record(record)
+  found.update(verdicts.arrays(record['verdicts'], judgement.right, judgement.draw_right))
+  return record
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict,
   checkpoint: Checkpoint,
@@ -115,18 +127,20 @@ def evaluate_checkpoint(
   split: data.HostSplit,
   specs: Sequence[AttackSpec],
   mesh: jax.sharding.Mesh,
+  found: Verdicts,
 ) -> list[dict[str, Any]]:
-  """One white-box record per attack spec for one checkpoint."""
+  """One white-box record per attack spec for one checkpoint (the noise-off attacks on
+  randomized models only), its verdicts added to `found`."""
   records = []
   for spec in specs:
+    if not spec.attack_noise and not (config.noise and checkpoint.randomized):
+      continue  # Without noise the attack is the white-box one.
     started = time.time()
-    [counts] = attack_accuracy(
+    [judgement] = attack_accuracy(
       spec, checkpoint, [checkpoint], split, config=config, mesh=mesh, desc=f'{label} {spec.name}'
     )
-    records.append(
-      make_record(config, spec, checkpoint, label, split, counts, time.time() - started)
-    )
-    log_record(records[-1])
+    record = make_record(config, spec, checkpoint, label, split, judgement, time.time() - started)
+    records.append(_recorded(record, judgement, found))
   return records
 
 
@@ -137,14 +151,16 @@ def transfer_records(
   labels: dict[str, str],
   split: data.HostSplit,
   mesh: jax.sharding.Mesh,
+  found: Verdicts,
 ) -> list[dict[str, Any]]:
   """Supplementary Table 2: every target judged on the FGSM and PGD examples made on
-  every source; a cell records its row's time (making the examples and judging all)."""
+  every source, the verdicts added to `found`; a cell records its row's time (making
+  the examples and judging all)."""
   records = []
   for source in sources:
     for spec in plan_attacks(config, 'fgsm,pgd')[0]:
       started = time.time()
-      counts = attack_accuracy(
+      judgements = attack_accuracy(
         spec,
         source,
         targets,
@@ -155,11 +171,10 @@ def transfer_records(
       )
       seconds = time.time() - started
       origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': source.step}
-      for target, c in zip(targets, counts):
-        records.append(
-          make_record(config, spec, target, labels[target.path], split, c, seconds, source=origin)
-        )
-        log_record(records[-1])
+      for target, judgement in zip(targets, judgements):
+        label = labels[target.path]
+        record = make_record(config, spec, target, label, split, judgement, seconds, origin)
+        records.append(_recorded(record, judgement, found))
   return records
 
 
@@ -216,13 +231,29 @@ def _eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return mesh
 
 
-def _write_results(results: dict[str, Any], output_dir: str) -> dict[str, Any]:
-  """Merges the earlier records of output_dir into `results`, writes the report there
-  (first process only) and returns the merged results."""
-  results = results_report.merge_previous(results, output_dir)
+def logits_vary(
+  config: ml_collections.ConfigDict, checkpoint: Checkpoint, split: data.HostSplit
+) -> bool:
+  """Whether the checkpoint's logits on the split's first examples differ between two
+  noise draws (with config.noise), for the judged_over_draws sanity check."""
+  images = data.to_float(split.images[: min(config.batch_size, split.num_examples)])
+  logits = jax.jit(models.inference_logits(checkpoint.model, checkpoint.variables, config.noise))
+  first, second = (np.asarray(logits(images, jax.random.key(k))) for k in (0, 1))
+  return bool(np.any(first != second))
+
+
+def _write_results(results: dict[str, Any], found: Verdicts, output_dir: str) -> dict[str, Any]:
+  """Merges the earlier records and verdicts of output_dir into `results` and `found`,
+  adds the worst cases and sanity checks, writes the report there (first process only),
+  says the failed checks and returns the merged results."""
+  results, found = results_report.merge_previous(results, found, output_dir)
+  results = results_report.summarize(results, found)
   if jax.process_index() == 0:
-    for path in results_report.write_report(results, output_dir):
+    for path in results_report.write_report(results, found, output_dir):
       tqdm.write(f'Wrote {path}')
+    for check in results['sanity']:
+      verdict = 'passed' if check['passed'] else 'FAILED'
+      tqdm.write(f'sanity {check["label"]} {check["name"]} {verdict}: {check["detail"]}')
   return results
 
 
@@ -246,6 +277,7 @@ def evaluate_workdirs(
     'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
   )
   results_report.read_previous(output_dir)  # Refused now, not after the attacks.
+  verdicts.read(output_dir)
   mesh = _eval_mesh(config)
   cache = _RestoredCheckpoints(config)
   paths = checkpoint_paths or workdirs
@@ -256,20 +288,27 @@ def evaluate_workdirs(
   labels = _labels(list(cache.restored.values()))
   examples = functools.cache(load_examples)
 
-  records = []
+  records, found, varies = [], {}, {}
   for checkpoint in evaluated:
     split = examples(data_settings(config, checkpoint))
     check_model_takes_split(split, checkpoint)
-    records += evaluate_checkpoint(config, checkpoint, labels[checkpoint.path], split, specs, mesh)
+    label = labels[checkpoint.path]
+    records += evaluate_checkpoint(config, checkpoint, label, split, specs, mesh, found)
+    varies[checkpoint.path] = logits_vary(config, checkpoint, split)
   if transfer:
     split = examples(data_settings(config, sources[0]))
     for checkpoint in sources + targets:
       check_model_takes_split(split, checkpoint)
-    records += transfer_records(config, sources, targets, labels, split, mesh)
+    records += transfer_records(config, sources, targets, labels, split, mesh, found)
+    for checkpoint in targets:
+      varies.setdefault(checkpoint.path, logits_vary(config, checkpoint, split))
   results = {
     'config': config.to_dict(),
     'key_layout': KEY_LAYOUT,
-    'checkpoints': [{'label': labels[c.path], **c.describe()} for c in cache.restored.values()],
+    'checkpoints': [
+      {'label': labels[c.path], **c.describe(), 'logits_vary': varies.get(c.path)}
+      for c in cache.restored.values()
+    ],
     'records': records,
   }
-  return _write_results(results, output_dir)
+  return _write_results(results, found, output_dir)

@@ -33,12 +33,13 @@ def paper_arch(setting: tuple[str, float]) -> str:
 
 
 def _load(path: str) -> tuple[list[dict[str, Any]], float]:
-  """The records of a results.json ([] if not there yet) and its headline eps; a file
-  that does not read is one ResultsFileError naming it."""
+  """The records of a results.json ([] if not there yet) with its per-image worst cases
+  as records (results_report.table_records) and its headline eps; a file that does not
+  read is one ResultsFileError naming it."""
   results = results_report.read_previous(os.path.dirname(path)) if path else None
   if results is None:
     return [], 0.0
-  return results['records'], results['config']['eps']
+  return results_report.table_records(results), results['config']['eps']
 
 
 def _summary(values: Sequence[float]) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""Per-image verdicts beside results.json, and the per-image worst case they make possible.
+
+verdicts.npz holds, for every record (by its `verdicts` name), `<name>.right`: per image
+of the split the number of judged draws under which it was classified right, and
+`<name>.draw_right`: per judged draw the number of images right. A rerun merges into
+the file as results.json does, so the worst case covers every attack run so far.
+
+The worst case of a checkpoint (AutoAttack's robust accuracy, over draws): per image the
+smallest share of draws classified right over the attacks of one threat model (the
+L-inf attacks at the headline eps, transfer and noise-off included, with the clean
+images; C&W and few-pixel measure other budgets), judged the same way, on the same
+images. Its `accuracy` is the mean of that per-image worst share, `accuracy_all_draws`
+the images right under every draw of every attack.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from l2p_jax.errors import UserError
+from l2p_jax.evaluation import intervals
+from l2p_jax.runtime import files
+
+VERDICTS_FILE = 'verdicts.npz'
+WORST_CASE_ATTACKS = ('clean', 'fgsm', 'pgd', 'apgd_rand')  # The L-inf threat model.
+
+
+def arrays(name: str, right: np.ndarray, draw_right: np.ndarray) -> dict[str, np.ndarray]:
+  """The entries of verdicts.npz for the record named `name`."""
+  return {
+    f'{name}.right': np.asarray(right, np.uint32),
+    f'{name}.draw_right': np.asarray(draw_right, np.uint32),
+  }
+
+
+class VerdictsFileError(UserError, ValueError):
+  """An earlier verdicts.npz that cannot be read, so its verdicts cannot be kept."""
+
+
+def read(output_dir: str) -> dict[str, np.ndarray]:
+  """The verdicts of output_dir/verdicts.npz ({} when there are none); raises
+  VerdictsFileError, naming the file and what to do, when it does not read."""
+  path = os.path.join(output_dir, VERDICTS_FILE)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with np.load(path) as stored:
+      return {name: stored[name] for name in stored.files}
+  except (OSError, ValueError, zipfile.BadZipFile) as error:
+    raise VerdictsFileError(
+      f'{path} does not read ({type(error).__name__}: {error}), so the worst case cannot '
+      'cover earlier runs; move it aside and rerun, or write elsewhere with '
+      '--config.output_dir=DIR.'
+    ) from None
+
+
+def write(output_dir: str, verdicts: dict[str, np.ndarray]) -> str:
+  """Writes verdicts.npz atomically (a full disk keeps the previous file); returns its
+  path."""
+  path = os.path.join(output_dir, VERDICTS_FILE)
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **verdicts)
+  files.write_with(path, lambda f: f.write(buffer.getvalue()), binary=True)
+  return path
+
+
+def kept(verdicts: dict[str, np.ndarray], records: Sequence[dict[str, Any]]) -> dict:
+  """The verdicts of `records` only (those of replaced records dropped)."""
+  names = {r.get('verdicts') for r in records}
+  return {key: value for key, value in verdicts.items() if key.rsplit('.', 1)[0] in names}
+
+
+def _threat_model_group(record: dict[str, Any], eps: float) -> tuple | None:
+  """The worst-case group of a record (checkpoint, data, images, judgement), None when it
+  is not an L-inf attack at `eps` or has no verdicts."""
+  if record['attack'] not in WORST_CASE_ATTACKS or record['params']['eps'] not in (None, eps):
+    return None
+  if not record.get('verdicts'):
+    return None  # Written before verdicts were kept.
+  return tuple(
+    record[field]
+    for field in ('label', 'checkpoint', 'dataset', 'split', 'n', 'rule', 'draws', 'noise')
+  )
+
+
+def _attack_name(record: dict[str, Any]) -> str:
+  source = record['source']
+  return record['name'] + (f' from {source["label"]}' if source else '')
+
+
+def worst_cases(
+  records: Sequence[dict[str, Any]], verdicts: dict[str, np.ndarray], eps: float
+) -> list[dict[str, Any]]:
+  """One worst-case entry per checkpoint and judgement (module docstring): label,
+  checkpoint, dataset, split, n, rule, draws, noise, attacks, judged_draws (the fewest of
+  its attacks'), accuracy, accuracy_ci95 (intervals.accuracy_interval of the per-image
+  worst shares) and accuracy_all_draws."""
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for r in records:
+    group = _threat_model_group(r, eps)
+    if group is not None and f'{r["verdicts"]}.right' in verdicts:
+      groups.setdefault(group, []).append(r)
+  entries = []
+  fields = ('label', 'checkpoint', 'dataset', 'split', 'n', 'rule', 'draws', 'noise')
+  for group, members in groups.items():
+    right = [verdicts[f'{r["verdicts"]}.right'] for r in members]
+    shares = np.min([v / r['judged_draws'] for v, r in zip(right, members)], axis=0)
+    all_draws = np.all([v == r['judged_draws'] for v, r in zip(right, members)], axis=0)
+    fewest = min(r['judged_draws'] for r in members)
+    low, high = intervals.accuracy_interval(shares, fewest)
+    entries.append(
+      {
+        **dict(zip(fields, group)),
+        'attacks': [_attack_name(r) for r in members],
+        'judged_draws': fewest,
+        'accuracy': float(shares.mean()),
+        'accuracy_ci95': [low, high],
+        'accuracy_all_draws': float(all_draws.mean()),
+      }
+    )
+  return entries
