@@ -425,6 +425,37 @@ def test_a_missing_config_file_is_one_line(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+  'program,args,message',
+  [
+    (
+      'compare_torch.py',
+      ['--config', 'configs/cifar.py:pni,resnet9'],
+      "compare_torch.py: Unknown architecture 'resnet9'; expected 'resnet<6n+2>' (ResNet-V1: "
+      "resnet20, resnet32, resnet44, resnet56, ...) or 'resnet18' (ResNet-V2(18)).",
+    ),
+    (
+      'train.py',
+      ['--config', 'configs/cifar.py:bogus,resnet8', '--workdir', 'unused'],
+      "train.py: Unknown method 'bogus' in config argument 'bogus,resnet8'; expected one of "
+      "('none', 'vanilla', 'pni', 'adv_bnn', 'l2p').",
+    ),
+    (
+      'compare_torch.py',
+      ['--config', 'configs/cifar.py:pni,resnet8', '--stepz=3'],
+      "compare_torch.py: Unknown command line flag 'stepz'. Did you mean: steps ? Pass "
+      '--helpshort or --helpfull to see help on flags.',
+    ),
+  ],
+  ids=['config_refuses_arch', 'config_refuses_method', 'unknown_flag'],
+)
+def test_a_refused_config_argument_or_flag_is_one_line(program, args, message):
+  """What the config file raises, without its exception's type; absl's flag errors with
+  their hint on the same line."""
+  code, _, stderr = run(program, *args)
+  assert (code, one_line(stderr)) == (1, message)
+
+
 def test_a_workdir_that_is_a_file_is_one_line(cifar_dir, tmp_path):
   (tmp_path / 'taken').write_text('')
   code, _, stderr = train(cifar_dir, tmp_path / 'taken')
