@@ -35,8 +35,8 @@ def unknown_field_message(program: str, error: Exception, argv: list[str]) -> st
 
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
   """A `flags_parser` for `app.run` that exits with one line naming a config field the
-  command line sets but the (locked) config does not have, or what the config file
-  refused (e.g. an unknown ARCH)."""
+  command line sets but the (locked) config does not have, what the config file
+  refused (e.g. an unknown ARCH, without its exception's type) or absl's flag error."""
 
   def parse(argv: list[str]) -> list[str]:
     try:
@@ -46,9 +46,10 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     except flags.Error as error:
       message = str(error).strip()
       if 'Error whilst parsing config file' in message:  # Its last line is the error.
-        message = message.splitlines()[-1].strip()
+        reason = re.sub(r'^[\w.]*(Error|Exception): ', '', message.splitlines()[-1].strip())
+        raise SystemExit(f'{program}: {reason}') from None
       raise SystemExit(
-        f'{program}: {message}\nPass --helpshort or --helpfull to see help on flags.'
+        f'{program}: {message} Pass --helpshort or --helpfull to see help on flags.'
       ) from None
     _check_config_files_loaded(program)
     return rest

@@ -2,7 +2,8 @@
 tracebacks, what one line of ours already says: its INFO line per file written, its
 warnings about read-only managers, its failed attempts to restore a damaged checkpoint
 (checkpointing warns once, naming it) and its background threads' tracebacks on a full
-disk (the entry point names what was kept)."""
+disk (the entry point names what was kept); and TensorStore's tracebacks of writes that
+outlive the failed save awaiting them, printed outside logging."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import gc
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 
 from l2p_jax.runtime import files
@@ -46,12 +48,32 @@ class _Filter(logging.Filter):
 _LOGGERS = ('absl', 'asyncio')
 
 
+def _is_closed_loop_callback(unraisable: sys.UnraisableHookArgs) -> bool:
+  """Whether an unraisable error is a callback's call into an asyncio event loop that
+  has closed, and nothing else: TensorStore's, when a write of orbax's completes after
+  the save awaiting it failed (on a full disk, a traceback for each pending write)."""
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return (
+    isinstance(unraisable.exc_value, RuntimeError)
+    and str(unraisable.exc_value) == 'Event loop is closed'
+    and unraisable.object is None
+    and bool(frames)
+    and frames[0].name == 'call_soon_threadsafe'
+    and all(f'{os.sep}asyncio{os.sep}' in frame.filename for frame in frames)
+  )
+
+
 def quiet_orbax(level: int = logging.ERROR) -> None:
   """From now on, drops orbax's log records below `level` and those about a full disk
-  (its own and asyncio's); for the entry points, whose own lines say what happened."""
+  (its own and asyncio's), and TensorStore's calls into a closed event loop (see
+  _is_closed_loop_callback); for the entry points, whose own lines say what happened."""
   quiet = _Filter(level)
   for name in _LOGGERS:
     logging.getLogger(name).addFilter(quiet)
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: (
+    None if _is_closed_loop_callback(unraisable) else previous(unraisable)
+  )
 
 
 @contextlib.contextmanager
@@ -72,20 +94,3 @@ def silenced() -> Iterator[None]:
   finally:
     for logger in loggers:
       logger.removeFilter(quiet)
-
-
-@contextlib.contextmanager
-def stderr_discarded() -> Iterator[None]:
-  """Within the block, what anything writes to the process's stderr (file descriptor 2)
-  goes nowhere: closing a checkpoint manager whose save failed on a full disk, whose
-  TensorStore callbacks print 'Event loop is closed' tracebacks from outside Python's
-  logging, while the entry point's one line says what happened."""
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)

@@ -28,7 +28,7 @@ from flax import traverse_util
 
 from l2p_jax import experiment, methods
 from l2p_jax.errors import UserError
-from l2p_jax.runtime import files, orbax_logging, sharding
+from l2p_jax.runtime import orbax_logging, sharding
 
 # Config fields that decide the shapes and meaning of the saved variables.
 STRUCTURE_FIELDS = ('method', 'model', 'data.dataset')
@@ -173,16 +173,11 @@ class Checkpoints:
 
   @contextlib.contextmanager
   def closing(self) -> Iterator[Checkpoints]:
-    """Closes the manager when the block ends; after a full disk without the tracebacks
-    of its failed save's callbacks (the error that ends the block says what failed)."""
+    """Closes the manager when the block ends, however it ends."""
     try:
       yield self
-    except BaseException as error:
-      quiet = orbax_logging.stderr_discarded() if files.is_disk_full(error) else None
-      with quiet or contextlib.nullcontext():
-        self.close()
-      raise
-    self.close()
+    finally:
+      self.close()
 
 
 def _reason(error: Exception) -> str:
