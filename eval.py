@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from l2p_jax import evaluation
-from l2p_jax.runtime import cli, distributed, orbax_logging
+from l2p_jax.runtime import cli, distributed, host_devices, orbax_logging
 
 FLAGS = flags.FLAGS
 try:  # With a default file, config_flags applies the overrides here, at import.
@@ -42,8 +42,10 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
     logging.set_verbosity(logging.WARNING)
     orbax_logging.quiet_orbax()
-  distributed.initialize_from_flags()
   with cli.one_line_errors('eval.py'):
+    devices = host_devices.configure({'config.batch_size': FLAGS.config.batch_size})
+    distributed.initialize_from_flags()
+    host_devices.log_choice(devices)
     evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 
 

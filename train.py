@@ -12,7 +12,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2p_jax.runtime import cli, distributed, orbax_logging
+from l2p_jax.runtime import cli, distributed, host_devices, orbax_logging
 from l2p_jax.training import checkpointing, loop
 
 FLAGS = flags.FLAGS
@@ -29,8 +29,13 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
     logging.set_verbosity(logging.WARNING)
     orbax_logging.quiet_orbax()
-  distributed.initialize_from_flags()
   with cli.one_line_errors('train.py', kept=last_good_checkpoint):
+    config = FLAGS.config
+    devices = host_devices.configure(
+      {'batch_size': config.batch_size, 'eval_batch_size': config.eval_batch_size}
+    )
+    distributed.initialize_from_flags()
+    host_devices.log_choice(devices)
     cli.check_writable_folder('--workdir', FLAGS.workdir)
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -49,6 +49,11 @@ def _loop(case: dict[str, Any]) -> str:
   return '-' if case.get('unroll') is None else ('unrolled' if case['unroll'] else 'rolled')
 
 
+def _devices(case: dict[str, Any]) -> str:
+  """The JAX case's mesh size (results older than the field ran on 1 device)."""
+  return '-' if case['framework'] != 'jax' else str(case.get('devices', 1))
+
+
 def _same_work(a: dict[str, Any], b: dict[str, Any]) -> bool:
   keys = ('suite', 'arch', 'method', 'width', 'batch', 'attack')
   return all(a.get(k) == b.get(k) for k in keys)
@@ -99,6 +104,7 @@ def train_table(cases: list[dict[str, Any]]) -> str:
         c['dtype'],
         _loop(c),
         c.get('input', '-'),
+        _devices(c),
         str(c['pgd_steps']),
         str(c['batch']),
         f'{c["images_per_s"]:.1f}',
@@ -119,6 +125,7 @@ def train_table(cases: list[dict[str, Any]]) -> str:
       'dtype',
       'PGD loop',
       'batches from',
+      'devices',
       'PGD steps',
       'batch',
       'images/s',
@@ -144,6 +151,7 @@ def attack_table(cases: list[dict[str, Any]]) -> str:
       c['framework'],
       c['dtype'],
       _loop(c),
+      _devices(c),
       str(c['eot_draws']),
       str(c['grads_per_example']),
       str(c['batch']),
@@ -166,6 +174,7 @@ def attack_table(cases: list[dict[str, Any]]) -> str:
       'framework',
       'dtype',
       'loop',
+      'devices',
       'EOT draws',
       'gradients/example',
       'batch',
@@ -237,7 +246,8 @@ def render(paths: list[str]) -> str:
     'left resident), in parentheses its growth over the RSS when the case began; '
     'batches from = the training split kept on the device (gathered inside the '
     "step, the training loop's default) or the host (gathered there and "
-    'transferred, two batches ahead); checks = state buffers reused by '
+    'transferred, two batches ahead); devices = the data mesh the batch is split over '
+    '(on a CPU, host devices sharing its cores); checks = state buffers reused by '
     'donation and host callbacks in the compiled step; load 1-min = '
     'os.getloadavg()[0] before -> after the interleaved timed calls of the case and '
     'those it is compared with.'

@@ -13,6 +13,11 @@ BENCHMARKS.md.
   python benchmarks/run.py --suite train --methods vanilla,l2p --archs resnet18 \
       --repeats 2 --out benchmarks/results/NAME.json
   python benchmarks/run.py --quick --out /tmp/quick.json   # a minute or two on a CPU
+  python benchmarks/run.py --suite train --devices 1,2,4 --out /tmp/devices.json
+
+On a CPU, JAX starts with as many host devices as the largest of --devices asks for
+(default 0: one per available core, as train.py and eval.py), and each count is a
+variant timed interleaved with the others.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/
 from benchmarks import render  # noqa: E402
 from configs import cifar  # noqa: E402
 from l2p_jax import attacks, data, experiment, methods, models, training  # noqa: E402
-from l2p_jax.runtime import sharding  # noqa: E402
+from l2p_jax.runtime import host_devices, sharding  # noqa: E402
 from l2p_jax.training import optim  # noqa: E402
 
 try:
@@ -62,6 +67,7 @@ ENV_VARS = (
   'GOMP_SPINCOUNT',
   'MKL_NUM_THREADS',
   'CUDA_VISIBLE_DEVICES',
+  'JAX_NUM_CPU_DEVICES',
 )
 ATTACKS = ('pgd7', 'eot_pgd', 'apgd')
 # Where a training step's batch comes from: the split kept on the device (the default
@@ -132,7 +138,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--apgd-steps', type=int, default=100, help='iterations of each of APGD-CE and APGD-DLR'
   )
-  parser.add_argument('--devices', type=int, default=1, help='devices on the data mesh')
+  parser.add_argument(
+    '--devices',
+    default='0',
+    help='devices on the data mesh, comma-separated variants (e.g. 1,2,4); 0: one per '
+    'available core on a CPU (fewer when that does not divide --batch), all on GPU/TPU',
+  )
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--quick', action='store_true', help=f'defaults {QUICK}')
   parser.add_argument('--out', required=True, help='JSON file to write')
@@ -158,8 +169,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   for arch in args.archs:
     models.resnet_layout(arch)
   args.unrolls = [v == '1' for v in args.unrolls]
-  if min(args.repeats, args.batch, args.devices, args.warmup) < 1:
-    parser.error('--repeats, --batch, --devices and --warmup must be at least 1')
+  if not all(v.isdigit() for v in args.devices.split(',')):
+    parser.error(f'--devices {args.devices}: expected counts like 1,2,4 (0: one per core)')
+  args.devices = [int(v) for v in args.devices.split(',')]
+  if min(args.repeats, args.batch, args.warmup) < 1:
+    parser.error('--repeats, --batch and --warmup must be at least 1')
   if args.split_examples < args.batch:
     parser.error(f'--split-examples {args.split_examples} is smaller than --batch {args.batch}')
   return args
@@ -472,7 +486,13 @@ def args_config(args: argparse.Namespace, method: str, arch: str, **kwargs):
 
 
 def prepare_jax_train(
-  args: argparse.Namespace, method: str, arch: str, dtype: str, unroll: bool, inputs: str
+  args: argparse.Namespace,
+  method: str,
+  arch: str,
+  dtype: str,
+  unroll: bool,
+  inputs: str,
+  devices: int,
 ) -> tuple[Callable[[], None], dict[str, Any]]:
   """One training step as the training loop jits it (state donated), compiled ahead of
   time, with a check that the donated state buffers were reused. inputs='device': the
@@ -481,7 +501,7 @@ def prepare_jax_train(
   'host': each call takes the next batch gathered on the host and transferred ahead
   (two in flight), as with data.on_device=False."""
   config = args_config(args, method, arch, dtype=dtype, unroll=unroll)
-  mesh = sharding.make_mesh(args.devices)
+  mesh = sharding.make_mesh(devices)
   model, optimizers, state = jax_model_and_state(config, mesh)
   split = random_split(args.split_examples)
   lr, reg_weight, epoch_start = sharding.replicate(
@@ -567,11 +587,17 @@ def attack_fn(name: str, args: argparse.Namespace, unroll: bool) -> tuple[Callab
 
 
 def prepare_jax_attack(
-  args: argparse.Namespace, method: str, arch: str, attack: str, dtype: str, unroll: bool
+  args: argparse.Namespace,
+  method: str,
+  arch: str,
+  attack: str,
+  dtype: str,
+  unroll: bool,
+  devices: int,
 ) -> tuple[Callable[[], None], dict[str, Any]]:
   """One jitted attack on a batch, the network in evaluation mode with its noise on."""
   config = args_config(args, method, arch, dtype=dtype, unroll=unroll)
-  mesh = sharding.make_mesh(args.devices)
+  mesh = sharding.make_mesh(devices)
   model, _, state = jax_model_and_state(config, mesh)
   batch = sharding.shard_batch(mesh, random_batch(args.batch, seed=1))
   fn, _, _ = attack_fn(attack, args, unroll)
@@ -671,6 +697,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the suites of `argv` with the persistent compilation cache off (so compile
   times are real) and returns the results it wrote."""
   args = parse_args(argv)
+  args.devices = device_counts(args)
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', False)  # Compile times are real.
   try:
@@ -679,6 +706,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jax.config.update('jax_enable_compilation_cache', cache)
     if torch is not None:
       torch.set_flush_denormal(False)  # PyTorch's default, for callers in this process.
+
+
+def device_counts(args: argparse.Namespace) -> list[int]:
+  """Starts JAX with enough CPU devices for --devices (its 0: one per available core,
+  fewer when that does not divide --batch; every device on GPU/TPU) and returns the
+  counts, exiting with a message when there are fewer devices than one asks for."""
+  per_core = host_devices.largest_dividing(host_devices.available_cores(), [args.batch])
+  host_devices.configure({'--batch': args.batch}, max(n or per_core for n in args.devices))
+  everything = per_core if jax.default_backend() == 'cpu' else jax.device_count()
+  counts = list(dict.fromkeys(n or everything for n in args.devices))
+  if max(counts) > jax.device_count():
+    raise SystemExit(f'--devices {max(counts)}: JAX has only {jax.device_count()} devices.')
+  return counts
 
 
 def run_suites(args: argparse.Namespace) -> dict[str, Any]:
@@ -715,11 +755,14 @@ def run_suites(args: argparse.Namespace) -> dict[str, Any]:
         group = [
           (
             'jax',
-            {**info, 'dtype': dtype, 'unroll': unroll, 'input': inputs},
-            functools.partial(prepare_jax_train, args, method, arch, dtype, unroll, inputs),
+            {**info, 'dtype': dtype, 'unroll': unroll, 'input': inputs, 'devices': devices},
+            functools.partial(
+              prepare_jax_train, args, method, arch, dtype, unroll, inputs, devices
+            ),
           )
           for dtype, unroll in variants
           for inputs in args.inputs
+          for devices in args.devices
         ]
         if use_torch:
           group.append(
@@ -745,10 +788,13 @@ def run_suites(args: argparse.Namespace) -> dict[str, Any]:
           group = [
             (
               'jax',
-              {**info, 'dtype': dtype, 'unroll': unroll},
-              functools.partial(prepare_jax_attack, args, method, arch, attack, dtype, unroll),
+              {**info, 'dtype': dtype, 'unroll': unroll, 'devices': devices},
+              functools.partial(
+                prepare_jax_attack, args, method, arch, attack, dtype, unroll, devices
+              ),
             )
             for dtype, unroll in variants
+            for devices in args.devices
           ]
           if use_torch and attack == 'pgd7':
             group.append(

@@ -49,6 +49,8 @@ def test_quick_benchmark_writes_its_schema_and_renders(tmp_path):
       '4',
       '--repeats',
       '1',
+      '--devices',
+      '1',  # This process's JAX has started with one device.
       '--out',
       str(out),
     ]
@@ -67,6 +69,7 @@ def test_quick_benchmark_writes_its_schema_and_renders(tmp_path):
     assert case['images_per_s'] > 0 and case['memory']['peak_bytes'] > 0
     if case['framework'] == 'jax':
       assert case['compile']['compile_s'] > 0 and case['checks']['host_callbacks'] == 0
+      assert case['devices'] == 1
   steps = [c for c in cases if c['framework'] == 'jax' and c['suite'] == 'train']
   assert sorted(c['input'] for c in steps) == ['device', 'host']
   for step in steps:

@@ -409,6 +409,7 @@ def train_command(cifar_dir, workdir):
     '--config.data.source=local',
     f'--config.data.local_dir={cifar_dir}',
     '--config.progress_bar=False',
+    '--cpu_devices=1',  # The device count of the in-process reference run.
   ]
 
 

@@ -41,8 +41,9 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises ValueError unless the global batch splits evenly over the mesh's devices."""
   if batch_size <= 0 or batch_size % mesh.size:
     raise ValueError(
-      f'Global batch size {batch_size} must be a positive multiple of '
-      f'the number of devices {mesh.size}.'
+      f'global batch size {batch_size} must be a positive multiple of the number of '
+      f'devices {mesh.size}; use a multiple of {mesh.size}, or fewer devices '
+      '(--cpu_devices=N on a CPU, CUDA_VISIBLE_DEVICES on GPUs).'
     )
 
 

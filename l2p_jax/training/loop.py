@@ -98,7 +98,7 @@ def resume(
   def check(meta: dict[str, Any], where: str) -> None:
     changes[:] = checkpointing.check_compatible(meta['config'], config, where)
 
-  step, tree, _, unreadable = checkpoints.restore_newest_readable(
+  step, tree, meta, unreadable = checkpoints.restore_newest_readable(
     jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
       training.checkpoint_tree(state, metrics),
@@ -113,6 +113,7 @@ def resume(
       os.replace(checkpoints.path(bad), os.path.join(aside, str(bad)))
     moved = f' (unreadable newer ones moved to {aside})' if unreadable else ''
     tqdm.write(f'Resuming from {checkpoints.path(step)}{moved}.')
+    _warn_other_device_count(meta.get('devices'), checkpoints.path(step))
     if changes:
       changed = os.path.join(workdir, f'config.{step}.json')
       files.write_text(changed, config.to_json_best_effort(indent=2))
@@ -153,14 +154,34 @@ class _Saver:
       self.last = step
 
 
+def _warn_other_device_count(saved: int | None, where: str) -> None:
+  """Warns when the checkpoint resumed from was written on another number of devices
+  (checkpoints older than that record say nothing): the run goes on, but not bit for bit
+  as one that kept its devices would."""
+  devices = jax.device_count()
+  if saved is not None and saved != devices:
+    logging.warning(
+      'Resuming %s, written by a run on %d devices, on %d: the run goes on, but not '
+      'bit-identical to one that stays on %d (each step sums its batch over the devices, '
+      'and another split sums in another order). To resume bit for bit, run on %d devices '
+      '(--cpu_devices=%d on a CPU).',
+      where,
+      saved,
+      devices,
+      saved,
+      saved,
+      saved,
+    )
+
+
 def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The mesh of every device, refusing batch sizes it cannot split evenly."""
   mesh = sharding.make_mesh()
-  try:
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_batch_size(config.eval_batch_size, mesh)
-  except ValueError as error:
-    raise ConfigError(str(error)) from None
+  for field in ('batch_size', 'eval_batch_size'):
+    try:
+      sharding.check_batch_size(config[field], mesh)
+    except ValueError as error:
+      raise ConfigError(f'{field}: {error}') from None
   return mesh
 
 
@@ -316,6 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       'mean': mean,
       'std': std,
       'image_shape': list(train_split.images.shape[1:]),
+      'devices': mesh.size,  # A resume on another count warns (not bit for bit).
     }
     saver = _Saver(checkpoints, meta, latest, config, workdir)
     writer = MetricsWriter(workdir)
