@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/
 from benchmarks import render  # noqa: E402
 from configs import cifar  # noqa: E402
 from l2p_jax import attacks, data, experiment, methods, models, training  # noqa: E402
+from l2p_jax.evaluation import judging  # noqa: E402
 from l2p_jax.runtime import host_devices, sharding  # noqa: E402
 from l2p_jax.training import optim  # noqa: E402
 
@@ -69,7 +70,7 @@ ENV_VARS = (
   'CUDA_VISIBLE_DEVICES',
   'JAX_NUM_CPU_DEVICES',
 )
-ATTACKS = ('pgd7', 'eot_pgd', 'apgd')
+ATTACKS = ('pgd7', 'eot_pgd', 'apgd', 'judge')
 # Where a training step's batch comes from: the split kept on the device (the default
 # of the training loop) or the host, gathered and transferred ahead of the step.
 INPUTS = ('device', 'host')
@@ -134,6 +135,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   )
   parser.add_argument(
     '--eot-draws', type=int, default=20, help='EOT draws of eot_pgd and apgd (AutoAttack-rand: 20)'
+  )
+  parser.add_argument(
+    '--judge-draws', type=int, default=30, help="noise draws of 'judge' (eval's judge.draws)"
   )
   parser.add_argument(
     '--apgd-steps', type=int, default=100, help='iterations of each of APGD-CE and APGD-DLR'
@@ -566,24 +570,32 @@ def prepare_jax_train(
 
 
 def attack_fn(name: str, args: argparse.Namespace, unroll: bool) -> tuple[Callable, int, int]:
-  """(attack, EOT draws, input gradients per example) of an attack named in ATTACKS."""
+  """(function of (logits_fn, key, x, y) returning what a call computes, EOT draws, input
+  gradients per example) of a name in ATTACKS: an attack's examples, or for 'judge' the
+  verdicts of --judge-draws noise draws on the inputs (evaluation's judging, forward
+  passes only)."""
   loop_unroll = True if unroll else 1
   pgd = functools.partial(attacks.pgd, eps=8 / 255, steps=7, step_size=0.01, unroll=loop_unroll)
+  if name == 'judge':
+    judge = functools.partial(
+      judging.judged_verdicts, judged_draws=args.judge_draws, rule='single', draws=1
+    )
+    return lambda logits_fn, key, x, y: judge(logits_fn, key, x, x, y), 1, 0
   if name == 'pgd7':
-    return pgd, 1, 7
-  if name == 'eot_pgd':
-    return functools.partial(pgd, eot_draws=args.eot_draws), args.eot_draws, 7 * args.eot_draws
-  return (
-    functools.partial(
+    attack, draws, grads = pgd, 1, 7
+  elif name == 'eot_pgd':
+    attack, draws, grads = functools.partial(pgd, eot_draws=args.eot_draws), args.eot_draws, 7
+    grads *= args.eot_draws
+  else:
+    attack = functools.partial(
       attacks.autoattack_rand,
       eps=8 / 255,
       steps=args.apgd_steps,
       eot_draws=args.eot_draws,
       unroll=loop_unroll,
-    ),
-    args.eot_draws,
-    2 * (args.apgd_steps + 1) * args.eot_draws,
-  )
+    )
+    draws, grads = args.eot_draws, 2 * (args.apgd_steps + 1) * args.eot_draws
+  return lambda logits_fn, key, x, y: attack(logits_fn, key, x, y).x_adv, draws, grads
 
 
 def prepare_jax_attack(
@@ -607,7 +619,7 @@ def prepare_jax_attack(
     def logits_fn(x, k):
       return model.apply(variables, x, train=False, noise=noise, rngs={'noise': k})
 
-    return fn(logits_fn, key, data.to_float(images), labels).x_adv
+    return fn(logits_fn, key, data.to_float(images), labels)
 
   key = jax.device_put(jax.random.key(2), sharding.replicated_sharding(mesh))
   inputs = (state.variables, key, batch['image'], batch['label'])

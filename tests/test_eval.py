@@ -122,7 +122,7 @@ def test_full_config_runs_the_papers_attacks_with_their_settings():
     ('pgd', 20, 1),
     ('apgd_rand', 100, 1),
   ]
-  assert config.judge.draws == 10
+  assert config.judge.draws == 30
   assert len(specs) == len(set(specs)) == len({s.key_id for s in specs}) and not transfer
   with pytest.raises(AttributeError):
     config.pgd.step = 3  # Locked: a typo of pgd.steps is an error.
