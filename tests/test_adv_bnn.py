@@ -343,14 +343,15 @@ def test_adv_bnn_is_judged_by_the_mean_softmax_of_50_draws_by_default():
   [spec] = evaluation.plan_attacks(get_eval_config('tiny'), 'clean')[0]
 
   def by_hand(rule, draws):
-    """Predicted labels with the keys evaluation.KEY_LAYOUT gives batch b of 8."""
+    """Predicted labels with the keys evaluation.KEY_LAYOUT gives batch b of 8, judged
+    draw 0."""
     key = jax.random.fold_in(jax.random.key(0), spec.key_id)
     logits_fn = lambda x, k: model.apply(variables, x, rngs={'noise': k})  # noqa: E731
     return np.concatenate(
       [
         prediction.predict(
           logits_fn,
-          jax.random.fold_in(jax.random.fold_in(key, b), 1),
+          jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, b), 1), 0),
           data.to_float(images[8 * b : 8 * b + 8]),
           draws=draws,
           rule=rule,
@@ -370,7 +371,8 @@ def test_adv_bnn_is_judged_by_the_mean_softmax_of_50_draws_by_default():
   for rule in (None, 'single'):
     config = get_eval_config('tiny')
     config.predict.rule, config.progress_bar = rule, False
-    [record] = evaluation.evaluate_checkpoint(config, checkpoint, 'bnn', split, [spec], mesh)
+    config.judge.draws = 1  # The rule's own draws are what this test is about.
+    [record] = evaluation.evaluate_checkpoint(config, checkpoint, 'bnn', split, [spec], mesh, {})
     results[rule] = record
   default, single = results[None], results['single']
   assert (default['rule'], default['draws'], default['rule_from']) == (

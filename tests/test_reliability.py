@@ -194,7 +194,8 @@ def test_train_py_on_a_real_full_tmpfs_is_one_line_naming_the_last_good_checkpoi
     )
     assert code == 1
     line = one_line(stderr)
-    assert line.startswith('train.py: no space left on device writing ')
+    # 'writing PATH' when the failed write names its file; orbax's save does not always.
+    assert line.startswith('train.py: no space left on device')
     kept = line.split('the last good checkpoint is ')[1].split('. Free some space')[0]
     assert checkpointing.newest_readable(str(disk / 'run' / 'checkpoints')) == kept
 
