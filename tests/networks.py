@@ -16,3 +16,30 @@ def create_model(
   config = cifar.get_config(f'{method},{arch}')
   config.model.update(model_fields)
   return experiment.build_model(config, num_classes, mean, std)
+
+
+def imported_on_own_statistics(torch_model, x_nchw, method, *, mean, std):
+  """(model, variables): our ResNet-8 x0.5 on the weights of `torch_model`, a PyTorch
+  reference ResNet-8 x0.5 of `method`, after one training-mode pass over `x_nchw` with
+  BatchNorm momentum 1, so that its running statistics are those images' (predictions
+  then vary among them); `torch_model` is left in evaluation mode."""
+  import torch  # Only the torch tests call this; the others import this module too.
+
+  from l2p_jax.interop import import_torch_checkpoint
+
+  for module in torch_model.modules():
+    if isinstance(module, torch.nn.BatchNorm2d):
+      module.momentum = 1.0
+  with torch.no_grad():
+    torch_model.train()(x_nchw)
+  torch_model.eval()
+  variables = import_torch_checkpoint(
+    torch_model.state_dict(),
+    arch='resnet8',
+    num_classes=10,
+    method=method,
+    width=0.5,
+    mean=mean,
+    std=std,
+  )
+  return create_model('resnet8', 10, method, width=0.5, mean=mean, std=std), variables

@@ -12,10 +12,9 @@ torchattacks = pytest.importorskip('torchattacks')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from networks import create_model  # noqa: E402
+from networks import imported_on_own_statistics  # noqa: E402
 
 from l2p_jax import attacks  # noqa: E402
-from l2p_jax.interop import import_torch_checkpoint  # noqa: E402
 from l2p_jax.interop.parity import torch_reference as ref  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -58,22 +57,9 @@ def reference():
     ref.NormalizeLayer(MEAN, STD), ref.ResNetV1(8, num_classes=10, width=0.5, image_size=SIZE)
   )
   x = np.random.default_rng(0).uniform(0.05, 0.95, (IMAGES, SIZE, SIZE, 3)).astype(np.float32)
-  for module in torch_model.modules():
-    if isinstance(module, torch.nn.BatchNorm2d):
-      module.momentum = 1.0
+  model, variables = imported_on_own_statistics(torch_model, nchw(x), 'none', mean=MEAN, std=STD)
   with torch.no_grad():
-    torch_model.train()(nchw(x))
-    y = torch_model.eval()(nchw(x)).argmax(1)
-  variables = import_torch_checkpoint(
-    torch_model.state_dict(),
-    arch='resnet8',
-    num_classes=10,
-    method='none',
-    width=0.5,
-    mean=MEAN,
-    std=STD,
-  )
-  model = create_model('resnet8', 10, 'none', width=0.5, mean=MEAN, std=STD)
+    y = torch_model(nchw(x)).argmax(1)
   yield torch_model, lambda x, key: model.apply(variables, x), x, y
   torch.set_num_threads(threads)
 

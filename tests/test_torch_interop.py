@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
-from networks import create_model  # noqa: E402
+from networks import create_model, imported_on_own_statistics  # noqa: E402
 
 from l2p_jax.attacks import fgsm  # noqa: E402
 from l2p_jax.interop import (  # noqa: E402
@@ -229,22 +229,7 @@ def test_fgsm_on_imported_weights_flips_the_same_predictions():
   torch_model = reference('l2p', 'resnet8', 0.5, 16, 'l2p')
   x, eps = images(32, 16, seed=3), 2 / 255
   x_t = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-  for module in torch_model.modules():  # running statistics of these very images, so
-    if isinstance(module, torch.nn.BatchNorm2d):  # that predictions vary among them
-      module.momentum = 1.0
-  with torch.no_grad():
-    torch_model.train()(x_t)
-  torch_model.eval()
-  variables = import_torch_checkpoint(
-    torch_model.state_dict(),
-    arch='resnet8',
-    num_classes=10,
-    method='l2p',
-    width=0.5,
-    mean=MEAN,
-    std=STD,
-  )
-  model = create_model('resnet8', 10, 'l2p', width=0.5, mean=MEAN, std=STD)
+  model, variables = imported_on_own_statistics(torch_model, x_t, 'l2p', mean=MEAN, std=STD)
   logits_fn = lambda x, key: model.apply(variables, x, noise=False)  # noqa: E731
 
   # PyTorch FGSM, as in the authors' attacks/fgsm.py: one signed-gradient step.
