@@ -4,6 +4,7 @@ the tables and paper_grid.py for the grid.
 
   python reproduce.py --workdir runs/paper --scale full
   python reproduce.py --workdir runs/small --scale small     # Fashion-MNIST, 2-core CPU
+  python reproduce.py --workdir results/study --scale study  # 3 seeds, 512 images: RESULTS.md
   python reproduce.py --workdir runs/paper --tables main --methods l2p,pni --archs resnet20
   python reproduce.py --workdir runs/paper --plan            # the commands, one per run
   python reproduce.py --workdir runs/paper --slurm paper.sbatch
@@ -34,7 +35,8 @@ flags.DEFINE_enum(
   'full',
   list(paper_grid.SCALES),
   'full: as published; small: Fashion-MNIST on ResNet-V1(8) x0.5 for '
-  'a 2-core CPU; tiny: for tests.',
+  'a 2-core CPU; study: the same with 3 seeds, 512 test images and judged draws, '
+  'about 2 hours there; tiny: for tests.',
 )
 flags.DEFINE_list(
   'tables', [], f"Tables to reproduce (default: the scale's): {', '.join(paper_tables.TABLES)}."
@@ -43,13 +45,18 @@ flags.DEFINE_list('methods', [], f'Only these methods: {", ".join(METHODS)}.')
 flags.DEFINE_list(
   'archs', [], "Only these of the paper's networks: resnet20, resnet20x1.5, resnet18, ..."
 )
-flags.DEFINE_integer('seeds', 1, 'Runs per cell (seeds 0..N-1); cells report mean +- std.')
+flags.DEFINE_integer(
+  'seeds',
+  None,
+  "Runs per cell (seeds 0..N-1; default: the scale's, 3 for study, else 1); cells "
+  'report the mean over seeds and its 95% interval.',
+)
 flags.DEFINE_string(
   'data_dir',
   None,
   "Folder with the dataset's original files (idx "
   'or CIFAR archives); default: /usr/share/datasets/fashion-mnist at '
-  "the small scale, TFDS at the full scale; '' reads TFDS.",
+  "the small and study scales, TFDS at the full scale; '' reads TFDS.",
 )
 flags.DEFINE_bool('plan', False, 'Print every job as one command line and stop.')
 flags.DEFINE_string('slurm', None, 'Write a SLURM array script (one task per job) here and stop.')
@@ -59,15 +66,9 @@ flags.mark_flags_as_required(['workdir'])
 
 def assemble_command() -> str:
   """This command line with --assemble instead of --plan/--slurm."""
-  words = [
-    'python',
-    'reproduce.py',
-    '--workdir',
-    FLAGS.workdir,
-    '--scale',
-    FLAGS.scale,
-    f'--seeds={FLAGS.seeds}',
-  ]
+  words = ['python', 'reproduce.py', '--workdir', FLAGS.workdir, '--scale', FLAGS.scale]
+  if FLAGS.seeds is not None:
+    words.append(f'--seeds={FLAGS.seeds}')
   for name in ('tables', 'methods', 'archs'):
     if FLAGS[name].value:
       words.append(f'--{name}={",".join(FLAGS[name].value)}')

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from l2p_jax import attacks
 from l2p_jax.evaluation import intervals, judging, sanity, verdicts
@@ -73,6 +74,29 @@ def test_intervals_stay_open_at_the_ends_and_bounded_by_all_verdicts():
   assert intervals.accuracy_interval(np.full(2, 0.5), 2) == intervals.wilson_interval(0.5, 4)
   with pytest.raises(ValueError, match='at least one image'):
     intervals.accuracy_interval(np.array([]), 1)
+
+
+def test_the_interval_over_seeds_is_students_by_hand():
+  """Seeds 52, 54, 56: mean 54, s = 2, t(0.975, 2 df) = 4.302653 from the tables."""
+  half = 4.302652729911275 * 2 / math.sqrt(3)
+  assert intervals.seed_interval([52, 54, 56]) == pytest.approx((54 - half, 54 + half))
+  assert intervals.seed_interval([3.0, 3.0]) == (3.0, 3.0)  # No spread, no width.
+  with pytest.raises(ValueError, match='at least 2 values, got 1'):
+    intervals.seed_interval([50.0])
+
+
+def test_a_difference_over_seeds_is_welchs_by_hand():
+  """52, 54, 56 against 49, 50, 51: difference 4, squared standard error 4/3 + 1/3,
+  Welch-Satterthwaite df (5/3)^2 / ((4/3)^2/2 + (1/3)^2/2) = 50/17; its interval
+  includes 0 (-0.155): the seeds do not support the difference. Without spread the
+  difference is exact."""
+  half = stats.t.ppf(0.975, 50 / 17) * math.sqrt(5 / 3)
+  diff, low, high = intervals.difference_interval([52, 54, 56], [49, 50, 51])
+  assert (diff, low, high) == pytest.approx((4, 4 - half, 4 + half))
+  assert low == pytest.approx(-0.1554, abs=1e-4)
+  assert intervals.difference_interval([52, 52], [50, 50]) == (2.0, 2.0, 2.0)
+  with pytest.raises(ValueError, match='2 values a side, got 3 and 1'):
+    intervals.difference_interval([1, 2, 3], [1])
 
 
 # --- judging over draws -------------------------------------------------------------

@@ -4,6 +4,7 @@ grid stopped midway to the same report, the report's measured and published cell
 and the SLURM script."""
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -139,6 +140,44 @@ def test_plan_command_prints_one_line_per_job(tmp_path):
   )
 
 
+def test_study_plan_has_its_seeds_images_and_judged_draws(tmp_path):
+  """The study of RESULTS.md: every method over seeds 0..2 by default, trained on 4,096
+  images for 10 epochs; 512 test images for the attacks that rank the defences, judged
+  over 10 draws (Adv-BNN's 50-draw predictions over 3); C&W and few-pixel on 64."""
+  plan = make_plan(tmp_path, scale='study')
+  assert plan.seeds == 3 and plan.tables == ('main', 'few_pixel', 'figure1')
+  assert [j.name for j in plan.jobs] == [
+    f'{m}-resnet8x0.5-fashion_mnist-s{seed}' for seed in range(3) for m in METHODS
+  ]
+  for job in plan.jobs:
+    train, main, few = (step.command for step in job.steps)
+    assert {
+      '--config.data.train_examples=4096',
+      '--config.num_epochs=10',
+      f'--config.seed={job.run.seed}',
+      '--config.data.local_dir=/usr/share/datasets/fashion-mnist',
+    } <= set(train)
+    draws = 3 if job.run.method == 'adv_bnn' else 10
+    assert {
+      '--config.attacks=clean,fgsm,pgd20,eot_pgd,apgd,noise_off_pgd20',
+      '--config.data.examples=512',
+      f'--config.judge.draws={draws}',
+      f'--config.seed={job.run.seed}',
+    } <= set(main)
+    assert {
+      '--config.attacks=cw,few_pixel',
+      '--config.data.examples=64',
+      '--config.few_pixel.examples=64',
+      f'--config.judge.draws={draws}',
+    } <= set(few)
+  tables = [c.table for c in plan.cells]
+  assert tables.count('main') == tables.count('few_pixel') == 15
+  assert sorted((c.seed, *c.runs) for c in plan.cells if c.table == 'figure1') == [
+    (seed, m) for seed in range(3) for m in ('l2p', 'pni')
+  ]
+  assert len(make_plan(tmp_path, scale='study', seeds=1).jobs) == 5  # --seeds still wins.
+
+
 def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
   l2p = cifar_configs.get_config('l2p,resnet8,fashion_mnist')
   # 350 epochs -> 8: lr drops at 150 * 8/350 = 3.4 and 250 * 8/350 = 5.7; noise at
@@ -249,11 +288,15 @@ def test_a_failing_command_stops_the_grid_naming_it_and_its_log(tmp_path):
 # --- the report ---------------------------------------------------------------------
 
 
-def white_box_accuracy(plan, method, attack):
+def white_box_record(plan, method, attack):
   run = f'{method}-resnet8x0.5-cifar10-s0'
   with open(os.path.join(plan.workdir, 'runs', run, 'eval', 'main', 'results.json')) as f:
     [record] = [r for r in json.load(f)['records'] if r['attack'] == attack]
-  return 100 * record['accuracy']
+  return record
+
+
+def white_box_accuracy(plan, method, attack):
+  return 100 * white_box_record(plan, method, attack)['accuracy']
 
 
 def test_report_holds_measured_cells_beside_published_numbers(grid):
@@ -293,30 +336,69 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
   assert transfer['vanilla']['pni FGSM']['published'] == [60.32, 0.05]  # Table 2.
   assert transfer['vanilla']['vanilla PGD']['published'] is None
   text = read(os.path.join(plan.workdir, 'REPORT.md'))
-  clean = f'{white_box_accuracy(plan, "vanilla", "clean"):.2f}'
-  assert f'| resnet8x0.5 (for ResNet-V1(20)) | Vanilla | {clean} (paper 83.8) |' in text
+  # One seed: the cell's interval is the evaluation's own over images and judged draws.
+  clean = white_box_record(plan, 'vanilla', 'clean')
+  low, high = (100 * v for v in clean['accuracy_ci95'])
+  cell = f'{100 * clean["accuracy"]:.2f} [{low:.2f}, {high:.2f}] (paper 83.8)'
+  assert f'| resnet8x0.5 (for ResNet-V1(20)) | Vanilla | {cell} |' in text
   assert '(not published)' in text and 'paper 60.32 +- 0.05' in text
   assert '3 of 3 jobs finished' in text
 
 
-def test_cells_over_seeds_are_mean_and_sample_std(grid, tmp_path):
-  plan = make_plan(tmp_path, scale='tiny', tables=['main'], methods=['vanilla'], seeds=3)
-  with open(
-    os.path.join(
-      grid[0].workdir, 'runs', 'vanilla-resnet8x0.5-cifar10-s0', 'eval', 'main', 'results.json'
-    )
-  ) as f:
-    results = json.load(f)
-  for cell, accuracy in zip(plan.cells, (0.5, 0.25, 0.75)):
+def test_cells_over_seeds_are_means_with_intervals_and_pairs_with_differences(grid, tmp_path):
+  """Three seeds per method: each cell is the mean with Student's interval over the
+  seeds (by hand: 52, 54, 56 -> 54 +- 4.302653 * 2 / sqrt(3)); each pair of methods has
+  Welch's interval of its difference, in bold where it excludes 0; every evaluation's
+  sanity checks are counted."""
+  plan = make_plan(tmp_path, scale='tiny', tables=['main'], methods=['vanilla', 'pni'], seeds=3)
+  accuracies = {'vanilla': (0.52, 0.54, 0.56), 'pni': (0.49, 0.50, 0.51)}
+  sources = {}
+  for method in accuracies:
+    run = f'{method}-resnet8x0.5-cifar10-s0'
+    with open(os.path.join(grid[0].workdir, 'runs', run, 'eval', 'main', 'results.json')) as f:
+      sources[method] = json.load(f)
+  for cell in plan.cells:
+    [(method, run)] = cell.runs.items()
+    results = sources[method]
+    accuracy = accuracies[method][run.seed]
     os.makedirs(os.path.dirname(cell.results))
-    label = cell.runs['vanilla'].name
-    records = [{**r, 'label': label, 'accuracy': accuracy} for r in results['records']]
+    records = [{**r, 'label': run.name, 'accuracy': accuracy} for r in results['records']]
     with open(cell.results, 'w') as f:
       json.dump({**results, 'records': records}, f)
   content = paper_report.assemble(plan)
-  clean = content['sections']['main']['rows'][0]['cells']['Clean']['measured']
-  assert clean == {'values': [50.0, 25.0, 75.0], 'mean': 50.0, 'std': 25.0}
-  assert '| Vanilla | 50.00 +- 25.00 (paper 83.8) |' in paper_report.markdown(content, plan, {})
+  main = content['sections']['main']
+  clean = {r['method']: r['cells']['Clean']['measured'] for r in main['rows']}
+  half = 4.302652729911275 * 2 / math.sqrt(3)
+  assert clean['vanilla']['values'] == pytest.approx([52, 54, 56])
+  assert clean['vanilla']['mean'] == pytest.approx(54)
+  assert clean['vanilla']['std'] == pytest.approx(2)
+  assert clean['vanilla']['ci95'] == pytest.approx([54 - half, 54 + half])
+  [pair] = main['differences']
+  assert pair['methods'] == ['pni', 'vanilla']  # The later of METHODS minus the earlier.
+  assert pair['cells']['Clean'] == pytest.approx([-4, -4 - 4.1554, -4 + 4.1554], abs=1e-4)
+  text = paper_report.markdown(content, plan, {})
+  assert f'| Vanilla | 54.00 [{54 - half:.2f}, {54 + half:.2f}] (paper 83.8) |' in text
+  assert '| PNI-W - Vanilla | -4.00 [-8.16, +0.16] |' in text  # Includes 0: not bold.
+  per_file = len(sources['vanilla']['sanity']) + len(sources['pni']['sanity'])
+  assert per_file > 0 and len(content['sanity']) == 3 * per_file
+  failed = sum(not e['passed'] for e in content['sanity'])
+  assert f'## Sanity checks ({failed} of {3 * per_file} failed)' in text
+
+
+def test_a_difference_outside_its_interval_is_bold():
+  section = {
+    'columns': ['PGD-20'],
+    'differences': [
+      {'setting': ['resnet20', 1.0], 'methods': ['l2p', 'pni'], 'cells': {'PGD-20': [3, 1, 5]}},
+      {'setting': ['resnet20', 1.0], 'methods': ['l2p', 'none'], 'cells': {'PGD-20': None}},
+    ],
+  }
+  plan = make_plan('unused', scale='small', tables=['main'])
+  text = '\n'.join(paper_report._differences_markdown(section, plan))
+  assert (
+    '| resnet8x0.5 (for ResNet-V1(20)) | Learn2Perturb - PNI-W | **+3.00 [+1.00, +5.00]** |' in text
+  )
+  assert 'No defence' not in text  # A pair without two seeds a side is left out.
 
 
 # --- SLURM --------------------------------------------------------------------------

@@ -17,13 +17,18 @@ verdicts n_eff = p (1 - p) / V (Kish's design effect; Korn and Graubard 1998), w
 for one draw is exactly Wilson's interval over n images, never collapses to a point
 at 0% or 100%, is never narrower than that of n K independent verdicts, and is wider
 than that of n images where draws shared by many images move the accuracy.
+
+Over training seeds, a grid's cells are means of one accuracy per seed: seed_interval
+and difference_interval give Student's and Welch's intervals of those means.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 
 Z95 = 1.959963984540054  # Standard normal quantile of 0.975.
 
@@ -66,3 +71,31 @@ def accuracy_interval(
   if rates.size == 0:
     raise ValueError('The interval needs at least one image.')
   return wilson_interval(float(rates.mean()), effective_trials(rates, draws, draw_accuracies))
+
+
+def seed_interval(values: Sequence[float]) -> tuple[float, float]:
+  """The 95% interval of the mean of `values`, one accuracy per training seed, by
+  Student's t with len(values) - 1 degrees of freedom. The seeds' spread holds the
+  training's and the evaluation's randomness but not the sampling of the test images,
+  which every method judged on the same images shares (see accuracy_interval for that)."""
+  x = np.asarray(values, np.float64)
+  if x.size < 2:
+    raise ValueError(f'An interval over seeds needs at least 2 values, got {x.size}.')
+  if np.all(x == x[0]):  # No spread: scipy would warn and agree.
+    return float(x[0]), float(x[0])
+  low, high = stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
+  return float(low), float(high)
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+  """(mean(a) - mean(b), low, high): Welch's 95% interval of the difference of two means
+  over independent seeds (unequal variances, Welch-Satterthwaite degrees of freedom); a
+  difference whose interval excludes 0 is one the seeds support."""
+  x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if x.size < 2 or y.size < 2:
+    raise ValueError(f'A difference over seeds needs 2 values a side, got {x.size} and {y.size}.')
+  diff = float(x.mean() - y.mean())
+  if np.all(x == x[0]) and np.all(y == y[0]):
+    return diff, diff, diff
+  low, high = stats.ttest_ind(x, y, equal_var=False).confidence_interval(0.95)
+  return diff, float(low), float(high)

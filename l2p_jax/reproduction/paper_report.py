@@ -1,7 +1,10 @@
 """The reproduction's report: every table of a plan (see paper_grid.py) in the paper's
-layout from the eval.py results its jobs left, each measured cell (mean +- std over
-seeds) beside the published number or "not published", written as report.json,
-REPORT.md and the figures (noise evolution, accuracy against eps) as PNG."""
+layout from the eval.py results its jobs left, each measured cell (the mean over seeds
+with its 95% interval: Student's over two or more seeds, the evaluation's own over
+images and judged draws for one) beside the published number or "not published"; over
+several seeds, every pair of methods' differences with Welch's intervals; the sanity
+checks of every evaluation; written as report.json, REPORT.md and the figures (noise
+evolution, accuracy against eps) as PNG."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from l2p_jax import methods
-from l2p_jax.evaluation import results_report
+from l2p_jax.evaluation import intervals, results_report
 from l2p_jax.reproduction.grid_runner import is_done
 from l2p_jax.reproduction.paper_grid import Cell, Plan, Scale
 from l2p_jax.reproduction.paper_tables import TABLES, arch_name
@@ -42,29 +45,58 @@ def _load(path: str) -> tuple[list[dict[str, Any]], float]:
   return results_report.table_records(results), results['config']['eps']
 
 
-def _summary(values: Sequence[float]) -> dict[str, Any]:
-  """Mean and sample std (None for one value) of accuracies in [0, 1], as percent."""
-  percent = [100 * v for v in values]
+def _summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The seeds' accuracies (records' `accuracy`, in [0, 1]) as percent: each, their mean,
+  sample std (None for one) and 95% interval: Student's over the seeds for two or
+  more, the record's own over images and judged draws (`accuracy_ci95`) for one."""
+  percent = [100 * r['accuracy'] for r in records]
+  if len(percent) > 1:
+    low, high = intervals.seed_interval(percent)
+    interval = [max(0.0, low), min(100.0, high)]
+  else:
+    own = records[0].get('accuracy_ci95')
+    interval = [100 * own[0], 100 * own[1]] if own else None
   return {
     'values': percent,
     'mean': statistics.fmean(percent),
     'std': statistics.stdev(percent) if len(percent) > 1 else None,
+    'ci95': interval,
   }
 
 
-def _collect(cells: Sequence[Cell], key, sizes: set[int]) -> dict[tuple, list[float]]:
-  """{key(cell, labels, record, eps): [accuracy per seed]} over the cells' records
+def _collect(cells: Sequence[Cell], key, sizes: set[int]) -> dict[tuple, list[dict]]:
+  """{key(cell, labels, record, eps): [record per seed]} over the cells' records
   (labels: run name -> method; eps: the file's headline eps), where `key` returns None
   for records that do not belong in the table; adds the example counts to `sizes`."""
-  found: dict[tuple, list[float]] = {}
+  found: dict[tuple, list[dict]] = {}
   for cell in cells:
     labels = {run.name: method for method, run in cell.runs.items()}
     records, eps = _load(cell.results)
     for record in records:
       k = key(cell, labels, record, eps)
       if k is not None:
-        found.setdefault(k, []).append(record['accuracy'])
+        found.setdefault(k, []).append(record)
         sizes.add(record['n'])
+  return found
+
+
+def _differences(rows: Sequence[dict[str, Any]], titles: Sequence[str]) -> list[dict[str, Any]]:
+  """For every setting and pair of its methods (the later minus the earlier of
+  methods.METHODS), per column: the difference of the seed means and its Welch interval
+  (None where either side has fewer than two seeds)."""
+  found = []
+  for i, a in enumerate(rows):
+    for b in rows[:i]:
+      if a['setting'] != b['setting']:
+        continue
+      cells = {}
+      for title in titles:
+        x, y = a['cells'][title]['measured'], b['cells'][title]['measured']
+        both = x and y and len(x['values']) > 1 and len(y['values']) > 1
+        cells[title] = (
+          list(intervals.difference_interval(x['values'], y['values'])) if both else None
+        )
+      found.append({'setting': a['setting'], 'methods': [a['method'], b['method']], 'cells': cells})
   return found
 
 
@@ -81,7 +113,7 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
       return None
     columns[column[1]] = column[0]
     method = labels[record['label']]
-    if record['attack'] == 'cw' and record['mean_l2'] is not None:
+    if record['attack'] == 'cw' and record.get('mean_l2') is not None:
       extra.setdefault((cell.setting, method, column[1]), []).append(record['mean_l2'])
     return cell.setting, method, column[1]
 
@@ -102,7 +134,12 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
           'published': published.get((*setting, method, title)),
         }
       rows.append(row)
-  return {'columns': titles, 'rows': rows, 'examples': sorted(sizes)}
+  return {
+    'columns': titles,
+    'rows': rows,
+    'differences': _differences(rows, titles),
+    'examples': sorted(sizes),
+  }
 
 
 def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
@@ -147,7 +184,8 @@ def _transfer_table(cells: Sequence[Cell]) -> dict[str, Any]:
 
 
 def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
-  """{attack: {method: [[eps_255, mean accuracy %, std], ...]}}, averaged over seeds."""
+  """{attack: {method: [[eps_255, mean accuracy %, std, interval], ...]}} over seeds
+  (_summary)."""
 
   def key(cell, labels, record, eps):
     name = results_report.curve_name(record)
@@ -162,7 +200,7 @@ def _eps_curves(cells: Sequence[Cell]) -> dict[str, Any]:
     found.items(), key=lambda item: (item[0][0], methods.METHODS.index(item[0][1]), item[0][2])
   ):
     s = _summary(values)
-    curves.setdefault(name, {}).setdefault(method, []).append([eps, s['mean'], s['std']])
+    curves.setdefault(name, {}).setdefault(method, []).append([eps, s['mean'], s['std'], s['ci95']])
   return {'curves': curves, 'examples': sorted(sizes)}
 
 
@@ -186,6 +224,19 @@ def _noise(cells: Sequence[Cell], plan: Plan) -> dict[str, Any]:
   return found
 
 
+def _sanity(plan: Plan) -> list[dict[str, Any]]:
+  """Every evaluation's sanity checks (sanity.py), each naming its results.json relative
+  to the grid's folder (not its checkpoint's path: the report reads the same wherever
+  the grid is)."""
+  found = []
+  for path in dict.fromkeys(c.results for c in plan.cells if c.results):
+    results = results_report.read_previous(os.path.dirname(path))
+    for entry in (results or {}).get('sanity', []):
+      kept = {k: v for k, v in entry.items() if k != 'checkpoint'}
+      found.append({**kept, 'results': os.path.relpath(path, plan.workdir)})
+  return found
+
+
 def assemble(plan: Plan) -> dict[str, Any]:
   """The report's content: the plan's scale and progress, and every table it holds."""
   done = sum(all(is_done(s) for s in job.steps) for job in plan.jobs)
@@ -197,6 +248,7 @@ def assemble(plan: Plan) -> dict[str, Any]:
     'jobs': len(plan.jobs),
     'jobs_done': done,
     'sections': {},
+    'sanity': _sanity(plan),
   }
   for name in plan.tables:
     cells = [c for c in plan.cells if c.table == name]
@@ -222,10 +274,14 @@ def assemble(plan: Plan) -> dict[str, Any]:
 
 
 def _value(summary: dict[str, Any] | None, digits: int = 2) -> str:
+  """A measured cell: the mean and its 95% interval, `52.34 [43.70, 60.80]`."""
   if summary is None:
     return 'not run'
   text = f'{summary["mean"]:.{digits}f}'
-  return text if summary['std'] is None else f'{text} +- {summary["std"]:.{digits}f}'
+  if summary['ci95'] is None:
+    return text
+  low, high = summary['ci95']
+  return f'{text} [{low:.{digits}f}, {high:.{digits}f}]'
 
 
 def _published(value) -> str:
@@ -274,7 +330,63 @@ def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]])
     lines += _section_heading(section)
     lines += _section_body(name, section, plan)
     lines += [f'\n![{os.path.basename(f)}]({f})' for f in figures.get(name, [])]
+  lines += _sanity_markdown(content['sanity'])
   return '\n'.join(lines) + '\n'
+
+
+def _differences_markdown(section: dict[str, Any], plan: Plan) -> list[str]:
+  """The pairs of methods' differences as a table, those whose interval excludes 0 in
+  bold; nothing where no column has two seeds a side."""
+  rows = []
+  for pair in section.get('differences', []):
+    if not any(pair['cells'].values()):
+      continue
+    a, b = (methods.get(m).title for m in pair['methods'])
+    texts = []
+    for title in section['columns']:
+      cell = pair['cells'][title]
+      if cell is None:
+        texts.append('-')
+        continue
+      diff, low, high = cell
+      text = f'{diff:+.2f} [{low:+.2f}, {high:+.2f}]'
+      texts.append(f'**{text}**' if low > 0 or high < 0 else text)
+    rows.append([_setting(plan, pair['setting']), f'{a} - {b}'] + texts)
+  if not rows:
+    return []
+  return [
+    '',
+    'Differences between methods (accuracy points, the difference of the seed means with '
+    "Welch's 95% interval; **bold**: the interval excludes 0, a difference the seeds support):",
+    '',
+    _table(['network', 'methods'] + section['columns'], rows),
+  ]
+
+
+def _sanity_markdown(entries: Sequence[dict[str, Any]]) -> list[str]:
+  """Every evaluation's sanity checks: how many of each passed, and each failure."""
+  if not entries:
+    return []
+  failed = [e for e in entries if not e['passed']]
+  names = list(dict.fromkeys(e['name'] for e in entries))
+  counts = [
+    [
+      n,
+      str(sum(e['passed'] for e in entries if e['name'] == n)),
+      str(sum(e['name'] == n for e in failed)),
+    ]
+    for n in names
+  ]
+  lines = [
+    '',
+    f'## Sanity checks ({len(failed)} of {len(entries)} failed)',
+    '',
+    _table(['check', 'passed', 'failed'], counts),
+  ]
+  if failed:
+    lines += ['', 'Failed:', '']
+    lines += [f'- {e["label"]} {e["name"]} ({e["results"]}): {e["detail"]}' for e in failed]
+  return lines
 
 
 def _introduction(content: dict[str, Any], scale: Scale) -> list[str]:
@@ -284,9 +396,15 @@ def _introduction(content: dict[str, Any], scale: Scale) -> list[str]:
     f'# Reproduction report ({content["scale"]} scale)',
     '',
     f'{content["jobs_done"]} of {content["jobs"]} jobs finished; '
-    f'{content["seeds"]} seed(s) per run; cells are accuracy (%)'
-    + (', mean +- std over seeds' if content['seeds'] > 1 else '')
-    + '.',
+    f'{content["seeds"]} seed(s) per run; cells are accuracy (%) '
+    + (
+      "with the 95% interval of the mean over seeds (Student's t; it holds the "
+      "training's and the evaluation's randomness, not the test images' sampling, "
+      "which every method judged on the same images shares: see each run's "
+      'results.md for the interval over its images and judged draws).'
+      if content['seeds'] > 1
+      else 'with its 95% interval over the test images and judged draws.'
+    ),
   ]
   if scale.model is not None:
     lines += [
@@ -325,7 +443,9 @@ def _section_body(name: str, section: dict[str, Any], plan: Plan) -> list[str]:
       + [_cell(r['cells'][c]) for c in section['columns']]
       for r in section['rows']
     ]
-    return [_table(header, rows) if section['columns'] else 'Nothing measured yet.']
+    if not section['columns']:
+      return ['Nothing measured yet.']
+    return [_table(header, rows)] + _differences_markdown(section, plan)
   if name == 'transfer':
     return [_transfer_markdown(section, plan)]
   if name == 'figure1':
@@ -362,7 +482,7 @@ def _curves_markdown(section: dict[str, Any]) -> str:
       at = {p[0]: p for p in points}
       rows.append(
         [methods.get(method).title, attack]
-        + [_value({'mean': at[e][1], 'std': at[e][2]}) if e in at else 'not run' for e in radii]
+        + [_value({'mean': at[e][1], 'ci95': at[e][3]}) if e in at else 'not run' for e in radii]
       )
   return (
     _table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
