@@ -18,6 +18,7 @@ import pytest
 from configs import cifar as cifar_configs
 from l2p_jax.methods import METHODS
 from l2p_jax.reproduction import grid_runner, paper_grid, paper_report
+from l2p_jax.runtime import plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -343,6 +344,10 @@ def test_report_holds_measured_cells_beside_published_numbers(grid):
   assert f'| resnet8x0.5 (for ResNet-V1(20)) | Vanilla | {cell} |' in text
   assert '(not published)' in text and 'paper 60.32 +- 0.05' in text
   assert '3 of 3 jobs finished' in text
+  # The main table drawn with its intervals, one PNG per network.
+  figure = 'figures/accuracy_main_resnet20.png'
+  assert os.path.getsize(os.path.join(plan.workdir, figure)) > 0
+  assert f'![accuracy_main_resnet20.png]({figure})' in text
 
 
 def test_cells_over_seeds_are_means_with_intervals_and_pairs_with_differences(grid, tmp_path):
@@ -428,3 +433,11 @@ def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_p
     False,
     False,
   ]
+
+
+def test_nothing_measured_draws_no_accuracy_figure(tmp_path):
+  path = tmp_path / 'accuracy.png'
+  assert not plots.plot_accuracy_intervals({'Vanilla': {}}, str(path))
+  assert not path.exists()
+  assert plots.plot_accuracy_intervals({'Vanilla': {'Clean': (50, 45, 55, [49, 51])}}, str(path))
+  assert path.stat().st_size > 0

@@ -492,8 +492,9 @@ def _curves_markdown(section: dict[str, Any]) -> str:
 
 
 def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list[str]]:
-  """Draws Figure 1 (one PNG per run) and Figures 2-3 (one PNG, all methods) into
-  `folder`; returns {section: [paths relative to the grid folder]}."""
+  """Draws Figure 1 (one PNG per run), the main and few-pixel tables' accuracies with
+  their intervals (one PNG each) and Figures 2-3 (one PNG, all methods) into `folder`;
+  returns {section: [paths relative to the grid folder]}."""
   os.makedirs(folder, exist_ok=True)
   drawn: dict[str, list[str]] = {}
   sections = content['sections']
@@ -502,6 +503,23 @@ def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list
     records = read_metrics(os.path.join(plan.workdir, 'runs', name, 'metrics.jsonl'))
     if plots.plot_noise_evolution(records, path, title=name):
       drawn.setdefault('figure1', []).append(os.path.relpath(path, plan.workdir))
+  for name in ('main', 'few_pixel'):
+    rows = sections.get(name, {}).get('rows', [])
+    for setting in dict.fromkeys(tuple(r['setting']) for r in rows):
+      cells = {
+        methods.get(row['method']).title: {
+          column: (m['mean'], *(m['ci95'] or (m['mean'], m['mean'])), m['values'])
+          for column, cell in row['cells'].items()
+          if (m := cell['measured'])
+        }
+        for row in rows
+        if tuple(row['setting']) == setting
+      }
+      path = os.path.join(folder, f'accuracy_{name}_{arch_name(*setting)}.png')
+      spread = f'mean, 95% interval over {plan.seeds} seeds' if plan.seeds > 1 else '95% interval'
+      title = f'{_setting(plan, setting)}: accuracy ({spread})'
+      if plots.plot_accuracy_intervals(cells, path, title=title):
+        drawn.setdefault(name, []).append(os.path.relpath(path, plan.workdir))
   curves = sections.get('figures23', {}).get('curves')
   if curves:
     path = os.path.join(folder, 'accuracy_vs_eps.png')

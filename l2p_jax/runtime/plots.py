@@ -1,7 +1,8 @@
 """Figures a person would rather look at than numbers: the evolution of the noise
 parameters over training (supplementary Figure 1), accuracy against the attack's
-radius for several checkpoints (supplementary Figures 2-3), and how far a run and its
-PyTorch counterpart part over training steps."""
+radius for several checkpoints (supplementary Figures 2-3), methods' accuracies per
+attack with their intervals, and how far a run and its PyTorch counterpart part over
+training steps."""
 
 from __future__ import annotations
 
@@ -78,6 +79,39 @@ def plot_accuracy_vs_eps(
   axes[0][0].set_ylim(-3, 103)  # The whole range, so that panels and runs compare.
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)
+  return True
+
+
+def plot_accuracy_intervals(
+  cells: Mapping[str, Mapping[str, tuple[float, float, float, Sequence[float]]]],
+  path: str,
+  title: str = '',
+) -> bool:
+  """Plots, per column (an attack), one point per method at its mean accuracy with its
+  95% interval as an error bar and every seed's accuracy as a small dot beside it, from
+  {method: {column: (mean, low, high, seed values)}} in percent, to `path`; False when
+  there is nothing to plot. Overlapping bars are what a table's digits hide."""
+  columns = list(dict.fromkeys(c for by_column in cells.values() for c in by_column))
+  if not columns:
+    return False
+  fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(columns) + 2), 4.5))
+  width = 0.8 / max(1, len(cells))
+  for i, (method, by_column) in enumerate(cells.items()):
+    at = [j for j, c in enumerate(columns) if c in by_column]
+    x = [j - 0.4 + width * (i + 0.5) for j in at]
+    mean, low, high, values = zip(*(by_column[columns[j]] for j in at))
+    errors = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
+    line = ax.errorbar(x, mean, yerr=errors, fmt='o', capsize=3, label=method)
+    for xi, seeds in zip(x, values):
+      ax.plot([xi + width / 4] * len(seeds), seeds, '.', ms=3, color=line[0].get_color(), alpha=0.6)
+  ax.set_xticks(range(len(columns)), columns, rotation=20, ha='right')
+  ax.set_ylabel('accuracy (%)')
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize='small', ncol=min(5, len(cells)))
+  if title:
+    ax.set_title(title, fontsize='medium')
   fig.tight_layout()
   _save(fig, path)
   return True
