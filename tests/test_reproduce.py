@@ -179,6 +179,33 @@ def test_study_plan_has_its_seeds_images_and_judged_draws(tmp_path):
   assert len(make_plan(tmp_path, scale='study', seeds=1).jobs) == 5  # --seeds still wins.
 
 
+def test_a_grid_inside_the_checkout_is_named_relative_to_it(tmp_path):
+  """Commands run in the checkout, so a grid folder inside it is named relative to it
+  there: its markers, which hold the commands, stay valid in a clone elsewhere (the
+  study's results/ in git); files are still opened at absolute paths."""
+  plans = [
+    paper_grid.make_plan(
+      str(clone / 'results' / 'study'),
+      root=str(clone),
+      get_config=cifar_configs.get_config,
+      scale='study',
+    )
+    for clone in (tmp_path / 'one', tmp_path / 'two')
+  ]
+  assert paper_grid.plan_lines(plans[0]) == paper_grid.plan_lines(plans[1])
+  train, main, _ = plans[0].jobs[0].steps
+  run = 'results/study/runs/none-resnet8x0.5-fashion_mnist-s0'
+  assert train.command[train.command.index('--workdir') + 1] == run
+  assert f'--config.output_dir={run}/eval/main' in main.command
+  assert main.marker == str(tmp_path / 'one' / run / 'eval' / 'main' / 'done.json')
+  assert plans[0].cells[0].results == str(tmp_path / 'one' / run / 'eval' / 'main' / 'results.json')
+  outside = make_plan(tmp_path / 'grid', scale='study')  # Outside the checkout: absolute.
+  command = outside.jobs[0].steps[0].command
+  assert command[command.index('--workdir') + 1] == str(
+    tmp_path / 'grid' / 'runs' / run.split('/')[-1]
+  )
+
+
 def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
   l2p = cifar_configs.get_config('l2p,resnet8,fashion_mnist')
   # 350 epochs -> 8: lr drops at 150 * 8/350 = 3.4 and 250 * 8/350 = 5.7; noise at

@@ -254,6 +254,28 @@ class Plan:
   root: str
 
 
+@dataclasses.dataclass(frozen=True)
+class _Folder:
+  """The grid's folder as this process opens its files (`path`, absolute) and as the
+  commands name it (`arg`): relative to the checkout they run in when the folder is
+  inside it, so that the markers, which hold the commands, stay valid in any clone."""
+
+  path: str
+  arg: str
+
+  def file(self, *parts: str) -> str:
+    return os.path.join(self.path, *parts)
+
+  def argument(self, *parts: str) -> str:
+    return os.path.join(self.arg, *parts)
+
+
+def _folder(workdir: str, root: str) -> _Folder:
+  path, root = os.path.abspath(workdir), os.path.abspath(root)
+  inside = os.path.commonpath([path, root]) == root
+  return _Folder(path, os.path.relpath(path, root) if inside else path)
+
+
 def _choose(kind: str, picked: Sequence[str], accepted: Sequence[str]) -> list[str]:
   bad = [p for p in picked if p not in accepted]
   if bad:
@@ -304,7 +326,7 @@ def make_plan(
   methods = _choose('method', methods, METHODS) or list(METHODS)
   paper_archs = sorted({arch_name(*st) for t in TABLES.values() for st in t.settings})
   archs = _choose('arch', archs, paper_archs)
-  workdir = os.path.abspath(workdir)
+  grid = _folder(workdir, root)
   data = _data_flags(s, data_dir)
   jobs: dict[str, Job] = {}
   cells = []
@@ -325,13 +347,13 @@ def make_plan(
         if not runs:
           continue
         for run in runs.values():
-          _add_training(jobs, run, s, workdir, data, get_config)
+          _add_training(jobs, run, s, grid, data, get_config)
         if attacks == 'transfer':
-          results = _add_transfer(jobs, runs, s, workdir, eval_fields)
+          results = _add_transfer(jobs, runs, s, grid, eval_fields)
           cells.append(Cell(table_name, setting, seed, results, runs))
           continue
         for run in runs.values():
-          results = _add_evaluation(jobs, run, s, workdir, table_name, attacks, eval_fields)
+          results = _add_evaluation(jobs, run, s, grid, table_name, attacks, eval_fields)
           cells.append(Cell(table_name, setting, seed, results, {run.method: run}))
   if not jobs:
     raise ValueError(
@@ -339,32 +361,32 @@ def make_plan(
       f'{", ".join(methods)} and a network of {", ".join(archs)}.'
     )
   ordered = sorted(jobs.values(), key=lambda j: j.run is None)  # Trainings first.
-  return Plan(tuple(ordered), tuple(cells), s, tuple(tables), workdir, seeds, root)
+  return Plan(tuple(ordered), tuple(cells), s, tuple(tables), grid.path, seeds, root)
 
 
 def _add_transfer(
   jobs: dict[str, Job],
   runs: dict[str, Run],
   scale: Scale,
-  workdir: str,
+  grid: _Folder,
   eval_fields: dict[str, Any],
 ) -> str:
   """Adds (once) the job of the transfer matrix between `runs`, all of one network,
   dataset and seed, after their trainings; returns where its results.json will be."""
   run = next(iter(runs.values()))
   name = f'transfer-{arch_name(run.arch, run.width)}-{run.dataset}-s{run.seed}'
-  out = os.path.join(workdir, 'transfer', name)
-  folders = [os.path.join(workdir, 'runs', r.name) for r in runs.values()]
-  step = _eval_step(scale, folders, 'transfer', out, run.seed, eval_fields)
+  out = ('transfer', name)
+  folders = [grid.argument('runs', r.name) for r in runs.values()]
+  step = _eval_step(scale, grid, folders, 'transfer', out, run.seed, eval_fields)
   jobs.setdefault(name, Job(name, (step,), needs=tuple(r.name for r in runs.values())))
-  return os.path.join(out, 'results.json')
+  return grid.file(*out, 'results.json')
 
 
 def _add_evaluation(
   jobs: dict[str, Job],
   run: Run,
   scale: Scale,
-  workdir: str,
+  grid: _Folder,
   table_name: str,
   attacks: str,
   eval_fields: dict[str, Any],
@@ -374,20 +396,26 @@ def _add_evaluation(
   no attacks)."""
   if not attacks:
     return ''
-  folder = os.path.join(workdir, 'runs', run.name)
-  out = os.path.join(folder, 'eval', table_name)
+  out = ('runs', run.name, 'eval', table_name)
   job = jobs[run.name]
   fields = {**eval_fields, **scale.eval_methods.get(run.method, {})}
-  step = _eval_step(scale, [folder], attacks, out, run.seed, fields)
+  step = _eval_step(scale, grid, [grid.argument('runs', run.name)], attacks, out, run.seed, fields)
   if step not in job.steps:
     jobs[run.name] = dataclasses.replace(job, steps=job.steps + (step,))
-  return os.path.join(out, 'results.json')
+  return grid.file(*out, 'results.json')
 
 
 def _eval_step(
-  scale: Scale, folders: Sequence[str], attacks: str, out: str, seed: int, fields: dict[str, Any]
+  scale: Scale,
+  grid: _Folder,
+  folders: Sequence[str],
+  attacks: str,
+  out: tuple[str, ...],
+  seed: int,
+  fields: dict[str, Any],
 ) -> Step:
-  """eval.py of `attacks` on the models in `folders`, results into `out`."""
+  """eval.py of `attacks` on the models in `folders` (as the command names them),
+  results into the grid's folder `out`."""
   command = (
     'python',
     'eval.py',
@@ -396,20 +424,24 @@ def _eval_step(
     '--workdir',
     ','.join(folders),
     f'--config.attacks={attacks}',
-    f'--config.output_dir={out}',
+    f'--config.output_dir={grid.argument(*out)}',
     f'--config.seed={seed}',
     *_overrides(fields),
   )
-  return Step(command, os.path.join(out, 'done.json'))
+  return Step(command, grid.file(*out, 'done.json'))
 
 
 def _add_training(
-  jobs: dict[str, Job], run: Run, scale: Scale, workdir: str, data: list[str], get_config: GetConfig
+  jobs: dict[str, Job],
+  run: Run,
+  scale: Scale,
+  grid: _Folder,
+  data: list[str],
+  get_config: GetConfig,
 ) -> None:
   """Adds `run`'s job with its train.py command, unless another table added it."""
   if run.name in jobs:
     return
-  folder = os.path.join(workdir, 'runs', run.name)
   fields = dict(scale.train)
   paper_config = f'{run.method},{run.arch},{run.dataset}'
   if scale.epochs:
@@ -424,11 +456,12 @@ def _add_training(
     '--config',
     config,
     '--workdir',
-    folder,
+    grid.argument('runs', run.name),
     *data,
     *_overrides(fields),
   )
-  jobs[run.name] = Job(run.name, (Step(command, os.path.join(folder, 'train_done.json')),), run=run)
+  marker = grid.file('runs', run.name, 'train_done.json')
+  jobs[run.name] = Job(run.name, (Step(command, marker),), run=run)
 
 
 def plan_lines(plan: Plan) -> list[str]:
