@@ -100,6 +100,9 @@ def plot_accuracy_intervals(
   width = 0.8 / max(1, len(cells))
   for i, (method, by_column) in enumerate(cells.items()):
     at = [j for j, c in enumerate(columns) if c in by_column]
+    if not at:  # Nothing of this method's measured yet: no point, but its colour kept.
+      ax.errorbar([], [], yerr=[[], []], fmt='o', capsize=3, label=method)
+      continue
     x = [j - 0.4 + width * (i + 0.5) for j in at]
     mean, low, high, values = zip(*(by_column[columns[j]] for j in at))
     errors = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
