@@ -23,7 +23,7 @@ from absl import app, flags
 from configs import cifar
 from l2p_jax.errors import UserError
 from l2p_jax.methods import METHODS
-from l2p_jax.reproduction import grid_runner, paper_grid, paper_report, paper_tables
+from l2p_jax.reproduction import grid_runner, paper_grid, paper_report, paper_tables, scales
 from l2p_jax.runtime import cli, files
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # This checkout: train.py, eval.py, configs/.
@@ -33,7 +33,7 @@ flags.DEFINE_string('workdir', None, 'Folder of the grid: runs/, transfer/, REPO
 flags.DEFINE_enum(
   'scale',
   'full',
-  list(paper_grid.SCALES),
+  list(scales.SCALES),
   'full: as published; small: Fashion-MNIST on ResNet-V1(8) x0.5 for '
   'a 2-core CPU; study: the same with 3 seeds, 512 test images and judged draws, '
   'about 2 hours there; tiny: for tests.',

@@ -17,7 +17,7 @@ import pytest
 
 from configs import cifar as cifar_configs
 from l2p_jax.methods import METHODS
-from l2p_jax.reproduction import grid_runner, paper_grid, paper_report
+from l2p_jax.reproduction import grid_runner, paper_grid, paper_report, report_markdown, scales
 from l2p_jax.runtime import plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -210,23 +210,23 @@ def test_small_schedule_keeps_the_papers_phases_at_the_same_fractions():
   l2p = cifar_configs.get_config('l2p,resnet8,fashion_mnist')
   # 350 epochs -> 8: lr drops at 150 * 8/350 = 3.4 and 250 * 8/350 = 5.7; noise at
   # 10 * 8/350 = 0.2 and PGD at 0.5 still start after epoch 0 and after each other.
-  assert paper_grid.scaled_schedule(l2p, 8) == {
+  assert scales.scaled_schedule(l2p, 8) == {
     'num_epochs': 8,
     'optim.lr_boundaries': (3, 6),
     'l2p.noise_start_epoch': 1,
     'adv.start_epoch': 2,
   }
   pni = cifar_configs.get_config('pni,resnet8,fashion_mnist')  # PNI's 160 epochs.
-  assert paper_grid.scaled_schedule(pni, 8) == {
+  assert scales.scaled_schedule(pni, 8) == {
     'num_epochs': 8,
     'optim.lr_boundaries': (4, 6),
     'l2p.noise_start_epoch': 0,
     'adv.start_epoch': 1,
   }
   none = cifar_configs.get_config('none,resnet8,fashion_mnist')
-  assert paper_grid.scaled_schedule(none, 8)['adv.start_epoch'] == -1
+  assert scales.scaled_schedule(none, 8)['adv.start_epoch'] == -1
   with pytest.raises(ValueError, match='at least 2 epochs, got 1'):
-    paper_grid.scaled_schedule(l2p, 1)
+    scales.scaled_schedule(l2p, 1)
 
 
 def test_plan_takes_its_configs_and_checkout_from_the_caller(tmp_path):
@@ -408,7 +408,7 @@ def test_cells_over_seeds_are_means_with_intervals_and_pairs_with_differences(gr
   [pair] = main['differences']
   assert pair['methods'] == ['pni', 'vanilla']  # The later of METHODS minus the earlier.
   assert pair['cells']['Clean'] == pytest.approx([-4, -4 - 4.1554, -4 + 4.1554], abs=1e-4)
-  text = paper_report.markdown(content, plan, {})
+  text = report_markdown.markdown(content, plan, {})
   assert f'| Vanilla | 54.00 [{54 - half:.2f}, {54 + half:.2f}] (paper 83.8) |' in text
   assert '| PNI-W - Vanilla | -4.00 [-8.16, +0.16] |' in text  # Includes 0: not bold.
   per_file = len(sources['vanilla']['sanity']) + len(sources['pni']['sanity'])
@@ -426,7 +426,7 @@ def test_a_difference_outside_its_interval_is_bold():
     ],
   }
   plan = make_plan('unused', scale='small', tables=['main'])
-  text = '\n'.join(paper_report._differences_markdown(section, plan))
+  text = '\n'.join(report_markdown._differences_markdown(section, plan))
   assert (
     '| resnet8x0.5 (for ResNet-V1(20)) | Learn2Perturb - PNI-W | **+3.00 [+1.00, +5.00]** |' in text
   )

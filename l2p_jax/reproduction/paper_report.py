@@ -3,8 +3,9 @@ layout from the eval.py results its jobs left, each measured cell (the mean over
 with its 95% interval: Student's over two or more seeds, the evaluation's own over
 images and judged draws for one) beside the published number or "not published"; over
 several seeds, every pair of methods' differences with Welch's intervals; the sanity
-checks of every evaluation; written as report.json, REPORT.md and the figures (noise
-evolution, accuracy against eps) as PNG."""
+checks of every evaluation; written as report.json, REPORT.md (report_markdown.py) and
+the figures (noise evolution, accuracies with their intervals, accuracy against eps)
+as PNG."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any
 
 from l2p_jax import methods
 from l2p_jax.evaluation import intervals, results_report
+from l2p_jax.reproduction import report_markdown
 from l2p_jax.reproduction.grid_runner import is_done
-from l2p_jax.reproduction.paper_grid import Cell, Plan, Scale
+from l2p_jax.reproduction.paper_grid import Cell, Plan
 from l2p_jax.reproduction.paper_tables import TABLES, arch_name
 from l2p_jax.reproduction.published_numbers import (
   PUBLISHED_FEW_PIXEL,
@@ -25,14 +27,6 @@ from l2p_jax.reproduction.published_numbers import (
 )
 from l2p_jax.runtime import files, plots
 from l2p_jax.runtime.metrics import read_metrics
-
-
-def paper_arch(setting: tuple[str, float]) -> str:
-  """The paper's name of a network: ResNet-V1(20), ResNet-V1(20) x1.5, ResNet-V2(18)."""
-  arch, width = setting
-  depth = arch.removeprefix('resnet')
-  name = 'ResNet-V2(18)' if arch == 'resnet18' else f'ResNet-V1({depth})'
-  return name if width == 1 else f'{name} x{width:g}'
 
 
 def _load(path: str) -> tuple[list[dict[str, Any]], float]:
@@ -273,224 +267,6 @@ def assemble(plan: Plan) -> dict[str, Any]:
   return result
 
 
-def _value(summary: dict[str, Any] | None, digits: int = 2) -> str:
-  """A measured cell: the mean and its 95% interval, `52.34 [43.70, 60.80]`."""
-  if summary is None:
-    return 'not run'
-  text = f'{summary["mean"]:.{digits}f}'
-  if summary['ci95'] is None:
-    return text
-  low, high = summary['ci95']
-  return f'{text} [{low:.{digits}f}, {high:.{digits}f}]'
-
-
-def _published(value) -> str:
-  if value is None:
-    return 'not published'
-  if isinstance(value, tuple):
-    return f'paper {value[0]:.2f} +- {value[1]:.2f}'
-  return f'paper {value:g}'
-
-
-def _cell(cell: dict[str, Any]) -> str:
-  text = _value(cell['measured'])
-  if cell.get('mean_l2') is not None:
-    text += f' / L2 {cell["mean_l2"]:.3f}'
-  return f'{text} ({_published(cell["published"])})'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
-
-
-def _setting(plan: Plan, setting: Sequence) -> str:
-  paper = paper_arch(tuple(setting))
-  if plan.scale.model is None:
-    return paper
-  return f'{arch_name(*plan.scale.model)} (for {paper})'
-
-
-def _noise_markdown(runs: dict[str, Any]) -> str:
-  rows = []
-  for name, run in runs.items():
-    if not run['epochs']:
-      rows.append([name, 'no noise parameters', '-', '-'])
-      continue
-    first, last = run['epochs'][0], run['epochs'][-1]
-    peak = max(run['epochs'], key=lambda e: e[1])
-    rows.append([name] + [f'{mean:.4f} (epoch {epoch + 1})' for epoch, mean in (first, peak, last)])
-  return _table(['run', 'first epoch', 'largest', 'last epoch'], rows)
-
-
-def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]]) -> str:
-  """REPORT.md from `assemble`'s content and the figure files (relative paths)."""
-  lines = _introduction(content, plan.scale)
-  for name, section in content['sections'].items():
-    lines += _section_heading(section)
-    lines += _section_body(name, section, plan)
-    lines += [f'\n![{os.path.basename(f)}]({f})' for f in figures.get(name, [])]
-  lines += _sanity_markdown(content['sanity'])
-  return '\n'.join(lines) + '\n'
-
-
-def _differences_markdown(section: dict[str, Any], plan: Plan) -> list[str]:
-  """The pairs of methods' differences as a table, those whose interval excludes 0 in
-  bold; nothing where no column has two seeds a side."""
-  rows = []
-  for pair in section.get('differences', []):
-    if not any(pair['cells'].values()):
-      continue
-    a, b = (methods.get(m).title for m in pair['methods'])
-    texts = []
-    for title in section['columns']:
-      cell = pair['cells'][title]
-      if cell is None:
-        texts.append('-')
-        continue
-      diff, low, high = cell
-      text = f'{diff:+.2f} [{low:+.2f}, {high:+.2f}]'
-      texts.append(f'**{text}**' if low > 0 or high < 0 else text)
-    rows.append([_setting(plan, pair['setting']), f'{a} - {b}'] + texts)
-  if not rows:
-    return []
-  return [
-    '',
-    'Differences between methods (accuracy points, the difference of the seed means with '
-    "Welch's 95% interval; **bold**: the interval excludes 0, a difference the seeds support):",
-    '',
-    _table(['network', 'methods'] + section['columns'], rows),
-  ]
-
-
-def _sanity_markdown(entries: Sequence[dict[str, Any]]) -> list[str]:
-  """Every evaluation's sanity checks: how many of each passed, and each failure."""
-  if not entries:
-    return []
-  failed = [e for e in entries if not e['passed']]
-  names = list(dict.fromkeys(e['name'] for e in entries))
-  counts = [
-    [
-      n,
-      str(sum(e['passed'] for e in entries if e['name'] == n)),
-      str(sum(e['name'] == n for e in failed)),
-    ]
-    for n in names
-  ]
-  lines = [
-    '',
-    f'## Sanity checks ({len(failed)} of {len(entries)} failed)',
-    '',
-    _table(['check', 'passed', 'failed'], counts),
-  ]
-  if failed:
-    lines += ['', 'Failed:', '']
-    lines += [f'- {e["label"]} {e["name"]} ({e["results"]}): {e["detail"]}' for e in failed]
-  return lines
-
-
-def _introduction(content: dict[str, Any], scale: Scale) -> list[str]:
-  """The report's title and opening lines: jobs done, seeds, and (at a reduced scale) the
-  network and data that stand in for the paper's."""
-  lines = [
-    f'# Reproduction report ({content["scale"]} scale)',
-    '',
-    f'{content["jobs_done"]} of {content["jobs"]} jobs finished; '
-    f'{content["seeds"]} seed(s) per run; cells are accuracy (%) '
-    + (
-      "with the 95% interval of the mean over seeds (Student's t; it holds the "
-      "training's and the evaluation's randomness, not the test images' sampling, "
-      "which every method judged on the same images shares: see each run's "
-      'results.md for the interval over its images and judged draws).'
-      if content['seeds'] > 1
-      else 'with its 95% interval over the test images and judged draws.'
-    ),
-  ]
-  if scale.model is not None:
-    lines += [
-      '',
-      (
-        f'At this scale every network is {arch_name(*scale.model)} and the data '
-        f'{scale.dataset}; the published numbers beside the cells are the '
-        "paper's (CIFAR, the network in parentheses), for orientation only."
-      ),
-    ]
-  return lines
-
-
-def _section_heading(section: dict[str, Any]) -> list[str]:
-  """A section's title and the line naming its data, networks and test examples."""
-  examples = ', '.join(map(str, section.get('examples', [])))
-  return [
-    '',
-    f'## {section["title"]}',
-    '',
-    f'Data: {", ".join(section["datasets"])}; networks: '
-    f'{", ".join(section["models"])}'
-    + (f'; test examples per cell: {examples}' if examples else '')
-    + '.',
-    '',
-  ]
-
-
-def _section_body(name: str, section: dict[str, Any], plan: Plan) -> list[str]:
-  """A section's table (or note), by its kind: accuracy per attack, transfer matrix,
-  noise statistics, or accuracy against the radius."""
-  if name in ('main', 'few_pixel'):
-    header = ['network', 'method'] + section['columns']
-    rows = [
-      [_setting(plan, r['setting']), methods.get(r['method']).title]
-      + [_cell(r['cells'][c]) for c in section['columns']]
-      for r in section['rows']
-    ]
-    if not section['columns']:
-      return ['Nothing measured yet.']
-    return [_table(header, rows)] + _differences_markdown(section, plan)
-  if name == 'transfer':
-    return [_transfer_markdown(section, plan)]
-  if name == 'figure1':
-    return [_noise_markdown(section['runs']) if section['runs'] else 'Nothing measured yet.']
-  return [
-    _curves_markdown(section),
-    '\nNot published as numbers (the paper shows Figures 2-3 only).',
-  ]
-
-
-def _transfer_markdown(section: dict[str, Any], plan: Plan) -> str:
-  """Supplementary Table 2 as Markdown: per network and source, every target's FGSM and
-  PGD accuracy."""
-  keys = [f'{t} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')]
-  header = ['network', 'source \\ target'] + [
-    f'{methods.get(t).title} {k}' for t in section['targets'] for k in ('FGSM', 'PGD')
-  ]
-  rows = [
-    [_setting(plan, r['setting']), methods.get(r['source']).title]
-    + [_cell(r['cells'][k]) for k in keys]
-    for r in section['rows']
-  ]
-  return _table(header, rows)
-
-
-def _curves_markdown(section: dict[str, Any]) -> str:
-  """Figures 2-3's curves as a Markdown table: per method and attack, the accuracy at
-  every radius measured ('not run' where that curve lacks it)."""
-  curves = section['curves']
-  radii = sorted({p[0] for lines_ in curves.values() for pts in lines_.values() for p in pts})
-  rows = []
-  for attack, by_method in curves.items():
-    for method, points in by_method.items():
-      at = {p[0]: p for p in points}
-      rows.append(
-        [methods.get(method).title, attack]
-        + [_value({'mean': at[e][1], 'ci95': at[e][3]}) if e in at else 'not run' for e in radii]
-      )
-  return (
-    _table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
-    if rows
-    else 'Nothing measured yet.'
-  )
-
-
 def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list[str]]:
   """Draws Figure 1 (one PNG per run), the main and few-pixel tables' accuracies with
   their intervals (one PNG each) and Figures 2-3 (one PNG, all methods) into `folder`;
@@ -517,7 +293,7 @@ def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list
       }
       path = os.path.join(folder, f'accuracy_{name}_{arch_name(*setting)}.png')
       spread = f'mean, 95% interval over {plan.seeds} seeds' if plan.seeds > 1 else '95% interval'
-      title = f'{_setting(plan, setting)}: accuracy ({spread})'
+      title = f'{report_markdown.setting_name(plan, setting)}: accuracy ({spread})'
       if plots.plot_accuracy_intervals(cells, path, title=title):
         drawn.setdefault(name, []).append(os.path.relpath(path, plan.workdir))
   curves = sections.get('figures23', {}).get('curves')
@@ -542,5 +318,5 @@ def write(plan: Plan) -> list[str]:
   figures = _figures(content, plan, os.path.join(plan.workdir, 'figures'))
   paths = [os.path.join(plan.workdir, 'report.json'), os.path.join(plan.workdir, 'REPORT.md')]
   files.write_json(paths[0], content)  # Atomically: a full disk keeps the old report.
-  files.write_text(paths[1], markdown(content, plan, figures))
+  files.write_text(paths[1], report_markdown.markdown(content, plan, figures))
   return paths
