@@ -52,7 +52,7 @@ SCALES = {
     Scale('full', None, None, {}, tuple(TABLES), train=_QUIET, eval=_QUIET),
     # The paper's structure at 8 epochs on 1,536 images (see scaled_schedule), and
     # attacks on the first 128 test images (few-pixel: 200) with fewer EOT draws, APGD
-    # iterations and DE candidates: 31 minutes on 2 cores (measured; README, RESULTS.md),
+    # iterations and DE candidates: 31 minutes on 2 cores (measured; README, results/small),
     # before C&W's default grew to 9 x 1000 iterations. Here C&W takes 100 iterations
     # of Adam at 0.1, the same distance in w (lr x iterations = 10) at a tenth of the
     # cost: on an undefended Fashion-MNIST model it also left 0% (mean L2 0.88 against
@@ -90,7 +90,7 @@ SCALES = {
       data_dir='/usr/share/datasets/fashion-mnist',
     ),
     # The study (RESULTS.md): enough seeds, test images and judged draws for intervals
-    # that can order the defences, sized for about 2.5 hours on 2 cores. The small
+    # that can order the defences: 2 h 24 min on 2 cores (measured; RESULTS.md). The small
     # scale's network trained on 4,096 images for 10 epochs (320 steps): Adv-BNN's weight
     # noise makes it learn slowest, and this is where its clean accuracy was measured to
     # come within 10 points of vanilla's (README, Adv-BNN), against 19 below at 96 steps.
