@@ -46,6 +46,33 @@ _ONE_SETTING = {
   'figure1': (V2_18,),
   'figures23': (V2_18,),
 }
+# What the small and study scales share: the Fashion-MNIST training's evaluation every
+# 2 epochs on 256 images, and the attacks' budgets cut to a 2-core CPU.
+_CPU_EOT_APGD = {'eot.draws': 5, 'apgd.steps': 20, 'apgd.eot_draws': 3}
+_CPU_CW = {'cw.learning_rate': 0.1, 'cw.steps': 100}
+
+
+def _cpu_training(images: int) -> dict[str, Any]:
+  """train.py's changes at a CPU scale: the first `images` training images."""
+  return {
+    **_QUIET,
+    'data.train_examples': images,
+    'data.eval_examples': 256,
+    'eval.every_epochs': 2,
+  }
+
+
+def _cpu_few_pixel(images: int) -> dict[str, Any]:
+  """Few-pixel on the first `images` test images with 20 candidates for 5 generations;
+  data.examples caps few_pixel.examples, so both are set."""
+  return {
+    'data.examples': images,
+    'few_pixel.examples': images,
+    'few_pixel.population': 20,
+    'few_pixel.iterations': 5,
+  }
+
+
 SCALES = {
   s.name: s
   for s in (
@@ -64,29 +91,9 @@ SCALES = {
       _ONE_SETTING,
       ('main', 'few_pixel', 'transfer', 'figure1'),
       epochs=8,
-      train={
-        **_QUIET,
-        'data.train_examples': 1536,
-        'data.eval_examples': 256,
-        'eval.every_epochs': 2,
-      },
+      train=_cpu_training(1536),
       eval={**_QUIET, 'data.examples': 128},
-      eval_tables={
-        'main': {
-          'eot.draws': 5,
-          'apgd.steps': 20,
-          'apgd.eot_draws': 3,
-          'cw.learning_rate': 0.1,
-          'cw.steps': 100,
-        },
-        # data.examples caps few_pixel.examples, so both are raised.
-        'few_pixel': {
-          'data.examples': 200,
-          'few_pixel.examples': 200,
-          'few_pixel.population': 20,
-          'few_pixel.iterations': 5,
-        },
-      },
+      eval_tables={'main': {**_CPU_EOT_APGD, **_CPU_CW}, 'few_pixel': _cpu_few_pixel(200)},
       data_dir='/usr/share/datasets/fashion-mnist',
     ),
     # The study (RESULTS.md): enough seeds, test images and judged draws for intervals
@@ -108,23 +115,11 @@ SCALES = {
       ('main', 'few_pixel', 'figure1'),
       epochs=10,
       seeds=3,
-      train={
-        **_QUIET,
-        'data.train_examples': 4096,
-        'data.eval_examples': 256,
-        'eval.every_epochs': 2,
-      },
+      train=_cpu_training(4096),
       eval={**_QUIET, 'judge.draws': 10},
       eval_tables={
-        'main': {'data.examples': 512, 'eot.draws': 5, 'apgd.steps': 20, 'apgd.eot_draws': 3},
-        'few_pixel': {
-          'data.examples': 64,
-          'few_pixel.examples': 64,
-          'few_pixel.population': 20,
-          'few_pixel.iterations': 5,
-          'cw.learning_rate': 0.1,
-          'cw.steps': 100,
-        },
+        'main': {'data.examples': 512, **_CPU_EOT_APGD},
+        'few_pixel': {**_cpu_few_pixel(64), **_CPU_CW},
       },
       eval_methods={'adv_bnn': {'judge.draws': 3}},
       attacks={
