@@ -16,7 +16,7 @@ BENCHMARKS.md.
   python benchmarks/run.py --suite train --devices 1,2,4 --out /tmp/devices.json
 
 On a CPU, JAX starts with as many host devices as the largest of --devices asks for
-(default 0: one per available core, as train.py and eval.py), and each count is a
+(default 0: two per available core, as train.py and eval.py), and each count is a
 variant timed interleaved with the others.
 """
 
@@ -174,7 +174,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     models.resnet_layout(arch)
   args.unrolls = [v == '1' for v in args.unrolls]
   if not all(v.isdigit() for v in args.devices.split(',')):
-    parser.error(f'--devices {args.devices}: expected counts like 1,2,4 (0: one per core)')
+    parser.error(f'--devices {args.devices}: expected counts like 1,2,4 (0: the default)')
   args.devices = [int(v) for v in args.devices.split(',')]
   if min(args.repeats, args.batch, args.warmup) < 1:
     parser.error('--repeats, --batch and --warmup must be at least 1')
@@ -721,12 +721,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def device_counts(args: argparse.Namespace) -> list[int]:
-  """Starts JAX with enough CPU devices for --devices (its 0: one per available core,
-  fewer when that does not divide --batch; every device on GPU/TPU) and returns the
+  """Starts JAX with enough CPU devices for --devices (its 0: train.py's default, two per
+  available core, fewer when that does not divide --batch; every device on GPU/TPU) and returns the
   counts, exiting with a message when there are fewer devices than one asks for."""
-  per_core = host_devices.largest_dividing(host_devices.available_cores(), [args.batch])
-  host_devices.configure({'--batch': args.batch}, max(n or per_core for n in args.devices))
-  everything = per_core if jax.default_backend() == 'cpu' else jax.device_count()
+  default = host_devices.default_count(host_devices.available_cores(), [args.batch])
+  host_devices.configure({'--batch': args.batch}, max(n or default for n in args.devices))
+  everything = default if jax.default_backend() == 'cpu' else jax.device_count()
   counts = list(dict.fromkeys(n or everything for n in args.devices))
   if max(counts) > jax.device_count():
     raise SystemExit(f'--devices {max(counts)}: JAX has only {jax.device_count()} devices.')

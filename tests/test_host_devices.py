@@ -1,4 +1,4 @@
-"""One XLA:CPU device per available core by default: who decides the count, the rule for
+"""Two XLA:CPU devices per available core by default: who decides the count, the rule for
 a batch the cores do not divide, and what a device count does to a run's bits (the same
 count gives the same bits; a resume on another count warns; evaluation does not depend
 on it). Runs that need a count other than this process's one device are subprocesses."""
@@ -35,8 +35,9 @@ def choose(requested=0, batches=BATCHES, cores=4, xla_flags='', jax_count=-1):
   )
 
 
-def test_the_default_is_one_device_per_available_core():
-  assert choose() == host_devices.Choice(4, 'one per available core (4)')
+def test_the_default_is_two_devices_per_available_core():
+  assert choose() == host_devices.Choice(8, '2 per available core (8 for 4 cores)')
+  assert choose(cores=1).count == 2
 
 
 def test_an_explicit_count_wins_flag_first():
@@ -50,13 +51,14 @@ def test_an_explicit_count_wins_flag_first():
 
 
 def test_a_batch_the_cores_do_not_divide_runs_on_the_largest_count_that_does():
-  assert choose(cores=6).count == 4
+  assert choose(cores=6).count == 8  # 12 does not divide 128.
   assert choose(cores=8, batches={'batch_size': 128, 'eval_batch_size': 100}).count == 4
   choice = choose(cores=3, batches={'batch_size': 128, 'eval_batch_size': 100})
-  assert choice.count == 2
+  assert choice.count == 4
   assert choice.note == (
-    '2 CPU devices, not one per available core (3): 2 is the largest count that divides '
-    'batch_size 128 and eval_batch_size 100. A batch that is a multiple of 3 uses every core.'
+    '4 CPU devices, not 2 per available core (6 for 3 cores): 4 is the largest count that '
+    'divides batch_size 128 and eval_batch_size 100. A batch that is a multiple of 6 gets all '
+    'of them.'
   )
   assert choose(cores=3, batches={'config.batch_size': 7}).count == 1
 
@@ -90,17 +92,19 @@ COUNT = """
 def test_configure_sets_the_cpu_count_before_jax_starts():
   """The default follows the process's CPU affinity; XLA_FLAGS keeps its count."""
   default = run_python(COUNT.format(batch=CORES * 64))
-  assert default.stdout.split() == [str(CORES)] * 2
-  assert f'{CORES} CPU devices (one per available core ({CORES}))' in default.stderr
+  assert default.stdout.split() == [str(2 * CORES)] * 2
+  assert f'{2 * CORES} CPU devices (2 per available core ({2 * CORES} for {CORES} cores))' in (
+    default.stderr
+  )
   forced = run_python(COUNT.format(batch=64), XLA_FLAGS='--xla_force_host_platform_device_count=3')
   assert forced.stdout.split() == ['3', '3'] and 'XLA_FLAGS' in forced.stderr
 
 
-@pytest.mark.skipif(CORES < 2, reason='one core: every batch divides')
 def test_the_lowered_count_is_said_once():
-  odd = run_python(COUNT.format(batch=2 * CORES + 1))
+  prime = next(n for n in range(2 * CORES + 1, 10**6) if all(n % k for k in range(2, n)))
+  odd = run_python(COUNT.format(batch=prime))
   assert odd.stdout.split() == ['1', '1']
-  assert odd.stderr.count('1 CPU devices, not one per available core') == 1
+  assert odd.stderr.count('1 CPU devices, not 2 per available core') == 1
 
 
 @pytest.mark.parametrize('program', ['train.py', 'eval.py'])
@@ -115,7 +119,7 @@ def test_the_entry_points_take_the_flag(program, tmp_path):
   )
   assert result.returncode == 1
   assert result.stderr.strip().endswith(
-    f'{program}: --cpu_devices=-1: give a number of devices, or 0 for one per available core.'
+    f'{program}: --cpu_devices=-1: give a number of devices, or 0 for 2 per available core.'
   )
 
 
