@@ -18,7 +18,7 @@ import l2p_jax.attacks
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation, experiment
-from l2p_jax.evaluation import results_report
+from l2p_jax.evaluation import records as records_lib
 from l2p_jax.training import checkpointing, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_attack_keys_are_fixed_and_speed_settings_change_none():
     ),
   ]
   assert [s.function for s in specs] == [
-    evaluation.ATTACK_FUNCTIONS['clean'],
+    evaluation.attack_entry('clean').function,
     l2p_jax.attacks.pgd,
     l2p_jax.attacks.few_pixel,
     l2p_jax.attacks.pgd,
@@ -181,7 +181,7 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
   assert json.loads((output / 'results.json').read_text()) == json.loads(json.dumps(results))
   records = results['records']
   for r in records:
-    assert set(results_report.RECORD_FIELDS) <= set(r), set(results_report.RECORD_FIELDS) - set(r)
+    assert records_lib.Record.from_json(r).to_json() == r  # Every field, no other.
     k = 3 if r['method'] == 'l2p' else 1  # configs/eval.py:tiny's judge.draws.
     assert r['judged_draws'] == k
     assert 0 <= r['accuracy'] <= 1 and r['correct'] == round(r['accuracy'] * r['n'] * k)
