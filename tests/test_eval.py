@@ -9,17 +9,17 @@ import pathlib
 import subprocess
 import sys
 
-import fake_datasets
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
 import l2p_jax.attacks
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation, experiment
 from l2p_jax.evaluation import records as records_lib
-from l2p_jax.training import checkpointing, loop
+from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,15 +39,7 @@ def runs(tmp_path_factory):
   """Two tiny CIFAR-10 runs: L2P (noise on from epoch 0) for one epoch, and a clean
   network for three (the same compiled step every epoch, so cheap) that is accurate
   enough for attacks to have something to take away."""
-  cifar = fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=512, test=128)
-  base, workdirs = tmp_path_factory.mktemp('runs'), {}
-  for method, epochs in (('l2p', 1), ('none', 3)):
-    config = train_config(f'{method},resnet8,cifar10,tiny')
-    config.data.source, config.data.local_dir = 'local', str(cifar)
-    config.progress_bar, config.num_epochs = False, epochs
-    workdirs[method] = base / method
-    loop.train_and_evaluate(config, str(workdirs[method]))
-  return workdirs
+  return tiny_runs.train_runs(tmp_path_factory, {'l2p': 1, 'none': 3})
 
 
 @pytest.fixture(scope='module')
