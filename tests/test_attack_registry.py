@@ -15,7 +15,7 @@ import tiny_runs
 
 from configs import eval as eval_configs
 from l2p_jax import attacks, evaluation
-from l2p_jax.evaluation import verdicts
+from l2p_jax.evaluation import results_files, verdicts
 
 
 def logit_step(logits_fn, key, x, y, *, eps, repeats):
@@ -108,17 +108,26 @@ def test_a_registered_attack_is_evaluated_joins_the_worst_case_and_is_tabled_in_
   ) in (tmp_path / 'results.md').read_text()
 
 
-def test_its_bounds_are_checked_and_its_name_needs_the_registration(registered, runs, tmp_path):
+def test_its_bounds_are_checked_and_its_name_and_records_need_the_registration(
+  registered, runs, tmp_path
+):
   config = config_with_defaults(attacks='logit_step')
   config.logit_step.repeats = 0
   with pytest.raises(
     evaluation.EvaluationError, match=r'config.logit_step.repeats=0 must be at least 1'
   ):
     evaluation.validate_config(config)
+  (tmp_path / 'results.json').write_text(
+    '{"checkpoints": [], "records": [{"attack": "logit_step"}]}'
+  )
+  assert results_files.read_stored(str(tmp_path)).results['records'] == [{'attack': 'logit_step'}]
   evaluation.unregister_attack('logit_step')
   try:
     with pytest.raises(evaluation.EvaluationError, match=r"Unknown attack 'logit_step' in config"):
       evaluation.plan_attacks(config_with_defaults(), 'clean,logit_step')
+    # Earlier records of an attack no longer registered are refused before any attack runs.
+    with pytest.raises(results_files.ResultsFileError, match=r"Unknown attack 'logit_step'"):
+      results_files.read_stored(str(tmp_path))
   finally:
     evaluation.register_attack(LOGIT_STEP)
 
@@ -133,6 +142,7 @@ def test_clashing_or_incomplete_registrations_are_refused(registered):
     ({'presets': {'other2': preset}}, "config.attacks name 'other2' is taken or ends in a digit"),
     ({'threat_model': 'linf2'}, 'threat_model must be one of'),
     ({'presets': {}}, 'at least one preset'),
+    ({'column': '9'}, 'column must be a number'),
   ):
     with pytest.raises(ValueError, match=message):
       evaluation.register_attack(dataclasses.replace(other, **changes))

@@ -115,6 +115,10 @@ def register_attack(entry: Attack) -> Attack:
     if entry.role not in ('', ITERATIVE, SINGLE_STEP)
     else '',
     'it needs at least one preset (its names in config.attacks)' if not entry.presets else '',
+    'function and title must be callable'
+    if not (callable(entry.function) and callable(entry.title))
+    else '',
+    'column must be a number' if not isinstance(entry.column, (int, float)) else '',
     *(
       f'config.attacks name {n!r} is taken or ends in a digit'
       for n in entry.presets
