@@ -9,17 +9,17 @@ import pathlib
 import subprocess
 import sys
 
-import fake_datasets
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
 import l2p_jax.attacks
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation, experiment
-from l2p_jax.evaluation import results_report
-from l2p_jax.training import checkpointing, loop
+from l2p_jax.evaluation import records as records_lib
+from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,15 +39,7 @@ def runs(tmp_path_factory):
   """Two tiny CIFAR-10 runs: L2P (noise on from epoch 0) for one epoch, and a clean
   network for three (the same compiled step every epoch, so cheap) that is accurate
   enough for attacks to have something to take away."""
-  cifar = fake_datasets.write_cifar10(tmp_path_factory.mktemp('cifar'), train=512, test=128)
-  base, workdirs = tmp_path_factory.mktemp('runs'), {}
-  for method, epochs in (('l2p', 1), ('none', 3)):
-    config = train_config(f'{method},resnet8,cifar10,tiny')
-    config.data.source, config.data.local_dir = 'local', str(cifar)
-    config.progress_bar, config.num_epochs = False, epochs
-    workdirs[method] = base / method
-    loop.train_and_evaluate(config, str(workdirs[method]))
-  return workdirs
+  return tiny_runs.train_runs(tmp_path_factory, {'l2p': 1, 'none': 3})
 
 
 @pytest.fixture(scope='module')
@@ -157,7 +149,7 @@ def test_attack_keys_are_fixed_and_speed_settings_change_none():
     ),
   ]
   assert [s.function for s in specs] == [
-    evaluation.ATTACK_FUNCTIONS['clean'],
+    evaluation.attack_entry('clean').function,
     l2p_jax.attacks.pgd,
     l2p_jax.attacks.few_pixel,
     l2p_jax.attacks.pgd,
@@ -181,7 +173,7 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
   assert json.loads((output / 'results.json').read_text()) == json.loads(json.dumps(results))
   records = results['records']
   for r in records:
-    assert set(results_report.RECORD_FIELDS) <= set(r), set(results_report.RECORD_FIELDS) - set(r)
+    assert records_lib.Record.from_json(r).to_json() == r  # Every field, no other.
     k = 3 if r['method'] == 'l2p' else 1  # configs/eval.py:tiny's judge.draws.
     assert r['judged_draws'] == k
     assert 0 <= r['accuracy'] <= 1 and r['correct'] == round(r['accuracy'] * r['n'] * k)

@@ -1,6 +1,5 @@
-"""Judging over noise draws, its intervals, the per-image worst case and the sanity
-checks, on toy linear models and hand-built tables (the end-to-end run is in
-test_eval.py)."""
+"""Judging over noise draws and its intervals, on toy linear models (the worst case and
+the sanity checks: test_verdicts.py, test_sanity.py; the end-to-end run: test_eval.py)."""
 
 import math
 
@@ -9,34 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from toy_models import KEY, X, Y, linear, noisy
 
-from l2p_jax import attacks
-from l2p_jax.evaluation import intervals, judging, sanity, verdicts
-
-KEY = jax.random.key(0)
-RNG = np.random.default_rng(0)
-W = jnp.asarray(RNG.normal(size=(16, 3)), jnp.float32)
-X = jnp.asarray(RNG.uniform(size=(32, 4, 4, 1)), jnp.float32)
-
-
-def linear(x, key):
-  """A deterministic linear 3-class model on 4x4x1 inputs."""
-  del key
-  return x.reshape(x.shape[0], -1) @ W
-
-
-def noisy(x, key):
-  """The same model with Gaussian noise on its input: a randomized classifier."""
-  return linear(x + 0.5 * jax.random.normal(key, x.shape), key)
-
-
-def masked(x, key):
-  """The linear model behind a gradient mask: its logits have zero input gradient."""
-  return linear(jax.lax.stop_gradient(x), key)
-
-
-Y = jnp.argmax(linear(X, None), -1)
-
+from l2p_jax.evaluation import intervals, judging
 
 # --- intervals ----------------------------------------------------------------------
 
@@ -161,134 +135,3 @@ def test_a_randomized_model_is_right_under_every_draw_less_often_than_on_average
   low, high = counts['accuracy_ci95']
   assert low < counts['accuracy'] < high
   assert counts['n'] == 32 and counts['correct'] <= 8 * 32
-
-
-# --- the worst case over attacks ----------------------------------------------------
-
-
-def _record(attack, accuracy, name=None, eps=8 / 255, low=None, high=None, **fields):
-  """A results.json record with what the worst case and sanity checks read."""
-  params = {'eps': eps, 'examples': 0, 'attack_noise': True, **fields.pop('params', {})}
-  record = {
-    'label': 'm',
-    'checkpoint': '/runs/m/checkpoints/10',
-    'dataset': 'cifar10',
-    'split': 'test',
-    'n': 4,
-    'rule': 'single',
-    'draws': 1,
-    'noise': True,
-    'attack': attack,
-    'name': name or attack,
-    'params': params,
-    'source': None,
-    'accuracy': accuracy,
-    'accuracy_ci95': [accuracy if low is None else low, accuracy if high is None else high],
-    'judged_draws': 2,
-    'verdicts': name or attack,
-  }
-  return {**record, **fields}
-
-
-def test_the_worst_case_takes_each_images_worst_attack_of_the_threat_model():
-  """Two draws; image 3 survives PGD but not APGD, image 2 the reverse; C&W (another
-  budget) and a radius of the sweep do not count."""
-  records = [
-    _record('clean', 1.0, eps=None),
-    _record('pgd', 0.5),
-    _record('apgd_rand', 0.5),
-    _record('cw', 0.0, eps=None),
-    _record('pgd', 0.0, name='pgd at 16', eps=16 / 255),
-  ]
-  right = {'clean': [2, 2, 2, 2], 'pgd': [2, 0, 0, 2], 'apgd_rand': [2, 1, 1, 0]}
-  right |= {'cw': [0, 0, 0, 0], 'pgd at 16': [0, 0, 0, 0]}
-  stored = {f'{name}.right': np.array(v) for name, v in right.items()}
-  [worst] = verdicts.worst_cases(records, stored, 8 / 255)
-  assert worst['attacks'] == ['clean', 'pgd', 'apgd_rand']
-  assert worst['accuracy'] == (1 + 0 + 0 + 0) / 4  # min(1, 1, 1), min(1, 0, .5), ...
-  assert worst['accuracy_all_draws'] == 0.25
-  assert worst['accuracy_ci95'] == pytest.approx(
-    intervals.accuracy_interval(np.array([1.0, 0, 0, 0]), 2)
-  )
-
-
-def test_verdicts_of_replaced_records_are_dropped():
-  stored = verdicts.arrays('a', [1, 2], [3]) | verdicts.arrays('b', [0, 0], [0])
-  assert set(verdicts.kept(stored, [{'verdicts': 'b'}])) == {'b.right', 'b.draw_right'}
-
-
-# --- sanity checks ------------------------------------------------------------------
-
-
-def _checks(records, logits_vary=None):
-  results = {
-    'config': {'eps': 8 / 255},
-    'checkpoints': [
-      {'label': 'm', 'checkpoint': records[0]['checkpoint'], 'logits_vary': logits_vary}
-    ],
-    'records': records,
-  }
-  return {c['name']: c for c in sanity.sanity_checks(results)}
-
-
-def _pgd(accuracy, steps=7, eot_draws=1, eps=8 / 255, low=None, high=None, name=None, **fields):
-  params = {'steps': steps, 'eot_draws': eot_draws, 'step_size': 0.01}
-  name = name or f'pgd {steps} {eot_draws} {eps}'
-  return _record('pgd', accuracy, name, eps, low, high, params=params, **fields)
-
-
-def _pgd_on(logits_fn, eps):
-  """PGD-10 with step eps/4 on the 32 examples, judged once: a record with its interval."""
-  x_adv = attacks.pgd(
-    logits_fn, KEY, X, Y, eps=eps, steps=10, step_size=eps / 4, random_start=True
-  ).x_adv
-  right = np.asarray(jnp.argmax(logits_fn(x_adv, KEY), -1) == Y)
-  low, high = intervals.accuracy_interval(right.astype(float), 1)
-  return _pgd(right.mean(), steps=10, eps=eps, low=low, high=high)
-
-
-def test_largest_eps_fires_on_a_model_with_zero_input_gradient():
-  """PGD moves nothing but its random start when the gradient is masked: accuracy stays
-  near 80% at 128/255, where the linear model itself falls to 0."""
-  assert (
-    _checks([_pgd_on(masked, 1 / 255), _pgd_on(masked, 128 / 255)])['largest_eps']['passed']
-    is False
-  )
-  honest = _checks([_pgd_on(linear, 1 / 255), _pgd_on(linear, 128 / 255)])['largest_eps']
-  assert honest['passed'] is True and 'leaves 0.00%' in honest['detail']
-
-
-def test_more_steps_and_more_eot_draws_must_not_raise_accuracy_beyond_the_interval():
-  fine = _checks([_pgd(0.50, 7, high=0.55), _pgd(0.54, 20), _pgd(0.50, 7, 30)])
-  assert fine['more_steps']['passed'] and fine['more_eot_draws']['passed']
-  bad = _checks([_pgd(0.50, 7, high=0.55), _pgd(0.60, 20), _pgd(0.58, 7, 30)])
-  assert not bad['more_steps']['passed'] and not bad['more_eot_draws']['passed']
-  assert 'pgd (20 steps, 1 eot_draws) at 8/255 60.00%' in bad['more_steps']['detail']
-
-
-def test_single_step_must_not_beat_iterative_beyond_the_interval():
-  assert _checks([_record('fgsm', 0.45), _pgd(0.50, low=0.46)])['single_step']['passed'] is False
-  assert _checks([_record('fgsm', 0.47), _pgd(0.50, low=0.46)])['single_step']['passed'] is True
-
-
-def test_white_box_must_not_be_weaker_than_a_transfer_or_noise_off_cell():
-  source = {'label': 's', 'checkpoint': '/runs/s/checkpoints/10', 'step': 10}
-  transfer = _pgd(0.30, name='from s', source=source)
-  noise_off = _record(
-    'pgd', 0.30, 'off', params={'steps': 7, 'eot_draws': 1, 'attack_noise': False}
-  )
-  for other in (transfer, noise_off):
-    assert not _checks([_pgd(0.50, low=0.40), other])['white_box_vs_transfer']['passed']
-    assert _checks([_pgd(0.35, low=0.25), other])['white_box_vs_transfer']['passed']
-
-
-def test_an_unbounded_attack_must_reach_near_zero():
-  assert not _checks([_record('cw', 0.40, eps=None)])['unbounded']['passed']
-  assert _checks([_record('cw', 0.01, eps=None)])['unbounded']['passed']
-
-
-def test_a_model_whose_logits_vary_must_be_judged_over_draws():
-  once = _record('clean', 0.9, eps=None, judged_draws=1)
-  assert not _checks([once], logits_vary=True)['judged_over_draws']['passed']
-  assert _checks([once], logits_vary=False)['judged_over_draws']['passed']
-  assert _checks([_record('clean', 0.9, eps=None)], logits_vary=True)['judged_over_draws']['passed']

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import cifar as cifar_configs
-from l2p_jax.evaluation import results_report
+from l2p_jax.evaluation import results_files, results_report
 from l2p_jax.runtime import cli, files
 from l2p_jax.training import checkpointing
 
@@ -113,22 +113,28 @@ def results(n):
   return {'config': {'eps': 8 / 255}, 'checkpoints': [], 'records': [], 'padding': 'x' * n}
 
 
+def write_report(results, output_dir):
+  """Every file of an evaluation's output: results.json and verdicts.npz, then results.md."""
+  results_files.write_results(results, {}, output_dir)
+  results_report.write_report(results, output_dir)
+
+
 def test_eval_report_on_a_full_disk_keeps_the_earlier_results(tmp_path, monkeypatch):
-  results_report.write_report(results(10), {}, str(tmp_path))
+  write_report(results(10), str(tmp_path))
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
   monkeypatch.setattr(os, 'replace', no_space)
   with pytest.raises(files.DiskFullError, match='the previous results.json is intact'):
-    results_report.write_report(results(20), {}, str(tmp_path))
+    write_report(results(20), str(tmp_path))
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_eval_report_on_a_real_full_tmpfs_keeps_the_earlier_results(tmp_path):
   with mounted_tmpfs(tmp_path / 'disk', 'size=256k') as disk:
-    results_report.write_report(results(1000), {}, str(disk))
+    write_report(results(1000), str(disk))
     before = (disk / 'results.json').read_text()
     fill(disk, leave=8192)
     with pytest.raises(files.DiskFullError, match='the previous results.json is intact'):
-      results_report.write_report(results(100_000), {}, str(disk))
+      write_report(results(100_000), str(disk))
     assert (disk / 'results.json').read_text() == before
     assert sorted(os.listdir(disk)) == ['filler', 'results.json', 'results.md', 'verdicts.npz']
 
@@ -136,8 +142,8 @@ def test_eval_report_on_a_real_full_tmpfs_keeps_the_earlier_results(tmp_path):
 def test_an_unreadable_results_json_is_one_line_naming_it(tmp_path):
   (tmp_path / 'eval').mkdir()
   (tmp_path / 'eval' / 'results.json').write_text('{"records": [')
-  with pytest.raises(results_report.ResultsFileError, match='move it aside'):
-    results_report.merge_previous(results(0), {}, str(tmp_path / 'eval'))
+  with pytest.raises(results_files.ResultsFileError, match='move it aside'):
+    results_files.read_stored(str(tmp_path / 'eval'))
   code, _, stderr = run('eval.py', '--workdir', tmp_path)
   assert code == 1
   assert one_line(stderr).startswith(f'eval.py: {tmp_path}/eval/results.json does not read (')

@@ -4,7 +4,7 @@ apart from the headline PGD of as many steps, and the two C&W settings are two c
 
 from configs import eval as eval_configs
 from l2p_jax import evaluation
-from l2p_jax.evaluation import results_report
+from l2p_jax.evaluation import builtin_attacks, results_report
 
 
 def record(attack, eps=None, label='m', accuracy=0.5, **params):
@@ -55,7 +55,7 @@ def test_cw_and_its_pni_preset_are_two_columns():
   specs, _ = evaluation.plan_attacks(config, 'cw,cw_pni')
   records = [record('cw', **{k: v for k, v in s.describe().items() if k != 'eps'}) for s in specs]
   titles = [results_report.table_column(r, 8 / 255)[1] for r in records]
-  assert titles == [results_report.CW_COLUMN, results_report.CW_PNI_COLUMN]
+  assert titles == [builtin_attacks.CW_COLUMN, builtin_attacks.CW_PNI_COLUMN]
   table = results_report._attack_table(
     {
       'records': records,

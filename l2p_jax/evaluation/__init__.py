@@ -1,16 +1,28 @@
 """Evaluation of trained checkpoints under attack: the attack registry
-(`attack_registry`), attacks run over a split and judged by a prediction rule
-(`judging`), one record per result (`records`), and the runner over workdirs
-(`evaluate_workdirs`) that writes results.json and results.md (`results_report`)."""
+(`attack_registry`, the built-in entries in `builtin_attacks`; `register_attack` adds
+one), attacks run over a split and judged by a prediction rule (`judging`), one record
+per result (`records`), and the runner over workdirs (`evaluate_workdirs`) that writes
+results.json and results.md (`results_files`, `summary`, `results_report`)."""
 
+from l2p_jax.evaluation import builtin_attacks  # noqa: F401  (registers the built-in attacks)
 from l2p_jax.evaluation.attack_registry import (
-  ATTACK_FUNCTIONS,
-  ATTACK_NAMES,
-  ATTACKS,
+  CLEAN,
+  ITERATIVE,
+  L0,
+  L2,
+  LINF,
+  SINGLE_STEP,
+  Attack,
   AttackSpec,
   EvaluationError,
-  RegisteredAttack,
+  Preset,
+  attack_entry,
+  attack_names,
   plan_attacks,
+  register_attack,
+  registered,
+  registered_attacks,
+  unregister_attack,
 )
 from l2p_jax.evaluation.judging import DEFAULT_DRAWS, KEY_LAYOUT, attack_accuracy, prediction_rule
 from l2p_jax.evaluation.runner import (

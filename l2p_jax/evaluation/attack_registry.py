@@ -1,6 +1,8 @@
-"""The attacks an evaluation can run, in two tables: ATTACK_FUNCTIONS, the function an
-`AttackSpec` runs by its `attack`, and ATTACKS, the names config.attacks accepts, each
-with the specs it plans from the config (`plan_attacks`).
+"""The attacks an evaluation can run: one `Attack` entry per attack function, carrying
+everything the rest of the evaluation reads about it (config.attacks names and bounds,
+column title and place, threat model, worst case, sanity-check role), registered with
+`register_attack`; `AttackSpec`, one attack with its parameters; `plan_attacks`, the
+specs that config.attacks asks for. The built-in attacks register in builtin_attacks.py.
 
 A spec's text is its identity: its key_id (a CRC-32 of its repr) picks its random
 numbers and names its records, so the spec's fields, their order and values are part of
@@ -11,14 +13,13 @@ text: a rerun with other speed settings meets the same random numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from l2p_jax import attacks
@@ -29,36 +30,140 @@ class EvaluationError(UserError, ValueError):
   """A request the evaluation cannot serve, with one message saying what to do."""
 
 
-def _clean(
-  logits_fn: attacks.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array
-) -> attacks.AttackResult:
-  """No attack: the inputs themselves, so clean accuracy runs through the same path."""
-  del logits_fn, key
-  return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
-
-
-# The function each AttackSpec runs, by its `attack` (the records' 'attack' field).
-ATTACK_FUNCTIONS: dict[str, Callable[..., attacks.AttackResult]] = {
-  'clean': _clean,
-  'fgsm': attacks.fgsm,
-  'pgd': attacks.pgd,
-  'cw': attacks.cw_l2,
-  'apgd_rand': attacks.autoattack_rand,
-  'few_pixel': attacks.few_pixel,
+# Threat models: what an attack's perturbation is bounded by.
+CLEAN, LINF, L2, L0 = 'clean', 'linf', 'l2', 'l0'
+THREAT_MODELS = {
+  CLEAN: 'no perturbation (the inputs themselves)',
+  LINF: 'an L-inf ball of radius eps (the headline config.eps or a sweep radius)',
+  L2: 'L2 minimum norm, unbounded (its cells add the mean L2 of what fooled the model)',
+  L0: 'L0: a few pixels changed without bound',
 }
+# Roles in the sanity checks (sanity.py) and the accuracy-vs-eps curves.
+ITERATIVE, SINGLE_STEP = 'iterative', 'single_step'
+TRANSFER = 'transfer'  # The config.attacks name of the transfer matrix.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A name of config.attacks: its specs as a function of (config, N of `name<N>`: 0
+  when not given, accepted only when `counted`)."""
+
+  specs: Callable[[ml_collections.ConfigDict, int], list[AttackSpec]]
+  counted: bool = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Attack:
+  """One attack as the evaluation knows it.
+
+  name: AttackSpec.attack and the records' 'attack'; function: the pure attack
+  (logits_fn, key, x, y, **params, eps=...) -> AttackResult; threat_model: a key of
+  THREAT_MODELS; title: a record's params -> its column title (results.md, REPORT.md);
+  column: where its columns stand in the attack table (smaller left); presets: its
+  names in config.attacks; bounds: (config field, lowest value) pairs validate_config
+  checks; worst_case: its records at the headline eps join the per-image worst case;
+  transfer: the transfer matrix makes its examples (with its first preset); budget: the
+  parameter that orders its columns; role: ITERATIVE or SINGLE_STEP for the sanity
+  checks and eps curves ('' none); note: a sentence results.md adds when it was run.
+  """
+
+  name: str
+  function: Callable[..., attacks.AttackResult]
+  threat_model: str
+  title: Callable[[dict[str, Any]], str]
+  column: float
+  presets: Mapping[str, Preset]
+  bounds: tuple[tuple[str, int], ...] = ()
+  worst_case: bool = False
+  transfer: bool = False
+  budget: str = 'steps'
+  role: str = ''
+  note: str = ''
+
+
+_REGISTRY: dict[str, Attack] = {}
+
+
+def registered_attacks() -> tuple[Attack, ...]:
+  """Every registered attack, in the order of registration."""
+  return tuple(_REGISTRY.values())
+
+
+def attack_entry(name: str) -> Attack:
+  """The registered attack `name`; EvaluationError naming the registered ones if none."""
+  if name not in _REGISTRY:
+    raise EvaluationError(
+      f'Unknown attack {name!r}; registered: {", ".join(_REGISTRY)} (register_attack adds one).'
+    )
+  return _REGISTRY[name]
+
+
+def _preset_names() -> dict[str, Preset]:
+  return {name: preset for entry in _REGISTRY.values() for name, preset in entry.presets.items()}
+
+
+def register_attack(entry: Attack) -> Attack:
+  """Adds `entry` to the attacks every evaluation can run and returns it; ValueError
+  when it clashes with a registered attack or is not complete."""
+  taken = _preset_names()
+  problems = [
+    f'the attack {entry.name!r} is registered' if entry.name in _REGISTRY else '',
+    f'threat_model must be one of {tuple(THREAT_MODELS)}'
+    if entry.threat_model not in THREAT_MODELS
+    else '',
+    f'role must be one of {ITERATIVE!r}, {SINGLE_STEP!r} or empty'
+    if entry.role not in ('', ITERATIVE, SINGLE_STEP)
+    else '',
+    'it needs at least one preset (its names in config.attacks)' if not entry.presets else '',
+    'function and title must be callable'
+    if not (callable(entry.function) and callable(entry.title))
+    else '',
+    'column must be a number' if not isinstance(entry.column, (int, float)) else '',
+    *(
+      f'config.attacks name {n!r} is taken or ends in a digit'
+      for n in entry.presets
+      if n in taken or n == TRANSFER or not re.fullmatch(r'.*\D', n)
+    ),
+    *(
+      f'column {entry.column} is taken by {other.name!r}'
+      for other in _REGISTRY.values()
+      if other.column == entry.column
+    ),
+  ]
+  problems = [p for p in problems if p]
+  if problems:
+    raise ValueError(f'Cannot register attack {entry.name!r}: {"; ".join(problems)}.')
+  _REGISTRY[entry.name] = entry
+  return entry
+
+
+def unregister_attack(name: str) -> None:
+  """Removes the registered attack `name` (a notebook's or a test's)."""
+  attack_entry(name)
+  del _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def registered(entry: Attack) -> Iterator[Attack]:
+  """`entry` registered for the duration of a with block, then removed."""
+  register_attack(entry)
+  try:
+    yield entry
+  finally:
+    unregister_attack(entry.name)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
   """One attack with every parameter that changes its result.
 
-  attack: a key of ATTACK_FUNCTIONS; params: its static keyword arguments that change
+  attack: a registered attack's name; params: its static keyword arguments that change
   its result; eps: the L-inf radius (None for attacks without one), passed traced so
   that an eps sweep compiles once; examples: attack only the first N examples of the
   split (0: all); attack_noise: False makes the examples on the checkpoint with its
   noise off (the mean network), which are then judged with the noise on (an adaptive
   attack on noise defenses); speed: keyword arguments that change only the speed,
-  outside the spec's text and equality.
+  outside the spec's text and equality. `entry`, its registry entry, is looked up once.
   """
 
   attack: str
@@ -67,17 +172,15 @@ class AttackSpec:
   examples: int = 0
   attack_noise: bool = True
   speed: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), repr=False, compare=False)
+  entry: Attack = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    if self.attack not in ATTACK_FUNCTIONS:
-      raise ValueError(
-        f'Unknown attack {self.attack!r}; expected one of {tuple(ATTACK_FUNCTIONS)}.'
-      )
+    object.__setattr__(self, 'entry', attack_entry(self.attack))
 
   @property
   def function(self) -> Callable[..., attacks.AttackResult]:
     """The attack function this spec runs."""
-    return ATTACK_FUNCTIONS[self.attack]
+    return self.entry.function
 
   @property
   def arguments(self) -> tuple[tuple[str, Any], ...]:
@@ -111,6 +214,16 @@ class AttackSpec:
     }
 
 
+def attack_title(record: dict[str, Any]) -> str:
+  """A record's column title, by its attack's entry: Clean, FGSM, PGD-7, C&W, 1 px, ..."""
+  return attack_entry(record['attack']).title(record['params'])
+
+
+def from_source(record: dict[str, Any]) -> str:
+  """' from <source label>' for a transfer record, '' for a white-box one."""
+  return f' from {record["source"]["label"]}' if record['source'] else ''
+
+
 def listed_names(value: str | Sequence[str]) -> list[str]:
   """The items of a comma-separated string or of a sequence of such strings, as
   config.attacks and the --workdir and --checkpoint flags take them."""
@@ -118,147 +231,10 @@ def listed_names(value: str | Sequence[str]) -> list[str]:
   return [name.strip() for item in items for name in item.split(',') if name.strip()]
 
 
-# --- the specs of each config.attacks name ------------------------------------------
-
-
-def _unroll(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  """The speed setting of the attacks with loops: unrolled or not (config.unroll)."""
-  return (('unroll', True if config.unroll else 1),)
-
-
-def _pgd(
-  config: ml_collections.ConfigDict,
-  steps: int,
-  eps: float,
-  eot_draws: int = 1,
-  attack_noise: bool = True,
-) -> AttackSpec:
-  """PGD (with EOT over `eot_draws` draws) of `steps` steps at `eps`, config.pgd's
-  other settings, on the checkpoint with its noise on or off."""
-  p = config.pgd
-  return AttackSpec(
-    'pgd',
-    (
-      ('steps', steps),
-      ('step_size', p.step_size),
-      ('random_start', p.random_start),
-      ('restarts', p.restarts),
-      ('eot_draws', eot_draws),
-    ),
-    eps,
-    attack_noise=attack_noise,
-    speed=_unroll(config),
-  )
-
-
-def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
-  """The few-pixel attack on `n_pixels` pixels with config.few_pixel's settings."""
-  f = config.few_pixel
-  return AttackSpec(
-    'few_pixel',
-    (('n_pixels', n_pixels), ('population', f.population), ('iterations', f.iterations)),
-    None,
-    f.examples,
-    speed=(('chunk_size', f.chunk_size),),
-  )
-
-
-# PNI's C&W settings (He et al. 2019's attack code), run by the `cw_pni` preset whatever
-# config.cw says, so that the authors' C&W column can still be reported beside ours.
-PNI_CW = ml_collections.FrozenConfigDict(
-  {'c_init': 0.01, 'learning_rate': 5e-4, 'kappa': 0.0, 'binary_steps': 9, 'steps': 10}
-)
-
-
-def _cw(
-  config: ml_collections.ConfigDict, cw: ml_collections.ConfigDict | None = None
-) -> AttackSpec:
-  """C&W L2 with the settings `cw` (default config.cw's)."""
-  cw = config.cw if cw is None else cw
-  return AttackSpec(
-    'cw',
-    (
-      ('c_init', cw.c_init),
-      ('learning_rate', cw.learning_rate),
-      ('kappa', cw.kappa),
-      ('binary_steps', cw.binary_steps),
-      ('steps', cw.steps),
-    ),
-    speed=_unroll(config),
-  )
-
-
-def _apgd(config: ml_collections.ConfigDict, attack_noise: bool = True) -> AttackSpec:
-  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT over config.apgd's
-  draws), or with the noise off APGD on the mean network (one draw is all it has)."""
-  return AttackSpec(
-    'apgd_rand',
-    (('steps', config.apgd.steps), ('eot_draws', config.apgd.eot_draws if attack_noise else 1)),
-    config.eps,
-    attack_noise=attack_noise,
-    speed=_unroll(config),
-  )
-
-
-def _eps_sweep(config: ml_collections.ConfigDict) -> list[AttackSpec]:
-  """FGSM and PGD at every eps of config.eps_sweep.eps_255 (in 1/255 units); PGD takes
-  eps_sweep.steps steps of eps_sweep.step_fraction * eps, so that every radius is crossed
-  in the same number of steps, with config.pgd's random start and restarts."""
-  sweep = config.eps_sweep
-  pgd = (
-    ('steps', sweep.steps),
-    ('step_fraction', sweep.step_fraction),
-    ('random_start', config.pgd.random_start),
-    ('restarts', config.pgd.restarts),
-    ('eot_draws', 1),
-  )
-  return [
-    spec
-    for e in sweep.eps_255
-    for spec in (
-      AttackSpec('fgsm', (), e / 255),
-      AttackSpec('pgd', pgd, e / 255, speed=_unroll(config)),
-    )
-  ]
-
-
-@dataclasses.dataclass(frozen=True)
-class RegisteredAttack:
-  """A name of config.attacks: its specs as a function of (config, N of `name<N>`: 0
-  when not given, accepted only when `counted`); none for 'transfer', which asks for
-  the transfer matrix instead."""
-
-  specs: Callable[[ml_collections.ConfigDict, int], list[AttackSpec]]
-  counted: bool = False
-
-
-# Every attack evaluation runs, by its name in config.attacks.
-ATTACKS: dict[str, RegisteredAttack] = {
-  'clean': RegisteredAttack(lambda c, n: [AttackSpec('clean')]),
-  'fgsm': RegisteredAttack(lambda c, n: [AttackSpec('fgsm', (), c.eps)]),
-  'pgd': RegisteredAttack(lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True),
-  'eot_pgd': RegisteredAttack(
-    lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)], counted=True
-  ),
-  'eps_sweep': RegisteredAttack(lambda c, n: _eps_sweep(c)),
-  'cw': RegisteredAttack(lambda c, n: [_cw(c)]),
-  'cw_pni': RegisteredAttack(lambda c, n: [_cw(c, PNI_CW)]),
-  'apgd': RegisteredAttack(lambda c, n: [_apgd(c)]),
-  # Made on the mean network (noise off), judged on the noisy one; randomized models only.
-  'noise_off_pgd': RegisteredAttack(
-    lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, attack_noise=False)], counted=True
-  ),
-  'noise_off_apgd': RegisteredAttack(lambda c, n: [_apgd(c, attack_noise=False)]),
-  'few_pixel': RegisteredAttack(
-    lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)], counted=True
-  ),
-  'transfer': RegisteredAttack(lambda c, n: []),
-}
-ATTACK_NAMES = tuple(
-  f'{name}{suffix}'
-  for name, entry in ATTACKS.items()
-  for suffix in ('', '<N>')[: 1 + entry.counted]
-)
+def attack_names() -> tuple[str, ...]:
+  """The names config.attacks accepts, `<N>` marking a count."""
+  names = [f'{n}{s}' for n, p in _preset_names().items() for s in ('', '<N>')[: 1 + p.counted]]
+  return (*names, TRANSFER)
 
 
 def plan_attacks(
@@ -267,15 +243,28 @@ def plan_attacks(
   """The white-box attacks that `names` (default: config.attacks) asks for, with their
   parameters from `config` and duplicates removed (the eps sweep's FGSM at the headline
   eps is the headline FGSM), and whether the transfer matrix is asked for."""
-  specs, transfer = [], False
+  presets, specs, transfer = _preset_names(), [], False
   for name in listed_names(config.attacks if names is None else names):
     base, number = re.fullmatch(r'(.*?)(\d*)', name).groups()
-    if base not in ATTACKS or (number and not ATTACKS[base].counted):
+    if name == TRANSFER:
+      transfer = True
+      continue
+    if base not in presets or (number and not presets[base].counted):
       raise EvaluationError(
-        f'Unknown attack {name!r} in config.attacks; accepted: {", ".join(ATTACK_NAMES)}.'
+        f'Unknown attack {name!r} in config.attacks; accepted: {", ".join(attack_names())}.'
       )
     if number and int(number) < 1:
       raise EvaluationError(f'Attack {name!r} needs a count of at least 1.')
-    specs += ATTACKS[base].specs(config, int(number or 0))
-    transfer |= base == 'transfer'
+    specs += presets[base].specs(config, int(number or 0))
   return list(dict.fromkeys(specs)), transfer
+
+
+def transfer_specs(config: ml_collections.ConfigDict) -> list[AttackSpec]:
+  """The attacks whose examples the transfer matrix makes on every source (each
+  `transfer` entry's first preset), in the order of registration."""
+  return [
+    spec
+    for entry in _REGISTRY.values()
+    if entry.transfer
+    for spec in next(iter(entry.presets.values())).specs(config, 0)
+  ]

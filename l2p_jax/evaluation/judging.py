@@ -155,7 +155,7 @@ class Judgement:
     return len(self.draw_right)
 
   def counts(self) -> dict[str, Any]:
-    """The record's outcome fields (see results_report.RECORD_FIELDS)."""
+    """The record's outcome fields (see records.Record)."""
     n, k = len(self.right), self.judged_draws
     correct, fooled = int(self.right.sum()), int(self.fooled.sum())
     low, high = intervals.accuracy_interval(self.right / k, k, self.draw_right / n)
@@ -193,7 +193,7 @@ def attack_accuracy(
   draw predicting by config.predict's rule. Returns one Judgement per target.
   """
   split = experiment.first_examples(
-    split, min(spec.examples, split.num_examples), 'few_pixel.examples'
+    split, min(spec.examples, split.num_examples), f'{spec.attack} examples'
   )
   key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
   eps = None if spec.eps is None else jnp.float32(spec.eps)

@@ -1,9 +1,11 @@
 """One record per result (checkpoint, attack with its parameters, source of the examples)
-with everything that reproduces it, its identity (what a rerun replaces) and its line on
-the console; results_report writes the records out, verdicts the per-image verdicts."""
+with everything that reproduces it (`Record`, written to results.json by results_files
+as its `to_json()`), its identity (what a rerun replaces) and its line on the console;
+verdicts.py keeps its per-image verdicts."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -18,6 +20,71 @@ from l2p_jax.evaluation.judging import Judgement, prediction_rule
 from l2p_jax.training.checkpointing import Checkpoint
 
 
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One result, as results.json holds it.
+
+  label, checkpoint, step, workdir, method, arch, width, dataset, split: what was
+  evaluated; attack, name, params: the attack (registry name, AttackSpec.name, its
+  parameters with eps and examples); source: None for white-box, else the checkpoint
+  the examples were made on (label, checkpoint, step); accuracy, correct, n, fooled,
+  mean_l2: the outcome (fooled counts the examples predicted right on the clean input
+  and wrong on the attack's, mean_l2 is the mean L2 norm of their perturbations, None if
+  there are none; with K judged draws, correct and fooled count (image, draw) verdicts,
+  out of n x K); judged_draws: K; accuracy_ci95: [low, high]
+  (intervals.accuracy_interval); accuracy_all_draws: the share of images right under
+  every judged draw; judge_seconds: of `seconds` (wall clock, compilation included),
+  those spent judging; rule, draws, rule_from, noise, randomized: how predictions were
+  made (rule_from 'authors' when the rule is the method authors' default, 'config' when
+  config.predict set it); key, batch_size: what reproduces it (evaluation.KEY_LAYOUT);
+  verdicts: its name in verdicts.npz.
+  """
+
+  label: str
+  checkpoint: str
+  step: int
+  workdir: str
+  method: str
+  arch: str
+  width: float
+  dataset: str
+  split: str
+  attack: str
+  name: str
+  params: dict[str, Any]
+  source: dict[str, Any] | None
+  accuracy: float
+  correct: int
+  n: int
+  fooled: int
+  mean_l2: float | None
+  judged_draws: int
+  accuracy_ci95: list[float]
+  accuracy_all_draws: float
+  judge_seconds: float
+  seconds: float
+  rule: str
+  draws: int
+  rule_from: str
+  noise: bool
+  randomized: bool
+  key: dict[str, Any]
+  batch_size: int
+  verdicts: str
+
+  def to_json(self) -> dict[str, Any]:
+    """The record as results.json holds it."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, record: dict[str, Any]) -> Record:
+    """The record of a results.json entry; TypeError when its fields are not RECORD_FIELDS."""
+    return cls(**record)
+
+
+RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
+
+
 def make_record(
   config: ml_collections.ConfigDict,
   spec: AttackSpec,
@@ -27,9 +94,9 @@ def make_record(
   judgement: Judgement,
   seconds: float,
   source: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Record:
   """One result: what was attacked how, with which key and prediction rule, and the
-  outcome (see results_report.RECORD_FIELDS)."""
+  outcome."""
   rule, draws, origin = prediction_rule(config, target.meta['config']['method'])
   record = {
     'label': label,
@@ -50,7 +117,7 @@ def make_record(
     'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
     'batch_size': config.batch_size,
   }
-  return {**record, 'verdicts': verdicts_id(record)}
+  return Record(**record, verdicts=verdicts_id(record))
 
 
 def identity(record: dict[str, Any]) -> tuple:
@@ -75,19 +142,19 @@ def verdicts_id(record: dict[str, Any]) -> str:
   return hashlib.sha1(json.dumps(identity(record)).encode()).hexdigest()[:16]
 
 
-def log_record(result: dict[str, Any]) -> None:
+def log_record(record: Record) -> None:
   """One console line per result (first process only)."""
   if jax.process_index() == 0:
-    origin = f' from {result["source"]["label"]}' if result['source'] else ''
-    low, high = result['accuracy_ci95']
-    draws = result['judged_draws']
+    origin = f' from {record.source["label"]}' if record.source else ''
+    low, high = record.accuracy_ci95
+    draws = record.judged_draws
     tqdm.write(
-      f'{result["label"]}{origin} {result["name"]}: accuracy '
-      f'{100 * result["accuracy"]:.2f}% [{100 * low:.1f}, {100 * high:.1f}] of {result["n"]}'
+      f'{record.label}{origin} {record.name}: accuracy '
+      f'{100 * record.accuracy:.2f}% [{100 * low:.1f}, {100 * high:.1f}] of {record.n}'
       + (
-        f' x {draws} draws, right under all {100 * result["accuracy_all_draws"]:.2f}%'
+        f' x {draws} draws, right under all {100 * record.accuracy_all_draws:.2f}%'
         if draws > 1
         else ''
       )
-      + f' ({result["seconds"]:.1f}s)'
+      + f' ({record.seconds:.1f}s)'
     )

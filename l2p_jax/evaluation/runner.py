@@ -18,22 +18,38 @@ import numpy as np
 from tqdm import tqdm
 
 from l2p_jax import data, experiment, models
-from l2p_jax.evaluation import prediction, results_report, verdicts
+from l2p_jax.evaluation import prediction, results_files, results_report, summary, verdicts
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
   listed_names,
   plan_attacks,
+  registered_attacks,
+  transfer_specs,
 )
 from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, attack_accuracy
-from l2p_jax.evaluation.records import log_record, make_record
+from l2p_jax.evaluation.records import Record, log_record, make_record
 from l2p_jax.runtime import cli, sharding
 from l2p_jax.training import checkpointing
 from l2p_jax.training.checkpointing import Checkpoint
 
 
+def _setting(config: ml_collections.ConfigDict, field: str, attack: str) -> Any:
+  """config's dotted `field`; EvaluationError when the config has none."""
+  value = config
+  for part in field.split('.'):
+    if part not in value:
+      raise EvaluationError(
+        f'config.{field} is missing: the attack {attack!r} is registered with a bound on it; '
+        'add it to the eval config.'
+      )
+    value = value[part]
+  return value
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises EvaluationError for settings no evaluation can use."""
+  """Raises EvaluationError for settings no evaluation can use (the bounds of every
+  registered attack included)."""
   rule = config.predict.rule
   if rule is not None and rule not in prediction.RULES:
     raise EvaluationError(
@@ -44,16 +60,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ('eps', config.eps, 0),
     ('predict.draws', 1 if draws is None else draws, 1),  # None: the rule's default.
     ('batch_size', config.batch_size, 1),
-    ('pgd.steps', config.pgd.steps, 1),
-    ('pgd.restarts', config.pgd.restarts, 1),
-    ('eot.draws', config.eot.draws, 1),
     ('judge.draws', config.judge.draws, 1),
-    ('cw.binary_steps', config.cw.binary_steps, 1),
-    ('cw.steps', config.cw.steps, 1),
-    ('apgd.steps', config.apgd.steps, 1),
-    ('apgd.eot_draws', config.apgd.eot_draws, 1),
-    ('few_pixel.population', config.few_pixel.population, 4),
-    ('few_pixel.examples', config.few_pixel.examples, 0),
+    *(
+      (field, _setting(config, field, entry.name), low)
+      for entry in registered_attacks()
+      for field, low in entry.bounds
+    ),
   ):
     if value < low:
       raise EvaluationError(f'config.{field}={value} must be at least {low}.')
@@ -113,11 +125,12 @@ def check_model_takes_split(split: data.HostSplit, checkpoint: Checkpoint) -> No
 Verdicts = dict[str, Any]  # verdicts.npz's arrays by name (verdicts.arrays).
 
 
-def _recorded(record: dict[str, Any], judgement: Judgement, found: Verdicts) -> dict[str, Any]:
-  """Logs `record`, adds its judgement's per-image verdicts to `found`, returns it."""
+def _recorded(record: Record, judgement: Judgement, found: Verdicts) -> dict[str, Any]:
+  """Logs `record`, adds its judgement's per-image verdicts to `found`, returns it as
+  results.json holds it."""
   log_record(record)
-  found.update(verdicts.arrays(record['verdicts'], judgement.right, judgement.draw_right))
-  return record
+  found.update(verdicts.arrays(record.verdicts, judgement.right, judgement.draw_right))
+  return record.to_json()
 
 
 def evaluate_checkpoint(
@@ -158,7 +171,7 @@ def transfer_records(
   the examples and judging all)."""
   records = []
   for source in sources:
-    for spec in plan_attacks(config, 'fgsm,pgd')[0]:
+    for spec in transfer_specs(config):
       started = time.time()
       judgements = attack_accuracy(
         spec,
@@ -242,14 +255,18 @@ def logits_vary(
   return bool(np.any(first != second))
 
 
-def _write_results(results: dict[str, Any], found: Verdicts, output_dir: str) -> dict[str, Any]:
-  """Merges the earlier records and verdicts of output_dir into `results` and `found`,
-  adds the worst cases and sanity checks, writes the report there (first process only),
-  says the failed checks and returns the merged results."""
-  results, found = results_report.merge_previous(results, found, output_dir)
-  results = results_report.summarize(results, found)
+def _write_results(
+  results: dict[str, Any], found: Verdicts, stored: results_files.Stored, output_dir: str
+) -> dict[str, Any]:
+  """Merges the earlier records and verdicts of output_dir (`stored`) into `results`
+  and `found`, adds the worst cases and sanity checks, writes results.json,
+  verdicts.npz, results.md and the plots there (first process only), says the checks
+  and returns the merged results."""
+  results, found = results_files.merge(results, found, stored)
+  results = summary.summarize(results, found)
   if jax.process_index() == 0:
-    for path in results_report.write_report(results, found, output_dir):
+    paths = results_files.write_results(results, found, output_dir)
+    for path in paths + results_report.write_report(results, output_dir):
       tqdm.write(f'Wrote {path}')
     for check in results['sanity']:
       verdict = 'passed' if check['passed'] else 'FAILED'
@@ -276,8 +293,7 @@ def evaluate_workdirs(
   cli.check_writable_folder(
     'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
   )
-  results_report.read_previous(output_dir)  # Refused now, not after the attacks.
-  verdicts.read(output_dir)
+  stored = results_files.read_stored(output_dir)  # Refused now, not after the attacks.
   mesh = _eval_mesh(config)
   cache = _RestoredCheckpoints(config)
   paths = checkpoint_paths or workdirs
@@ -311,4 +327,4 @@ def evaluate_workdirs(
     ],
     'records': records,
   }
-  return _write_results(results, found, output_dir)
+  return _write_results(results, found, stored, output_dir)

@@ -5,13 +5,16 @@ defense.
 
 Each check compares records of one checkpoint; "beyond the interval" means outside the
 other record's accuracy_ci95 (intervals.accuracy_interval):
-- largest_eps: PGD at the largest radius of an eps sweep leaves at most 2%;
-- more_steps / more_eot_draws: PGD with more steps (more EOT draws), the rest the same,
-  is not more accurate beyond the interval of fewer;
-- single_step: FGSM is not less accurate than PGD at its radius beyond PGD's interval;
-- white_box_vs_transfer: no transfer or noise-off cell at the headline eps is less
-  accurate than the strongest white-box attack beyond that attack's interval;
-- unbounded: an unbounded attack (C&W) leaves at most 5%;
+- largest_eps: the iterative attack (PGD) at the largest radius of an eps sweep leaves
+  at most 2%;
+- more_steps / more_eot_draws: the iterative attack with more steps (more EOT draws),
+  the rest the same, is not more accurate beyond the interval of fewer;
+- single_step: a single-step attack (FGSM) is not less accurate than the iterative one
+  at its radius beyond the iterative one's interval;
+- white_box_vs_transfer: no transfer or noise-off cell of an L-inf attack at the
+  headline eps is less accurate than the strongest white-box L-inf attack beyond that
+  attack's interval;
+- unbounded: an unbounded attack (L2 minimum norm: C&W) leaves at most 5%;
 - judged_over_draws: a model whose logits change between noise draws is judged under
   more than one draw.
 """
@@ -19,8 +22,18 @@ other record's accuracy_ci95 (intervals.accuracy_interval):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from l2p_jax.evaluation.attack_registry import (
+  ITERATIVE,
+  L2,
+  LINF,
+  SINGLE_STEP,
+  Attack,
+  attack_entry,
+  from_source,
+)
 
 LARGEST_EPS_MAX = 0.02
 UNBOUNDED_MAX = 0.05
@@ -34,8 +47,7 @@ def _interval(record: dict[str, Any]) -> tuple[float, float]:
 def _title(record: dict[str, Any]) -> str:
   p = record['params']
   eps = '' if p['eps'] is None else f' at {p["eps"] * 255:g}/255'
-  source = f' from {record["source"]["label"]}' if record['source'] else ''
-  return f'{record["attack"]}{_steps(p)}{eps}{source}'
+  return f'{record["attack"]}{_steps(p)}{eps}{from_source(record)}'
 
 
 def _steps(params: dict[str, Any]) -> str:
@@ -62,16 +74,25 @@ def _check(name: str, failures: list[str], passes: list[str]) -> dict[str, Any]:
   return {'name': name, 'passed': not failures, 'detail': '; '.join(failures or passes)}
 
 
-def _white_box(records: Sequence[dict[str, Any]], attack: str) -> list[dict[str, Any]]:
+def _white_box(
+  records: Sequence[dict[str, Any]], kind: Callable[[Attack], bool]
+) -> list[dict[str, Any]]:
+  """The white-box records, noise on, of the attacks whose entry is of the `kind`."""
   return [
     r
     for r in records
-    if r['source'] is None and r['attack'] == attack and r['params'].get('attack_noise', True)
+    if r['source'] is None
+    and kind(attack_entry(r['attack']))
+    and r['params'].get('attack_noise', True)
   ]
 
 
+def _iterative(entry: Attack) -> bool:
+  return entry.role == ITERATIVE
+
+
 def _largest_eps(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-  pgd = [r for r in _white_box(records, 'pgd') if r['params']['eot_draws'] == 1]
+  pgd = [r for r in _white_box(records, _iterative) if r['params']['eot_draws'] == 1]
   radii = {r['params']['eps'] for r in pgd}
   if len(radii) > 1:
     at_largest = [r for r in pgd if r['params']['eps'] == max(radii)]
@@ -87,7 +108,7 @@ def _more_budget(
   """Within PGD records equal but for `budget` (steps or eot_draws), more is not more
   accurate beyond the interval of fewer."""
   families: dict[tuple, list[dict[str, Any]]] = {}
-  for r in _white_box(records, 'pgd'):
+  for r in _white_box(records, _iterative):
     rest = tuple(sorted((k, v) for k, v in r['params'].items() if k != budget))
     families.setdefault(rest, []).append(r)
   failures, passes = [], []
@@ -101,8 +122,8 @@ def _more_budget(
 
 def _single_step(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
   failures, passes = [], []
-  for fgsm in _white_box(records, 'fgsm'):
-    for pgd in _white_box(records, 'pgd'):
+  for fgsm in _white_box(records, lambda entry: entry.role == SINGLE_STEP):
+    for pgd in _white_box(records, _iterative):
       if pgd['params']['eps'] == fgsm['params']['eps']:
         text = _versus(fgsm, pgd)
         (failures if fgsm['accuracy'] < _interval(pgd)[0] else passes).append(text)
@@ -113,7 +134,11 @@ def _single_step(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def _white_box_vs_transfer(
   records: Sequence[dict[str, Any]], eps: float
 ) -> Iterator[dict[str, Any]]:
-  at_eps = [r for r in records if r['attack'] != 'clean' and r['params']['eps'] == eps]
+  at_eps = [
+    r
+    for r in records
+    if attack_entry(r['attack']).threat_model == LINF and r['params']['eps'] == eps
+  ]
   white = [r for r in at_eps if r['source'] is None and r['params'].get('attack_noise', True)]
   others = [
     r
@@ -132,7 +157,7 @@ def _white_box_vs_transfer(
 
 
 def _unbounded(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-  for r in _white_box(records, 'cw'):
+  for r in _white_box(records, lambda entry: entry.threat_model == L2):
     text = f'{r["name"]} leaves {_percent(r["accuracy"])}'
     ok = r['accuracy'] <= UNBOUNDED_MAX
     yield _check('unbounded', [] if ok else [f'{text} > 5%'], [f'{text} <= 5%'])

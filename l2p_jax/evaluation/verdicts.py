@@ -6,11 +6,12 @@ of the split the number of judged draws under which it was classified right, and
 the file as results.json does, so the worst case covers every attack run so far.
 
 The worst case of a checkpoint (AutoAttack's robust accuracy, over draws): per image the
-smallest share of draws classified right over the attacks of one threat model (the
-L-inf attacks at the headline eps, transfer and noise-off included, with the clean
-images; C&W and few-pixel measure other budgets), judged the same way, on the same
-images. Its `accuracy` is the mean of that per-image worst share, `accuracy_all_draws`
-the images right under every draw of every attack.
+smallest share of draws classified right over the attacks of one threat model (those
+whose registry entry joins the worst case: the L-inf attacks at the headline eps,
+transfer and noise-off included, with the clean images; C&W and few-pixel measure other
+budgets), judged the same way, on the same images. Its `accuracy` is the mean of that
+per-image worst share, `accuracy_all_draws` the images right under every draw of every
+attack.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import numpy as np
 
 from l2p_jax.errors import UserError
 from l2p_jax.evaluation import intervals
+from l2p_jax.evaluation.attack_registry import attack_entry, from_source
 from l2p_jax.runtime import files
 
 VERDICTS_FILE = 'verdicts.npz'
-WORST_CASE_ATTACKS = ('clean', 'fgsm', 'pgd', 'apgd_rand')  # The L-inf threat model.
 
 
 def arrays(name: str, right: np.ndarray, draw_right: np.ndarray) -> dict[str, np.ndarray]:
@@ -78,8 +79,8 @@ def kept(verdicts: dict[str, np.ndarray], records: Sequence[dict[str, Any]]) -> 
 
 def _threat_model_group(record: dict[str, Any], eps: float) -> tuple | None:
   """The worst-case group of a record (checkpoint, data, images, judgement), None when it
-  is not an L-inf attack at `eps` or has no verdicts."""
-  if record['attack'] not in WORST_CASE_ATTACKS or record['params']['eps'] not in (None, eps):
+  is not an attack of the worst case at `eps` or has no verdicts."""
+  if not attack_entry(record['attack']).worst_case or record['params']['eps'] not in (None, eps):
     return None
   if not record.get('verdicts'):
     return None  # Written before verdicts were kept.
@@ -87,11 +88,6 @@ def _threat_model_group(record: dict[str, Any], eps: float) -> tuple | None:
     record[field]
     for field in ('label', 'checkpoint', 'dataset', 'split', 'n', 'rule', 'draws', 'noise')
   )
-
-
-def _attack_name(record: dict[str, Any]) -> str:
-  source = record['source']
-  return record['name'] + (f' from {source["label"]}' if source else '')
 
 
 def worst_cases(
@@ -117,7 +113,7 @@ def worst_cases(
     entries.append(
       {
         **dict(zip(fields, group)),
-        'attacks': [_attack_name(r) for r in members],
+        'attacks': [r['name'] + from_source(r) for r in members],
         'judged_draws': fewest,
         'accuracy': float(shares.mean()),
         'accuracy_ci95': [low, high],

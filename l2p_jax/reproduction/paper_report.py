@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from l2p_jax import methods
-from l2p_jax.evaluation import intervals, results_report
+from l2p_jax.evaluation import intervals, results_files, results_report
 from l2p_jax.reproduction import report_markdown
 from l2p_jax.reproduction.grid_runner import is_done
 from l2p_jax.reproduction.paper_grid import Cell, Plan
@@ -33,7 +33,7 @@ def _load(path: str) -> tuple[list[dict[str, Any]], float]:
   """The records of a results.json ([] if not there yet) with its per-image worst cases
   as records (results_report.table_records) and its headline eps; a file that does not
   read is one ResultsFileError naming it."""
-  results = results_report.read_previous(os.path.dirname(path)) if path else None
+  results = results_files.read_previous(os.path.dirname(path)) if path else None
   if results is None:
     return [], 0.0
   return results_report.table_records(results), results['config']['eps']
@@ -107,7 +107,7 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
       return None
     columns[column[1]] = column[0]
     method = labels[record['label']]
-    if record['attack'] == 'cw' and record.get('mean_l2') is not None:
+    if results_report.shows_mean_l2(record) and record.get('mean_l2') is not None:
       extra.setdefault((cell.setting, method, column[1]), []).append(record['mean_l2'])
     return cell.setting, method, column[1]
 
@@ -224,7 +224,7 @@ def _sanity(plan: Plan) -> list[dict[str, Any]]:
   the grid is)."""
   found = []
   for path in dict.fromkeys(c.results for c in plan.cells if c.results):
-    results = results_report.read_previous(os.path.dirname(path))
+    results = results_files.read_previous(os.path.dirname(path))
     for entry in (results or {}).get('sanity', []):
       kept = {k: v for k, v in entry.items() if k != 'checkpoint'}
       found.append({**kept, 'results': os.path.relpath(path, plan.workdir)})

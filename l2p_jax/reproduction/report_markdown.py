@@ -12,6 +12,7 @@ from l2p_jax import methods
 from l2p_jax.reproduction.paper_grid import Plan
 from l2p_jax.reproduction.paper_tables import arch_name
 from l2p_jax.reproduction.scales import Scale
+from l2p_jax.runtime.markdown import markdown_table
 
 
 def paper_arch(setting: tuple[str, float]) -> str:
@@ -48,11 +49,6 @@ def _cell(cell: dict[str, Any]) -> str:
   return f'{text} ({_published(cell["published"])})'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
-
-
 def setting_name(plan: Plan, setting: Sequence) -> str:
   paper = paper_arch(tuple(setting))
   if plan.scale.model is None:
@@ -69,7 +65,7 @@ def _noise_markdown(runs: dict[str, Any]) -> str:
     first, last = run['epochs'][0], run['epochs'][-1]
     peak = max(run['epochs'], key=lambda e: e[1])
     rows.append([name] + [f'{mean:.4f} (epoch {epoch + 1})' for epoch, mean in (first, peak, last)])
-  return _table(['run', 'first epoch', 'largest', 'last epoch'], rows)
+  return markdown_table(['run', 'first epoch', 'largest', 'last epoch'], rows)
 
 
 def markdown(content: dict[str, Any], plan: Plan, figures: dict[str, list[str]]) -> str:
@@ -108,7 +104,7 @@ def _differences_markdown(section: dict[str, Any], plan: Plan) -> list[str]:
     'Differences between methods (accuracy points, the difference of the seed means with '
     "Welch's 95% interval; **bold**: the interval excludes 0, a difference the seeds support):",
     '',
-    _table(['network', 'methods'] + section['columns'], rows),
+    markdown_table(['network', 'methods'] + section['columns'], rows),
   ]
 
 
@@ -130,7 +126,7 @@ def _sanity_markdown(entries: Sequence[dict[str, Any]]) -> list[str]:
     '',
     f'## Sanity checks ({len(failed)} of {len(entries)} failed)',
     '',
-    _table(['check', 'passed', 'failed'], counts),
+    markdown_table(['check', 'passed', 'failed'], counts),
   ]
   if failed:
     lines += ['', 'Failed:', '']
@@ -194,7 +190,7 @@ def _section_body(name: str, section: dict[str, Any], plan: Plan) -> list[str]:
     ]
     if not section['columns']:
       return ['Nothing measured yet.']
-    return [_table(header, rows)] + _differences_markdown(section, plan)
+    return [markdown_table(header, rows)] + _differences_markdown(section, plan)
   if name == 'transfer':
     return [_transfer_markdown(section, plan)]
   if name == 'figure1':
@@ -217,7 +213,7 @@ def _transfer_markdown(section: dict[str, Any], plan: Plan) -> str:
     + [_cell(r['cells'][k]) for k in keys]
     for r in section['rows']
   ]
-  return _table(header, rows)
+  return markdown_table(header, rows)
 
 
 def _curves_markdown(section: dict[str, Any]) -> str:
@@ -234,7 +230,7 @@ def _curves_markdown(section: dict[str, Any]) -> str:
         + [_value({'mean': at[e][1], 'ci95': at[e][3]}) if e in at else 'not run' for e in radii]
       )
   return (
-    _table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
+    markdown_table(['method', 'attack'] + [f'{e:g}/255' for e in radii], rows)
     if rows
     else 'Nothing measured yet.'
   )

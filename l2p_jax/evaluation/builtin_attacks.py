@@ -1,0 +1,241 @@
+"""The built-in attacks' registry entries (attack_registry.register_attack): clean, FGSM,
+PGD (with EOT, noise-off and the eps sweep), C&W L2 (with PNI's preset), AutoAttack
+'rand' (APGD) and few-pixel, each with the specs its config.attacks names plan from
+configs/eval.py, its bounds, title and column."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from l2p_jax import attacks
+from l2p_jax.evaluation.attack_registry import (
+  CLEAN,
+  ITERATIVE,
+  L0,
+  L2,
+  LINF,
+  SINGLE_STEP,
+  Attack,
+  AttackSpec,
+  Preset,
+  register_attack,
+)
+
+
+def _clean(
+  logits_fn: attacks.LogitsFn, key: jax.Array, x: jax.Array, y: jax.Array
+) -> attacks.AttackResult:
+  """No attack: the inputs themselves, so clean accuracy runs through the same path."""
+  del logits_fn, key
+  return attacks.AttackResult(x, jnp.zeros(y.shape, bool), jnp.zeros(y.shape, x.dtype))
+
+
+def _unroll(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """The speed setting of the attacks with loops: unrolled or not (config.unroll)."""
+  return (('unroll', True if config.unroll else 1),)
+
+
+def _pgd(
+  config: ml_collections.ConfigDict,
+  steps: int,
+  eps: float,
+  eot_draws: int = 1,
+  attack_noise: bool = True,
+) -> AttackSpec:
+  """PGD (with EOT over `eot_draws` draws) of `steps` steps at `eps`, config.pgd's
+  other settings, on the checkpoint with its noise on or off."""
+  p = config.pgd
+  return AttackSpec(
+    'pgd',
+    (
+      ('steps', steps),
+      ('step_size', p.step_size),
+      ('random_start', p.random_start),
+      ('restarts', p.restarts),
+      ('eot_draws', eot_draws),
+    ),
+    eps,
+    attack_noise=attack_noise,
+    speed=_unroll(config),
+  )
+
+
+def _eps_sweep(config: ml_collections.ConfigDict) -> list[AttackSpec]:
+  """FGSM and PGD at every eps of config.eps_sweep.eps_255 (in 1/255 units); PGD takes
+  eps_sweep.steps steps of eps_sweep.step_fraction * eps, so that every radius is crossed
+  in the same number of steps, with config.pgd's random start and restarts."""
+  sweep = config.eps_sweep
+  pgd = (
+    ('steps', sweep.steps),
+    ('step_fraction', sweep.step_fraction),
+    ('random_start', config.pgd.random_start),
+    ('restarts', config.pgd.restarts),
+    ('eot_draws', 1),
+  )
+  return [
+    spec
+    for e in sweep.eps_255
+    for spec in (
+      AttackSpec('fgsm', (), e / 255),
+      AttackSpec('pgd', pgd, e / 255, speed=_unroll(config)),
+    )
+  ]
+
+
+def _pgd_title(p: dict[str, Any]) -> str:
+  """PGD-7, PGD-20 noise-off, EOT-PGD-7 (30 draws), PGD-10 (step eps/4) (a step in
+  proportion to eps, as the eps sweep's)."""
+  noise_off = '' if p.get('attack_noise', True) else ' noise-off'
+  title = (
+    f'PGD-{p["steps"]}{noise_off}'
+    if p['eot_draws'] == 1
+    else f'EOT-PGD-{p["steps"]} ({p["eot_draws"]} draws)'
+  )
+  fraction = p.get('step_fraction')
+  return title if fraction is None else f'{title} (step eps/{1 / fraction:.3g})'
+
+
+# PNI's C&W settings (He et al. 2019's attack code), run by the `cw_pni` preset whatever
+# config.cw says, so that the authors' C&W column can still be reported beside ours.
+PNI_CW = ml_collections.FrozenConfigDict(
+  {'c_init': 0.01, 'learning_rate': 5e-4, 'kappa': 0.0, 'binary_steps': 9, 'steps': 10}
+)
+CW_COLUMN = 'C&W acc / L2'
+CW_PNI_COLUMN = 'C&W (PNI) acc / L2'  # The `cw_pni` preset: PNI's settings.
+
+
+def _cw(
+  config: ml_collections.ConfigDict, cw: ml_collections.ConfigDict | None = None
+) -> AttackSpec:
+  """C&W L2 with the settings `cw` (default config.cw's)."""
+  cw = config.cw if cw is None else cw
+  return AttackSpec(
+    'cw',
+    (
+      ('c_init', cw.c_init),
+      ('learning_rate', cw.learning_rate),
+      ('kappa', cw.kappa),
+      ('binary_steps', cw.binary_steps),
+      ('steps', cw.steps),
+    ),
+    speed=_unroll(config),
+  )
+
+
+def _apgd(config: ml_collections.ConfigDict, attack_noise: bool = True) -> AttackSpec:
+  """AutoAttack's 'rand' version (APGD-CE and APGD-DLR with EOT over config.apgd's
+  draws), or with the noise off APGD on the mean network (one draw is all it has)."""
+  return AttackSpec(
+    'apgd_rand',
+    (('steps', config.apgd.steps), ('eot_draws', config.apgd.eot_draws if attack_noise else 1)),
+    config.eps,
+    attack_noise=attack_noise,
+    speed=_unroll(config),
+  )
+
+
+def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
+  """The few-pixel attack on `n_pixels` pixels with config.few_pixel's settings."""
+  f = config.few_pixel
+  return AttackSpec(
+    'few_pixel',
+    (('n_pixels', n_pixels), ('population', f.population), ('iterations', f.iterations)),
+    None,
+    f.examples,
+    speed=(('chunk_size', f.chunk_size),),
+  )
+
+
+register_attack(
+  Attack(
+    'clean',
+    _clean,
+    CLEAN,
+    lambda p: 'Clean',
+    column=0,
+    presets={'clean': Preset(lambda c, n: [AttackSpec('clean')])},
+    worst_case=True,
+  )
+)
+register_attack(
+  Attack(
+    'fgsm',
+    attacks.fgsm,
+    LINF,
+    lambda p: 'FGSM',
+    column=1,
+    presets={'fgsm': Preset(lambda c, n: [AttackSpec('fgsm', (), c.eps)])},
+    worst_case=True,
+    transfer=True,
+    role=SINGLE_STEP,
+  )
+)
+register_attack(
+  Attack(
+    'pgd',
+    attacks.pgd,
+    LINF,
+    _pgd_title,
+    column=2,
+    presets={
+      'pgd': Preset(lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps)], counted=True),
+      'eot_pgd': Preset(lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, c.eot.draws)], counted=True),
+      'eps_sweep': Preset(lambda c, n: _eps_sweep(c)),
+      # Made on the mean network (noise off), judged on the noisy one; randomized models only.
+      'noise_off_pgd': Preset(
+        lambda c, n: [_pgd(c, n or c.pgd.steps, c.eps, attack_noise=False)], counted=True
+      ),
+    },
+    bounds=(('pgd.steps', 1), ('pgd.restarts', 1), ('eot.draws', 1)),
+    worst_case=True,
+    transfer=True,
+    role=ITERATIVE,
+  )
+)
+register_attack(
+  Attack(
+    'cw',
+    attacks.cw_l2,
+    L2,
+    lambda p: CW_PNI_COLUMN if all(p.get(k) == v for k, v in PNI_CW.items()) else CW_COLUMN,
+    column=3,
+    presets={'cw': Preset(lambda c, n: [_cw(c)]), 'cw_pni': Preset(lambda c, n: [_cw(c, PNI_CW)])},
+    bounds=(('cw.binary_steps', 1), ('cw.steps', 1)),
+    note='C&W: accuracy / mean L2 of the perturbations that fooled the model.',
+  )
+)
+register_attack(
+  Attack(
+    'apgd_rand',
+    attacks.autoattack_rand,
+    LINF,
+    lambda p: 'APGD-rand' if p.get('attack_noise', True) else 'APGD noise-off',
+    column=4,
+    presets={
+      'apgd': Preset(lambda c, n: [_apgd(c)]),
+      'noise_off_apgd': Preset(lambda c, n: [_apgd(c, attack_noise=False)]),
+    },
+    bounds=(('apgd.steps', 1), ('apgd.eot_draws', 1)),
+    worst_case=True,
+  )
+)
+register_attack(
+  Attack(
+    'few_pixel',
+    attacks.few_pixel,
+    L0,
+    lambda p: f'{p["n_pixels"]} px',
+    column=5,
+    presets={
+      'few_pixel': Preset(
+        lambda c, n: [_few_pixel(c, p) for p in ((n,) if n else c.few_pixel.pixels)], counted=True
+      )
+    },
+    bounds=(('few_pixel.population', 4), ('few_pixel.examples', 0)),
+    budget='n_pixels',
+  )
+)
