@@ -18,7 +18,7 @@ the repository itself, so an installed l2p_jax serves any checkout).
 import os
 import shlex
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from configs import cifar
 from l2p_jax.errors import UserError
@@ -52,12 +52,13 @@ flags.DEFINE_integer(
   'report the mean over seeds and its 95% interval.',
 )
 flags.DEFINE_string(
-  'data_dir',
+  'local_dir',
   None,
-  "Folder with the dataset's original files (idx "
-  'or CIFAR archives); default: /usr/share/datasets/fashion-mnist at '
-  "the small and study scales, TFDS at the full scale; '' reads TFDS.",
+  "Folder with the dataset's original files (idx or CIFAR archives), as train.py's "
+  '--config.data.local_dir; default: /usr/share/datasets/fashion-mnist at the small and '
+  "study scales, TFDS at the full scale; '' reads TFDS.",
 )
+flags.DEFINE_string('data_dir', None, 'Old name of --local_dir (warns).')
 flags.DEFINE_bool('plan', False, 'Print every job as one command line and stop.')
 flags.DEFINE_string('slurm', None, 'Write a SLURM array script (one task per job) here and stop.')
 flags.DEFINE_bool('assemble', False, 'Only write REPORT.md from what has finished.')
@@ -72,14 +73,17 @@ def assemble_command() -> str:
   for name in ('tables', 'methods', 'archs'):
     if FLAGS[name].value:
       words.append(f'--{name}={",".join(FLAGS[name].value)}')
-  if FLAGS.data_dir is not None:
-    words.append(f'--data_dir={FLAGS.data_dir}')
+  if FLAGS.local_dir is not None:
+    words.append(f'--local_dir={FLAGS.local_dir}')
   return shlex.join(words + ['--assemble'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.data_dir is not None and FLAGS.local_dir is None:
+    logging.warning('reproduce.py: --data_dir is now --local_dir; the old name still works.')
+    FLAGS.local_dir = FLAGS.data_dir
   with cli.one_line_errors('reproduce.py'):
     try:
       plan = paper_grid.make_plan(
@@ -91,7 +95,7 @@ def main(argv):
         methods=FLAGS.methods,
         archs=FLAGS.archs,
         seeds=FLAGS.seeds,
-        data_dir=FLAGS.data_dir,
+        local_dir=FLAGS.local_dir,
       )
     except ValueError as error:
       raise UserError(str(error)) from None
@@ -105,7 +109,7 @@ def main(argv):
       print(f'Wrote {FLAGS.slurm}: {len(plan.jobs)} array tasks.')
       return
     if not FLAGS.assemble:
-      grid_runner.check_local_data(plan, FLAGS.data_dir)
+      grid_runner.check_local_data(plan, FLAGS.local_dir)
       try:
         grid_runner.run_plan(plan)
       except KeyboardInterrupt:

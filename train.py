@@ -1,8 +1,9 @@
 r"""Trains one of the five methods; see configs/cifar.py for the experiments.
 
   python train.py --config configs/cifar.py:l2p,resnet20,cifar10 --workdir runs/l2p
+  python train.py --config configs/cifar.py:l2p,resnet8,fashion_mnist,tiny --workdir /tmp/tiny
   python train.py --config configs/cifar.py:tiny --workdir /tmp/tiny \
-      --config.data.source=local --config.data.local_dir=~/data/cifar
+      --config.data.local_dir=~/data/cifar
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """

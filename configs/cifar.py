@@ -9,7 +9,7 @@ that order), or just `tiny`; defaults are Learn2Perturb on ResNet-V1(20) and CIF
       --config.model.width=4 --workdir runs/vanilla_r20x4
   python train.py --config configs/cifar.py:adv_bnn,resnet20,cifar10,authors_code \
       --workdir runs/adv_bnn_code_r20
-  python train.py --config configs/cifar.py:tiny --workdir /tmp/tiny   # ~1 min on CPU
+  python train.py --config configs/cifar.py:l2p,resnet8,fashion_mnist,tiny --workdir /tmp/tiny
 
 METHOD is one of none, vanilla, pni, adv_bnn, l2p; ARCH is resnet<6n+2> (ResNet-V1)
 or resnet18 (ResNet-V2(18)); DATASET is any TFDS image-classification name. The
@@ -117,9 +117,12 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = dataset  # TFDS name: cifar10, cifar100, fashion_mnist, ...
-  c.data.source = 'tfds'  # tfds (prepared under data_dir) | local (original archives)
-  c.data.data_dir = ''  # TFDS data directory; '' means the TFDS default.
-  c.data.local_dir = ''  # Folder with the original archives, for source=local.
+  # auto: local_dir if set, else TFDS if prepared (or download), else the folder a system
+  # package installs (Debian's dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)
+  # | tfds (prepared under data_dir) | local (original archives in local_dir).
+  c.data.source = 'auto'
+  c.data.data_dir = ''  # TFDS's own data directory; '' means the TFDS default.
+  c.data.local_dir = ''  # Folder with the original archives (source=local or auto).
   c.data.download = False  # Allow TFDS to download and prepare the dataset.
   c.data.train_split = 'train'  # Split to train on.
   c.data.eval_split = 'test'  # Split evaluated after every epoch.

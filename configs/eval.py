@@ -68,9 +68,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()  # None keeps the checkpoint's setting.
   c.data.dataset = placeholder(str)  # TFDS name.
-  c.data.source = placeholder(str)  # tfds | local.
-  c.data.data_dir = placeholder(str)  # TFDS data directory.
-  c.data.local_dir = placeholder(str)  # Folder with the original archives, for source=local.
+  c.data.source = placeholder(str)  # auto | tfds | local (configs/cifar.py).
+  c.data.data_dir = placeholder(str)  # TFDS's own data directory.
+  c.data.local_dir = placeholder(str)  # Folder with the original archives (local or auto).
   c.data.split = placeholder(str)  # Split to evaluate (the checkpoint's data.eval_split).
   c.data.examples = placeholder(int)  # First N examples; 0 all (the checkpoint's eval_examples).
 

@@ -10,6 +10,7 @@ import pickle
 import tarfile
 import time
 
+import fake_datasets
 import jax
 import numpy as np
 import pytest
@@ -221,10 +222,59 @@ def test_tfds_source_under_mock_data(tmp_path, name, shape, num_classes):
   assert ((0 <= host.labels) & (host.labels < num_classes)).all()
 
 
+# --- source=auto: TFDS if prepared, else the folder a system package installs ------------
+
+
+@pytest.fixture
+def system_datasets(tmp_path, monkeypatch):
+  """/usr/share/datasets faked in tmp_path, holding Debian's Fashion-MNIST, and an empty
+  TFDS data directory: the offline machine of a first run."""
+  monkeypatch.setattr(sources, 'SYSTEM_DATASETS', tmp_path / 'share')
+  fake_datasets.write_idx(tmp_path / 'share' / 'fashion-mnist', train=6, test=4)
+  return tmp_path
+
+
+def test_auto_reads_the_system_packages_folder_when_tfds_has_nothing(system_datasets):
+  local = data.load_split(
+    'fashion_mnist', 'test', source='local', local_dir=str(system_datasets / 'share/fashion-mnist')
+  )
+  auto = data.load_split('fashion_mnist', 'test', source='auto', data_dir=str(system_datasets))
+  assert auto.num_examples == 4
+  np.testing.assert_array_equal(auto.images, local.images)
+  np.testing.assert_array_equal(auto.labels, local.labels)
+
+
+def test_auto_prefers_a_given_local_dir_then_prepared_tfds(system_datasets):
+  other = fake_datasets.write_idx(system_datasets / 'other', train=5, test=3)
+  assert sources.resolve_source('fashion_mnist', None, str(other), False) == ('local', str(other))
+  tfds_dir = str(system_datasets / 'tfds')
+  assert sources.resolve_source('fashion_mnist', tfds_dir, None, True) == ('tfds', None)
+  fake_prepared(system_datasets / 'tfds', 'fashion_mnist', '3.0.1')
+  assert sources.resolve_source('fashion_mnist', tfds_dir, None, False) == ('tfds', None)
+
+
+@pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10'])
+def test_auto_without_data_names_debians_folder_and_package(tmp_path, monkeypatch, name):
+  monkeypatch.setattr(sources, 'SYSTEM_DATASETS', tmp_path / 'share')
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.load_split(name, 'train', source='auto', data_dir=str(tmp_path / 'tfds'))
+  message = str(error.value)
+  for expected in (
+    f'no prepared TFDS dataset under {tmp_path / "tfds" / name}',
+    "Debian's dataset-fashion-mnist",
+    f'puts the files in {tmp_path / "share/fashion-mnist"}'
+    if name == 'fashion_mnist'
+    else f'puts Fashion-MNIST in {tmp_path / "share/fashion-mnist"}',
+    '--config.data.source=local --config.data.local_dir=DIR',
+  ):
+    assert expected in message, message
+  assert (f'nor {tmp_path / "share/fashion-mnist"}' in message) == (name == 'fashion_mnist')
+
+
 @pytest.mark.parametrize(
   'kwargs,bad,accepted',
   [
-    (dict(source='bogus'), 'bogus', "('tfds', 'local')"),
+    (dict(source='bogus'), 'bogus', "('auto', 'tfds', 'local')"),
     (dict(source='local', local_dir='.', split='validation'), 'validation', "('train', 'test')"),
     (dict(source='local', local_dir='.', name='svhn_cropped'), 'svhn_cropped', 'cifar10'),
   ],

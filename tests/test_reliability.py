@@ -619,13 +619,17 @@ def test_a_converted_fashion_mnist_model_keeps_its_28x28x1_input(tmp_path):
 # --- 7. reproduce.py names its own flag for missing data ---------------------------------
 
 
-def test_reproduce_py_missing_data_names_data_dir(tmp_path):
+@pytest.mark.parametrize('flag', ['local_dir', 'data_dir'])
+def test_reproduce_py_missing_data_names_local_dir(tmp_path, flag):
+  """--data_dir, the old name of --local_dir, still works and says it is old."""
   code, _, stderr = run(
-    'reproduce.py', '--workdir', tmp_path / 'grid', '--scale=small', f'--data_dir={tmp_path}'
+    'reproduce.py', '--workdir', tmp_path / 'grid', '--scale=small', f'--{flag}={tmp_path}'
   )
   assert code == 1
-  line = one_line(stderr)
+  old_name = [line for line in stderr.splitlines() if '--data_dir is now --local_dir' in line]
+  assert len(old_name) == (flag == 'data_dir')
+  line = one_line(stderr.replace(''.join(f'{w}\n' for w in old_name), ''))
   assert line.startswith(
-    f'reproduce.py: --data_dir={tmp_path} does not hold fashion_mnist ({tmp_path}/train-images'
+    f'reproduce.py: --local_dir={tmp_path} does not hold fashion_mnist ({tmp_path}/train-images'
   )
-  assert 'pass --data_dir=DIR' in line and '--config.data.local_dir' not in line
+  assert 'pass --local_dir=DIR' in line and '--config.data.local_dir' not in line

@@ -36,7 +36,9 @@ def cifar(tmp_path_factory):
 
 
 def tiny_plan(workdir, cifar, **kwargs):
-  return make_plan(workdir, scale='tiny', methods=['vanilla', 'pni'], data_dir=str(cifar), **kwargs)
+  return make_plan(
+    workdir, scale='tiny', methods=['vanilla', 'pni'], local_dir=str(cifar), **kwargs
+  )
 
 
 @pytest.fixture(scope='module')
@@ -413,8 +415,8 @@ def test_cells_over_seeds_are_means_with_intervals_and_pairs_with_differences(gr
   assert '| PNI-W - Vanilla | -4.00 [-8.16, +0.16] |' in text  # Includes 0: not bold.
   per_file = len(sources['vanilla']['sanity']) + len(sources['pni']['sanity'])
   assert per_file > 0 and len(content['sanity']) == 3 * per_file
-  failed = sum(not e['passed'] for e in content['sanity'])
-  assert f'## Sanity checks ({failed} of {3 * per_file} failed)' in text
+  failed = sum(e['passed'] is False for e in content['sanity'])
+  assert f'## Sanity checks ({failed} of {3 * per_file} failed' in text
 
 
 def test_a_difference_outside_its_interval_is_bold():

@@ -2,9 +2,11 @@
 
 Two sources give the same `HostSplit`: `tfds` (a prepared tensorflow-datasets
 dataset, read with `tfds.data_source`, no TensorFlow needed) and `local` (the files
-the dataset authors distribute, for machines without network). Nothing is downloaded
-unless asked, and a missing dataset fails fast with one error saying how to get it;
-a download that fails removes what it left and names the offline route.
+the dataset authors distribute, for machines without network); `auto` picks one of them
+(`resolve_source`), so that a first run needs no data setting where a system package
+installed the files. Nothing is downloaded unless asked, and a missing dataset fails
+fast with one error saying how to get it; a download that fails removes what it left
+and names the offline route.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from l2p_jax.errors import UserError
 
-SOURCES = ('tfds', 'local')
+SOURCES = ('auto', 'tfds', 'local')
 LOCAL_SPLITS = ('train', 'test')
 
 # Per-channel mean and std of the training images in [0, 1] units (population std
@@ -35,6 +37,14 @@ LOCAL_SPLITS = ('train', 'test')
 KNOWN_CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
   'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
   'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+# Where distribution packages install a dataset's original files, which source=auto reads
+# when nothing else is given: the folder under SYSTEM_DATASETS and the Debian package.
+SYSTEM_DATASETS = pathlib.Path('/usr/share/datasets')
+SYSTEM_PACKAGES: dict[str, tuple[str, str]] = {
+  'fashion_mnist': ('fashion-mnist', 'dataset-fashion-mnist')
 }
 
 
@@ -92,8 +102,11 @@ def load_split(
   source='tfds' reads the dataset prepared under `data_dir` (default: TFDS_DATA_DIR
   or ~/tensorflow_datasets), preparing it first only if `download`; source='local'
   reads the original archives from `local_dir` (see `LOCAL_FORMATS`) and never
-  downloads. Raises DatasetNotFoundError when the data is not there.
+  downloads; source='auto' reads what `resolve_source` picks. Raises
+  DatasetNotFoundError when the data is not there.
   """
+  if source == 'auto':
+    source, local_dir = resolve_source(name, data_dir, local_dir, download)
   if source == 'tfds':
     images, labels, num_classes = _read_tfds(name, split, data_dir, download)
   elif source == 'local':
@@ -124,7 +137,37 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean, np.sqrt(np.maximum(var, 0.0))
 
 
+def resolve_source(
+  name: str, data_dir: str | None, local_dir: str | None, download: bool
+) -> tuple[str, str | None]:
+  """The (source, local_dir) that source='auto' reads: local from `local_dir` if given,
+  else TFDS if prepared under `data_dir` or `download` allows preparing it, else local
+  from the system package's folder (`SYSTEM_PACKAGES`) if it is there."""
+  if local_dir:
+    return 'local', local_dir
+  prepared = _tfds_prepared_dir(name, data_dir)
+  if download or any(prepared.glob('**/dataset_info.json')):
+    return 'tfds', None
+  folder = system_folder(name)
+  if folder is not None and folder.is_dir():
+    return 'local', str(folder)
+  looked = f'no prepared TFDS dataset under {prepared}' + (f', nor {folder}' if folder else '')
+  raise DatasetNotFoundError(_not_found_message(name, looked))
+
+
+def system_folder(name: str) -> pathlib.Path | None:
+  """Where a system package installs dataset `name`'s original files (None: no package)."""
+  return SYSTEM_DATASETS / SYSTEM_PACKAGES[name][0] if name in SYSTEM_PACKAGES else None
+
+
 # --- tensorflow-datasets ---------------------------------------------------------
+
+
+def _tfds_prepared_dir(name: str, data_dir: str | None) -> pathlib.Path:
+  """The folder under which TFDS keeps dataset `name` once prepared."""
+  root = pathlib.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser()
+  dataset_name, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
+  return root / str(dataset_name) / kwargs.get('config', '') / kwargs.get('version', '')
 
 
 def _read_tfds(
@@ -132,8 +175,7 @@ def _read_tfds(
 ) -> tuple[np.ndarray, np.ndarray, int]:
   """Reads a TFDS split with `tfds.data_source` (array_record files, no TensorFlow)."""
   root = pathlib.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser()
-  dataset_name, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
-  prepared = root / str(dataset_name) / kwargs.get('config', '') / kwargs.get('version', '')
+  prepared = _tfds_prepared_dir(name, data_dir)
   # Look on disk ourselves before any tfds call: without prepared files tfds may try
   # to reach the network (GCS metadata, downloads), which hangs on offline machines.
   if not any(prepared.glob('**/dataset_info.json')):
@@ -348,7 +390,22 @@ def _not_found_message(name: str, looked: str) -> str:
     '  1. allow tensorflow-datasets to download and prepare it (network; '
     'TensorFlow for preparing): --config.data.source=tfds '
     '--config.data.download=True [--config.data.data_dir=DIR]\n'
-    f'  2. {_offline_route(name)}.'
+    f'  2. {_offline_route(name)}.\n'
+    f'  3. {_system_route(name)}.'
+  )
+
+
+def _system_route(name: str) -> str:
+  """Where a system package puts the files, which data.source=auto (the default) reads."""
+  if name in SYSTEM_PACKAGES:
+    return (
+      f"install Debian's {SYSTEM_PACKAGES[name][1]}, which puts the files in "
+      f'{system_folder(name)}, read with data.source=auto (the default)'
+    )
+  return (
+    "for a first run offline, Debian's dataset-fashion-mnist puts Fashion-MNIST in "
+    f'{system_folder("fashion_mnist")}, read with data.source=auto (the default): '
+    '--config configs/cifar.py:l2p,resnet8,fashion_mnist,tiny'
   )
 
 

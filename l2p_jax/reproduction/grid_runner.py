@@ -114,11 +114,11 @@ def launch_subprocess(command: Sequence[str], log: str, root: str) -> None:
     )
 
 
-def check_local_data(plan: Plan, data_dir: str | None) -> None:
-  """Raises ReproduceError, naming --data_dir, unless the folder the plan's trainings
-  read (--data_dir, else the scale's default; '' is TFDS, not checked here) holds
+def check_local_data(plan: Plan, local_dir: str | None) -> None:
+  """Raises ReproduceError, naming --local_dir, unless the folder the plan's trainings
+  read (--local_dir, else the scale's default; '' is TFDS, not checked here) holds
   every split of their datasets: a missing file stops the grid before its first job."""
-  folder = plan.scale.data_dir if data_dir is None else data_dir
+  folder = plan.scale.local_dir if local_dir is None else local_dir
   if not folder:
     return
   for dataset in sorted({job.run.dataset for job in plan.jobs if job.run is not None}):
@@ -133,8 +133,8 @@ def check_local_data(plan: Plan, data_dir: str | None) -> None:
         else str(error).splitlines()[0]
       )
       raise ReproduceError(
-        f'--data_dir={folder} does not hold {dataset} ({reason}); pass --data_dir=DIR, '
-        f'where DIR holds {data.LOCAL_FORMATS[dataset].expected}, or --data_dir= to read TFDS.'
+        f'--local_dir={folder} does not hold {dataset} ({reason}); pass --local_dir=DIR, '
+        f'where DIR holds {data.LOCAL_FORMATS[dataset].expected}, or --local_dir= to read TFDS.'
       ) from None
 
 

@@ -130,8 +130,8 @@ def _overrides(fields: dict[str, Any]) -> list[str]:
   return [f'--config.{field}={text(value)}' for field, value in fields.items()]
 
 
-def _data_flags(scale: Scale, data_dir: str | None) -> list[str]:
-  folder = scale.data_dir if data_dir is None else data_dir
+def _data_flags(scale: Scale, local_dir: str | None) -> list[str]:
+  folder = scale.local_dir if local_dir is None else local_dir
   return ['--config.data.source=local', f'--config.data.local_dir={folder}'] if folder else []
 
 
@@ -145,11 +145,11 @@ def make_plan(
   methods: Sequence[str] = (),
   archs: Sequence[str] = (),
   seeds: int | None = None,
-  data_dir: str | None = None,
+  local_dir: str | None = None,
 ) -> Plan:
   """The jobs that measure `tables` (default: the scale's) at `scale`, narrowed to
   `methods` and to the paper's `archs` (resnet20, resnet20x2, resnet18, ...), over
-  seeds 0..seeds-1 (None: the scale's), in folders under `workdir`; `data_dir` (None: the scale's
+  seeds 0..seeds-1 (None: the scale's), in folders under `workdir`; `local_dir` (None: the scale's
   default) is where the original dataset files are ('' reads TFDS). `root` is the
   checkout the commands run in and `get_config` its configs/cifar.py's (whose schedules
   the small scale shrinks); see the module docstring."""
@@ -165,7 +165,7 @@ def make_plan(
   paper_archs = sorted({arch_name(*st) for t in TABLES.values() for st in t.settings})
   archs = _choose('arch', archs, paper_archs)
   grid = _folder(workdir, root)
-  data = _data_flags(s, data_dir)
+  data = _data_flags(s, local_dir)
   jobs: dict[str, Job] = {}
   cells = []
   for table_name in tables:

@@ -34,7 +34,7 @@ class Scale:
   eval_tables: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
   eval_methods: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
   attacks: dict[str, str] = dataclasses.field(default_factory=dict)
-  data_dir: str = ''  # Default --data_dir: '' reads TFDS, else the original archives.
+  local_dir: str = ''  # Default --local_dir: '' reads TFDS, else the original archives.
   seeds: int = 1  # Default --seeds: training seeds 0..seeds-1 per run.
 
 
@@ -94,7 +94,7 @@ SCALES = {
       train=_cpu_training(1536),
       eval={**_QUIET, 'data.examples': 128},
       eval_tables={'main': {**_CPU_EOT_APGD, **_CPU_CW}, 'few_pixel': _cpu_few_pixel(200)},
-      data_dir='/usr/share/datasets/fashion-mnist',
+      local_dir='/usr/share/datasets/fashion-mnist',
     ),
     # The study (RESULTS.md): enough seeds, test images and judged draws for intervals
     # that can order the defences: 2 h 24 min on 2 cores (measured; RESULTS.md). The small
@@ -126,7 +126,7 @@ SCALES = {
         'main': 'clean,fgsm,pgd20,eot_pgd,apgd,noise_off_pgd20',
         'few_pixel': 'cw,few_pixel',
       },
-      data_dir='/usr/share/datasets/fashion-mnist',
+      local_dir='/usr/share/datasets/fashion-mnist',
     ),
     Scale(
       'tiny',
