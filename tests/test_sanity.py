@@ -49,6 +49,17 @@ def test_largest_eps_fires_on_a_model_with_zero_input_gradient():
   assert honest['passed'] is True and 'leaves 0.00%' in honest['detail']
 
 
+def test_largest_eps_is_not_applicable_below_32_255():
+  """A sweep that stops at 8/255 (configs/eval.py:tiny) cannot ask PGD for 0%: the check
+  says so (passed None) and why, instead of failing."""
+  short = _checks([_pgd(0.60, eps=4 / 255), _pgd(0.55, eps=8 / 255)])['largest_eps']
+  assert short['passed'] is None and sanity.verdict(short) == 'not applicable'
+  assert short['detail'].startswith('not applicable: pgd (7 steps, 1 eot_draws) at 8/255 leaves')
+  assert 'stops at 8/255' in short['detail'] and 'from 32/255' in short['detail']
+  long = _checks([_pgd(0.60, eps=4 / 255), _pgd(0.55, eps=32 / 255)])['largest_eps']
+  assert long['passed'] is False and sanity.verdict(long) == 'FAILED'
+
+
 def test_more_steps_and_more_eot_draws_must_not_raise_accuracy_beyond_the_interval():
   fine = _checks([_pgd(0.50, 7, high=0.55), _pgd(0.54, 20), _pgd(0.50, 7, 30)])
   assert fine['more_steps']['passed'] and fine['more_eot_draws']['passed']

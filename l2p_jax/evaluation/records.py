@@ -152,7 +152,8 @@ def log_record(record: Record) -> None:
       f'{record.label}{origin} {record.name}: accuracy '
       f'{100 * record.accuracy:.2f}% [{100 * low:.1f}, {100 * high:.1f}] of {record.n}'
       + (
-        f' x {draws} draws, right under all {100 * record.accuracy_all_draws:.2f}%'
+        f' x {draws} draws; {100 * record.accuracy_all_draws:.2f}% of the images right under'
+        ' every draw'
         if draws > 1
         else ''
       )

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from l2p_jax.evaluation import intervals, sanity
 from l2p_jax.evaluation.attack_registry import (
   ITERATIVE,
   L2,
@@ -153,9 +154,62 @@ def _summary(records: Sequence[dict[str, Any]], eps: float) -> str:
     f'Accuracy (%) on {first["dataset"]}/{first["split"]}, {sizes[0][1]} examples'
     f'{f" ({fewer})" if fewer else ""}; eps = {eps * 255:g}/255; prediction rule '
     f'{rule}, noise {"on" if first["noise"] else "off"}.'
-    + ' Brackets: 95% interval over images and judged draws (intervals.py).'
     + ''.join(f' {e.note}' for e in registered_attacks() if e.note and e.name in attacks)
   )
+
+
+WIDE_INTERVAL = 0.20  # Wider 95% intervals of a 50% accuracy than this separate little.
+
+
+def _key() -> str:
+  """What the brackets, the worst case, 'right under every draw' and the sanity checks'
+  results mean, in a few lines."""
+  return '\n'.join(
+    [
+      'Key:',
+      '- *[low, high]*: the 95% interval of the accuracy over the images and the judged noise '
+      'draws (intervals.py); two numbers whose intervals overlap are not told apart.',
+      '- *Worst case*: the images right under every L-inf attack at the headline eps '
+      '(clean included), counted per image and draw.',
+      '- *right under every draw*: the images classified right under each judged draw, '
+      'stricter than the mean over draws.',
+      '- *Sanity check FAILED*: the column may measure a weak attack, not a strong defense; '
+      '*not applicable*: the check needs a setting this evaluation did not run.',
+    ]
+  )
+
+
+def small_n_warning(records: Sequence[dict[str, Any]]) -> str | None:
+  """A warning when the most records' example count is too small for the intervals to
+  separate anything: the 95% interval of a 50% accuracy over that many images (one
+  draw) is wider than WIDE_INTERVAL."""
+  if not records:
+    return None
+  n = max(r['n'] for r in records)
+  low, high = intervals.wilson_interval(0.5, n)
+  if high - low <= WIDE_INTERVAL:
+    return None
+  return (
+    f'Warning: {n} examples are too few to separate attacks or models: at {n} images the '
+    f'95% interval of a 50% accuracy is {100 * (high - low):.0f} points wide, so '
+    f'differences smaller than that are noise (more examples: --config.data.examples).'
+  )
+
+
+def console_lines(results: dict[str, Any]) -> list[str]:
+  """What the console says after an evaluation: every sanity check with its result and
+  the small-n warning, with a one-line key."""
+  lines = [
+    f'sanity {c["label"]} {c["name"]} {sanity.verdict(c)}: {c["detail"]}'
+    for c in results.get('sanity', [])
+  ]
+  if lines:
+    lines.append(
+      'A FAILED sanity check: the column may measure a weak attack, not a strong defense; '
+      'not applicable: the check needs a setting this evaluation did not run.'
+    )
+  warning = small_n_warning(results['records'])
+  return lines + ([warning] if warning else [])
 
 
 def _attack_table(results: dict[str, Any]) -> str | None:
@@ -229,6 +283,8 @@ def markdown(results: dict[str, Any]) -> str:
     return 'No results.\n'
   sections = [
     _summary(records, results['config']['eps']),
+    small_n_warning(records),
+    _key(),
     _attack_table(results),
     _worst_case_table(results.get('worst_case', [])),
     _eps_table(records),
@@ -271,11 +327,15 @@ def _sanity_table(entries: Sequence[dict[str, Any]]) -> str | None:
   """The sanity checks of every checkpoint (sanity.py), failed ones first."""
   if not entries:
     return None
-  failed = sum(not e['passed'] for e in entries)
-  ordered = sorted(entries, key=lambda e: e['passed'])
-  return f'## Sanity checks ({failed} of {len(entries)} failed)\n\n' + markdown_table(
+  failed = sum(e['passed'] is False for e in entries)
+  inapplicable = sum(e['passed'] is None for e in entries)
+  ordered = sorted(entries, key=lambda e: {False: 0, None: 1, True: 2}[e['passed']])
+  counts = f'{failed} of {len(entries)} failed' + (
+    f', {inapplicable} not applicable' if inapplicable else ''
+  )
+  return f'## Sanity checks ({counts})\n\n' + markdown_table(
     ['checkpoint', 'check', 'result', 'detail'],
-    [[e['label'], e['name'], 'passed' if e['passed'] else 'FAILED', e['detail']] for e in ordered],
+    [[e['label'], e['name'], sanity.verdict(e), e['detail']] for e in ordered],
   )
 
 

@@ -268,9 +268,8 @@ def _write_results(
     paths = results_files.write_results(results, found, output_dir)
     for path in paths + results_report.write_report(results, output_dir):
       tqdm.write(f'Wrote {path}')
-    for check in results['sanity']:
-      verdict = 'passed' if check['passed'] else 'FAILED'
-      tqdm.write(f'sanity {check["label"]} {check["name"]} {verdict}: {check["detail"]}')
+    for line in results_report.console_lines(results):
+      tqdm.write(line)
   return results
 
 

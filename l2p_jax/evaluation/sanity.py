@@ -6,7 +6,8 @@ defense.
 Each check compares records of one checkpoint; "beyond the interval" means outside the
 other record's accuracy_ci95 (intervals.accuracy_interval):
 - largest_eps: the iterative attack (PGD) at the largest radius of an eps sweep leaves
-  at most 2%;
+  at most 2%; not applicable (passed None) when that radius is below 32/255, where a
+  robust model may rightly keep more;
 - more_steps / more_eot_draws: the iterative attack with more steps (more EOT draws),
   the rest the same, is not more accurate beyond the interval of fewer;
 - single_step: a single-step attack (FGSM) is not less accurate than the iterative one
@@ -36,7 +37,13 @@ from l2p_jax.evaluation.attack_registry import (
 )
 
 LARGEST_EPS_MAX = 0.02
+LARGEST_EPS_APPLIES = 32 / 255  # From this radius on every model must fall to about 0%.
 UNBOUNDED_MAX = 0.05
+
+
+def verdict(entry: dict[str, Any]) -> str:
+  """A check's result in words: passed, FAILED or not applicable (passed None)."""
+  return {True: 'passed', False: 'FAILED', None: 'not applicable'}[entry['passed']]
 
 
 def _interval(record: dict[str, Any]) -> tuple[float, float]:
@@ -74,6 +81,11 @@ def _check(name: str, failures: list[str], passes: list[str]) -> dict[str, Any]:
   return {'name': name, 'passed': not failures, 'detail': '; '.join(failures or passes)}
 
 
+def _not_applicable(name: str, why: str) -> dict[str, Any]:
+  """The entry of a check that the evaluation's settings cannot pass or fail."""
+  return {'name': name, 'passed': None, 'detail': f'not applicable: {why}'}
+
+
 def _white_box(
   records: Sequence[dict[str, Any]], kind: Callable[[Attack], bool]
 ) -> list[dict[str, Any]]:
@@ -98,6 +110,13 @@ def _largest_eps(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     at_largest = [r for r in pgd if r['params']['eps'] == max(radii)]
     best = min(at_largest, key=lambda r: r['accuracy'])
     text = f'{_title(best)} leaves {_percent(best["accuracy"])}'
+    if max(radii) < LARGEST_EPS_APPLIES - 1e-9:
+      yield _not_applicable(
+        'largest_eps',
+        f'{text}, but the sweep stops at {max(radii) * 255:g}/255; PGD must leave every model '
+        f'near 0% only from {LARGEST_EPS_APPLIES * 255:g}/255 (eps_sweep.eps_255 up to 64)',
+      )
+      return
     ok = best['accuracy'] <= LARGEST_EPS_MAX
     yield _check('largest_eps', [] if ok else [f'{text} > 2%'], [f'{text} <= 2%'])
 

@@ -108,25 +108,27 @@ def _differences_markdown(section: dict[str, Any], plan: Plan) -> list[str]:
   ]
 
 
+RESULTS = (True, False, None)  # A sanity check's `passed`: passed, failed, not applicable.
+
+
 def _sanity_markdown(entries: Sequence[dict[str, Any]]) -> list[str]:
-  """Every evaluation's sanity checks: how many of each passed, and each failure."""
+  """Every evaluation's sanity checks: how many of each passed, failed or did not apply
+  (passed None), and each failure."""
   if not entries:
     return []
-  failed = [e for e in entries if not e['passed']]
+  failed = [e for e in entries if e['passed'] is False]
   names = list(dict.fromkeys(e['name'] for e in entries))
   counts = [
-    [
-      n,
-      str(sum(e['passed'] for e in entries if e['name'] == n)),
-      str(sum(e['name'] == n for e in failed)),
-    ]
+    [n] + [str(sum(e['passed'] is result for e in entries if e['name'] == n)) for result in RESULTS]
     for n in names
   ]
+  inapplicable = sum(e['passed'] is None for e in entries)
   lines = [
     '',
-    f'## Sanity checks ({len(failed)} of {len(entries)} failed)',
+    f'## Sanity checks ({len(failed)} of {len(entries)} failed'
+    + (f', {inapplicable} not applicable)' if inapplicable else ')'),
     '',
-    markdown_table(['check', 'passed', 'failed'], counts),
+    markdown_table(['check', 'passed', 'failed', 'not applicable'], counts),
   ]
   if failed:
     lines += ['', 'Failed:', '']
