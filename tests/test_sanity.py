@@ -54,7 +54,7 @@ def test_largest_eps_is_not_applicable_below_32_255():
   says so (passed None) and why, instead of failing."""
   short = _checks([_pgd(0.60, eps=4 / 255), _pgd(0.55, eps=8 / 255)])['largest_eps']
   assert short['passed'] is None and sanity.verdict(short) == 'not applicable'
-  assert short['detail'].startswith('not applicable: pgd (7 steps, 1 eot_draws) at 8/255 leaves')
+  assert short['detail'].startswith('pgd (7 steps, 1 eot_draws) at 8/255 leaves 55.00%, but')
   assert 'stops at 8/255' in short['detail'] and 'from 32/255' in short['detail']
   long = _checks([_pgd(0.60, eps=4 / 255), _pgd(0.55, eps=32 / 255)])['largest_eps']
   assert long['passed'] is False and sanity.verdict(long) == 'FAILED'

@@ -97,20 +97,22 @@ def curve_name(record: dict[str, Any]) -> str | None:
 
 def eps_curves(
   records: Sequence[dict[str, Any]],
-) -> dict[str, dict[str, list[tuple[float, float]]]]:
-  """{curve: {checkpoint label: [(eps, accuracy), ...]}} for the curves measured at two
+) -> dict[str, dict[str, list[tuple[float, float, float, float]]]]:
+  """{curve: {checkpoint label: [(eps, accuracy, low, high), ...]}}, low and high the 95%
+  interval (the accuracy twice for records without one), for the curves measured at two
   radii or more."""
-  curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+  curves: dict[str, dict[str, list[tuple[float, float, float, float]]]] = {}
   for r in records:
     name = curve_name(r)
     if name:
+      low, high = r.get('accuracy_ci95') or (r['accuracy'],) * 2
       curves.setdefault(name, {}).setdefault(r['label'], []).append(
-        (r['params']['eps'], r['accuracy'])
+        (r['params']['eps'], r['accuracy'], low, high)
       )
   return {
     name: {label: sorted(points) for label, points in lines.items()}
     for name, lines in curves.items()
-    if len({eps for points in lines.values() for eps, _ in points}) > 1
+    if len({point[0] for points in lines.values() for point in points}) > 1
   }
 
 
@@ -241,12 +243,12 @@ def _eps_table(records: Sequence[dict[str, Any]]) -> str | None:
   curves = eps_curves(records)
   if not curves:
     return None
-  radii = sorted({e for lines in curves.values() for line in lines.values() for e, _ in line})
+  radii = sorted({p[0] for lines in curves.values() for line in lines.values() for p in line})
   points = {
-    (name, label, e): a
+    (name, label, p[0]): p[1]
     for name, lines in curves.items()
     for label, line in lines.items()
-    for e, a in line
+    for p in line
   }
   return '## Accuracy against eps\n\n' + markdown_table(
     ['checkpoint', 'attack'] + [f'{e * 255:g}/255' for e in radii],

@@ -83,7 +83,7 @@ def _check(name: str, failures: list[str], passes: list[str]) -> dict[str, Any]:
 
 def _not_applicable(name: str, why: str) -> dict[str, Any]:
   """The entry of a check that the evaluation's settings cannot pass or fail."""
-  return {'name': name, 'passed': None, 'detail': f'not applicable: {why}'}
+  return {'name': name, 'passed': None, 'detail': why}
 
 
 def _white_box(

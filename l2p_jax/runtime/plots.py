@@ -27,54 +27,61 @@ def _save(fig: Any, path: str) -> None:
 
 
 def plot_noise_evolution(records: Sequence[dict[str, Any]], path: str, title: str = '') -> bool:
-  """Plots, per epoch, the mean of every layer's noise parameters (thin lines) and
-  their average over layers (thick line) to `path`; False when there is no noise."""
-  epochs = [r['epoch'] for r in records if r.get('noise')]
-  if not epochs:
+  """Plots, per epoch, the mean of every layer's noise parameters (thin lines, each in
+  the legend) and their average over layers (thick line, its change since the first
+  epoch in the legend) to `path`, on a y-axis from 0 so that a change looks as large as
+  it is; False when there is no noise."""
+  noisy = [r for r in records if r.get('noise')]
+  if not noisy:
     return False
-  layers = sorted(records[-1]['noise'])
-  fig, ax = plt.subplots(figsize=(6, 4))
+  epochs = [r['epoch'] for r in noisy]
+  layers = sorted(noisy[-1]['noise'])
+  fig, ax = plt.subplots(figsize=(8, 4))
   for layer in layers:
-    ax.plot(
-      epochs,
-      [r['noise'][layer]['mean'] for r in records if r.get('noise')],
-      lw=0.7,
-      alpha=0.5,
-      marker='.',
-    )
-  average = [
-    sum(r['noise'][name]['mean'] for name in layers) / len(layers)
-    for r in records
-    if r.get('noise')
-  ]
-  ax.plot(epochs, average, lw=2.5, color='black', marker='o', label='mean over layers')
+    means = [r['noise'][layer]['mean'] for r in noisy]
+    ax.plot(epochs, means, lw=0.7, alpha=0.5, marker='.', label=layer)
+  average = [sum(r['noise'][name]['mean'] for name in layers) / len(layers) for r in noisy]
+  change = f'{average[0]:.4g} to {average[-1]:.4g}, {average[-1] / average[0] - 1:+.1%}'
+  ax.plot(epochs, average, lw=2.5, color='black', marker='o', label=f'mean over layers ({change})')
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  top = max(r['noise'][name]['mean'] for r in noisy for name in layers)
+  ax.set_ylim(0, 1.1 * top if top > 0 else 1)
   ax.set_xlabel('epoch')
-  ax.set_ylabel('mean noise parameter')
+  ax.set_ylabel('mean noise parameter (axis from 0)')
   ax.set_title(title or 'Noise parameters during training')
-  ax.legend()
+  ax.legend(fontsize=6, ncol=1 + len(layers) // 16, loc='upper left', bbox_to_anchor=(1.01, 1))
   fig.tight_layout()
   _save(fig, path)
   return True
 
 
 def plot_accuracy_vs_eps(
-  curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str, title: str = ''
+  curves: Mapping[str, Mapping[str, Sequence[tuple[float, ...]]]], path: str, title: str = ''
 ) -> bool:
-  """Plots one panel per attack (e.g. FGSM, PGD-7) of accuracy against eps, one line per
-  checkpoint, from {attack: {checkpoint: [(eps, accuracy), ...]}} with eps in [0, 1]
-  and accuracy in [0, 1] units, to `path`; False when there is nothing to plot."""
+  """Plots one panel per attack (e.g. FGSM, PGD-7) of accuracy against eps on a log-2 axis
+  (the sweep doubles eps), one line per checkpoint with its 95% interval as a band, from
+  {attack: {checkpoint: [(eps, accuracy[, low, high]), ...]}} with eps in (0, 1] and
+  accuracies in [0, 1] units, to `path`; False when there is nothing to plot."""
   if not curves:
     return False
   fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), sharey=True, squeeze=False)
   for ax, (attack, lines) in zip(axes[0], curves.items()):
+    radii = set()
     for label, points in lines.items():
-      eps, accuracy = zip(*sorted(points))
-      ax.plot([e * 255 for e in eps], [100 * a for a in accuracy], marker='o', label=label)
-    ax.set_xlabel('eps (x 1/255)')
+      points = sorted(points)
+      eps = [255 * p[0] for p in points]
+      radii.update(eps)
+      (line,) = ax.plot(eps, [100 * p[1] for p in points], marker='o', label=label)
+      if all(len(p) == 4 for p in points):
+        low, high = ([100 * p[i] for p in points] for i in (2, 3))
+        ax.fill_between(eps, low, high, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(sorted(radii), [f'{r:g}' for r in sorted(radii)])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel('eps (x 1/255, log scale)')
     ax.set_title(attack)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title='shaded: 95% interval', fontsize='small', title_fontsize='small')
   axes[0][0].set_ylabel('accuracy (%)')
   axes[0][0].set_ylim(-3, 103)  # The whole range, so that panels and runs compare.
   if title:
