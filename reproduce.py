@@ -61,6 +61,13 @@ flags.DEFINE_string(
 flags.DEFINE_string('data_dir', None, 'Old name of --local_dir (warns).')
 flags.DEFINE_bool('plan', False, 'Print every job as one command line and stop.')
 flags.DEFINE_string('slurm', None, 'Write a SLURM array script (one task per job) here and stop.')
+flags.DEFINE_string(
+  'slurm_args',
+  '',
+  "sbatch options of every task, replacing the scale's defaults of the same name "
+  '(full: --time=48:00:00 --gpus=1 --cpus-per-task=8 --mem=32G; small, study: '
+  '--time=2:00:00 --gpus=0 --cpus-per-task=2 --mem=8G), e.g. "--time=6:00:00 --partition=gpu".',
+)
 flags.DEFINE_bool('assemble', False, 'Only write REPORT.md from what has finished.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -105,7 +112,9 @@ def main(argv):
     cli.check_writable_folder('--workdir', plan.workdir)
     if FLAGS.slurm:
       os.makedirs(os.path.join(plan.workdir, 'slurm'), exist_ok=True)  # Tasks' output.
-      files.write_text(FLAGS.slurm, grid_runner.slurm_script(plan, assemble_command()))
+      files.write_text(
+        FLAGS.slurm, grid_runner.slurm_script(plan, assemble_command(), FLAGS.slurm_args)
+      )
       print(f'Wrote {FLAGS.slurm}: {len(plan.jobs)} array tasks.')
       return
     if not FLAGS.assemble:

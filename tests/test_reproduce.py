@@ -446,14 +446,17 @@ def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_p
     line for line in script.splitlines() if line.startswith('  ') and ')  # ' in line
   ]
   assert '#   sbatch --array=45-46 --dependency=afterok:$jobid THIS_FILE' in script
-  # Run task 0 of a tiny grid with a `python` that only succeeds: its markers say done.
+  # Run task 0 of a tiny grid planned by a `python` that only succeeds (the script puts
+  # its folder first on PATH): its markers say done.
   plan = tiny_plan(tmp_path / 'tiny', cifar)
   path = tmp_path / 'grid.sbatch'
-  path.write_text(grid_runner.slurm_script(plan, 'python reproduce.py --assemble'))
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   shutil.copy('/bin/true', bin_dir / 'python')
-  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_ARRAY_TASK_ID': '0'}
+  path.write_text(
+    grid_runner.slurm_script(plan, 'python reproduce.py --assemble', python=str(bin_dir / 'python'))
+  )
+  env = {**os.environ, 'SLURM_ARRAY_TASK_ID': '0'}
   subprocess.run(['bash', str(path)], env=env, check=True)
   assert [grid_runner.is_done(s) for job in plan.jobs for s in job.steps] == [
     True,
@@ -462,6 +465,33 @@ def test_slurm_script_has_one_array_task_per_job_and_writes_markers(cifar, tmp_p
     False,
     False,
   ]
+
+
+def test_slurm_script_asks_for_the_scales_resources_and_activates_the_environment(tmp_path):
+  venv = tmp_path / 'venv' / 'bin'
+  venv.mkdir(parents=True)
+  (venv / 'activate').write_text('')
+  full = grid_runner.slurm_script(
+    make_plan(tmp_path / 'paper'),
+    'python reproduce.py --assemble',
+    '--time=6:00:00 --partition=gpu',
+    python=str(venv / 'python'),
+  )
+  options = [line for line in full.splitlines() if line.startswith('#SBATCH --')][3:]
+  assert options == [
+    '#SBATCH --time=6:00:00',
+    '#SBATCH --gpus=1',
+    '#SBATCH --cpus-per-task=8',
+    '#SBATCH --mem=32G',
+    '#SBATCH --partition=gpu',
+  ]
+  assert f'source {venv}/activate' in full.splitlines()
+  small = grid_runner.slurm_script(
+    make_plan(tmp_path / 'small', scale='small'), 'python reproduce.py --assemble'
+  )
+  assert '#SBATCH --gpus=0' in small and '#SBATCH --cpus-per-task=2' in small
+  with pytest.raises(grid_runner.ReproduceError, match="got '6:00:00'"):
+    grid_runner.slurm_options(('--time=1:00:00',), '--time 6:00:00')
 
 
 def test_nothing_measured_draws_no_accuracy_figure(tmp_path):

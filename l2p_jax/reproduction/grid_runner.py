@@ -179,9 +179,36 @@ def _run_job(job: Job, launch: Launcher) -> int:
   return ran
 
 
-def slurm_script(plan: Plan, assemble_command: str) -> str:
+def slurm_options(defaults: Sequence[str], overrides: str) -> list[str]:
+  """The sbatch options of every task: the scale's `defaults` ('--time=2:00:00', ...)
+  with each option that `overrides` ('--time=6:00:00 --gpus=2') names replaced, and the
+  others it names added."""
+  options: dict[str, str] = {}
+  for word in [*defaults, *shlex.split(overrides)]:
+    if not word.startswith('-'):
+      raise ReproduceError(
+        f'--slurm_args takes sbatch options such as --time=6:00:00 --gpus=1, got {word!r}.'
+      )
+    options[word.split('=', 1)[0]] = word
+  return list(options.values())
+
+
+def environment_lines(python: str) -> list[str]:
+  """Shell lines that make `python` the one that planned the grid: its virtual
+  environment activated when it has one, else its folder first on PATH."""
+  activate = os.path.join(os.path.dirname(python), 'activate')
+  if os.path.exists(activate):
+    return [f'source {shlex.quote(activate)}']
+  return [f'export PATH={shlex.quote(os.path.dirname(python))}:"$PATH"']
+
+
+def slurm_script(
+  plan: Plan, assemble_command: str, slurm_args: str = '', python: str = sys.executable
+) -> str:
   """A SLURM array script with one task per job: the job's commands, each followed by
   writing its marker, so that `reproduce.py` afterwards skips them and only assembles.
+  Every task gets the scale's sbatch options (time, GPUs, CPUs, memory) as `slurm_args`
+  overrides them, and runs in the environment of `python` (the planning interpreter).
   Transfer jobs need the trainings first; the header says how to submit both parts."""
   first = [i for i, job in enumerate(plan.jobs) if not job.needs]
   later = [i for i, job in enumerate(plan.jobs) if job.needs]
@@ -190,6 +217,7 @@ def slurm_script(plan: Plan, assemble_command: str) -> str:
     '#SBATCH --job-name=l2p-reproduce',
     f'#SBATCH --array=0-{len(plan.jobs) - 1}',
     f'#SBATCH --output={os.path.join(plan.workdir, "slurm", "%A_%a.out")}',
+    *(f'#SBATCH {option}' for option in slurm_options(plan.scale.slurm, slurm_args)),
     f'# {len(plan.jobs)} tasks, one per job of the grid in {plan.workdir}.',
   ]
   if later:
@@ -204,6 +232,7 @@ def slurm_script(plan: Plan, assemble_command: str) -> str:
   lines += [
     f'# Then assemble the report: {assemble_command}',
     'set -euo pipefail',
+    *environment_lines(python),
     f'cd {shlex.quote(plan.root)}',
     'case "$SLURM_ARRAY_TASK_ID" in',
   ]
