@@ -86,9 +86,9 @@ SCALES = {
     # The paper's structure at 8 epochs on 1,536 images (see scaled_schedule), and
     # attacks on the first 128 test images (few-pixel: 200) with fewer EOT draws, APGD
     # iterations and DE candidates: 56 minutes on 2 cores (measured; BENCHMARKS.md, point
-    # 10). Here C&W takes 100 iterations of Adam at 0.1, the same distance in w (lr x iterations = 10) at a tenth of the
-    # cost: on an undefended Fashion-MNIST model it also left 0% (mean L2 0.88 against
-    # the default's 0.83).
+    # 10). Here C&W takes 100 iterations of Adam at 0.1, the same distance in w (lr x
+    # iterations = 10) at a tenth of the cost: on an undefended Fashion-MNIST model it
+    # also left 0% (mean L2 0.88 against the default's 0.83).
     Scale(
       'small',
       'fashion_mnist',
