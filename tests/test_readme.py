@@ -6,6 +6,15 @@ import pathlib
 import re
 import shlex
 import tomllib
+import types
+
+import fake_datasets
+import numpy as np
+import pytest
+
+from l2p_jax import experiment
+from l2p_jax.data import sources
+from l2p_jax.evaluation import runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
@@ -42,13 +51,46 @@ def test_ci_runs_the_readme_test_command():
   assert test_command in section
 
 
-def test_readme_main_command_names_an_existing_config_and_extra():
-  main = bash_blocks(README)[0]
-  assert 'python train.py' in main
+def test_readme_paper_command_names_an_existing_config_and_extra():
+  main = next(block for block in bash_blocks(README) if '.[' in block and 'train.py' in block)
   config = re.search(r'--config (\S+?):', main).group(1)
   assert (ROOT / config).exists()
   extra = re.search(r'\.\[(\w+)\]', main).group(1)
   assert f'\n{extra} = [' in (ROOT / 'pyproject.toml').read_text()
+
+
+def test_readme_first_command_pair_runs_offline_on_debians_fashion_mnist(tmp_path, monkeypatch):
+  """The quick start's first block installs, trains and evaluates with no data flag, and
+  its stated times are measured; on a machine with Debian's dataset-fashion-mnist (its
+  folder faked here, TFDS empty) both commands find the data there."""
+  section = README.split('## Quick start\n')[1].split('\n## ')[0]
+  first = bash_blocks(section)[0]
+  install, train, evaluate = command_lines(first)
+  assert install == ['pip', 'install', '-e', '.']
+  assert train[:2] == ['python', 'train.py'] and evaluate[:2] == ['python', 'eval.py']
+  assert not [word for word in train + evaluate if word.startswith('--config.')]
+  workdir = train[train.index('--workdir') + 1]
+  assert evaluate[evaluate.index('--workdir') + 1] == workdir
+  measured = r'Measured on a 2-core CPU .*: `train.py` \d+ s, `eval.py` \d+ s'
+  assert re.search(measured, ' '.join(section.split()))
+
+  monkeypatch.setattr(sources, 'SYSTEM_DATASETS', tmp_path / 'share')
+  monkeypatch.setattr(sources.tfds.core.constants, 'DATA_DIR', str(tmp_path / 'tfds'))
+  path, _, arg = train[train.index('--config') + 1].partition(':')
+  config = importlib.import_module(path.removesuffix('.py').replace('/', '.')).get_config(arg)
+  folder = sources.system_folder(config.data.dataset)
+  with pytest.raises(
+    sources.DatasetNotFoundError, match=f'(?s){re.escape(str(folder))}.*dataset-fashion-mnist'
+  ):
+    experiment.load_data(config)
+  fake_datasets.write_idx(folder, train=600, test=200)
+  train_split, eval_split, _ = experiment.load_data(config)
+  assert (train_split.num_examples, eval_split.num_examples) == (512, 128)
+  path, _, arg = evaluate[evaluate.index('--config') + 1].partition(':')
+  eval_config = importlib.import_module(path.removesuffix('.py').replace('/', '.')).get_config(arg)
+  checkpoint = types.SimpleNamespace(meta={'config': config.to_dict()})
+  examples = runner.load_examples(runner.data_settings(eval_config, checkpoint))
+  np.testing.assert_array_equal(examples.images, eval_split.images[: eval_config.data.examples])
 
 
 def test_readme_extras_are_those_of_pyproject():

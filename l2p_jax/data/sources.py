@@ -384,9 +384,9 @@ def _read_local(name: str, split: str, local_dir: str | None) -> tuple[np.ndarra
 
 
 def _not_found_message(name: str, looked: str) -> str:
-  """The one explanation of a missing dataset: where we looked and the two ways out."""
+  """The one explanation of a missing dataset: where we looked and the three ways out."""
   return (
-    f'Dataset {name!r} not found: {looked}. Get it one of two ways:\n'
+    f'Dataset {name!r} not found: {looked}. Get it one of three ways:\n'
     '  1. allow tensorflow-datasets to download and prepare it (network; '
     'TensorFlow for preparing): --config.data.source=tfds '
     '--config.data.download=True [--config.data.data_dir=DIR]\n'

@@ -301,7 +301,7 @@ def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list
     path = os.path.join(folder, 'accuracy_vs_eps.png')
     lines = {
       attack: {
-        methods.get(m).title: [(p[0] / 255, p[1] / 100) for p in points]
+        methods.get(m).title: [_curve_point(*point) for point in points]
         for m, points in by_method.items()
       }
       for attack, by_method in curves.items()
@@ -309,6 +309,15 @@ def _figures(content: dict[str, Any], plan: Plan, folder: str) -> dict[str, list
     if plots.plot_accuracy_vs_eps(lines, path):
       drawn['figures23'] = [os.path.relpath(path, plan.workdir)]
   return drawn
+
+
+def _curve_point(
+  eps_255: float, mean: float, std: float | None, ci95: list[float] | None
+) -> tuple[float, float, float, float]:
+  """A figures23 point (_eps_curves, percent) as plots.plot_accuracy_vs_eps takes it:
+  (eps, accuracy, low, high) in [0, 1] units, the band the mean alone without an interval."""
+  low, high = ci95 or (mean, mean)
+  return eps_255 / 255, mean / 100, low / 100, high / 100
 
 
 def write(plan: Plan) -> list[str]:
