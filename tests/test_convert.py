@@ -13,10 +13,9 @@ torch = pytest.importorskip('torch')
 
 from test_train import get_config  # noqa: E402
 
-from l2p_jax import experiment  # noqa: E402
+from l2p_jax import checkpointing, experiment, methods  # noqa: E402
 from l2p_jax.interop import convert, import_torch_checkpoint  # noqa: E402
 from l2p_jax.interop.parity import torch_reference as ref  # noqa: E402
-from l2p_jax.training import checkpointing  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the L2P code's
@@ -72,7 +71,11 @@ def test_cli_import_writes_a_checkpoint_with_the_model_metadata(pni_file, tmp_pa
       np.testing.assert_array_equal(a, b)
   # The metadata rebuilds a model that takes these variables.
   model = experiment.build_model(
-    ml_collections.ConfigDict(meta['config']), meta['num_classes'], meta['mean'], meta['std']
+    ml_collections.ConfigDict(meta['config']),
+    methods.get(ml_collections.ConfigDict(meta['config']).method),
+    meta['num_classes'],
+    meta['mean'],
+    meta['std'],
   )
   logits = model.apply(
     {k: state[k] for k in ('params', 'perturb', 'batch_stats')},

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
+from l2p_jax import checkpointing
 from l2p_jax.runtime.metrics import read_metrics
-from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The tiny config cut to one epoch of 4 steps, all adversarial; a checkpoint every 2.

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from configs import cifar as cifar_configs
+from l2p_jax import checkpointing
 from l2p_jax.evaluation import results_report
 from l2p_jax.runtime import cli, files
-from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -221,7 +221,7 @@ FULL_DISK_AT_SECOND_SAVE = (
   LATE_WRITE
   + """
 import atexit, runpy, sys
-from l2p_jax.training import checkpointing
+from l2p_jax import checkpointing
 
 save, saves = checkpointing.Checkpoints.save, []
 
