@@ -4,7 +4,7 @@ import pathlib
 import subprocess
 import sys
 
-import jax
+import chex
 import ml_collections
 import numpy as np
 import pytest
@@ -66,9 +66,10 @@ def test_cli_import_writes_a_checkpoint_with_the_model_metadata(pni_file, tmp_pa
   expected = import_torch_checkpoint(
     str(path), arch='resnet8', num_classes=10, method='pni', width=0.5
   )
-  for name in ('params', 'perturb', 'batch_stats'):
-    for a, b in zip(jax.tree.leaves(state[name]), jax.tree.leaves(expected[name])):
-      np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(
+    {name: state[name] for name in ('params', 'perturb', 'batch_stats')},
+    {name: expected[name] for name in ('params', 'perturb', 'batch_stats')},
+  )
   # The metadata rebuilds a model that takes these variables.
   model = experiment.build_model(
     ml_collections.ConfigDict(meta['config']),

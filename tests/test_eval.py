@@ -452,11 +452,7 @@ def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
 def test_variables_that_do_not_fit_the_described_model_are_named(runs):
   checkpoint = checkpointing.load_checkpoint(str(runs['l2p'] / 'checkpoints'))
   wider = experiment.build_model(
-    train_config('l2p,resnet8,cifar10'),
-    methods.get(train_config('l2p,resnet8,cifar10').method),
-    10,
-    (0.5,) * 3,
-    (0.25,) * 3,
+    train_config('l2p,resnet8,cifar10'), methods.L2P, 10, (0.5,) * 3, (0.25,) * 3
   )
   with pytest.raises(
     checkpointing.CheckpointMismatchError,

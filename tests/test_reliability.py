@@ -4,9 +4,7 @@ with it (issue 25)."""
 
 import contextlib
 import errno
-import gc
 import json
-import logging
 import os
 import pathlib
 import signal
@@ -305,21 +303,6 @@ def test_only_tensorstore_calls_into_a_closed_loop_are_dropped():
 
 
 # --- 2. a damaged checkpoint is skipped in one warning line ------------------------------
-
-
-def test_a_damaged_checkpoint_is_one_warning_and_no_orbax_tracebacks(tmp_path, caplog):
-  save_checkpoints(tmp_path, (4, 8))
-  (tmp_path / '8' / 'state' / 'manifest.ocdbt').unlink()
-  manager = checkpointing.Checkpoints(str(tmp_path), read_only=True)
-  with caplog.at_level(logging.DEBUG):
-    step, *_ = manager.restore_newest_readable()
-    gc.collect()  # Unretrieved task errors are logged when the tasks are freed.
-  manager.close()
-  assert step == 4
-  noisy = [r for r in caplog.records if r.name == 'asyncio' or r.levelno >= logging.ERROR]
-  assert not noisy, [r.getMessage()[:200] for r in noisy]
-  warnings = [r.getMessage() for r in caplog.records if 'is unreadable' in r.getMessage()]
-  assert len(warnings) == 1 and 'tensorstore_spec' not in warnings[0], warnings
 
 
 def test_eval_py_says_it_skipped_a_damaged_checkpoint(tmp_path):

@@ -75,7 +75,7 @@ def pgd_trace(
 
 def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
   """Raises ValueError for what the PyTorch side cannot follow."""
-  experiment.validate_config(config)
+  method = experiment.validate_config(config)
   problems = []
   if config.model.dtype != 'float32':
     problems.append(f'model.dtype={config.model.dtype!r} (PyTorch runs float32)')
@@ -85,7 +85,7 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
     problems.append(f'steps={steps} (needs at least 1)')
   if (
     config.adv.attack_batchnorm == 'running'
-    and methods.get(config.method).noise_update is not None
+    and method.noise_update is not None
     and config.l2p.alternation == 'paper'
   ):
     problems.append(
