@@ -13,8 +13,9 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from l2p_jax import checkpointing
 from l2p_jax.runtime import cli, distributed, host_devices, orbax_logging
-from l2p_jax.training import checkpointing, loop
+from l2p_jax.training import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/
 
 from benchmarks import render  # noqa: E402
 from configs import cifar  # noqa: E402
-from l2p_jax import attacks, data, experiment, methods, models, training  # noqa: E402
+from l2p_jax import attacks, data, experiment, methods, models  # noqa: E402
 from l2p_jax.evaluation import judging  # noqa: E402
 from l2p_jax.runtime import host_devices, sharding  # noqa: E402
-from l2p_jax.training import optim  # noqa: E402
+from l2p_jax.training import optim, rules, schedule, train_state  # noqa: E402
+from l2p_jax.training import step as step_lib  # noqa: E402
 
 try:
   import torch
@@ -234,7 +235,7 @@ def code_info() -> dict[str, Any]:
 
   status = git('status', '--porcelain', '--', 'l2p_jax')
   return {
-    'l2p_jax': os.path.dirname(training.__file__),
+    'l2p_jax': os.path.dirname(optim.__file__),
     'commit': git('rev-parse', 'HEAD'),
     'l2p_jax_modified': bool(status) if status is not None else None,
   }
@@ -464,12 +465,12 @@ def jax_model_and_state(config, mesh: jax.sharding.Mesh):
 @functools.cache
 def _initializer(method: str, arch: str, width: float, dtype: str, mesh: jax.sharding.Mesh):
   config = experiment_config(method, arch, width=width, dtype=dtype)
-  model = experiment.build_model(config, NUM_CLASSES, *MEAN_STD)
+  model = experiment.build_model(config, methods.get(method), NUM_CLASSES, *MEAN_STD)
   optimizers = optim.make_optimizers(
     config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
   )
   init = jax.jit(
-    functools.partial(training.create_train_state, model, optimizers, image_shape=IMAGE_SHAPE),
+    functools.partial(train_state.create_train_state, model, optimizers, image_shape=IMAGE_SHAPE),
     out_shardings=sharding.replicated_sharding(mesh),
   )
   return model, optimizers, init
@@ -511,12 +512,13 @@ def prepare_jax_train(
   lr, reg_weight, epoch_start = sharding.replicate(
     mesh, (np.float32(config.optim.learning_rate), np.float32(config.l2p.gamma), np.int32(0))
   )
-  settings = training.StepSettings.from_config(config, kl_weight=1.0 / TRAIN_EXAMPLES)
+  record = methods.get(method)
+  settings = rules.StepSettings.from_config(config, record, kl_weight=1.0 / TRAIN_EXAMPLES)
   step_kwargs = dict(model=model, settings=settings, optimizers=optimizers)
-  phase = training.phase_for_epoch(config, 0)
+  phase = schedule.phase_for_epoch(config, record, 0)
   if inputs == 'device':
     step = functools.partial(
-      training.train_step_on_split,
+      step_lib.train_step_on_split,
       batch_size=args.batch,
       batch_sharding=sharding.data_sharding(mesh),
       **step_kwargs,
@@ -530,7 +532,7 @@ def prepare_jax_train(
       )
     )
   else:
-    step = functools.partial(training.train_step, **step_kwargs)
+    step = functools.partial(step_lib.train_step, **step_kwargs)
     call_inputs = (
       (batch,)
       for batch in data.device_batches(
@@ -613,7 +615,7 @@ def prepare_jax_attack(
   model, _, state = jax_model_and_state(config, mesh)
   batch = sharding.shard_batch(mesh, random_batch(args.batch, seed=1))
   fn, _, _ = attack_fn(attack, args, unroll)
-  noise = training.phase_for_epoch(config, 0).noise
+  noise = schedule.phase_for_epoch(config, methods.get(method), 0).noise
 
   def run(variables, key, images, labels):
     def logits_fn(x, k):
@@ -671,7 +673,7 @@ def prepare_torch_train(
   """The PyTorch reference of the same training iteration (same network, batch, PGD)."""
   config = args_config(args, method, arch)
   model = torch_model(method, arch, args, config)
-  adversarial = training.phase_for_epoch(config, 0).adversarial
+  adversarial = schedule.phase_for_epoch(config, methods.get(method), 0).adversarial
   step = torch_step.make_train_step_for_config(model, config, kl_weight=1.0 / TRAIN_EXAMPLES)
   images, labels = torch_inputs(args.batch, 0)
 

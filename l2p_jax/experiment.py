@@ -5,7 +5,7 @@ model's input normalization, shared by training, evaluation, interop and benchma
 from __future__ import annotations
 
 import dataclasses
-import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -32,11 +32,11 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def _check_model(config: ml_collections.ConfigDict) -> None:
-  """The method and the network: a known method, architecture/width, dtype,
-  convolution gradient and Bayesian mean initialization."""
+def _check_model(config: ml_collections.ConfigDict) -> methods.Method:
+  """The method and the network: a known method (its record returned), architecture/width,
+  dtype, convolution gradient and Bayesian mean initialization."""
   try:
-    methods.get(config.method)
+    method = methods.get(config.method)
   except methods.UnknownMethodError as error:
     raise ConfigError(str(error)) from None
   try:
@@ -59,6 +59,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     f'Unknown model.bnn_mean_init {config.model.bnn_mean_init!r}; expected one of '
     f'{models.BNN_MEAN_INITS}.',
   )
+  return method
 
 
 def _check_optim(config: ml_collections.ConfigDict) -> None:
@@ -80,14 +81,14 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
     _require(config[name] > 0, f'{name} must be positive, got {config[name]}.')
 
 
-def _check_adversarial(config: ml_collections.ConfigDict) -> None:
+def _check_adversarial(config: ml_collections.ConfigDict, method: methods.Method) -> None:
   """Adversarial training: on for every method but none, its labels, loss weights, PGD
   budget and batch-norm mode valid."""
   _require(
     config.adv.labels in ADV_LABELS,
     f'Unknown adv.labels {config.adv.labels!r}; expected one of {ADV_LABELS}.',
   )
-  adversarial = methods.get(config.method).adversarial
+  adversarial = method.adversarial
   _require(
     adversarial or config.adv.start_epoch < 0,
     f'method={config.method} trains on clean images only, but adv.start_epoch='
@@ -166,17 +167,18 @@ def check_batch_fits(config: ml_collections.ConfigDict, train: data.HostSplit) -
   )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> methods.Method:
   """Raises ConfigError for values no run can use, naming the field and what is accepted;
   the checks run section by section, so a config with several errors reports the first
-  section's."""
-  _check_model(config)
+  section's. Returns config.method's record, for the run to pass down."""
+  method = _check_model(config)
   _check_optim(config)
   _check_schedule(config)
-  _check_adversarial(config)
+  _check_adversarial(config, method)
   _check_l2p(config)
   _check_bnn(config)
   _check_choices(config)
+  return method
 
 
 # Model fields added after the first runs, with the value those runs were trained with:
@@ -189,10 +191,10 @@ MODEL_FIELDS_ADDED_LATER = {
 
 
 def build_model(
-  config: ml_collections.ConfigDict, num_classes: int, mean: Any, std: Any
+  config: ml_collections.ConfigDict, method: methods.Method, num_classes: int, mean: Any, std: Any
 ) -> nn.Module:
-  """The network of `config.method` (its registry record builds it) on `config.model`'s
-  ResNet, normalizing with mean/std."""
+  """The network of `method` (config.method's record, which builds it) on
+  `config.model`'s ResNet, normalizing with mean/std."""
   config = ml_collections.ConfigDict(config.to_dict())
   for field, value in MODEL_FIELDS_ADDED_LATER.items():
     if field not in config.model:
@@ -207,7 +209,7 @@ def build_model(
     conv_input_gradient=m.conv_input_gradient,
     dtype=DTYPES[m.dtype],
   )
-  return methods.get(config.method).network(config, base)
+  return method.network(config, base)
 
 
 def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
@@ -222,22 +224,27 @@ def first_examples(split: data.HostSplit, n: int, field: str) -> data.HostSplit:
   return dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
 
 
+def read_split(settings: Mapping[str, Any], split: str) -> data.HostSplit:
+  """Split `split` of the dataset that a training config's `data` section (or a mapping
+  of its fields) names, read into host memory: training and evaluation read alike."""
+  return data.load_split(
+    settings['dataset'],
+    split,
+    source=settings['source'],
+    data_dir=settings['data_dir'] or None,
+    local_dir=settings['local_dir'] or None,
+    download=settings['download'],
+  )
+
+
 def load_data(config: ml_collections.ConfigDict) -> tuple[data.HostSplit, data.HostSplit, int]:
   """The configured training and evaluation splits in host memory, and the size of
   the whole training split (before data.train_examples takes its first examples)."""
   d = config.data
-  load = functools.partial(
-    data.load_split,
-    d.dataset,
-    source=d.source,
-    data_dir=d.data_dir or None,
-    local_dir=d.local_dir or None,
-    download=d.download,
-  )
-  full_train = load(d.train_split)
+  full_train = read_split(d, d.train_split)
   train = first_examples(full_train, d.train_examples, 'data.train_examples')
   check_batch_fits(config, train)
-  evaluation = first_examples(load(d.eval_split), d.eval_examples, 'data.eval_examples')
+  evaluation = first_examples(read_split(d, d.eval_split), d.eval_examples, 'data.eval_examples')
   return train, evaluation, full_train.num_examples
 
 
@@ -252,22 +259,27 @@ CODE_NORMALIZATIONS = {
 }
 
 
+def known_normalization(config: ml_collections.ConfigDict) -> tuple[Any, Any] | None:
+  """The per-channel (mean, std) that config.data.normalization names without looking at
+  the data: one of CODE_NORMALIZATIONS, or the dataset's known values; None when they
+  are to be computed from the training split."""
+  choice = config.data.normalization
+  if choice in CODE_NORMALIZATIONS:
+    return CODE_NORMALIZATIONS[choice]
+  if choice != 'dataset':
+    raise ValueError(
+      f'Unknown data.normalization {choice!r}; expected one of {("dataset", *CODE_NORMALIZATIONS)}.'
+    )
+  return data.KNOWN_CHANNEL_STATS.get(config.data.dataset)
+
+
 def normalization(
   config: ml_collections.ConfigDict, split: data.HostSplit
 ) -> tuple[list[float], list[float]]:
   """Per-channel mean and std for the model: by default the dataset's own (known
   values, else computed from the training split); or one of CODE_NORMALIZATIONS."""
   choice = config.data.normalization
-  if choice in CODE_NORMALIZATIONS:
-    mean, std = CODE_NORMALIZATIONS[choice]
-  elif choice != 'dataset':
-    raise ValueError(
-      f'Unknown data.normalization {choice!r}; expected one of {("dataset", *CODE_NORMALIZATIONS)}.'
-    )
-  elif config.data.dataset in data.KNOWN_CHANNEL_STATS:
-    mean, std = data.KNOWN_CHANNEL_STATS[config.data.dataset]
-  else:
-    mean, std = data.channel_stats(split.images)
+  mean, std = known_normalization(config) or data.channel_stats(split.images)
   if len(mean) != split.images.shape[-1]:
     raise ValueError(
       f'data.normalization={choice!r} has {len(mean)} channels but '

@@ -8,9 +8,8 @@ then know it by `config.method`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,9 +17,8 @@ import ml_collections
 
 from l2p_jax import models
 from l2p_jax.errors import UserError
-
-if TYPE_CHECKING:
-  from l2p_jax.training.step import StepSettings, UpdateRule
+from l2p_jax.training import objectives, rules
+from l2p_jax.training.rules import StepSettings, UpdateRule
 
 
 class UnknownMethodError(UserError, ValueError):
@@ -64,7 +62,7 @@ class Method:
   `noise` as ResNet does and draws from the 'noise' RNG stream. adversarial: the method
   trains on PGD examples (none trains on clean images only).
 
-  Training (`l2p_jax.training`; the defaults are a randomized method's plain training, as
+  Training (`l2p_jax.training.rules`; the defaults are a randomized method's plain training, as
   PNI's): noise_start_epoch(config) is the first epoch a randomized method's network
   draws noise (and its noise parameters train); loss_term(params, perturb, settings) is
   added to the training loss (Adv-BNN's KL); regularizer is subtracted from it at its
@@ -137,8 +135,7 @@ def _l2p_network(config: ml_collections.ConfigDict, base: dict[str, Any]) -> mod
   return models.ResNet(**base, feature_noise=noise)
 
 
-# The training behaviour of the paper's methods. Those using the training package, which
-# asks this registry, import it when called, not when this module loads.
+# The training behaviour of the paper's methods.
 
 
 def _adv_bnn_kl(params: Any, perturb: Any, settings: StepSettings) -> jax.Array:
@@ -148,28 +145,9 @@ def _adv_bnn_kl(params: Any, perturb: Any, settings: StepSettings) -> jax.Array:
   )
 
 
-def _l2p_regularizer(perturb: Any) -> jax.Array:
-  """sum(sqrt(theta)) over L2P's noise maps."""
-  from l2p_jax.training import objectives
-
-  return objectives.l2p_regularizer(perturb)
-
-
 def _l2p_regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
   """gamma / tau(epoch): the harmonic decay from the first noise epoch."""
-  from l2p_jax.training import objectives
-
   return config.l2p.gamma / objectives.harmonic_tau(epoch, config.l2p.noise_start_epoch)
-
-
-def _l2p_alternation(settings: StepSettings) -> UpdateRule:
-  """l2p.alternation's update: the paper's theta-then-W steps, or the authors' code's
-  regularizer step then joint step."""
-  from l2p_jax.training import step
-
-  if settings.alternation == 'paper':
-    return step.l2p_paper_update
-  return functools.partial(step.l2p_code_update, regularizer=settings.method.regularizer.value)
 
 
 NONE = register(Method('none', 'No defence', randomized=False, adversarial=False))
@@ -195,8 +173,9 @@ L2P = register(
     config_section='l2p',
     network=_l2p_network,
     noise_start_epoch=lambda config: config.l2p.noise_start_epoch,
-    regularizer=Regularizer(_l2p_regularizer, _l2p_regularizer_weight),
-    noise_update=_l2p_alternation,
+    # sum(sqrt(theta)) over L2P's noise maps, at gamma / tau(epoch).
+    regularizer=Regularizer(objectives.l2p_regularizer, _l2p_regularizer_weight),
+    noise_update=rules.l2p_alternation,
   )
 )
 

@@ -2,7 +2,7 @@
 CIFAR config's defaults (the one place they are written) with some model fields changed."""
 
 from configs import cifar
-from l2p_jax import data, experiment
+from l2p_jax import data, experiment, methods
 
 CIFAR10_MEAN, CIFAR10_STD = data.KNOWN_CHANNEL_STATS['cifar10']
 
@@ -15,7 +15,7 @@ def create_model(
   unless mean/std are given."""
   config = cifar.get_config(f'{method},{arch}')
   config.model.update(model_fields)
-  return experiment.build_model(config, num_classes, mean, std)
+  return experiment.build_model(config, methods.get(config.method), num_classes, mean, std)
 
 
 def imported_on_own_statistics(torch_model, x_nchw, method, *, mean, std):

@@ -15,12 +15,13 @@ from networks import create_model
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import data, evaluation, experiment, training
+from l2p_jax import checkpointing, data, evaluation, experiment, methods
 from l2p_jax.evaluation import prediction
 from l2p_jax.models import bnn_kl
 from l2p_jax.runtime import sharding
 from l2p_jax.runtime.metrics import read_metrics
-from l2p_jax.training import checkpointing, loop, optim
+from l2p_jax.training import loop, optim, rules, schedule, train_state
+from l2p_jax.training import step as step_lib
 
 IMAGE = (8, 8, 3)
 
@@ -87,13 +88,13 @@ def objective_of(scope):
   config.model.width, config.model.bnn_batchnorm = 0.25, True
   model, variables = bnn_variables(True)
   optimizers = optim.make_optimizers(0.9, True, 0.0)
-  state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
+  state = train_state.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
   state = state.replace(params=variables['params'], perturb=variables['perturb'])
-  phase = training.Phase(noise=True, adversarial=False, train_perturb=True)
+  phase = schedule.Phase(noise=True, adversarial=False, train_perturb=True)
 
   def objective(params, perturb, kl_weight):
-    settings = training.StepSettings.from_config(config, kl_weight)
-    return training.step_loss_fn(state, batch(), 0.0, phase=phase, model=model, settings=settings)(
+    settings = rules.StepSettings.from_config(config, methods.get(config.method), kl_weight)
+    return step_lib.step_loss_fn(state, batch(), 0.0, phase=phase, model=model, settings=settings)(
       params, perturb
     )[0]
 
@@ -118,11 +119,11 @@ def test_kl_weight_is_alpha_over_the_whole_training_split(tmp_path):
   config.batch_size = 20  # At most the training examples.
   train_split, _, full_size = experiment.load_data(config)
   assert (train_split.num_examples, full_size) == (20, 60)
-  assert training.kl_loss_weight(config, full_size) == 1 / 60  # Not 1/20: same prior.
+  assert step_lib.kl_loss_weight(config, full_size) == 1 / 60  # Not 1/20: same prior.
   config.bnn.kl_alpha = 0.02
-  assert training.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 60)
+  assert step_lib.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 60)
   config.bnn.kl_examples = 1000
-  assert training.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 1000)
+  assert step_lib.kl_loss_weight(config, full_size) == pytest.approx(0.02 / 1000)
   config.bnn.kl_examples = 0
   with pytest.raises(ValueError, match=r'bnn.kl_examples=0 positive'):
     experiment.validate_config(config)
@@ -242,24 +243,24 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
   is a first Adam step again."""
   config = get_config('adv_bnn,resnet8,cifar10,authors_code,tiny')
   config.model.width, config.adv.eps = 0.25, 0.0
-  model = experiment.build_model(config, 10, (0.5,) * 3, (0.25,) * 3)
+  model = experiment.build_model(config, methods.get(config.method), 10, (0.5,) * 3, (0.25,) * 3)
   optimizers = optim.make_optimizers(0.9, True, 0.0, 'adam')
-  state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
-  phase = training.phase_for_epoch(config, 0)
-  assert phase == training.Phase(noise=True, adversarial=True, train_perturb=True)
+  state = train_state.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
+  phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
+  assert phase == schedule.Phase(noise=True, adversarial=True, train_perturb=True)
   kl_weight, lr = 0.5, 0.01
   step = jax.jit(
     functools.partial(
-      training.train_step,
+      step_lib.train_step,
       phase=phase,
       model=model,
-      settings=training.StepSettings.from_config(config, kl_weight),
+      settings=rules.StepSettings.from_config(config, methods.get(config.method), kl_weight),
       optimizers=optimizers,
     )
   )
 
   def code_loss(params, perturb, batch_stats, b, step_index):
-    keys = training.step_keys(config.seed, step_index)
+    keys = step_lib.step_keys(config.seed, step_index)
     x = data.augment(keys['augment'], b['image'])
     logits, updates = model.apply(
       {'params': params, 'perturb': perturb, 'batch_stats': batch_stats},
@@ -276,7 +277,7 @@ def test_authors_code_steps_are_hand_composed_adam_steps(restart):
   start, grads, new = state, [], state
   for i in range(2):
     if restart and i == 1:
-      new = training.restart_optimizers(new, optimizers)
+      new = train_state.restart_optimizers(new, optimizers)
     (g_params, g_perturb), updates = grad_fn(new.params, new.perturb, new.batch_stats, batch(i), i)
     grads.append((g_params, g_perturb))
     new, _ = step(new, batch(i), jnp.float32(lr), jnp.float32(0.0))

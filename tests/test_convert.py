@@ -4,7 +4,7 @@ import pathlib
 import subprocess
 import sys
 
-import jax
+import chex
 import ml_collections
 import numpy as np
 import pytest
@@ -13,10 +13,9 @@ torch = pytest.importorskip('torch')
 
 from test_train import get_config  # noqa: E402
 
-from l2p_jax import experiment  # noqa: E402
+from l2p_jax import checkpointing, experiment, methods  # noqa: E402
 from l2p_jax.interop import convert, import_torch_checkpoint  # noqa: E402
 from l2p_jax.interop.parity import torch_reference as ref  # noqa: E402
-from l2p_jax.training import checkpointing  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the L2P code's
@@ -67,12 +66,17 @@ def test_cli_import_writes_a_checkpoint_with_the_model_metadata(pni_file, tmp_pa
   expected = import_torch_checkpoint(
     str(path), arch='resnet8', num_classes=10, method='pni', width=0.5
   )
-  for name in ('params', 'perturb', 'batch_stats'):
-    for a, b in zip(jax.tree.leaves(state[name]), jax.tree.leaves(expected[name])):
-      np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(
+    {name: state[name] for name in ('params', 'perturb', 'batch_stats')},
+    {name: expected[name] for name in ('params', 'perturb', 'batch_stats')},
+  )
   # The metadata rebuilds a model that takes these variables.
   model = experiment.build_model(
-    ml_collections.ConfigDict(meta['config']), meta['num_classes'], meta['mean'], meta['std']
+    ml_collections.ConfigDict(meta['config']),
+    methods.get(ml_collections.ConfigDict(meta['config']).method),
+    meta['num_classes'],
+    meta['mean'],
+    meta['std'],
   )
   logits = model.apply(
     {k: state[k] for k in ('params', 'perturb', 'batch_stats')},

@@ -17,9 +17,8 @@ import tiny_runs
 import l2p_jax.attacks
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import data, evaluation, experiment
+from l2p_jax import checkpointing, data, evaluation, experiment, methods
 from l2p_jax.evaluation import records as records_lib
-from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -443,7 +442,9 @@ def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
 
 def test_variables_that_do_not_fit_the_described_model_are_named(runs):
   checkpoint = checkpointing.load_checkpoint(str(runs['l2p'] / 'checkpoints'))
-  wider = experiment.build_model(train_config('l2p,resnet8,cifar10'), 10, (0.5,) * 3, (0.25,) * 3)
+  wider = experiment.build_model(
+    train_config('l2p,resnet8,cifar10'), methods.L2P, 10, (0.5,) * 3, (0.25,) * 3
+  )
   with pytest.raises(
     checkpointing.CheckpointMismatchError,
     match=r'(?s)in here do not fit the model its metadata describes.*'

@@ -18,10 +18,10 @@ import pytest
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import evaluation
+from l2p_jax import checkpointing, evaluation
 from l2p_jax.errors import UserError
 from l2p_jax.runtime import host_devices
-from l2p_jax.training import checkpointing, loop
+from l2p_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0))

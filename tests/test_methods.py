@@ -11,8 +11,8 @@ import pytest
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import data, evaluation, experiment, methods, models
-from l2p_jax.training import checkpointing, loop
+from l2p_jax import checkpointing, data, evaluation, experiment, methods, models
+from l2p_jax.training import loop
 
 SIGMA = 0.1
 MEAN, STD = data.KNOWN_CHANNEL_STATS['cifar10']
@@ -52,7 +52,7 @@ def registered():
 def network(method, arch='resnet8'):
   """The network training builds for `method` from the CIFAR config's defaults."""
   config = cifar_configs.get_config(f'{method},{arch},cifar10,tiny')
-  return experiment.build_model(config, 10, MEAN, STD)
+  return experiment.build_model(config, methods.get(config.method), 10, MEAN, STD)
 
 
 def logits_under(model, variables, keys, x, noise=True):

@@ -15,13 +15,12 @@ import subprocess
 import sys
 import time
 
+import chex
 import fake_datasets
-import jax
-import numpy as np
 import pytest
 
+from l2p_jax import checkpointing
 from l2p_jax.runtime.metrics import read_metrics
-from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The tiny config cut to one epoch of 4 steps, all adversarial; a checkpoint every 2.
@@ -303,9 +302,13 @@ def test_two_processes_train_like_one_process_with_four_devices(runs):
   # the same rows (a bug tried on purpose) put weights 3e-2 apart by step 2.
   for step in (2, 4):
     a, b = restore(two, step), restore(one, step)
-    for name in ('params', 'perturb', 'batch_stats'):
-      for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
-        np.testing.assert_allclose(x, y, rtol=5e-3, atol=2e-3, err_msg=f'{name} at step {step}')
+    chex.assert_trees_all_close(
+      {name: a[name] for name in ('params', 'perturb', 'batch_stats')},
+      {name: b[name] for name in ('params', 'perturb', 'batch_stats')},
+      rtol=5e-3,
+      atol=2e-3,
+      custom_message=f'at step {step}',
+    )
   assert int(restore(two, 4)['step']) == 4
   records, reference = read_metrics(two / 'metrics.jsonl'), read_metrics(one / 'metrics.jsonl')
   assert [r['epoch'] for r in records] == [0]  # One record: written once.
@@ -336,8 +339,7 @@ def test_killed_process_stops_the_other_and_restart_resumes(runs: Runs):
   with launched(runs.killed_argv, workdir, port=runs.killed_port) as job:
     finish(job, workdir, timeout=400)
   assert 'Resuming from' in log(workdir, 0)
-  for x, y in zip(jax.tree.leaves(restore(workdir, 4)), jax.tree.leaves(restore(reference, 4))):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(restore(workdir, 4), restore(reference, 4))
   assert without_time(read_metrics(workdir / 'metrics.jsonl')) == without_time(
     read_metrics(reference / 'metrics.jsonl')
   )

@@ -4,9 +4,7 @@ with it (issue 25)."""
 
 import contextlib
 import errno
-import gc
 import json
-import logging
 import os
 import pathlib
 import signal
@@ -21,9 +19,9 @@ import numpy as np
 import pytest
 
 from configs import cifar as cifar_configs
+from l2p_jax import checkpointing
 from l2p_jax.evaluation import results_files, results_report
 from l2p_jax.runtime import cli, files
-from l2p_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -227,7 +225,7 @@ FULL_DISK_AT_SECOND_SAVE = (
   LATE_WRITE
   + """
 import atexit, runpy, sys
-from l2p_jax.training import checkpointing
+from l2p_jax import checkpointing
 
 save, saves = checkpointing.Checkpoints.save, []
 
@@ -311,21 +309,6 @@ def test_only_tensorstore_calls_into_a_closed_loop_are_dropped():
 
 
 # --- 2. a damaged checkpoint is skipped in one warning line ------------------------------
-
-
-def test_a_damaged_checkpoint_is_one_warning_and_no_orbax_tracebacks(tmp_path, caplog):
-  save_checkpoints(tmp_path, (4, 8))
-  (tmp_path / '8' / 'state' / 'manifest.ocdbt').unlink()
-  manager = checkpointing.Checkpoints(str(tmp_path), read_only=True)
-  with caplog.at_level(logging.DEBUG):
-    step, *_ = manager.restore_newest_readable()
-    gc.collect()  # Unretrieved task errors are logged when the tasks are freed.
-  manager.close()
-  assert step == 4
-  noisy = [r for r in caplog.records if r.name == 'asyncio' or r.levelno >= logging.ERROR]
-  assert not noisy, [r.getMessage()[:200] for r in noisy]
-  warnings = [r.getMessage() for r in caplog.records if 'is unreadable' in r.getMessage()]
-  assert len(warnings) == 1 and 'tensorstore_spec' not in warnings[0], warnings
 
 
 def test_eval_py_says_it_skipped_a_damaged_checkpoint(tmp_path):

@@ -20,10 +20,11 @@ import pytest
 
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
-from l2p_jax import data, evaluation, experiment, methods, training
+from l2p_jax import checkpointing, data, evaluation, experiment, methods
 from l2p_jax.runtime import metrics, sharding
 from l2p_jax.runtime.metrics import read_metrics
-from l2p_jax.training import checkpointing, locking, loop, objectives, optim
+from l2p_jax.training import locking, loop, objectives, optim, rules, schedule, train_state
+from l2p_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -107,22 +108,26 @@ def test_regularizer_weight_is_gamma_over_harmonic_tau():
   config = get_config('l2p')  # noise from epoch 10, gamma 1e-4
   expected = {9: 0.0, 10: 1e-4, 11: 1e-4 / 1.5, 12: 1e-4 / (11 / 6), 13: 1e-4 / (25 / 12)}
   for epoch, weight in expected.items():
-    assert training.regularizer_weight(config, epoch) == pytest.approx(weight, rel=1e-12)
+    assert schedule.regularizer_weight(config, methods.L2P, epoch) == pytest.approx(
+      weight, rel=1e-12
+    )
   assert objectives.harmonic_tau(10, 10) == 1.0
   with pytest.raises(ValueError, match='undefined before noise starts'):
     objectives.harmonic_tau(9, 10)
-  assert training.regularizer_weight(get_config('pni'), 50) == 0.0
+  assert schedule.regularizer_weight(get_config('pni'), methods.PNI, 50) == 0.0
 
 
 def test_phases_switch_noise_and_adversarial_training_on_at_their_epochs():
-  l2p = get_config('l2p')
-  assert training.phase_for_epoch(l2p, 9) == training.Phase(False, False, False)
-  assert training.phase_for_epoch(l2p, 10) == training.Phase(True, False, True)
-  assert training.phase_for_epoch(l2p, 20) == training.Phase(True, True, True)
-  assert training.phase_for_epoch(get_config('pni'), 4) == training.Phase(True, False, True)
-  assert training.phase_for_epoch(get_config('pni'), 5) == training.Phase(True, True, True)
-  assert training.phase_for_epoch(get_config('vanilla'), 0) == training.Phase(False, True, False)
-  assert training.phase_for_epoch(get_config('none'), 99) == training.Phase(False, False, False)
+  def phase(method, epoch):
+    return schedule.phase_for_epoch(get_config(method), methods.get(method), epoch)
+
+  assert phase('l2p', 9) == schedule.Phase(False, False, False)
+  assert phase('l2p', 10) == schedule.Phase(True, False, True)
+  assert phase('l2p', 20) == schedule.Phase(True, True, True)
+  assert phase('pni', 4) == schedule.Phase(True, False, True)
+  assert phase('pni', 5) == schedule.Phase(True, True, True)
+  assert phase('vanilla', 0) == schedule.Phase(False, True, False)
+  assert phase('none', 99) == schedule.Phase(False, False, False)
 
 
 def test_a_new_randomized_method_trains_with_the_records_defaults(monkeypatch):
@@ -131,11 +136,12 @@ def test_a_new_randomized_method_trains_with_the_records_defaults(monkeypatch):
   monkeypatch.setitem(methods._REGISTRY, 'gauss', methods.Method('gauss', 'Gauss', True))
   config = get_config('pni')
   config.method = 'gauss'
-  assert training.phase_for_epoch(config, 0) == training.Phase(True, False, True)
-  assert training.regularizer_weight(config, 50) == 0.0
-  settings = training.StepSettings.from_config(config, kl_weight=0.0)
-  rule = training.update_rule(settings, training.phase_for_epoch(config, 0))
-  assert (rule.func, rule.keywords) == (training.joint_update, {'train_perturb': True})
+  gauss = methods.get('gauss')
+  assert schedule.phase_for_epoch(config, gauss, 0) == schedule.Phase(True, False, True)
+  assert schedule.regularizer_weight(config, gauss, 50) == 0.0
+  settings = rules.StepSettings.from_config(config, gauss, kl_weight=0.0)
+  rule = step_lib.update_rule(settings, schedule.phase_for_epoch(config, gauss, 0))
+  assert (rule.func, rule.keywords) == (rules.joint_update, {'train_perturb': True})
 
 
 @pytest.mark.parametrize(
@@ -203,12 +209,15 @@ def step_setup(method, alternation='paper'):
   config.l2p.alternation = alternation
   if method != 'none':
     config.adv.start_epoch = 0
-  model = experiment.build_model(config, 10, (0.5,) * 3, (0.25,) * 3)
+  model = experiment.build_model(config, methods.get(config.method), 10, (0.5,) * 3, (0.25,) * 3)
   optimizers = optim.make_optimizers(0.9, True, config.optim.weight_decay)
-  state = training.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
-  kwargs = dict(model=model, settings=training.StepSettings.from_config(config, kl_weight=1e-3))
+  state = train_state.create_train_state(model, optimizers, jax.random.key(0), IMAGE)
+  kwargs = dict(
+    model=model,
+    settings=rules.StepSettings.from_config(config, methods.get(config.method), kl_weight=1e-3),
+  )
   step = jax.jit(
-    functools.partial(training.train_step, optimizers=optimizers, **kwargs), static_argnames='phase'
+    functools.partial(step_lib.train_step, optimizers=optimizers, **kwargs), static_argnames='phase'
   )
   return config, optimizers, state, step, kwargs
 
@@ -216,8 +225,8 @@ def step_setup(method, alternation='paper'):
 @pytest.mark.parametrize('method', ['none', 'vanilla', 'pni', 'adv_bnn', 'l2p'])
 def test_every_method_trains_a_few_steps(method):
   config, _, state, step, _ = step_setup(method)
-  phase = training.phase_for_epoch(config, 0)
-  new, sums = state, training.EpochMetrics.empty()
+  phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
+  new, sums = state, train_state.EpochMetrics.empty()
   for i in range(3):
     new, metrics = step(new, batch(i), 0.05, 1e-2, phase=phase)
     sums = sums.add(metrics)
@@ -243,7 +252,7 @@ def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
   under transfer_guard('disallow') (no host-device copy) and give the same bits as
   steps on the same batches gathered on the host."""
   config, optimizers, state, host_step, kwargs = step_setup('vanilla')
-  phase = training.phase_for_epoch(config, 0)
+  phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
   mesh = sharding.make_mesh()
   rng = np.random.default_rng(3)
   split = data.HostSplit(
@@ -255,7 +264,7 @@ def test_steps_on_a_split_kept_on_the_device_make_no_transfers():
   )
   device_step = jax.jit(
     functools.partial(
-      training.train_step_on_split,
+      step_lib.train_step_on_split,
       batch_size=16,
       batch_sharding=sharding.data_sharding(mesh),
       optimizers=optimizers,
@@ -283,11 +292,11 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   W fixed and then W with the new theta fixed; in the authors' order, theta first
   steps on the regularizer alone, then W and theta step jointly on the loss alone."""
   config, optimizers, state, step, kwargs = step_setup('l2p', alternation)
-  phase = training.Phase(noise=True, adversarial=False, train_perturb=True)  # PGD aside
+  phase = schedule.Phase(noise=True, adversarial=False, train_perturb=True)  # PGD aside
   lr, reg, m, wd, floor = 0.05, 0.5, 0.9, config.optim.weight_decay, 0.01
   b = batch(7)
   # The authors' joint step is on the loss alone: the regularizer had its own step.
-  objective = training.step_loss_fn(
+  objective = step_lib.step_loss_fn(
     state, b, reg if alternation == 'paper' else 0.0, phase=phase, **kwargs
   )
   grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
@@ -309,9 +318,7 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
     # Second update of theta's momentum: trace = g + m * g_reg; step g + m * trace.
     t1 = floor_(jax.tree.map(lambda t, g, r: t - lr * (g + m * (g + m * r)), t_half, g_t, g_reg))
   new, _ = step(state, b, lr, reg, phase=phase)
-  for got, want in ((new.perturb, t1), (new.params, w1)):
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-7)
+  chex.assert_trees_all_close((new.perturb, new.params), (t1, w1), rtol=2e-5, atol=2e-7)
   # The two orders really differ, so the test can tell them apart.
   assert not np.allclose(jax.tree.leaves(new.perturb)[0], jax.tree.leaves(t0)[0])
 
@@ -319,14 +326,14 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
 def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():
   _, optimizers, state, _, _ = step_setup('l2p')
   ones = lambda tree: jax.tree.map(jnp.ones_like, tree)  # noqa: E731
-  theta_step = training.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers, 0.01)
+  theta_step = rules.descend(state, 'perturb', ones(state.perturb), 0.1, optimizers, 0.01)
   chex.assert_trees_all_equal(
     (theta_step.params, theta_step.opt_state['params']), (state.params, state.opt_state['params'])
   )
   assert not np.array_equal(
     jax.tree.leaves(theta_step.perturb)[0], jax.tree.leaves(state.perturb)[0]
   )
-  w_step = training.descend(theta_step, 'params', ones(state.params), 0.1, optimizers, 0.01)
+  w_step = rules.descend(theta_step, 'params', ones(state.params), 0.1, optimizers, 0.01)
   chex.assert_trees_all_equal(
     (w_step.perturb, w_step.opt_state['perturb']),
     (theta_step.perturb, theta_step.opt_state['perturb']),
@@ -337,7 +344,9 @@ def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():
 def test_theta_floor_holds_after_updates():
   config, _, state, step, _ = step_setup('l2p')
   low = state.replace(perturb=jax.tree.map(lambda t: jnp.full_like(t, 0.011), state.perturb))
-  new, _ = step(low, batch(3), 5.0, 0.0, phase=training.phase_for_epoch(config, 0))
+  new, _ = step(
+    low, batch(3), 5.0, 0.0, phase=schedule.phase_for_epoch(config, methods.get(config.method), 0)
+  )
   leaves = jax.tree.leaves(new.perturb)
   assert min(float(t.min()) for t in leaves) == pytest.approx(0.01)
   assert any(float(t.min()) == np.float32(0.01) for t in leaves)
@@ -515,21 +524,6 @@ def _interrupt():
   raise KeyboardInterrupt
 
 
-def test_a_field_newer_than_the_checkpoint_is_reported_not_refused():
-  """A checkpoint written before model.bnn_batchnorm existed resumes (the field's
-  default is the old behaviour); a changed model field it does have is refused."""
-  config = get_config('adv_bnn,resnet8,cifar10,tiny')
-  saved = config.to_dict()
-  del saved['model']['bnn_batchnorm']
-  notes = checkpointing.check_compatible(saved, config, 'ckpt')
-  assert notes == ["model.bnn_batchnorm: checkpoint has '<absent>', config has False"]
-  config.model.width = 1.0
-  with pytest.raises(
-    checkpointing.CheckpointMismatchError, match=r'model.width: checkpoint has 0.5, config has 1.0'
-  ):
-    checkpointing.check_compatible(saved, config, 'ckpt')
-
-
 def test_resume_refuses_a_changed_step_and_keeps_the_original_config(
   reference_run, cifar_dir, tmp_path, caplog
 ):
@@ -591,18 +585,18 @@ def sharded_step_result(path):
   config, optimizers, _, _, kwargs = step_setup('l2p')
   mesh = sharding.make_mesh()
   state = jax.jit(
-    lambda k: training.create_train_state(kwargs['model'], optimizers, k, IMAGE),
+    lambda k: train_state.create_train_state(kwargs['model'], optimizers, k, IMAGE),
     out_shardings=sharding.replicated_sharding(mesh),
   )(jax.random.key(0))
   step = jax.jit(
-    functools.partial(training.train_step, optimizers=optimizers, **kwargs), static_argnames='phase'
+    functools.partial(step_lib.train_step, optimizers=optimizers, **kwargs), static_argnames='phase'
   )
   new, _ = step(
     state,
     sharding.shard_batch(mesh, jax.device_get(batch(1, n=64))),
     0.1,
     1e-4,
-    phase=training.phase_for_epoch(config, 0),
+    phase=schedule.phase_for_epoch(config, methods.get(config.method), 0),
   )
   np.save(
     path,
@@ -639,9 +633,12 @@ def test_one_and_eight_devices_agree(cifar_dir, tmp_path):
   # Over 8 steps at lr 0.1 the rounding differences grow (PGD's sign steps flip
   # where a gradient is near zero) to ~6e-4 (a BN bias) and 0.2% (a running var); one step
   # agrees to 1e-6 above.
-  for name in ('params', 'perturb', 'batch_stats'):
-    for a, b in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(eight[name])):
-      np.testing.assert_allclose(a, b, rtol=5e-3, atol=2e-3)
+  chex.assert_trees_all_close(
+    (one.params, one.perturb, one.batch_stats),
+    (eight['params'], eight['perturb'], eight['batch_stats']),
+    rtol=5e-3,
+    atol=2e-3,
+  )
 
 
 # --- small mistakes, one clear message each ----------------------------------------

@@ -30,9 +30,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from l2p_jax import attacks, data, experiment, methods, models
+from l2p_jax.checkpointing import Checkpoint
 from l2p_jax.evaluation import intervals, prediction
 from l2p_jax.evaluation.attack_registry import AttackSpec
-from l2p_jax.training.checkpointing import Checkpoint
 
 DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws is None.
 KEY_LAYOUT = (

@@ -15,9 +15,9 @@ import ml_collections
 from tqdm import tqdm
 
 from l2p_jax import data
+from l2p_jax.checkpointing import Checkpoint
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.evaluation.judging import Judgement, prediction_rule
-from l2p_jax.training.checkpointing import Checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from l2p_jax import data, experiment, models
+from l2p_jax import checkpointing, data, experiment, models
+from l2p_jax.checkpointing import Checkpoint
 from l2p_jax.evaluation import prediction, results_files, results_report, summary, verdicts
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
@@ -30,8 +31,6 @@ from l2p_jax.evaluation.attack_registry import (
 from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, attack_accuracy
 from l2p_jax.evaluation.records import Record, log_record, make_record
 from l2p_jax.runtime import cli, sharding
-from l2p_jax.training import checkpointing
-from l2p_jax.training.checkpointing import Checkpoint
 
 
 def _setting(config: ml_collections.ConfigDict, field: str, attack: str) -> Any:
@@ -94,14 +93,7 @@ def data_settings(
 def load_examples(settings: tuple[tuple[str, Any], ...]) -> data.HostSplit:
   """The first data.examples examples of the split that `settings` names."""
   d = dict(settings)
-  split = data.load_split(
-    d['dataset'],
-    d['eval_split'],
-    source=d['source'],
-    data_dir=d['data_dir'] or None,
-    local_dir=d['local_dir'] or None,
-    download=d['download'],
-  )
+  split = experiment.read_split(d, d['eval_split'])
   try:
     return experiment.first_examples(split, d['eval_examples'], 'data.examples')
   except ValueError as error:
@@ -234,16 +226,6 @@ def _check_paths(workdirs: Sequence[str], checkpoint_paths: Sequence[str]) -> No
     )
 
 
-def _eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The device mesh, with EvaluationError if config.batch_size does not split over it."""
-  mesh = sharding.make_mesh()
-  try:
-    sharding.check_batch_size(config.batch_size, mesh)
-  except ValueError as error:
-    raise EvaluationError(f'config.batch_size: {error}') from None
-  return mesh
-
-
 def logits_vary(
   config: ml_collections.ConfigDict, checkpoint: Checkpoint, split: data.HostSplit
 ) -> bool:
@@ -293,7 +275,7 @@ def evaluate_workdirs(
     'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
   )
   stored = results_files.read_stored(output_dir)  # Refused now, not after the attacks.
-  mesh = _eval_mesh(config)
+  mesh = sharding.mesh_for_batches({'config.batch_size': config.batch_size}, EvaluationError)
   cache = _RestoredCheckpoints(config)
   paths = checkpoint_paths or workdirs
   evaluated = [cache.load(path) for path in paths]

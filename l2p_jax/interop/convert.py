@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from l2p_jax import data, experiment
+from l2p_jax import checkpointing, data, experiment
 from l2p_jax.interop.torch_checkpoints import (
   import_torch_checkpoint,
   read_torch_normalization,
   save_torch_checkpoint,
 )
 from l2p_jax.runtime import files
-from l2p_jax.training import checkpointing
 
 
 def _pni_mode(variables: dict[str, Any]) -> str | None:
@@ -75,11 +74,8 @@ def torch_to_workdir(
     raise ValueError(f'The number of classes of {dataset!r} is not known here; pass --num_classes.')
   normalization = read_torch_normalization(source)
   if normalization is None:
-    if config.data.normalization in experiment.CODE_NORMALIZATIONS:
-      normalization = experiment.CODE_NORMALIZATIONS[config.data.normalization]
-    elif dataset in data.KNOWN_CHANNEL_STATS:
-      normalization = data.KNOWN_CHANNEL_STATS[dataset]
-    else:
+    normalization = experiment.known_normalization(config)
+    if normalization is None:
       raise ValueError(
         f'The checkpoint has no Normalize layer and {dataset!r} has no '
         'known statistics; set --config.data.normalization.'
@@ -102,16 +98,14 @@ def torch_to_workdir(
     'perturb': variables.get('perturb', {}),
     'batch_stats': variables['batch_stats'],
   }
-  meta = {
-    'config': config.to_dict(),
-    'num_classes': num_classes,
-    'mean': mean,
-    'std': std,
-    'image_shape': _image_shape(variables, dataset, len(mean), image_shape),
-    'imported_from': str(source)
-    if isinstance(source, (str, os.PathLike))
-    else type(source).__name__,
-  }
+  meta = checkpointing.checkpoint_meta(
+    config,
+    num_classes,
+    mean,
+    std,
+    _image_shape(variables, dataset, len(mean), image_shape),
+    imported_from=str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__,
+  )
   manager = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
   if manager.latest_step() is not None:
     raise FileExistsError(

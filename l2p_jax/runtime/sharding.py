@@ -47,6 +47,18 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     )
 
 
+def mesh_for_batches(batch_sizes: dict[str, int], error: type[Exception]) -> Mesh:
+  """The mesh of every device, raising `error('FIELD: why')` for the first of
+  `batch_sizes` (config field -> global batch size) that does not split over it."""
+  mesh = make_mesh()
+  for field, batch_size in batch_sizes.items():
+    try:
+      check_batch_size(batch_size, mesh)
+    except ValueError as why:
+      raise error(f'{field}: {why}') from None
+  return mesh
+
+
 def shard_batch(mesh: Mesh, batch: Any) -> Any:
   """Turns a tree of host arrays (this process's rows of the global batch) into global
   jax.Arrays split on their leading axis; with one process the rows are the whole batch.

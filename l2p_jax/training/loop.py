@@ -1,7 +1,8 @@
 """The training loop of the five methods: per-epoch phases and evaluation, checkpoints,
 metrics and resume, in a workdir one run holds at a time.
 
-The steps themselves are in `l2p_jax.training`; what a config builds (model, data,
+The steps themselves are in `l2p_jax.training.step`, the resume policy in
+`l2p_jax.checkpointing.resume`; what a config builds (model, data,
 normalization) in `l2p_jax.experiment`.
 """
 
@@ -19,16 +20,26 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2p_jax import data, experiment, methods, training
+from l2p_jax import checkpointing, data, experiment, methods
+from l2p_jax.checkpointing.resume import refuse_changed_steps, resume
 from l2p_jax.errors import UserError
 from l2p_jax.experiment import ConfigError
 from l2p_jax.runtime import files, sharding
 from l2p_jax.runtime.metrics import MetricsWriter, read_metrics
 from l2p_jax.runtime.plots import plot_noise_evolution
-from l2p_jax.training import EpochMetrics, TrainState, checkpointing, locking, objectives, optim
+from l2p_jax.training import locking, objectives, optim, schedule
+from l2p_jax.training import step as step_lib
+from l2p_jax.training.rules import StepSettings
+from l2p_jax.training.train_state import (
+  EpochMetrics,
+  TrainState,
+  checkpoint_tree,
+  create_train_state,
+  from_checkpoint_tree,
+  restart_optimizers,
+)
 
 
 def summarize(record: dict[str, Any]) -> str:
@@ -76,60 +87,6 @@ def evaluate(
   return {'clean_accuracy': float(clean) / n, 'pgd_accuracy': float(robust) / n}
 
 
-def resume(
-  checkpoints: checkpointing.Checkpoints,
-  config: ml_collections.ConfigDict,
-  state: TrainState,
-  metrics: EpochMetrics,
-  workdir: str,
-) -> tuple[TrainState, EpochMetrics, int | None]:
-  """The state and epoch metrics of the newest readable checkpoint compatible with
-  `config` (`state` and `metrics` themselves, step None, when there is none) after
-  refusing a config that changes what a step means and warning about (and recording)
-  any other change.
-
-  Unreadable newer checkpoints are moved to WORKDIR/unreadable_checkpoints/, so the
-  resumed run can write those steps again.
-  """
-  if checkpoints.latest_step() is None:
-    return state, metrics, None
-  changes = []
-
-  def check(meta: dict[str, Any], where: str) -> None:
-    changes[:] = checkpointing.check_compatible(meta['config'], config, where)
-
-  step, tree, meta, unreadable = checkpoints.restore_newest_readable(
-    jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-      training.checkpoint_tree(state, metrics),
-    ),
-    check=check,
-  )
-  state, metrics = training.from_checkpoint_tree(tree)
-  if jax.process_index() == 0:
-    aside = os.path.join(workdir, 'unreadable_checkpoints')
-    for bad in unreadable:  # Each was named by one warning when it failed to restore.
-      os.makedirs(aside, exist_ok=True)
-      os.replace(checkpoints.path(bad), os.path.join(aside, str(bad)))
-    moved = f' (unreadable newer ones moved to {aside})' if unreadable else ''
-    tqdm.write(f'Resuming from {checkpoints.path(step)}{moved}.')
-    _warn_other_device_count(meta.get('devices'), checkpoints.path(step))
-    if changes:
-      changed = os.path.join(workdir, f'config.{step}.json')
-      files.write_text(changed, config.to_json_best_effort(indent=2))
-      logging.warning(
-        'Resuming %s with a changed config (written to %s):\n  %s',
-        checkpoints.path(step),
-        changed,
-        '\n  '.join(changes),
-      )
-  if unreadable:
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('l2p_jax: unreadable checkpoints moved')
-    checkpoints.reload()
-  return state, metrics, step
-
-
 @dataclasses.dataclass
 class _Saver:
   """Saves checkpoints with the run's metadata, never a non-finite state nor one step
@@ -150,57 +107,8 @@ class _Saver:
     self.check(metrics)
     if step != self.last:
       _write_config(self.config, self.workdir)
-      self.checkpoints.save(step, training.checkpoint_tree(state, metrics), self.meta)
+      self.checkpoints.save(step, checkpoint_tree(state, metrics), self.meta)
       self.last = step
-
-
-def _warn_other_device_count(saved: int | None, where: str) -> None:
-  """Warns when the checkpoint resumed from was written on another number of devices
-  (checkpoints older than that record say nothing): the run goes on, but not bit for bit
-  as one that kept its devices would."""
-  devices = jax.device_count()
-  if saved is not None and saved != devices:
-    logging.warning(
-      'Resuming %s, written by a run on %d devices, on %d: the run goes on, but not '
-      'bit-identical to one that stays on %d (each step sums its batch over the devices, '
-      'and another split sums in another order). To resume bit for bit, run on %d devices '
-      '(--cpu_devices=%d on a CPU).',
-      where,
-      saved,
-      devices,
-      saved,
-      saved,
-      saved,
-    )
-
-
-def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The mesh of every device, refusing batch sizes it cannot split evenly."""
-  mesh = sharding.make_mesh()
-  for field in ('batch_size', 'eval_batch_size'):
-    try:
-      sharding.check_batch_size(config[field], mesh)
-    except ValueError as error:
-      raise ConfigError(f'{field}: {error}') from None
-  return mesh
-
-
-def _refuse_changed_steps(
-  checkpoints: checkpointing.Checkpoints, config: ml_collections.ConfigDict
-) -> None:
-  """Refuses a changed model or step before the data is loaded (resume() checks
-  again the checkpoint it restores)."""
-  latest = checkpoints.latest_step()
-  if latest is None:
-    return
-  try:
-    checkpointing.check_compatible(
-      checkpoints.meta(latest)['config'], config, checkpoints.path(latest)
-    )
-  except checkpointing.CheckpointMismatchError:
-    raise
-  except Exception:  # pylint: disable=broad-except
-    pass  # An unreadable checkpoint: resume() warns and falls back to an older one.
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -247,10 +155,12 @@ def _epoch_inputs(
   return ((batch,) for batch in data.device_batches(mesh, batches))
 
 
-def _warn_without_adversarial_steps(config: ml_collections.ConfigDict) -> None:
+def _warn_without_adversarial_steps(
+  config: ml_collections.ConfigDict, method: methods.Method
+) -> None:
   """Says when an adversarial method's run ends before its adversarial phase starts (a
   short smoke run may mean it; a real run would not)."""
-  if methods.get(config.method).adversarial and config.adv.start_epoch >= config.num_epochs:
+  if method.adversarial and config.adv.start_epoch >= config.num_epochs:
     logging.warning(
       'method=%s trains no adversarial step: adv.start_epoch=%d is not below num_epochs=%d.',
       config.method,
@@ -267,9 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   the workdir's lock for the run; Ctrl-C raises TrainingInterrupted naming the step a
   rerun resumes from.
   """
-  experiment.validate_config(config)
-  _warn_without_adversarial_steps(config)
-  mesh = _make_mesh(config)
+  method = experiment.validate_config(config)
+  _warn_without_adversarial_steps(config, method)
+  mesh = sharding.mesh_for_batches(
+    {'batch_size': config.batch_size, 'eval_batch_size': config.eval_batch_size}, ConfigError
+  )
   # The data first: a missing dataset leaves no workdir behind.
   train_split, eval_split, train_split_size = experiment.load_data(config)
   os.makedirs(workdir, exist_ok=True)
@@ -284,67 +196,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     stack.enter_context(_interrupt_names_resume_step(checkpoints))
 
     replicated = sharding.replicated_sharding(mesh)
-    _refuse_changed_steps(checkpoints, config)
+    refuse_changed_steps(checkpoints, config)
     mean, std = experiment.normalization(config, train_split)
-    model = experiment.build_model(config, train_split.num_classes, mean, std)
+    model = experiment.build_model(config, method, train_split.num_classes, mean, std)
     optimizers = optim.make_optimizers(
       config.optim.momentum,
       config.optim.nesterov,
       config.optim.weight_decay,
       config.optim.optimizer,
     )
-    settings = training.StepSettings.from_config(
-      config, kl_weight=training.kl_loss_weight(config, train_split_size)
+    settings = StepSettings.from_config(
+      config, method, kl_weight=step_lib.kl_loss_weight(config, train_split_size)
     )
 
     root = jax.random.key(config.seed)
     state = jax.jit(
       functools.partial(
-        training.create_train_state, model, optimizers, image_shape=train_split.images.shape[1:]
+        create_train_state, model, optimizers, image_shape=train_split.images.shape[1:]
       ),
       out_shardings=replicated,
-    )(jax.random.fold_in(root, training.INIT_STREAM))
+    )(jax.random.fold_in(root, step_lib.INIT_STREAM))
     metrics = sharding.replicate(mesh, EpochMetrics.empty())
-    state, metrics, latest = resume(checkpoints, config, state, metrics, workdir)
+    tree, latest = resume(checkpoints, config, checkpoint_tree(state, metrics), workdir)
+    state, metrics = from_checkpoint_tree(tree)
 
     # The jitted steps: training on batches from the host, or gathered from the split
     # put on the mesh; evaluation; the optimizers' restart.
     step_kwargs = dict(model=model, settings=settings, optimizers=optimizers)
-    step_fn = functools.partial(training.train_step, **step_kwargs)
+    step_fn = functools.partial(step_lib.train_step, **step_kwargs)
     device_split = None
     if config.data.on_device:
       device_split = data.put_on_mesh(mesh, train_split)
       step_fn = functools.partial(
-        training.train_step_on_split,
+        step_lib.train_step_on_split,
         batch_size=config.batch_size,
         batch_sharding=sharding.data_sharding(mesh),
         **step_kwargs,
       )
     train_step = jax.jit(
-      training.accumulating(step_fn), static_argnames='phase', donate_argnums=(0, 1)
+      step_lib.accumulating(step_fn), static_argnames='phase', donate_argnums=(0, 1)
     )
     eval_step = jax.jit(
-      functools.partial(training.eval_step, model=model, settings=settings), static_argnames='noise'
+      functools.partial(step_lib.eval_step, model=model, settings=settings), static_argnames='noise'
     )
     restart = jax.jit(
-      functools.partial(training.restart_optimizers, optimizers=optimizers),
-      out_shardings=replicated,
+      functools.partial(restart_optimizers, optimizers=optimizers), out_shardings=replicated
     )
 
-    meta = {
-      'config': config.to_dict(),
-      'num_classes': train_split.num_classes,
-      'mean': mean,
-      'std': std,
-      'image_shape': list(train_split.images.shape[1:]),
-      'devices': mesh.size,  # A resume on another count warns (not bit for bit).
-    }
+    # A resume on another device count warns (not bit for bit).
+    meta = checkpointing.checkpoint_meta(
+      config, train_split.num_classes, mean, std, train_split.images.shape[1:], devices=mesh.size
+    )
     saver = _Saver(checkpoints, meta, latest, config, workdir)
     writer = MetricsWriter(workdir)
     steps_per_epoch = data.steps_per_epoch(train_split.num_examples, config.batch_size)
     writer.drop_epochs_from(int(state.step) // steps_per_epoch)
     for epoch in range(int(state.step) // steps_per_epoch, config.num_epochs):
-      phase, lr, reg_weight = training.epoch_schedule(config, epoch)
+      phase, lr, reg_weight = schedule.epoch_schedule(config, method, epoch)
       step = int(state.step)
       start = step - epoch * steps_per_epoch  # Past 0 when resumed within the epoch.
       if start == 0:
@@ -396,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           eval_split,
           mesh,
           config.eval_batch_size,
-          jax.random.fold_in(jax.random.fold_in(root, training.EVAL_STREAM), epoch),
+          jax.random.fold_in(jax.random.fold_in(root, step_lib.EVAL_STREAM), epoch),
         )
         record.update({f'eval_{k}': v for k, v in results.items()})
       record['noise'] = objectives.noise_statistics(state.perturb)
@@ -408,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     checkpoints.wait()
     writer.close()
-    if jax.process_index() == 0 and settings.method.randomized:
+    if jax.process_index() == 0 and method.randomized:
       plot_noise_evolution(
         read_metrics(writer.path),
         os.path.join(workdir, 'noise_evolution.png'),

@@ -20,28 +20,30 @@ class Phase:
   train_perturb: bool  # The perturb collection is updated.
 
 
-def phase_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> Phase:
-  """Noise on for a randomized method from its record's noise_start_epoch (L2P's
-  l2p.noise_start_epoch, PNI's and Adv-BNN's 0), PGD examples from adv.start_epoch,
-  noise parameters trained while noise is on."""
-  method = methods.get(config.method)
+def phase_for_epoch(config: ml_collections.ConfigDict, method: methods.Method, epoch: int) -> Phase:
+  """Noise on for a randomized method (config.method's record) from its record's
+  noise_start_epoch (L2P's l2p.noise_start_epoch, PNI's and Adv-BNN's 0), PGD examples
+  from adv.start_epoch, noise parameters trained while noise is on."""
   noise = method.randomized and epoch >= method.noise_start_epoch(config)
   adversarial = config.adv.start_epoch >= 0 and epoch >= config.adv.start_epoch
   return Phase(noise=noise, adversarial=adversarial, train_perturb=noise)
 
 
-def regularizer_weight(config: ml_collections.ConfigDict, epoch: int) -> float:
+def regularizer_weight(
+  config: ml_collections.ConfigDict, method: methods.Method, epoch: int
+) -> float:
   """The weight of the method's regularizer once its noise is on (L2P's gamma / tau(t)),
   else 0."""
-  method = methods.get(config.method)
   if method.regularizer is None or epoch < method.noise_start_epoch(config):
     return 0.0
   return method.regularizer.weight(config, epoch)
 
 
-def epoch_schedule(config: ml_collections.ConfigDict, epoch: int) -> tuple[Phase, float, float]:
+def epoch_schedule(
+  config: ml_collections.ConfigDict, method: methods.Method, epoch: int
+) -> tuple[Phase, float, float]:
   """(phase, learning rate, regularizer weight) of every step of `epoch`."""
   lr = optim.learning_rate(
     epoch, config.optim.learning_rate, config.optim.lr_boundaries, config.optim.lr_decay
   )
-  return phase_for_epoch(config, epoch), lr, regularizer_weight(config, epoch)
+  return phase_for_epoch(config, method, epoch), lr, regularizer_weight(config, method, epoch)

@@ -3,10 +3,9 @@ adversarial, noise on or off) and the per-epoch evaluation step.
 
 As in Flax's examples, a step is one loss function of (params, perturb)
 (`step_loss_fn`), differentiated with `jax.value_and_grad` by the method's update rule
-(`joint_update`, `l2p_paper_update`, `l2p_code_update`), and `train_step` returns
-(state, metrics); the loop sums the metrics of an epoch in `EpochMetrics`. A step gets
-what it needs of the config as `StepSettings`, built once and hashable (a static
-argument), and the method's record from `l2p_jax.methods`.
+(`l2p_jax.training.rules`), and `train_step` returns (state, metrics); the loop sums the
+metrics of an epoch in `EpochMetrics`. A step gets what it needs of the config, and the
+method's record, as `StepSettings`, built once and hashable (a static argument).
 
 Everything random is a pure function of (settings.seed, step): a run resumed from a
 checkpoint continues bit-identically to one that was never interrupted.
@@ -14,84 +13,21 @@ checkpoint continues bit-identically to one that was never interrupted.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from l2p_jax import attacks, data, methods, models
-from l2p_jax.training import objectives, optim
+from l2p_jax import attacks, data, models
+from l2p_jax.training import objectives
+from l2p_jax.training.rules import StepAux, StepSettings, UpdateRule, descend, joint_update
 from l2p_jax.training.schedule import Phase
 from l2p_jax.training.train_state import TrainState
 
 # Streams folded into the root key, so no two uses of the seed share random numbers.
 INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-  """What the steps use of a training config: the method's record, its PGD and loss
-  settings (adv.*, the eval PGD's steps), Adv-BNN's KL weight (alpha / N), prior and
-  scope, L2P's alternation and theta floor, and the seed."""
-
-  method: methods.Method
-  seed: int
-  eps: float
-  steps: int
-  step_size: float
-  random_start: bool
-  unroll: bool
-  labels: str  # PGD's targets: 'true' labels or the clean 'prediction'.
-  attack_batchnorm: str  # BatchNorm statistics PGD sees: 'batch' or 'running'.
-  clean_weight: float
-  adv_weight: float
-  eval_pgd_steps: int
-  kl_weight: float
-  prior_sigma: float
-  kl_scope: str
-  alternation: str
-  theta_floor: float
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, kl_weight: float) -> StepSettings:
-    """The settings of `config`, with Adv-BNN's KL weight (see `kl_loss_weight`)."""
-    adv = config.adv
-    return cls(
-      method=methods.get(config.method),
-      seed=config.seed,
-      eps=adv.eps,
-      steps=adv.steps,
-      step_size=adv.step_size,
-      random_start=adv.random_start,
-      unroll=adv.unroll,
-      labels=adv.labels,
-      attack_batchnorm=adv.attack_batchnorm,
-      clean_weight=adv.clean_weight,
-      adv_weight=adv.adv_weight,
-      eval_pgd_steps=config.eval.pgd_steps,
-      kl_weight=kl_weight,
-      prior_sigma=config.bnn.prior_sigma,
-      kl_scope=config.bnn.kl_scope,
-      alternation=config.l2p.alternation,
-      theta_floor=config.l2p.theta_floor,
-    )
-
-
-class StepAux(NamedTuple):
-  """What a loss function returns beside its objective."""
-
-  loss: jax.Array  # The training loss (the objective without the regularizer).
-  batch_stats: Any  # BatchNorm statistics after the loss's passes.
-  clean_logits: jax.Array
-  x_adv: jax.Array | None  # The PGD examples (None in a clean phase).
-
-
-# update(state, loss_at, descend, reg_weight) -> (state, aux): see `joint_update`.
-UpdateRule = Callable[..., tuple[TrainState, StepAux]]
 
 
 def kl_loss_weight(config: ml_collections.ConfigDict, train_split_size: int) -> float:
@@ -211,68 +147,6 @@ def step_loss_fn(
     return objective, StepAux(loss, updates['batch_stats'], clean_logits, examples)
 
   return loss_fn
-
-
-def descend(
-  state: TrainState,
-  collection: str,
-  grads: Any,
-  lr: jax.Array,
-  optimizers: dict,
-  theta_floor: float,
-) -> TrainState:
-  """One optimizer update of one collection ('params' or 'perturb'); the other
-  collection and its optimizer state stay exactly as they were. L2P maps are floored
-  after."""
-  variables, opt_state = optim.update(
-    optimizers[collection], grads, state.opt_state[collection], getattr(state, collection), lr
-  )
-  if collection == 'perturb':
-    variables = models.project_perturb(variables, theta_floor)
-  return state.replace(
-    **{collection: variables}, opt_state={**state.opt_state, collection: opt_state}
-  )
-
-
-def joint_update(
-  state: TrainState, loss_at, step, reg_weight, *, train_perturb: bool
-) -> tuple[TrainState, StepAux]:
-  """Both collections step on one gradient of the loss (every method; the noise
-  parameters only while they are trained). `loss_at(state, reg_weight=, x_adv=)` is the
-  step's loss function at `state`, `step(state, collection, grads)` one `descend`."""
-  grad_fn = jax.value_and_grad(loss_at(state, reg_weight=reg_weight), argnums=(0, 1), has_aux=True)
-  (_, aux), (g_params, g_perturb) = grad_fn(state.params, state.perturb)
-  state = step(state, 'params', g_params)
-  if train_perturb:
-    state = step(state, 'perturb', g_perturb)
-  return state, aux
-
-
-def l2p_paper_update(state: TrainState, loss_at, step, reg_weight) -> tuple[TrainState, StepAux]:
-  """The paper's alternating back-propagation: theta steps with W fixed, then W with
-  the new theta fixed, both on the loss minus the regularizer and the same PGD
-  examples. Returns the first pass's aux with the second's BatchNorm statistics."""
-  loss_fn = loss_at(state, reg_weight=reg_weight)
-  (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-    state.params, state.perturb
-  )
-  state = step(state, 'perturb', g_perturb)
-  loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv)
-  (_, second), (g_params, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-    state.params, state.perturb
-  )
-  state = step(state, 'params', g_params)
-  return state, aux._replace(batch_stats=second.batch_stats)
-
-
-def l2p_code_update(
-  state: TrainState, loss_at, step, reg_weight, *, regularizer
-) -> tuple[TrainState, StepAux]:
-  """The authors' code: a theta step on the `regularizer` alone, then (at the new
-  theta) PGD and a joint step on the loss without it."""
-  g_reg = jax.grad(lambda p: -reg_weight * regularizer(p))(state.perturb)
-  state = step(state, 'perturb', g_reg)
-  return joint_update(state, loss_at, step, 0.0, train_perturb=True)
 
 
 def update_rule(settings: StepSettings, phase: Phase) -> UpdateRule:

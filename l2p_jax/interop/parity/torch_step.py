@@ -271,7 +271,7 @@ def make_train_step(
   `model` (from `build_model`), keeping its optimizers between calls.
 
   step's keywords: lr; reg_weight (L2P's gamma / tau); noise, adversarial,
-  train_perturb (the phase, as `l2p_jax.training.Phase`); pgd_start (PGD's start, else
+  train_perturb (the phase, as `l2p_jax.training.schedule.Phase`); pgd_start (PGD's start, else
   random); draws ({'clean': d, 'adv': d, 'pgd': [d per PGD step]}, each d a
   `torch_reference.inject_draws` dict; None draws afresh); signs (a list receiving
   each PGD step's gradient sign). Adv-BNN's KL is `kl_weight` times the KL of every

@@ -22,12 +22,13 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from l2p_jax import data, experiment, methods, training
+from l2p_jax import data, experiment, methods
 from l2p_jax.attacks import core
 from l2p_jax.interop.parity import trajectory_report
 from l2p_jax.interop.torch_layouts import torch_entries
 from l2p_jax.models.layers import DRAWS
-from l2p_jax.training import objectives, optim
+from l2p_jax.training import objectives, optim, rules, schedule, train_state
+from l2p_jax.training import step as step_lib
 
 LAYOUT = 'l2p'  # The authors' module names: ResNet-V1 fb-style, ResNet-18 kuangliu.
 LOG_SIGMA = '_log_sigma'
@@ -74,7 +75,7 @@ def pgd_trace(
 
 def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
   """Raises ValueError for what the PyTorch side cannot follow."""
-  experiment.validate_config(config)
+  method = experiment.validate_config(config)
   problems = []
   if config.model.dtype != 'float32':
     problems.append(f'model.dtype={config.model.dtype!r} (PyTorch runs float32)')
@@ -84,7 +85,7 @@ def check_config(config: ml_collections.ConfigDict, steps: int) -> None:
     problems.append(f'steps={steps} (needs at least 1)')
   if (
     config.adv.attack_batchnorm == 'running'
-    and methods.get(config.method).noise_update is not None
+    and method.noise_update is not None
     and config.l2p.alternation == 'paper'
   ):
     problems.append(
@@ -174,35 +175,38 @@ def compare(
   train_split_size: the whole training split's size, Adv-BNN's N (default: split's).
   """
   check_config(config, steps)
+  method = methods.get(config.method)
   mean, std = experiment.normalization(config, split)
-  model = experiment.build_model(config, split.num_classes, mean, std)
+  model = experiment.build_model(config, method, split.num_classes, mean, std)
   optimizers = optim.make_optimizers(
     config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
   )
   state = jax.jit(
     functools.partial(
-      training.create_train_state, model, optimizers, image_shape=split.images.shape[1:]
+      train_state.create_train_state, model, optimizers, image_shape=split.images.shape[1:]
     )
-  )(jax.random.fold_in(jax.random.key(config.seed), training.INIT_STREAM))
-  kl_weight = training.kl_loss_weight(config, train_split_size or split.num_examples)
+  )(jax.random.fold_in(jax.random.key(config.seed), step_lib.INIT_STREAM))
+  kl_weight = step_lib.kl_loss_weight(config, train_split_size or split.num_examples)
   entries = _entries(state.variables)
   net, torch_train_step = _torch_twin(
     config, split, state, entries, mean, std, batch_norm, kl_weight
   )
-  settings = training.StepSettings.from_config(config, kl_weight)
+  settings = rules.StepSettings.from_config(config, method, kl_weight)
   jax_step = jax.jit(
-    functools.partial(training.train_step, model=model, settings=settings, optimizers=optimizers),
+    functools.partial(step_lib.train_step, model=model, settings=settings, optimizers=optimizers),
     static_argnames='phase',
   )
   inputs = jax.jit(
-    functools.partial(_step_inputs, model=model, config=config, optimizers=optimizers),
+    functools.partial(
+      _step_inputs, model=model, method=method, config=config, optimizers=optimizers
+    ),
     static_argnames='phase',
   )
   steps_per_epoch = data.steps_per_epoch(split.num_examples, config.batch_size)
   records = []
   for k in range(steps):
     epoch = k // steps_per_epoch
-    phase, lr, reg_weight = training.epoch_schedule(config, epoch)
+    phase, lr, reg_weight = schedule.epoch_schedule(config, method, epoch)
     phase = dataclasses.replace(phase, noise=phase.noise and noise)
     batch = data.train_batch(
       split, seed=config.seed, epoch=epoch, step=k % steps_per_epoch, batch_size=config.batch_size
@@ -277,7 +281,7 @@ def _torch_step(
   *,
   lr: float,
   reg_weight: float,
-  phase: training.Phase,
+  phase: schedule.Phase,
 ) -> tuple[float, list]:
   """The PyTorch step on the inputs and draws our step uses: (its loss, the gradient
   sign of each PGD step)."""
@@ -312,8 +316,8 @@ def _step_record(
   k: int,
   epoch: int,
   lr: float,
-  phase: training.Phase,
-  state: training.TrainState,
+  phase: schedule.Phase,
+  state: train_state.TrainState,
   jax_loss: float,
   net: Any,
   entries: dict,
@@ -336,26 +340,27 @@ def _step_record(
 
 
 def _step_inputs(
-  state: training.TrainState,
+  state: train_state.TrainState,
   batch: dict[str, jax.Array],
   reg_weight: jax.Array,
   lr: jax.Array,
   *,
-  phase: training.Phase,
+  phase: schedule.Phase,
   model,
+  method: methods.Method,
   config: ml_collections.ConfigDict,
   optimizers: dict,
 ) -> dict[str, Any]:
   """What `train_step` will use at `state`, made with its keys: the augmented batch,
   every pass's noise draws ('clean', 'adv', 'pgd' stacked over PGD steps), PGD's start
   and each PGD step's gradient sign."""
-  keys = training.step_keys(config.seed, state.step)
+  keys = step_lib.step_keys(config.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
-  alternates = methods.get(config.method).noise_update is not None  # L2P's alternation.
+  alternates = method.noise_update is not None  # L2P's alternation.
   if alternates and phase.train_perturb and config.l2p.alternation == 'authors_code':
     # PGD comes after theta's step.
     g_reg = jax.grad(lambda p: -reg_weight * objectives.l2p_regularizer(p))(state.perturb)
-    state = training.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
+    state = rules.descend(state, 'perturb', g_reg, lr, optimizers, config.l2p.theta_floor)
 
   def apply(inputs, key):
     return model.apply(
@@ -375,7 +380,7 @@ def _step_inputs(
   if phase.adversarial:
     target = batch['label'] if config.adv.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
     attack_logits = lambda inputs, key: apply(inputs, key)[0]  # noqa: E731
-    if config.adv.attack_batchnorm == 'running':  # As training.adversarial_examples.
+    if config.adv.attack_batchnorm == 'running':  # As step_lib.adversarial_examples.
       attacked = {**state.variables, 'batch_stats': updates['batch_stats']}
       attack_logits = lambda inputs, key: model.apply(  # noqa: E731
         attacked, inputs, train=False, noise=phase.noise, rngs={'noise': key}

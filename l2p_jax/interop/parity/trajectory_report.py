@@ -11,7 +11,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from l2p_jax import methods, training
+from l2p_jax import methods
+from l2p_jax.training import schedule
 
 COLLECTIONS = ('params', 'perturb', 'batch_stats')
 
@@ -38,7 +39,7 @@ def step_record(
   step: int,
   epoch: int,
   lr: float,
-  phase: training.Phase,
+  phase: schedule.Phase,
   ours: dict,
   theirs: dict,
   losses: tuple[float, float],
