@@ -223,10 +223,8 @@ def gpu_profile(call: Callable[[], None], calls: int) -> dict[str, Any]:
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
-  """benchmarks/run.py's L2P step (float32, batch on the device), compiled here without
-  the compilation cache: untimed median of --calls calls (a control for the cached
-  executables' figures), then its profile, on a GPU gpu_profile, on a CPU
-  profile_step's."""
+  """benchmarks/run.py's L2P step (float32, batch on the device): the median of --calls
+  timed calls, then their profile, on a GPU gpu_profile's, on a CPU profile_step's."""
   bench_args = bench.parse_args(
     ['--batch', str(args.batch), '--width', str(args.width), '--devices', '1']
     + ['--split-examples', str(args.split_examples), '--out', os.devnull]

@@ -316,12 +316,17 @@ def _epoch(result: dict[str, Any]) -> str:
     f'{e["train_images"]:,} / {e["test_images"]:,}',
     str(e['steps_per_epoch']),
     ', '.join(f'{x:.1f}' for x in e['epoch_train_s']),
+    f'{e["epoch_train_s"][-1] / e["steps_per_epoch"] * 1e3:.1f}',
     ', '.join(f'{x:.1f}' for x in e['between_records_s']) or '-',
     f'{e["projected_run_h"]:.2f}',
   ]
   header = ['run', 'batch', 'train / test images', 'steps per epoch', 'training s per epoch']
-  header += ['s between epochs', 'projected 350 epochs, h']
-  return 'Training loop (the first epoch includes compilation):\n\n' + _table(header, [row])
+  header += ['ms per step (last epoch)', 's between epochs', 'projected 350 epochs, h']
+  return (
+    'Training loop (the first epoch includes compilation; its step was compiled and '
+    'autotuned alone on the device, a control for the cached executables above):\n\n'
+    + _table(header, [row])
+  )
 
 
 def _evaluation(result: dict[str, Any]) -> str:
@@ -353,8 +358,8 @@ def _profile(result: dict[str, Any]) -> str:
     return _missing('profile', result)
   prof = p['profile']
   head = (
-    f'Profile of the {p["method"]} {p["arch"]} step (batch {p["batch"]}, compiled afresh '
-    f'in {p["compile_s"]:.1f} s, median {p["median_s"] * 1e3:.1f} ms per call)'
+    f'Profile of the {p["method"]} {p["arch"]} step (batch {p["batch"]}, median '
+    f'{p["median_s"] * 1e3:.1f} ms per call)'
   )
   if 'busy_fraction' in prof:
     kinds = ', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in prof['kernel_s_by_kind'].items())
@@ -387,8 +392,11 @@ def render_device(name: str, result: dict[str, Any]) -> str:
   )
   parts.append(f'Command: `{" ".join(result["command"])}`. Seconds: {phases}.')
   if result.get('targets'):
-    rows = [[t['target'], t['measured'], _yes(t['met'])] for t in result['targets']]
-    parts.append(_table(['target', 'measured', 'met'], rows))
+    rows = [
+      [t['target'], t['measured'], _yes(t['met']), '-' if t['met'] else t['why']]
+      for t in result['targets']
+    ]
+    parts.append(_table(['target', 'measured', 'met', 'why not'], rows))
   parts += _checks(result)
   for section, table in (('train', train_table), ('attacks', attack_table)):
     cases = (result.get(section) or {}).get('cases')
