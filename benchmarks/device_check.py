@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from typing import Any
+from typing import IO, Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/, configs/, l2p_jax.
@@ -72,6 +72,7 @@ SIZES = {
     train_repeats=20,
     train_warmup=3,
     attack_arch='resnet20',
+    warm_attack_groups=ATTACKS.split(','),  # One process each: their compiles overlap.
     eot_draws=20,
     apgd_steps=20,
     judge_draws=30,
@@ -100,6 +101,7 @@ SIZES = {
     train_repeats=1,
     train_warmup=1,
     attack_arch='resnet8',
+    warm_attack_groups=[ATTACKS],  # One process: fewer start-ups on few cores.
     eot_draws=2,
     apgd_steps=2,
     judge_draws=2,
@@ -174,36 +176,34 @@ class Phases:
     running = {}
     for name, (argv, extra) in commands.items():
       out = open(os.path.join(self.work, f'{name}.log'), 'w')
+      env = {**self.env, **extra}
       running[name] = (
         subprocess.Popen(
-          argv,
-          cwd=ROOT,
-          stdout=out,
-          stderr=subprocess.STDOUT,
-          env={**self.env, **extra},
-          start_new_session=True,
+          argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         ),
         out,
-        time.monotonic(),
       )
-    for name, (process, out, start) in running.items():
-      timed_out = False
-      try:
-        process.wait(timeout=max(0.0, limit - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # This command's own session.
-        process.wait()
-        timed_out = True
-      out.close()
-      self.records[name] = {
-        'phase': phase,
-        'returncode': process.returncode,
-        'timed_out': timed_out,
-        'seconds': time.monotonic() - start,
-      }
-      with open(self.log, 'a') as log, open(out.name) as text:
-        log.write(f'===== {phase}: {name} ({self.records[name]}) =====\n{text.read()}\n')
-      print(f'[{phase}] {name}: {self.records[name]}', flush=True)
+    while running:
+      time.sleep(0.2)
+      for name, (process, out) in list(running.items()):
+        timed_out = process.poll() is None and time.monotonic() > limit
+        if timed_out:
+          os.killpg(process.pid, signal.SIGKILL)  # This command's own session.
+          process.wait()
+        if process.returncode is not None:
+          del running[name]
+          self._finish(phase, name, process.returncode, timed_out, started, out)
+
+  def _finish(
+    self, phase: str, name: str, code: int, timed_out: bool, started: float, out: IO[str]
+  ) -> None:
+    """Keeps a command's record and appends its output to the log."""
+    out.close()
+    record = {'phase': phase, 'returncode': code, 'timed_out': timed_out}
+    self.records[name] = {**record, 'seconds': time.monotonic() - started}
+    with open(self.log, 'a') as log, open(out.name) as text:
+      log.write(f'===== {phase}: {name} ({self.records[name]}) =====\n{text.read()}\n')
+    print(f'[{phase}] {name}: {self.records[name]}', flush=True)
 
   def path(self, name: str) -> str:
     """The JSON file command `name` writes."""
@@ -291,35 +291,37 @@ def check_commands(s: dict[str, Any], phases: Phases, cache: str) -> dict[str, A
       name = f'warm_train_{arch}_{method}'
       argv = ['--suite', 'train', '--methods', method, '--archs', arch, '--dtypes', s['dtypes']]
       commands[name] = (python('run.py', *argv, *warm, '--out', phases.path(name)), shared)
-  for attack in ATTACKS.split(','):
-    name = f'warm_attacks_{attack}'
-    argv = [*attack_args(s, attack), *warm, '--out', phases.path(name)]
+  for i, attacks in enumerate(s['warm_attack_groups']):
+    name = f'warm_attacks_{i}'
+    argv = [*attack_args(s, attacks), *warm, '--out', phases.path(name)]
     commands[name] = (python('run.py', *argv), shared)
   return commands
 
 
 def timed_commands(s: dict[str, Any], phases: Phases, cache: str) -> dict[str, Any]:
   """Phase 2, one command at a time: training steps, epochs, attacks, profile."""
-  repeats = ['--warmup', s['train_warmup'], *bench_args(s, cache)]
+  timed = ['--warmup', s['train_warmup'], *bench_args(s, cache)]
   train = ['--suite', 'train', '--methods', s['methods'], '--archs', s['archs']]
-  train += ['--dtypes', s['dtypes'], '--repeats', s['train_repeats'], *repeats]
-  attacks = [*attack_args(s), '--repeats', s['attack_repeats'], *repeats]
-  epoch = ['--method', s['epoch_method'], '--arch', s['epoch_arch'], '--width', s['epoch_width']]
-  epoch += ['--batch', s['batch']]
+  train += ['--dtypes', s['dtypes'], '--repeats', s['train_repeats'], *timed]
+  attacks = [*attack_args(s), '--repeats', s['attack_repeats'], *timed]
+  epoch = ['epoch', '--method', s['epoch_method'], '--arch', s['epoch_arch']]
+  epoch += ['--width', s['epoch_width'], '--batch', s['batch']]
   epoch += ['--train-images', s['train_images'], '--test-images', s['test_images']]
-  profile = ['--arch', s['epoch_arch'], '--width', s['width'], '--batch', s['batch']]
+  profile = ['profile', '--arch', s['epoch_arch'], '--width', s['width'], '--batch', s['batch']]
   profile += ['--split-examples', s['split_examples'], '--calls', s['profile_calls']]
-  profile += ['--compilation-cache', cache]
   return {
     'train': python('run.py', *train, '--out', phases.path('train')),
-    'epoch': python('device_jobs.py', 'epoch', *epoch, '--compilation-cache', cache)
-    + ['--out', phases.path('epoch')],
+    'epoch': python(
+      'device_jobs.py', *epoch, '--compilation-cache', cache, '--out', phases.path('epoch')
+    ),
     'attacks': python('run.py', *attacks, '--out', phases.path('attacks')),
-    'profile': python('device_jobs.py', 'profile', *profile, '--out', phases.path('profile')),
+    'profile': python(
+      'device_jobs.py', *profile, '--compilation-cache', cache, '--out', phases.path('profile')
+    ),
   }
 
 
-def test_results(path: str) -> dict[str, Any] | None:
+def junit_results(path: str) -> dict[str, Any] | None:
   """Counts and failures of the pytest run's JUnit XML, None when it wrote none."""
   try:
     root = ET.parse(path).getroot()
@@ -377,7 +379,7 @@ def cold_compiles(phases: Phases, s: dict[str, Any]) -> list[dict[str, Any]]:
   """Trace + compile seconds of every case the warm-up compiled (an empty cache, the
   checks running beside it)."""
   names = [f'warm_train_{a}_{m}' for a in s['archs'].split(',') for m in s['methods'].split(',')]
-  names += [f'warm_attacks_{attack}' for attack in ATTACKS.split(',')]
+  names += [f'warm_attacks_{i}' for i in range(len(s['warm_attack_groups']))]
   return [
     {
       **{k: c.get(k) for k in ('suite', 'arch', 'method', 'attack', 'dtype')},
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     'phases': phases.records,
   }
   phases.run('checks', check_commands(s, phases, cache), s['budgets']['checks'])
-  result['tests'] = test_results(phases.path('tests').replace('.json', '.xml'))
+  result['tests'] = junit_results(phases.path('tests').replace('.json', '.xml'))
   result['determinism'] = determinism_results(
     [phases.load('determinism_a'), phases.load('determinism_b')]
   )
