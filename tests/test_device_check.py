@@ -2,6 +2,7 @@
 networks, so that the script cannot break unnoticed between GPU loans; and the
 evaluation projection's counts on the default evaluation."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -13,6 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import eval_projection, render  # noqa: E402
+
+HAS_TORCH = importlib.util.find_spec('torch') is not None
 
 SECTIONS = {
   'device',
@@ -50,17 +53,15 @@ def test_the_dry_run_fills_every_section(dry_run):
   assert det['xla_flags'].endswith('--xla_gpu_deterministic_ops=true') and det['processes'] == 2
   for name in ('none', 'pgd'):
     assert all(det[name].values()), det[name]
-  assert {(c['framework'], c['dtype']) for c in result['train']['cases']} == {
-    ('jax', 'float32'),
-    ('torch', 'float32'),
-  }
+  frameworks = {c['framework'] for c in result['train']['cases']}
+  assert frameworks == ({'jax', 'torch'} if HAS_TORCH else {'jax'})
   assert {c['attack'] for c in result['attacks']['cases']} == {'pgd7', 'eot_pgd', 'apgd', 'judge'}
   assert {c['suite'] for c in result['compile_cold']} == {'train', 'attacks'}
   epoch = result['epoch']
   assert len(epoch['epoch_train_s']) == 2 and len(epoch['between_records_s']) == 1
   assert epoch['projected_run_h'] == pytest.approx(350 * epoch['epoch_s'] / 3600)
   assert result['evaluation']['total_s'] > 0 and result['profile']['median_s'] > 0
-  assert [t['target'].split()[0] for t in result['targets']] == ['PGD-7', '350']
+  assert [t['target'].split()[0] for t in result['targets']] == ['PGD-7'] * HAS_TORCH + ['350']
   assert dry_run.with_suffix('.log').stat().st_size > 0
 
 
@@ -73,7 +74,7 @@ def test_render_writes_the_gpu_block_naming_the_device(dry_run, tmp_path):
   text = markdown.read_text()
   assert text.count(render.GPU_BEGIN) == 1 and 'old' not in text and 'prose' in text
   assert result['device']['name'] in text and 'DRY RUN' in text
-  assert 'same key, same bits' in text and 'JAX/PyTorch' in text and 'projected 350' in text
+  assert 'same key, same bits' in text and 'projected 350' in text and 'why not' in text
   render.main(['--results', '--device-results', '--out', str(markdown)])
   assert render.NO_GPU in markdown.read_text()
 
