@@ -39,10 +39,11 @@ import fake_datasets  # noqa: E402
 
 from benchmarks import profile_step  # noqa: E402
 from benchmarks import run as bench  # noqa: E402
-from l2p_jax import attacks, data, methods, training  # noqa: E402
+from l2p_jax import attacks, data, methods  # noqa: E402
 from l2p_jax.runtime import sharding  # noqa: E402
 from l2p_jax.runtime.metrics import read_metrics  # noqa: E402
-from l2p_jax.training import loop  # noqa: E402
+from l2p_jax.training import loop, rules, schedule  # noqa: E402
+from l2p_jax.training import step as step_lib  # noqa: E402
 
 JOBS = ('determinism', 'epoch', 'profile')
 
@@ -68,14 +69,17 @@ def step_bits(method: str, args: argparse.Namespace) -> dict[str, Any]:
   config = bench.experiment_config(method, args.arch, width=args.width, batch=args.batch)
   mesh = sharding.make_mesh(1)
   model, optimizers, state = bench.jax_model_and_state(config, mesh)
-  settings = training.StepSettings.from_config(config, kl_weight=1.0 / bench.TRAIN_EXAMPLES)
+  method_record = methods.get(config.method)
+  settings = rules.StepSettings.from_config(
+    config, method_record, kl_weight=1.0 / bench.TRAIN_EXAMPLES
+  )
   step = jax.jit(
-    functools.partial(training.train_step, model=model, settings=settings, optimizers=optimizers),
+    functools.partial(step_lib.train_step, model=model, settings=settings, optimizers=optimizers),
     static_argnames='phase',
   )
   batch = sharding.shard_batch(mesh, bench.random_batch(args.batch))
   lr, reg = np.float32(config.optim.learning_rate), np.float32(config.l2p.gamma)
-  phase = training.phase_for_epoch(config, 0)
+  phase = schedule.phase_for_epoch(config, method_record, 0)
   runs = [
     step(s, batch, lr, reg, phase=phase) for s in (state, state, state.replace(step=state.step + 1))
   ]
