@@ -5,14 +5,12 @@ that randomize them.
 which randomization a network carries is its method's choice (`l2p_jax.methods`).
 """
 
-from __future__ import annotations
-
-import re
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import jax
-
+from l2p_jax.models.architectures import (
+  ARCHITECTURES_HELP,
+  inference_logits,
+  resnet_layout,
+  resnet_settings,
+)
 from l2p_jax.models.layers import (
   BNN_MEAN_INITS,
   CONV_INPUT_GRADIENTS,
@@ -29,11 +27,6 @@ from l2p_jax.models.layers import (
   resolve_input_gradient,
 )
 from l2p_jax.models.resnet import ResNet
-
-ARCHITECTURES_HELP = (
-  "'resnet<6n+2>' (ResNet-V1: resnet20, resnet32, resnet44, "
-  "resnet56, ...) or 'resnet18' (ResNet-V2(18))"
-)
 
 __all__ = [
   'inference_logits',
@@ -54,71 +47,3 @@ __all__ = [
   'NOISE_RNG',
   'resnet_layout',
 ]
-
-
-def resnet_layout(arch: str, width: float = 1.0) -> dict[str, Any]:
-  """Stage sizes, channel counts and shortcut type of a named CIFAR ResNet."""
-  match = re.fullmatch(r'resnet(\d+)', arch)
-  if width <= 0:
-    raise ValueError(f'Width multiplier must be positive, got {width}.')
-
-  def widen(channels: int) -> int:
-    if int(round(channels * width)) < 1:
-      raise ValueError(
-        f'Width multiplier {width} leaves a {arch} layer of {channels} '
-        f'channels with none; use a width of at least {1 / channels:g}.'
-      )
-    return int(round(channels * width))
-
-  if arch == 'resnet18':
-    return dict(
-      stage_sizes=(2, 2, 2, 2),
-      stage_features=tuple(widen(c) for c in (64, 128, 256, 512)),
-      stem_features=widen(64),
-      shortcut='projection',
-    )
-  if match and (int(match.group(1)) - 2) % 6 == 0 and int(match.group(1)) > 2:
-    blocks = (int(match.group(1)) - 2) // 6
-    return dict(
-      stage_sizes=(blocks,) * 3,
-      stage_features=tuple(widen(c) for c in (16, 32, 64)),
-      stem_features=widen(16),
-      shortcut='A',
-    )
-  raise ValueError(f'Unknown architecture {arch!r}; expected {ARCHITECTURES_HELP}.')
-
-
-def resnet_settings(
-  arch: str,
-  num_classes: int,
-  *,
-  width: float,
-  mean: Sequence[float],
-  std: Sequence[float],
-  conv_input_gradient: str,
-  dtype: Any,
-) -> dict[str, Any]:
-  """The keyword arguments of the plain `ResNet` of a named architecture, checked; a
-  method's network (`methods.Method.network`) builds on them."""
-  resolve_input_gradient(conv_input_gradient)  # An unknown option fails here, not in a trace.
-  if len(mean) != len(std):
-    raise ValueError(
-      f'Normalization mean {tuple(mean)} and std {tuple(std)} '
-      'must have one value per input channel each.'
-    )
-  return dict(
-    **resnet_layout(arch, width),
-    num_classes=num_classes,
-    mean=tuple(mean),
-    std=tuple(std),
-    conv_input_gradient=conv_input_gradient,
-    dtype=dtype,
-  )
-
-
-def inference_logits(
-  model: ResNet, variables: dict[str, Any], noise: bool
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The model in inference mode (BatchNorm's running statistics) as a function of
-  (inputs, noise key), the form the attacks and prediction rules take."""
-  return lambda x, key: model.apply(variables, x, train=False, noise=noise, rngs={'noise': key})
