@@ -42,7 +42,7 @@ from benchmarks import run as bench  # noqa: E402
 from l2p_jax import attacks, data, methods  # noqa: E402
 from l2p_jax.runtime import sharding  # noqa: E402
 from l2p_jax.runtime.metrics import read_metrics  # noqa: E402
-from l2p_jax.training import loop, rules, schedule  # noqa: E402
+from l2p_jax.training import loop, schedule  # noqa: E402
 from l2p_jax.training import step as step_lib  # noqa: E402
 
 JOBS = ('determinism', 'epoch', 'profile')
@@ -69,10 +69,8 @@ def step_bits(method: str, args: argparse.Namespace) -> dict[str, Any]:
   config = bench.experiment_config(method, args.arch, width=args.width, batch=args.batch)
   mesh = sharding.make_mesh(1)
   model, optimizers, state = bench.jax_model_and_state(config, mesh)
-  method_record = methods.get(config.method)
-  settings = rules.StepSettings.from_config(
-    config, method_record, kl_weight=1.0 / bench.TRAIN_EXAMPLES
-  )
+  setup = bench.jax_setup(config)
+  method_record, settings = setup.method, setup.settings
   step = jax.jit(
     functools.partial(step_lib.train_step, model=model, settings=settings, optimizers=optimizers),
     static_argnames='phase',

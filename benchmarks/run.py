@@ -50,7 +50,8 @@ from configs import cifar  # noqa: E402
 from l2p_jax import attacks, data, experiment, methods, models  # noqa: E402
 from l2p_jax.evaluation import judging  # noqa: E402
 from l2p_jax.runtime import host_devices, sharding  # noqa: E402
-from l2p_jax.training import optim, rules, schedule, train_state  # noqa: E402
+from l2p_jax.training import optim, schedule  # noqa: E402
+from l2p_jax.training import setup as training_setup  # noqa: E402
 from l2p_jax.training import step as step_lib  # noqa: E402
 
 try:
@@ -470,16 +471,15 @@ def jax_model_and_state(config, mesh: jax.sharding.Mesh):
 
 @functools.cache
 def _initializer(method: str, arch: str, width: float, dtype: str, mesh: jax.sharding.Mesh):
-  config = experiment_config(method, arch, width=width, dtype=dtype)
-  model = experiment.build_model(config, methods.get(method), NUM_CLASSES, *MEAN_STD)
-  optimizers = optim.make_optimizers(
-    config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
-  )
-  init = jax.jit(
-    functools.partial(train_state.create_train_state, model, optimizers, image_shape=IMAGE_SHAPE),
-    out_shardings=sharding.replicated_sharding(mesh),
-  )
-  return model, optimizers, init
+  setup = jax_setup(experiment_config(method, arch, width=width, dtype=dtype))
+  init = setup.initializer(IMAGE_SHAPE, out_shardings=sharding.replicated_sharding(mesh))
+  return setup.model, setup.optimizers, init
+
+
+def jax_setup(config) -> training_setup.RunSetup:
+  """The run setup of `config` on the benchmark's random CIFAR-shaped split, as the
+  training loop builds it."""
+  return training_setup.run_setup(config, NUM_CLASSES, *MEAN_STD, TRAIN_EXAMPLES)
 
 
 def args_config(args: argparse.Namespace, method: str, arch: str, **kwargs):
@@ -518,10 +518,9 @@ def prepare_jax_train(
   lr, reg_weight, epoch_start = sharding.replicate(
     mesh, (np.float32(config.optim.learning_rate), np.float32(config.l2p.gamma), np.int32(0))
   )
-  record = methods.get(method)
-  settings = rules.StepSettings.from_config(config, record, kl_weight=1.0 / TRAIN_EXAMPLES)
-  step_kwargs = dict(model=model, settings=settings, optimizers=optimizers)
-  phase = schedule.phase_for_epoch(config, record, 0)
+  setup = jax_setup(config)
+  step_kwargs = dict(model=model, settings=setup.settings, optimizers=optimizers)
+  phase = schedule.phase_for_epoch(config, setup.method, 0)
   if inputs == 'device':
     step = functools.partial(
       step_lib.train_step_on_split,

@@ -56,18 +56,16 @@ def compile_step(method: str) -> tuple[str, float]:
   import jax  # pylint: disable=import-outside-toplevel
 
   from benchmarks import run as bench  # pylint: disable=import-outside-toplevel
-  from l2p_jax import methods  # pylint: disable=import-outside-toplevel
   from l2p_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
-  from l2p_jax.training import rules, schedule  # pylint: disable=import-outside-toplevel
+  from l2p_jax.training import schedule  # pylint: disable=import-outside-toplevel
   from l2p_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
 
   args = bench.parse_args(['--batch', '8', '--width', '0.25', '--out', os.devnull])
   config = bench.args_config(args, method, 'resnet20', dtype='float32', unroll=False)
   model, optimizers, state = bench.jax_model_and_state(config, sharding.make_mesh(1))
-  record = methods.get(method)
-  settings = rules.StepSettings.from_config(config, record, kl_weight=1.0 / bench.TRAIN_EXAMPLES)
+  setup = bench.jax_setup(config)
   step = functools.partial(
-    step_lib.train_step, model=model, settings=settings, optimizers=optimizers
+    step_lib.train_step, model=model, settings=setup.settings, optimizers=optimizers
   )
   compiled = (
     jax.jit(step, static_argnames='phase', donate_argnums=0)
@@ -76,7 +74,7 @@ def compile_step(method: str) -> tuple[str, float]:
       bench.random_batch(8),
       np.float32(0.1),
       np.float32(0.01),
-      phase=schedule.phase_for_epoch(config, record, 0),
+      phase=schedule.phase_for_epoch(config, setup.method, 0),
     )
     .compile()
   )

@@ -29,14 +29,13 @@ from l2p_jax.experiment import ConfigError
 from l2p_jax.runtime import files, sharding
 from l2p_jax.runtime.metrics import MetricsWriter, read_metrics
 from l2p_jax.runtime.plots import plot_noise_evolution
-from l2p_jax.training import locking, objectives, optim, schedule
+from l2p_jax.training import locking, objectives, schedule
 from l2p_jax.training import step as step_lib
-from l2p_jax.training.rules import StepSettings
+from l2p_jax.training.setup import init_key, run_setup
 from l2p_jax.training.train_state import (
   EpochMetrics,
   TrainState,
   checkpoint_tree,
-  create_train_state,
   from_checkpoint_tree,
   restart_optimizers,
 )
@@ -198,24 +197,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     replicated = sharding.replicated_sharding(mesh)
     refuse_changed_steps(checkpoints, config)
     mean, std = experiment.normalization(config, train_split)
-    model = experiment.build_model(config, method, train_split.num_classes, mean, std)
-    optimizers = optim.make_optimizers(
-      config.optim.momentum,
-      config.optim.nesterov,
-      config.optim.weight_decay,
-      config.optim.optimizer,
-    )
-    settings = StepSettings.from_config(
-      config, method, kl_weight=step_lib.kl_loss_weight(config, train_split_size)
-    )
+    setup = run_setup(config, train_split.num_classes, mean, std, train_split_size, method)
+    model, optimizers, settings = setup.model, setup.optimizers, setup.settings
 
     root = jax.random.key(config.seed)
-    state = jax.jit(
-      functools.partial(
-        create_train_state, model, optimizers, image_shape=train_split.images.shape[1:]
-      ),
-      out_shardings=replicated,
-    )(jax.random.fold_in(root, step_lib.INIT_STREAM))
+    state = setup.initializer(train_split.images.shape[1:], out_shardings=replicated)(
+      init_key(config.seed)
+    )
     metrics = sharding.replicate(mesh, EpochMetrics.empty())
     tree, latest = resume(checkpoints, config, checkpoint_tree(state, metrics), workdir)
     state, metrics = from_checkpoint_tree(tree)

@@ -27,7 +27,8 @@ from l2p_jax.attacks import core
 from l2p_jax.interop.parity import trajectory_report
 from l2p_jax.interop.torch_layouts import torch_entries
 from l2p_jax.models.layers import DRAWS
-from l2p_jax.training import objectives, optim, rules, schedule, train_state
+from l2p_jax.training import objectives, rules, schedule, train_state
+from l2p_jax.training import setup as training_setup
 from l2p_jax.training import step as step_lib
 
 LAYOUT = 'l2p'  # The authors' module names: ResNet-V1 fb-style, ResNet-18 kuangliu.
@@ -175,23 +176,17 @@ def compare(
   train_split_size: the whole training split's size, Adv-BNN's N (default: split's).
   """
   check_config(config, steps)
-  method = methods.get(config.method)
   mean, std = experiment.normalization(config, split)
-  model = experiment.build_model(config, method, split.num_classes, mean, std)
-  optimizers = optim.make_optimizers(
-    config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
+  setup = training_setup.run_setup(
+    config, split.num_classes, mean, std, train_split_size or split.num_examples
   )
-  state = jax.jit(
-    functools.partial(
-      train_state.create_train_state, model, optimizers, image_shape=split.images.shape[1:]
-    )
-  )(jax.random.fold_in(jax.random.key(config.seed), step_lib.INIT_STREAM))
-  kl_weight = step_lib.kl_loss_weight(config, train_split_size or split.num_examples)
+  method, model, optimizers, settings = setup.method, setup.model, setup.optimizers, setup.settings
+  kl_weight = settings.kl_weight
+  state = setup.initializer(split.images.shape[1:])(training_setup.init_key(config.seed))
   entries = _entries(state.variables)
   net, torch_train_step = _torch_twin(
     config, split, state, entries, mean, std, batch_norm, kl_weight
   )
-  settings = rules.StepSettings.from_config(config, method, kl_weight)
   jax_step = jax.jit(
     functools.partial(step_lib.train_step, model=model, settings=settings, optimizers=optimizers),
     static_argnames='phase',
