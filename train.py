@@ -3,6 +3,8 @@ r"""Trains one of the five methods; see configs/cifar.py for the experiments.
   python train.py --config configs/cifar.py:l2p,resnet20,cifar10 --workdir runs/l2p
   python train.py --config configs/cifar.py:tiny --workdir /tmp/tiny \
       --config.data.source=local --config.data.local_dir=~/data/cifar
+  python train.py --config configs/cifar.py:my_defense,resnet20,cifar10 \
+      --config.modules=my_pkg.defense --workdir runs/mine   # registers my_defense
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
