@@ -156,6 +156,52 @@ def _probe(model: JudgedModel, images: np.ndarray, batch_size: int) -> tuple[int
   return out.shape[1], varies
 
 
+def given_model(
+  predict: LogitsFn,
+  randomized: bool,
+  label: str,
+  output_dir: str | None,
+  predict_noise_off: LogitsFn | None,
+) -> JudgedModel:
+  """The JudgedModel of evaluate's arguments, judged by the first draw by default and
+  described by `label` (records.Record)."""
+  return JudgedModel(
+    PredictLogits(predict, predict_noise_off if randomized else predict),
+    None,
+    randomized,
+    DEFAULT_PREDICTION,
+    {
+      'checkpoint': label,
+      'step': 0,
+      'workdir': output_dir,
+      'method': label,
+      'arch': 'predict',
+      'width': 1.0,
+    },
+    noise_off=predict_noise_off is not None or not randomized,
+  )
+
+
+def checked_examples(model: JudgedModel, images: Any, labels: Any, batch_size: int) -> Examples:
+  """The images and labels to judge the model on; InputError for images, labels or
+  logits it cannot judge, or a model declared deterministic whose logits change with
+  the key."""
+  images = checked_images(images)
+  labels = checked_labels(labels, len(images))
+  classes, varies = _probe(model, images, batch_size)
+  if varies and not model.randomized:
+    raise InputError(
+      'predict is declared randomized=False but its logits change with the key; pass '
+      'randomized=True to judge it over noise draws.'
+    )
+  if labels.min() < 0 or labels.max() >= classes:
+    raise InputError(
+      f'labels must lie in [0, {classes}) (predict gives {classes} logits); found '
+      f'{labels.min()} to {labels.max()}.'
+    )
+  return Examples(DATASET, SPLIT, images, labels, classes)
+
+
 def _runnable(specs: list[AttackSpec], model: JudgedModel, label: str) -> list[AttackSpec]:
   """The specs the model can be attacked with: the noise-off ones only with the model's
   noise off given, each one left out said on the console."""
@@ -199,39 +245,12 @@ def evaluate(
       'transfer needs several models; evaluate judges one: leave it out of attacks '
       '(evaluate_workdirs runs it between checkpoints).'
     )
-  images = checked_images(images)
-  labels = checked_labels(labels, len(images))
-  model = JudgedModel(
-    PredictLogits(predict, predict_noise_off if randomized else predict),
-    None,
-    randomized,
-    DEFAULT_PREDICTION,
-    {
-      'checkpoint': label,
-      'step': 0,
-      'workdir': config.output_dir,
-      'method': label,
-      'arch': 'predict',
-      'width': 1.0,
-    },
-    noise_off=predict_noise_off is not None or not randomized,
-  )
+  model = given_model(predict, randomized, label, config.output_dir, predict_noise_off)
   if not (config.noise or model.noise_off):
     raise InputError(
       'config.noise=False judges the model with its noise off: pass predict_noise_off.'
     )
-  classes, varies = _probe(model, images, config.batch_size)
-  if varies and not randomized:
-    raise InputError(
-      'predict is declared randomized=False but its logits change with the key; pass '
-      'randomized=True to judge it over noise draws.'
-    )
-  if labels.min() < 0 or labels.max() >= classes:
-    raise InputError(
-      f'labels must lie in [0, {classes}) (predict gives {classes} logits); found '
-      f'{labels.min()} to {labels.max()}.'
-    )
-  split = Examples(DATASET, SPLIT, images, labels, classes)
+  split = checked_examples(model, images, labels, config.batch_size)
   specs = _runnable(specs, model, label)
   stored = runner.open_results(config.output_dir)  # Refused now, not after the attacks.
   mesh = runner._eval_mesh(config)
