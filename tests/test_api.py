@@ -21,7 +21,7 @@ import pytest
 import tiny_runs
 import toy_models
 
-from l2p_jax import data, evaluation, models
+from l2p_jax import evaluation, models
 from l2p_jax.errors import UserError
 from l2p_jax.evaluation import api
 from l2p_jax.runtime import cli
@@ -152,7 +152,7 @@ def test_noise_off_attacks_without_the_noise_off_model_are_skipped_with_a_note(c
     dropout_on, IMAGES, LABELS, randomized=True, attacks='clean,noise_off_pgd', config=tiny()
   )
   assert [r['attack'] for r in results['records']] == ['clean']
-  assert 'skipped, it needs predict_noise_off' in capsys.readouterr().err
+  assert 'skipped, it needs predict_noise_off' in capsys.readouterr().out
 
 
 @pytest.fixture(scope='module')
@@ -168,7 +168,7 @@ def test_our_checkpoint_through_the_api_has_eval_pys_records(l2p_run, tmp_path):
   split = evaluation.load_examples(evaluation.data_settings(config, checkpoint))
   by_api = evaluation.evaluate(
     models.inference_logits(checkpoint.model, checkpoint.variables, True),
-    np.asarray(data.to_float(split.images)),
+    split.images,  # uint8, converted inside the jitted attacks as eval.py does.
     split.labels,
     randomized=True,
     attacks=config.attacks,
@@ -277,6 +277,7 @@ X, Y = np.asarray(toy_models.X), np.asarray(toy_models.Y)
   'change,message',
   [
     (dict(predict=lambda x, k: toy_models.linear(x, k)[:, 0]), r'logits of shape \(8,\) for 8'),
+    (dict(predict=lambda x, k: (x, k)), 'predict must return one array of logits'),
     (
       dict(predict=lambda x, k: toy_models.linear(x, k).astype(jnp.int32)),
       'predict returned int32 logits; they must be floating point',
@@ -289,7 +290,7 @@ X, Y = np.asarray(toy_models.X), np.asarray(toy_models.Y)
     (dict(images=X - 1), r'images must lie in \[0, 1\]; found values from -'),
     (dict(images=X[..., 0]), r'images must be a non-empty NHWC batch .*got shape \(32, 4, 4\)'),
     (dict(images=np.zeros((2, 3, 8, 8), np.float32)), r'look NCHW; .*transpose\(0, 2, 3, 1\)'),
-    (dict(images=(X * 255).astype(np.uint8)), r'floats in \[0, 1\]; got uint8'),
+    (dict(images=(X * 255).astype(np.int32)), r'floats in \[0, 1\] \(or uint8\); got int32'),
     (dict(labels=Y + 1), r'labels must lie in \[0, 3\) \(predict gives 3 logits\); found \d to 3'),
     (dict(labels=Y[:-1]), '31 labels for 32 images; give one label per image'),
     (dict(labels=Y.astype(np.float32)), 'labels must be integer class indices'),

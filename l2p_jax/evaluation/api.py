@@ -28,6 +28,7 @@ from l2p_jax.evaluation.attack_registry import (
   plan_attacks,
 )
 from l2p_jax.evaluation.judged_model import JudgedModel, PredictLogits
+from l2p_jax.evaluation.judging import as_inputs
 
 # What records say about the data of evaluate(): its images are the caller's arrays.
 DATASET, SPLIT = 'arrays', 'evaluate'
@@ -45,7 +46,7 @@ class InputError(EvaluationError):
 @dataclasses.dataclass(frozen=True)
 class Examples:
   """The images and labels given to `evaluate`, with data.HostSplit's fields (which
-  judging reads), the images float32 in [0, 1] rather than uint8."""
+  judging reads), the images float32 in [0, 1] or uint8."""
 
   name: str
   split: str
@@ -90,7 +91,8 @@ def _settings(
 
 
 def checked_images(images: Any) -> np.ndarray:
-  """`images` as float32 NumPy; InputError unless an NHWC batch of floats in [0, 1]."""
+  """`images` as NumPy, float32 or uint8 (read as k/255 inside the jitted attacks, as
+  eval.py reads a split); InputError unless an NHWC batch of floats in [0, 1] or uint8."""
   images = np.asarray(images)
   if images.ndim != 4 or not len(images):
     raise InputError(
@@ -101,16 +103,17 @@ def checked_images(images: Any) -> np.ndarray:
       f'images of shape {images.shape} look NCHW; evaluate takes NHWC: pass '
       'images.transpose(0, 2, 3, 1).'
     )
+  if images.dtype == np.uint8:
+    return images
   if not np.issubdtype(images.dtype, np.floating):
-    raise InputError(
-      f'images must be floats in [0, 1]; got {images.dtype} (uint8 images: divide by 255).'
-    )
+    raise InputError(f'images must be floats in [0, 1] (or uint8); got {images.dtype}.')
   images = images.astype(np.float32)
-  if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
+  finite = np.all(np.isfinite(images))
+  if not finite or images.min() < 0 or images.max() > 1:
     raise InputError(
       f'images must lie in [0, 1]; found values from {np.nanmin(images):g} to '
-      f'{np.nanmax(images):g}{" and non-finite ones" if not np.all(np.isfinite(images)) else ""} '
-      '(normalization belongs inside predict).'
+      f'{np.nanmax(images):g}{"" if finite else " and non-finite ones"} (normalization '
+      'belongs inside predict).'
     )
   return images
 
@@ -133,8 +136,11 @@ def _probe(model: JudgedModel, images: np.ndarray, batch_size: int) -> tuple[int
   the keys 0 and 1; InputError for logits of the wrong shape or dtype, or not finite."""
   key = jax.random.key(0)
   logits_fn = model.logits_fn(True)
+  images = np.asarray(as_inputs(images))
   batch = images[: min(batch_size, len(images))]
   out = jax.eval_shape(logits_fn, batch, key)
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise InputError(f'predict must return one array of logits; it returned {out}.')
   if len(out.shape) != 2 or out.shape[0] != len(batch) or out.shape[1] < 2:
     raise InputError(
       f'predict returned logits of shape {out.shape} for {len(batch)} images; it must '
@@ -158,16 +164,19 @@ def _probe(model: JudgedModel, images: np.ndarray, batch_size: int) -> tuple[int
 
 def given_model(
   predict: LogitsFn,
+  example: np.ndarray,
   randomized: bool,
   label: str,
   output_dir: str | None,
   predict_noise_off: LogitsFn | None,
 ) -> JudgedModel:
-  """The JudgedModel of evaluate's arguments, judged by the first draw by default and
+  """The JudgedModel of evaluate's arguments (the arrays predict closes over, found on
+  the `example` images, its traced variables), judged by the first draw by default and
   described by `label` (records.Record)."""
+  logits = PredictLogits(predict, predict_noise_off if randomized else predict)
   return JudgedModel(
-    PredictLogits(predict, predict_noise_off if randomized else predict),
-    None,
+    logits,
+    logits.closed_over(example, jax.random.key(0)),
     randomized,
     DEFAULT_PREDICTION,
     {
@@ -182,11 +191,12 @@ def given_model(
   )
 
 
-def checked_examples(model: JudgedModel, images: Any, labels: Any, batch_size: int) -> Examples:
-  """The images and labels to judge the model on; InputError for images, labels or
+def checked_examples(
+  model: JudgedModel, images: np.ndarray, labels: Any, batch_size: int
+) -> Examples:
+  """The checked images and the labels to judge the model on; InputError for labels or
   logits it cannot judge, or a model declared deterministic whose logits change with
   the key."""
-  images = checked_images(images)
   labels = checked_labels(labels, len(images))
   classes, varies = _probe(model, images, batch_size)
   if varies and not model.randomized:
@@ -225,7 +235,8 @@ def evaluate(
   predict_noise_off: LogitsFn | None = None,
 ) -> dict[str, Any]:
   """Evaluates `predict(x, key) -> logits` (pure JAX, float32 NHWC x in [0, 1], its
-  noise drawn from `key`) on `images` (floats in [0, 1], NHWC) and `labels` as eval.py
+  noise drawn from `key`) on `images` (NHWC, floats in [0, 1], or uint8 read as k/255
+  as eval.py reads a split) and `labels` as eval.py
   does a checkpoint: `attacks` (eval.py's names; None: config.attacks, eval.py's
   default list in the default config) with config's settings (configs/eval.py's
   get_config(); its data and model sections do not apply; config.seed becomes `seed`),
@@ -245,7 +256,9 @@ def evaluate(
       'transfer needs several models; evaluate judges one: leave it out of attacks '
       '(evaluate_workdirs runs it between checkpoints).'
     )
-  model = given_model(predict, randomized, label, config.output_dir, predict_noise_off)
+  images = checked_images(images)
+  example = np.asarray(as_inputs(images[:1]))
+  model = given_model(predict, example, randomized, label, config.output_dir, predict_noise_off)
   if not (config.noise or model.noise_off):
     raise InputError(
       'config.noise=False judges the model with its noise off: pass predict_noise_off.'

@@ -34,15 +34,42 @@ class FlaxLogits:
 
 @dataclasses.dataclass(frozen=True)
 class PredictLogits:
-  """A user's `predict(x, key) -> logits` (its variables closed over) and, if given, the
-  same model with its noise off (`noise_off`, None when there is none)."""
+  """A user's `predict(x, key) -> logits` and, if given, the same model with its noise
+  off (`noise_off`, None when there is none). The arrays they close over (weights) are
+  the variables (`closed_over`), passed traced as a checkpoint's are, not compiled in as
+  constants: compiling stays fast for large models, and a checkpoint's predict gives
+  eval.py's bits."""
 
   predict: LogitsFn
   noise_off: LogitsFn | None = None
 
+  def _function(self, noise: bool) -> LogitsFn:
+    return self.predict if noise else self.noise_off
+
+  def closed_over(self, x: jax.Array, key: jax.Array) -> dict[str, Any]:
+    """The arrays that predict and noise_off close over (their jaxprs' constants at x's
+    shape), by name."""
+    functions = [f for f in (self.predict, self.noise_off) if f is not None]
+    return {_name(c): c for f in functions for c in jax.make_jaxpr(f)(x, key).consts}
+
   def __call__(self, variables: Any, noise: bool, x: jax.Array, key: jax.Array) -> jax.Array:
-    del variables  # Closed over by predict.
-    return (self.predict if noise else self.noise_off)(x, key)
+    traced, shapes = jax.make_jaxpr(self._function(noise), return_shape=True)(
+      _shape(x), _shape(key)
+    )
+    arrays = [variables.get(_name(c), c) for c in traced.consts]
+    outputs = jax.core.eval_jaxpr(traced.jaxpr, arrays, x, key)
+    return jax.tree.unflatten(jax.tree.structure(shapes), outputs)
+
+
+def _shape(array: jax.Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(array.shape, array.dtype)
+
+
+def _name(array: Any) -> str:
+  """A closed-over array's name among the variables: its identity, which is the same at
+  every trace of the function that holds it (and, the variables holding the array, no
+  other object's)."""
+  return str(id(array))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
