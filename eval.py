@@ -3,6 +3,7 @@ r"""Evaluates trained checkpoints under attack; see configs/eval.py for the atta
   python eval.py --workdir runs/l2p_r20
   python eval.py --workdir runs/l2p_r20,runs/pni_r20 --config.attacks=clean,pgd,transfer
   python eval.py --workdir runs/l2p_r20 --checkpoint runs/l2p_r20/checkpoints/175000
+  python eval.py --workdir runs/mine --config.modules=my_pkg.defense   # a user's defense
 
 Writes results.json, results.md and plots to WORKDIR/eval (of the first --workdir).
 """
@@ -46,6 +47,7 @@ def main(argv):
     devices = host_devices.configure({'config.batch_size': FLAGS.config.batch_size})
     distributed.initialize_from_flags()
     host_devices.log_choice(devices)
+    cli.import_modules(cli.listed(FLAGS.config.modules))  # Set in a config file, not a flag.
     evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 
 

@@ -4,6 +4,8 @@ r"""Trains one of the five methods; see configs/cifar.py for the experiments.
   python train.py --config configs/cifar.py:l2p,resnet8,fashion_mnist,tiny --workdir /tmp/tiny
   python train.py --config configs/cifar.py:tiny --workdir /tmp/tiny \
       --config.data.local_dir=~/data/cifar
+  python train.py --config configs/cifar.py:my_defense,resnet20,cifar10 \
+      --config.modules=my_pkg.defense --workdir runs/mine   # registers my_defense
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """

@@ -180,6 +180,9 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2  # Checkpoints kept on disk.
   c.log_every_steps = 50  # Scalars to TensorBoard and the non-finite check.
   c.progress_bar = True  # tqdm bar with rate and ETA.
+  # Comma-separated modules train.py imports before it builds this config: a user's
+  # defense registered there (l2p_jax.methods.register) can be named as METHOD.
+  c.modules = ''
 
   if 'authors_code' in modifiers:
     for field, value in _ADV_BNN_CODE.items():

@@ -43,6 +43,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.unroll = False  # Unroll attack loops (speed only: faster on XLA:CPU, slower compile).
   c.output_dir = placeholder(str)  # Where results go; None: WORKDIR/eval of the first --workdir.
   c.progress_bar = True  # tqdm bar with rate and ETA per attack.
+  # Comma-separated modules eval.py imports before reading any checkpoint: a user's
+  # defense registered there (l2p_jax.methods.register) evaluates like the paper's five.
+  c.modules = ''
 
   # How a randomized model predicts. None: as the method's authors judge it, which is
   # mean_softmax over 50 draws for adv_bnn (Adv-BNN's acc_under_attack.py) and single

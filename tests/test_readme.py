@@ -24,6 +24,7 @@ SECTIONS = [
   'Quick start',
   'The experiment grid',
   'Evaluating',
+  'Evaluate your own model',
   'Reproducing the paper',
   'Running the tests',
   'Where to read more',

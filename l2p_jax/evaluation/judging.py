@@ -1,4 +1,4 @@
-"""Attacks run over a split and judged: each batch attacked on a source checkpoint, and
+"""Attacks run over a split and judged: each batch attacked on a source model, and
 every target's predictions on the result made under K judged noise draws (K =
 config.judge.draws for a randomized model, 1 for a deterministic one), each draw by the
 target's prediction rule (`attack_accuracy`). The adversarial examples are made once;
@@ -9,7 +9,7 @@ parameters (an `AttackSpec`) has the key fold_in(key(seed), spec.key_id), key_id
 a CRC-32 of the spec's text; batch b of the split uses batch_key = fold_in(that key, b);
 the attack runs with fold_in(batch_key, 0); judged draw k predicts its output with
 fold_in(fold_in(batch_key, 1), k), whose prediction draw j (vote, mean_softmax) uses
-fold_in(that, j). Keys do not depend on the checkpoint, so every model meets the
+fold_in(that, j). Keys do not depend on the model, so every model meets the
 same random numbers and a transfer cell whose source is its target equals that model's
 white-box result.
 """
@@ -29,10 +29,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2p_jax import attacks, data, experiment, methods, models
-from l2p_jax.checkpointing import Checkpoint
+from l2p_jax import attacks, data, experiment, methods
 from l2p_jax.evaluation import intervals, prediction
 from l2p_jax.evaluation.attack_registry import AttackSpec
+from l2p_jax.evaluation.judged_model import JudgedModel, Logits
 
 DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws is None.
 KEY_LAYOUT = (
@@ -42,34 +42,48 @@ KEY_LAYOUT = (
 )
 
 
-def prediction_rule(config: ml_collections.ConfigDict, method: str) -> tuple[str, int, str]:
-  """(rule, draws, origin) of a `method` checkpoint's predictions: config.predict's
-  rule, or with none set the rule the method's authors judge it by (its registry
-  record's authors_prediction); origin says which ('config' or 'authors')."""
+def chosen_rule(
+  config: ml_collections.ConfigDict, authors: tuple[str, int]
+) -> tuple[str, int, str]:
+  """(rule, draws, origin) of a model's predictions: config.predict's rule, or with none
+  set `authors`, the (rule, draws) the model's authors judge it by; origin says which
+  ('config' or 'authors')."""
   rule, draws = config.predict.rule, config.predict.draws
   if rule is None:
-    rule, authors_draws = methods.get(method).authors_prediction
+    rule, authors_draws = authors
     return rule, 1 if rule == 'single' else draws or authors_draws, 'authors'
   return rule, 1 if rule == 'single' else draws or DEFAULT_DRAWS, 'config'
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'attack', 'params', 'noise'))
+def prediction_rule(config: ml_collections.ConfigDict, method: str) -> tuple[str, int, str]:
+  """chosen_rule of a `method` checkpoint, whose authors' rule is its registry record's
+  authors_prediction."""
+  return chosen_rule(config, methods.get(method).authors_prediction)
+
+
+def as_inputs(images: jax.Array) -> jax.Array:
+  """A batch as the models take it: a split's uint8 images in [0, 1] floats, float
+  images (evaluate's) as they are."""
+  return images if jnp.issubdtype(images.dtype, jnp.floating) else data.to_float(images)
+
+
+@functools.partial(jax.jit, static_argnames=('logits', 'attack', 'params', 'noise'))
 def _attack_batch(
-  variables: dict[str, Any],
+  variables: Any,
   images: jax.Array,
   labels: jax.Array,
   key: jax.Array,
   eps: jax.Array | None,
   *,
-  model: models.ResNet,
+  logits: Logits,
   attack: Callable[..., attacks.AttackResult],
   params: tuple,
   noise: bool,
 ) -> jax.Array:
-  """The attack's inputs for one uint8 batch; compiled once per (model, attack, params)."""
+  """The attack's inputs for one batch; compiled once per (model, attack, params)."""
   kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
   return attack(
-    models.inference_logits(model, variables, noise), key, data.to_float(images), labels, **kwargs
+    functools.partial(logits, variables, noise), key, as_inputs(images), labels, **kwargs
   ).x_adv
 
 
@@ -100,16 +114,16 @@ def judged_verdicts(
   return jax.lax.map(one_draw, first_draw + jnp.arange(judged_draws))
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'noise', 'judged_draws', 'draws', 'rule'))
+@functools.partial(jax.jit, static_argnames=('logits', 'noise', 'judged_draws', 'draws', 'rule'))
 def _judge_batch(
-  variables: dict[str, Any],
+  variables: Any,
   images: jax.Array,
   x_adv: jax.Array,
   labels: jax.Array,
   mask: jax.Array,
   key: jax.Array,
   *,
-  model: models.ResNet,
+  logits: Logits,
   noise: bool,
   judged_draws: int,
   draws: int,
@@ -118,9 +132,9 @@ def _judge_batch(
   """One batch judged under `judged_draws` draws (judged_verdicts): per example the
   draws right and the draws fooled, the L2 size of its perturbation, and per draw the
   real examples right."""
-  x = data.to_float(images)
+  x = as_inputs(images)
   right, fooled = judged_verdicts(
-    models.inference_logits(model, variables, noise),
+    functools.partial(logits, variables, noise),
     key,
     x,
     x_adv,
@@ -172,16 +186,16 @@ class Judgement:
     }
 
 
-def judged_draws(config: ml_collections.ConfigDict, checkpoint: Checkpoint) -> int:
-  """How many draws judge `checkpoint`: config.judge.draws for a randomized model with
-  its noise on, 1 for a deterministic one (every draw is the same)."""
-  return config.judge.draws if config.noise and checkpoint.randomized else 1
+def judged_draws(config: ml_collections.ConfigDict, model: JudgedModel) -> int:
+  """How many draws judge `model`: config.judge.draws for a randomized model with its
+  noise on, 1 for a deterministic one (every draw is the same)."""
+  return config.judge.draws if config.noise and model.randomized else 1
 
 
 def attack_accuracy(
   spec: AttackSpec,
-  source: Checkpoint,
-  targets: Sequence[Checkpoint],
+  source: JudgedModel,
+  targets: Sequence[JudgedModel],
   split: data.HostSplit,
   *,
   config: ml_collections.ConfigDict,
@@ -198,8 +212,7 @@ def attack_accuracy(
   key = jax.random.fold_in(jax.random.key(config.seed), spec.key_id)
   eps = None if spec.eps is None else jnp.float32(spec.eps)
   settings = [
-    (judged_draws(config, t), *prediction_rule(config, t.meta['config']['method'])[:2])
-    for t in targets
+    (judged_draws(config, t), *chosen_rule(config, t.authors_prediction)[:2]) for t in targets
   ]
   outputs = [[] for _ in targets]
   seconds = [0.0] * len(targets)
@@ -213,7 +226,7 @@ def attack_accuracy(
       batch['label'],
       jax.random.fold_in(batch_key, 0),
       eps,
-      model=source.model,
+      logits=source.logits,
       attack=spec.function,
       params=spec.arguments,
       noise=config.noise and spec.attack_noise,
@@ -227,7 +240,7 @@ def attack_accuracy(
         batch['label'],
         batch['mask'],
         jax.random.fold_in(batch_key, 1),
-        model=target.model,
+        logits=target.logits,
         noise=config.noise,
         judged_draws=k,
         draws=draws,

@@ -15,9 +15,9 @@ import ml_collections
 from tqdm import tqdm
 
 from l2p_jax import data
-from l2p_jax.checkpointing import Checkpoint
 from l2p_jax.evaluation.attack_registry import AttackSpec
-from l2p_jax.evaluation.judging import Judgement, prediction_rule
+from l2p_jax.evaluation.judged_model import JudgedModel
+from l2p_jax.evaluation.judging import Judgement, chosen_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,9 @@ class Record:
   """One result, as results.json holds it.
 
   label, checkpoint, step, workdir, method, arch, width, dataset, split: what was
-  evaluated; attack, name, params: the attack (registry name, AttackSpec.name, its
+  evaluated (a model given to `evaluation.evaluate`: checkpoint and method its label,
+  step 0, workdir its output folder, arch 'predict', width 1; dataset 'arrays', split
+  'evaluate'); attack, name, params: the attack (registry name, AttackSpec.name, its
   parameters with eps and examples); source: None for white-box, else the checkpoint
   the examples were made on (label, checkpoint, step); accuracy, correct, n, fooled,
   mean_l2: the outcome (fooled counts the examples predicted right on the clean input
@@ -88,7 +90,7 @@ RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
 def make_record(
   config: ml_collections.ConfigDict,
   spec: AttackSpec,
-  target: Checkpoint,
+  target: JudgedModel,
   label: str,
   split: data.HostSplit,
   judgement: Judgement,
@@ -97,10 +99,10 @@ def make_record(
 ) -> Record:
   """One result: what was attacked how, with which key and prediction rule, and the
   outcome."""
-  rule, draws, origin = prediction_rule(config, target.meta['config']['method'])
+  rule, draws, origin = chosen_rule(config, target.authors_prediction)
   record = {
     'label': label,
-    **target.describe(),
+    **target.description,
     'dataset': split.name,
     'split': split.split,
     'attack': spec.attack,

@@ -1,7 +1,9 @@
-"""The evaluation of trained checkpoints under attack (`evaluate_workdirs`): each model
-rebuilt from its checkpoint alone, the data it is evaluated on, the white-box attacks of
-config.attacks on every checkpoint and the transfer matrix between them, and the results
-written to results.json and results.md. Keys and prediction rules: see judging."""
+"""The evaluation of models under attack: the white-box attacks of config.attacks on
+one model (`evaluate_model`, any JudgedModel: a checkpoint's, or evaluate's predict
+function) and its results concluded and written to results.json and results.md
+(`open_results`, `conclude`); for trained checkpoints (`evaluate_workdirs`) each model
+rebuilt from its checkpoint alone, the data it is evaluated on and the transfer matrix
+between them. Keys and prediction rules: see judging."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from l2p_jax import checkpointing, data, experiment, models
+from l2p_jax import checkpointing, data, experiment, methods
 from l2p_jax.checkpointing import Checkpoint
 from l2p_jax.evaluation import prediction, results_files, results_report, summary, verdicts
 from l2p_jax.evaluation.attack_registry import (
@@ -28,7 +30,8 @@ from l2p_jax.evaluation.attack_registry import (
   registered_attacks,
   transfer_specs,
 )
-from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, attack_accuracy
+from l2p_jax.evaluation.judged_model import FlaxLogits, JudgedModel
+from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, as_inputs, attack_accuracy
 from l2p_jax.evaluation.records import Record, log_record, make_record
 from l2p_jax.runtime import cli, sharding
 
@@ -125,6 +128,43 @@ def _recorded(record: Record, judgement: Judgement, found: Verdicts) -> dict[str
   return record.to_json()
 
 
+def checkpoint_model(checkpoint: Checkpoint) -> JudgedModel:
+  """A restored checkpoint as the evaluation judges it: its network, randomized and
+  judged as its method's registry record says."""
+  method = methods.get(checkpoint.meta['config']['method'])
+  return JudgedModel(
+    FlaxLogits(checkpoint.model),
+    checkpoint.variables,
+    checkpoint.randomized,
+    method.authors_prediction,
+    checkpoint.describe(),
+  )
+
+
+def evaluate_model(
+  config: ml_collections.ConfigDict,
+  model: JudgedModel,
+  label: str,
+  split: data.HostSplit,
+  specs: Sequence[AttackSpec],
+  mesh: jax.sharding.Mesh,
+  found: Verdicts,
+) -> list[dict[str, Any]]:
+  """One white-box record per attack spec for one model (the noise-off attacks on
+  randomized models only), its verdicts added to `found`."""
+  records = []
+  for spec in specs:
+    if not spec.attack_noise and not (config.noise and model.randomized):
+      continue  # Without noise the attack is the white-box one.
+    started = time.time()
+    [judgement] = attack_accuracy(
+      spec, model, [model], split, config=config, mesh=mesh, desc=f'{label} {spec.name}'
+    )
+    record = make_record(config, spec, model, label, split, judgement, time.time() - started)
+    records.append(_recorded(record, judgement, found))
+  return records
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict,
   checkpoint: Checkpoint,
@@ -134,25 +174,14 @@ def evaluate_checkpoint(
   mesh: jax.sharding.Mesh,
   found: Verdicts,
 ) -> list[dict[str, Any]]:
-  """One white-box record per attack spec for one checkpoint (the noise-off attacks on
-  randomized models only), its verdicts added to `found`."""
-  records = []
-  for spec in specs:
-    if not spec.attack_noise and not (config.noise and checkpoint.randomized):
-      continue  # Without noise the attack is the white-box one.
-    started = time.time()
-    [judgement] = attack_accuracy(
-      spec, checkpoint, [checkpoint], split, config=config, mesh=mesh, desc=f'{label} {spec.name}'
-    )
-    record = make_record(config, spec, checkpoint, label, split, judgement, time.time() - started)
-    records.append(_recorded(record, judgement, found))
-  return records
+  """evaluate_model of a restored checkpoint."""
+  return evaluate_model(config, checkpoint_model(checkpoint), label, split, specs, mesh, found)
 
 
 def transfer_records(
   config: ml_collections.ConfigDict,
-  sources: Sequence[Checkpoint],
-  targets: Sequence[Checkpoint],
+  sources: Sequence[JudgedModel],
+  targets: Sequence[JudgedModel],
   labels: dict[str, str],
   split: data.HostSplit,
   mesh: jax.sharding.Mesh,
@@ -175,7 +204,8 @@ def transfer_records(
         desc=f'transfer from {labels[source.path]} {spec.name}',
       )
       seconds = time.time() - started
-      origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': source.step}
+      step = source.description['step']
+      origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': step}
       for target, judgement in zip(targets, judgements):
         label = labels[target.path]
         record = make_record(config, spec, target, label, split, judgement, seconds, origin)
@@ -227,29 +257,65 @@ def _check_paths(workdirs: Sequence[str], checkpoint_paths: Sequence[str]) -> No
 
 
 def logits_vary(
-  config: ml_collections.ConfigDict, checkpoint: Checkpoint, split: data.HostSplit
+  config: ml_collections.ConfigDict, model: JudgedModel, split: data.HostSplit
 ) -> bool:
-  """Whether the checkpoint's logits on the split's first examples differ between two
-  noise draws (with config.noise), for the judged_over_draws sanity check."""
-  images = data.to_float(split.images[: min(config.batch_size, split.num_examples)])
-  logits = jax.jit(models.inference_logits(checkpoint.model, checkpoint.variables, config.noise))
+  """Whether the model's logits on the split's first examples differ between two noise
+  draws (with config.noise), for the judged_over_draws sanity check."""
+  images = as_inputs(split.images[: min(config.batch_size, split.num_examples)])
+  logits = jax.jit(model.logits_fn(config.noise))
   first, second = (np.asarray(logits(images, jax.random.key(k))) for k in (0, 1))
   return bool(np.any(first != second))
 
 
-def _write_results(
-  results: dict[str, Any], found: Verdicts, stored: results_files.Stored, output_dir: str
+def model_entry(label: str, model: JudgedModel, varies: bool | None) -> dict[str, Any]:
+  """A model's entry in results.json's `checkpoints`: its label, description and
+  whether its logits vary between noise draws (None: not measured)."""
+  return {'label': label, **model.description, 'logits_vary': varies}
+
+
+def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The device mesh of an evaluation: every device, fewer when they do not divide
+  config.batch_size (the training loop's one check)."""
+  return sharding.mesh_for_batches({'config.batch_size': config.batch_size}, EvaluationError)
+
+
+def open_results(output_dir: str | None) -> results_files.Stored:
+  """What output_dir holds before the attacks run, refused now if it cannot be written
+  or read (nothing for None: the results are returned, not written)."""
+  if output_dir is None:
+    return results_files.Stored(None, {})
+  cli.check_writable_folder(
+    'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
+  )
+  return results_files.read_stored(output_dir)
+
+
+def conclude(
+  config: ml_collections.ConfigDict,
+  entries: Sequence[dict[str, Any]],
+  records: Sequence[dict[str, Any]],
+  found: Verdicts,
+  stored: results_files.Stored,
+  output_dir: str | None,
 ) -> dict[str, Any]:
-  """Merges the earlier records and verdicts of output_dir (`stored`) into `results`
-  and `found`, adds the worst cases and sanity checks, writes results.json,
-  verdicts.npz, results.md and the plots there (first process only), says the checks
-  and returns the merged results."""
+  """The results of the models' `entries` (model_entry) and their records: merged with
+  the earlier records and verdicts of output_dir (`stored`), the worst cases and sanity
+  checks added; written to output_dir (results.json, verdicts.npz, results.md and the
+  plots, first process only; None writes nothing), the checks said on the console.
+  Returns the merged results."""
+  results = {
+    'config': config.to_dict(),
+    'key_layout': KEY_LAYOUT,
+    'checkpoints': list(entries),
+    'records': list(records),
+  }
   results, found = results_files.merge(results, found, stored)
   results = summary.summarize(results, found)
   if jax.process_index() == 0:
-    paths = results_files.write_results(results, found, output_dir)
-    for path in paths + results_report.write_report(results, output_dir):
-      tqdm.write(f'Wrote {path}')
+    if output_dir is not None:
+      paths = results_files.write_results(results, found, output_dir)
+      for path in paths + results_report.write_report(results, output_dir):
+        tqdm.write(f'Wrote {path}')
     for line in results_report.console_lines(results):
       tqdm.write(line)
   return results
@@ -271,11 +337,8 @@ def evaluate_workdirs(
   validate_config(config)
   specs, transfer = plan_attacks(config)
   output_dir = config.output_dir or os.path.join(workdirs[0], 'eval')
-  cli.check_writable_folder(
-    'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
-  )
-  stored = results_files.read_stored(output_dir)  # Refused now, not after the attacks.
-  mesh = sharding.mesh_for_batches({'config.batch_size': config.batch_size}, EvaluationError)
+  stored = open_results(output_dir)  # Refused now, not after the attacks.
+  mesh = eval_mesh(config)
   cache = _RestoredCheckpoints(config)
   paths = checkpoint_paths or workdirs
   evaluated = [cache.load(path) for path in paths]
@@ -283,29 +346,23 @@ def evaluate_workdirs(
     sources = [cache.load(p) for p in listed_names(config.transfer.sources) or paths]
     targets = [cache.load(p) for p in listed_names(config.transfer.targets) or paths]
   labels = _labels(list(cache.restored.values()))
+  judged = {c.path: checkpoint_model(c) for c in cache.restored.values()}
   examples = functools.cache(load_examples)
 
   records, found, varies = [], {}, {}
   for checkpoint in evaluated:
     split = examples(data_settings(config, checkpoint))
     check_model_takes_split(split, checkpoint)
-    label = labels[checkpoint.path]
-    records += evaluate_checkpoint(config, checkpoint, label, split, specs, mesh, found)
-    varies[checkpoint.path] = logits_vary(config, checkpoint, split)
+    label, model = labels[checkpoint.path], judged[checkpoint.path]
+    records += evaluate_model(config, model, label, split, specs, mesh, found)
+    varies[checkpoint.path] = logits_vary(config, model, split)
   if transfer:
     split = examples(data_settings(config, sources[0]))
     for checkpoint in sources + targets:
       check_model_takes_split(split, checkpoint)
-    records += transfer_records(config, sources, targets, labels, split, mesh, found)
+    models = [[judged[c.path] for c in group] for group in (sources, targets)]
+    records += transfer_records(config, *models, labels, split, mesh, found)
     for checkpoint in targets:
-      varies.setdefault(checkpoint.path, logits_vary(config, checkpoint, split))
-  results = {
-    'config': config.to_dict(),
-    'key_layout': KEY_LAYOUT,
-    'checkpoints': [
-      {'label': labels[c.path], **c.describe(), 'logits_vary': varies.get(c.path)}
-      for c in cache.restored.values()
-    ],
-    'records': records,
-  }
-  return _write_results(results, found, stored, output_dir)
+      varies.setdefault(checkpoint.path, logits_vary(config, judged[checkpoint.path], split))
+  entries = [model_entry(labels[p], m, varies.get(p)) for p, m in judged.items()]
+  return conclude(config, entries, records, found, stored, output_dir)

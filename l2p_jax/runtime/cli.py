@@ -1,10 +1,13 @@
-"""What the command-line entry points share: flag parsing that ends a bad config
-argument or a mistyped `--config.FIELD=...` override in one line, a check of the folder
-a command writes, and one line, not tracebacks, for a user error or a full disk."""
+"""What the command-line entry points share: flag parsing that first imports the
+user's modules of `--config.modules` (their defenses register themselves) and ends a
+bad config argument or a mistyped `--config.FIELD=...` override in one line, a check of
+the folder a command writes, and one line, not tracebacks, for a user error or a full
+disk."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -33,12 +36,52 @@ def unknown_field_message(program: str, error: Exception, argv: list[str]) -> st
   )
 
 
+MODULES_FLAG = '--config.modules'
+
+
+def modules_named(argv: list[str]) -> list[str]:
+  """The comma-separated modules of the last `--config.modules=A,B` (or
+  `--config.modules A,B`) in `argv`."""
+  value = ''
+  for flag, following in zip(argv, argv[1:] + ['']):
+    if flag.startswith(MODULES_FLAG + '='):
+      value = flag.partition('=')[2]
+    elif flag == MODULES_FLAG:
+      value = following
+  return listed(value)
+
+
+def listed(value: str) -> list[str]:
+  """The names of a comma-separated string, blanks dropped."""
+  return [name.strip() for name in value.split(',') if name.strip()]
+
+
+def import_modules(names: list[str]) -> None:
+  """Imports the modules `names` (a user's defenses register their methods on import);
+  UserError naming the first that does not import and why."""
+  for name in names:
+    try:
+      importlib.import_module(name)
+    except Exception as error:  # pylint: disable=broad-except  (whatever the module raised)
+      reason = (str(error).strip().splitlines() or [''])[0]
+      raise UserError(
+        f'{MODULES_FLAG}: the module {name!r} does not import ({type(error).__name__}: '
+        f'{reason}); put its folder on PYTHONPATH and check its name.'
+      ) from None
+
+
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
-  """A `flags_parser` for `app.run` that exits with one line naming a config field the
-  command line sets but the (locked) config does not have, what the config file
-  refused (e.g. an unknown ARCH, without its exception's type) or absl's flag error."""
+  """A `flags_parser` for `app.run` that imports the modules of `--config.modules`
+  before the config is built (a method they register can then be named in it) and exits
+  with one line naming a module that does not import, a config field the command line
+  sets but the (locked) config does not have, what the config file refused (e.g. an
+  unknown ARCH, without its exception's type) or absl's flag error."""
 
   def parse(argv: list[str]) -> list[str]:
+    try:
+      import_modules(modules_named(argv))
+    except UserError as error:
+      raise SystemExit(f'{program}: {error}') from None
     try:
       rest = flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:
