@@ -159,7 +159,38 @@ def apgd(
   gradient at iterate t (t = 0 is the random start) uses fold_in(steps_key, t) as the
   EOT key. AutoAttack's version for randomized defenses is `autoattack_rand`.
   """
-  loss_fn = core.get_loss(loss)
+  return apgd_on_loss(
+    logits_fn,
+    core.get_loss(loss),
+    key,
+    x,
+    y,
+    eps=eps,
+    steps=steps,
+    eot_draws=eot_draws,
+    restarts=restarts,
+    rho=rho,
+    momentum=momentum,
+    unroll=unroll,
+  )
+
+
+def apgd_on_loss(
+  logits_fn: core.LogitsFn,
+  loss_fn: core.LossFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  eps: float,
+  steps: int,
+  eot_draws: int,
+  restarts: int,
+  rho: float,
+  momentum: float,
+  unroll: int | bool,
+) -> core.AttackResult:
+  """`apgd` on any loss function (a targeted one included), with the same keys."""
   window = _window_lengths(steps)
 
   def run(run_key):

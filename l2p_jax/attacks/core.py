@@ -84,6 +84,16 @@ def dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (best_other - true) / (top3[:, 0] - top3[:, 2] + 1e-12)
 
 
+def dlr_targeted(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """Croce & Hein's targeted DLR loss, -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), for
+  target classes t; it needs at least four classes."""
+  if logits.shape[-1] < 4:
+    raise ValueError(f'The targeted DLR loss needs at least 4 classes, got {logits.shape[-1]}.')
+  take = lambda labels_: jnp.take_along_axis(logits, labels_[:, None], axis=-1)[:, 0]
+  top4 = jax.lax.top_k(logits, 4)[0]
+  return (take(targets) - take(labels)) / (top4[:, 0] - (top4[:, 2] + top4[:, 3]) / 2 + 1e-12)
+
+
 LOSSES: dict[str, LossFn] = {'ce': cross_entropy, 'cw': cw_margin, 'dlr': dlr}
 
 
