@@ -147,7 +147,7 @@ def test_square_apgd_t_and_autoattack_plan_their_randomized_variants():
   deterministic = _specs('square,apgd_t,autoattack', False)
   randomized = _specs('square,apgd_t,autoattack', True)
   assert "(('queries', 5000), ('p_init', 0.8))" in deterministic[0]
-  assert "(('queries', 1000), ('p_init', 0.8), ('eot_draws', 20))" in randomized[0]
+  assert "(('queries', 500), ('p_init', 0.8), ('eot_draws', 20))" in randomized[0]
   assert 'eot_draws' not in deterministic[1] and "('eot_draws', 20)" in randomized[1]
   assert "('version', 'standard')" in deterministic[2]
   assert "(('version', 'rand'), ('steps', 100), ('eot_draws', 20))" in randomized[2]
