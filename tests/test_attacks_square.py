@@ -108,3 +108,44 @@ def test_gradient_free_fires_where_quantization_masks_the_gradient():
   honest, (pgd, square) = _gradient_free_check(linear)
   assert honest['passed'] is True and pgd['accuracy'] < 0.4
   assert square['accuracy'] == pytest.approx(pgd['accuracy'], abs=0.1)
+
+
+X256 = jnp.asarray(np.random.default_rng(2).uniform(size=(256, 4, 4, 1)), jnp.float32)
+Y256 = jnp.argmax(linear(X256, None), -1)
+
+
+def _converged_check(steps, fraction):
+  """PGD of `steps` steps of eps / fraction (no random start) on the linear model and
+  256 images, its record holding the curve of its own verdicts as accuracies."""
+  result = attacks.pgd(
+    linear, KEY, X256, Y256, eps=EPS, steps=steps, step_size=EPS / fraction, random_start=False
+  )
+  curve = [int(c) / len(Y256) for c in result.curve]
+  pgd = _record('pgd', linear, result.x_adv, Y256, steps=steps, eot_draws=1)
+  results = {
+    'config': {'eps': EPS},
+    'checkpoints': [{'label': 'm', 'checkpoint': pgd['checkpoint'], 'logits_vary': None}],
+    'records': [{**pgd, 'curve': curve}],
+  }
+  [check] = [c for c in sanity.sanity_checks(results) if c['name'] == 'converged']
+  return check, curve
+
+
+def test_converged_fires_on_an_attack_still_descending_and_passes_a_finished_one():
+  """8 steps of eps / 8 reach the ball's edge at the last step, still fooling images at
+  every step: the last quarter takes more off than the interval is wide. 40 steps of
+  eps / 4 reach it after a quarter of them and then stop gaining."""
+  short, curve = _converged_check(8, 8)
+  assert short['passed'] is False and curve[6] - curve[8] > 0.1
+  assert 'pgd (8 steps, 1 eot_draws) at 38.25/255: the last quarter' in short['detail']
+  long, curve = _converged_check(40, 4)
+  assert long['passed'] is True and len(curve) == 41 and curve[30] - curve[40] < 0.05
+
+
+def test_square_and_apgd_keep_a_curve_that_ends_at_their_verdict():
+  square = attacks.square(linear, KEY, X, Y, eps=EPS, queries=50)
+  apgd = attacks.apgd(linear, KEY, X, Y, eps=EPS, steps=10)
+  for result, length in ((square, 51), (apgd, 11)):
+    curve = np.asarray(result.curve)
+    assert len(curve) == length and np.all(np.diff(curve) <= 0)  # fooled stays fooled
+    assert curve[-1] == np.sum(~np.asarray(result.success)) and curve[0] > curve[-1]

@@ -206,12 +206,18 @@ def apgd_on_loss(
       loss_new, logits, grad = grad_at(x_new, i + 1)
       return _advance(s, y, x_new, loss_new, logits, grad, window[i], rho)
 
-    s = jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
-    x_adv = jnp.where(core.per_example(s['fooled'], x), s['x_fooled'], s['x_best'])
-    return x_adv, s['loss_best'], s['fooled']
+    def tracked(i, state):
+      s, curve = state
+      s = iteration(i, s)
+      return s, curve.at[i + 1].set(core.unfooled(s['fooled']))
 
-  x_adv, _, fooled = core.best_of_restarts(run, key, restarts)
-  return core.make_result(x, x_adv, fooled)
+    curve = jnp.zeros(steps + 1, jnp.int32).at[0].set(core.unfooled(state['fooled']))
+    s, curve = jax.lax.fori_loop(0, steps, tracked, (state, curve), unroll=unroll)
+    x_adv = jnp.where(core.per_example(s['fooled'], x), s['x_fooled'], s['x_best'])
+    return x_adv, s['loss_best'], s['fooled'], curve
+
+  x_adv, _, fooled, curve = core.best_of_restarts(run, key, restarts)
+  return core.make_result(x, x_adv, fooled, curve)
 
 
 def autoattack_rand(

@@ -29,7 +29,7 @@ def _unless_all_fooled(
   """`best` with attack(best)'s successes added (first success per image), the attack
   skipped when every image is fooled already."""
   run = lambda b: core.first_success([b, attack(b)])
-  return jax.lax.cond(jnp.all(best.success), lambda b: b, run, best)
+  return jax.lax.cond(jnp.all(best.success), lambda b: b, run, best._replace(curve=None))
 
 
 def apgd_targeted(
@@ -75,7 +75,7 @@ def apgd_targeted(
     )
 
   add_target = lambda k, best: _unless_all_fooled(best, functools.partial(towards, k))
-  return jax.lax.fori_loop(2, targets + 1, add_target, towards(1))
+  return jax.lax.fori_loop(2, targets + 1, add_target, towards(1)._replace(curve=None))
 
 
 def autoattack(

@@ -68,7 +68,8 @@ def square(
 ) -> core.AttackResult:
   """Square Attack, one restart: `queries` random squares after the striped start, each
   kept where it lowers the image's margin (mean over `eot_draws` draws); returns the
-  best point per image and whether its margin is negative. `done` (N,) bool marks
+  best point per image, whether its margin is negative and the curve of images not
+  fooled after each query (the last value after an early stop). `done` (N,) bool marks
   images not to attack (AutoAttack's cascade: fooled by an earlier attack).
 
   (start_key, queries_key) = split(key); query i (i = 0 the start) draws its square
@@ -89,21 +90,25 @@ def square(
     return ~done & ((margin > 0) if stop_fooled else True)
 
   def query(state):
-    i, x_best, margin = state
+    i, x_best, margin, curve = state
     x_new = core.linf_project(
       _patch(jax.random.fold_in(queries_key, i + 1), x_best, sides[i], eps), x, eps
     )
     margin_new = _margin(logits_fn, jax.random.fold_in(noise_key, i + 1), x_new, y, eot_draws)
     keep = attacking(margin) & (margin_new < margin)
+    margin = jnp.where(keep, margin_new, margin)
     return (
       i + 1,
       jnp.where(core.per_example(keep, x), x_new, x_best),
-      jnp.where(keep, margin_new, margin),
+      margin,
+      curve.at[i + 1].set(core.unfooled(margin < 0)),
     )
 
   def going(state):
-    i, _, margin = state
+    i, _, margin, _ = state
     return (i < queries) & jnp.any(attacking(margin))
 
-  _, x_best, margin = jax.lax.while_loop(going, query, (0, x_best, margin))
-  return core.make_result(x, x_best, margin < 0)
+  curve = jnp.zeros(queries + 1, jnp.int32).at[0].set(core.unfooled(margin < 0))
+  done_at, x_best, margin, curve = jax.lax.while_loop(going, query, (0, x_best, margin, curve))
+  curve = jnp.where(jnp.arange(queries + 1) > done_at, curve[done_at], curve)
+  return core.make_result(x, x_best, margin < 0, curve)

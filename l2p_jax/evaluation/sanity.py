@@ -19,7 +19,10 @@ other record's accuracy_ci95 (intervals.accuracy_interval):
   more than one draw;
 - gradient_free: a gradient-free attack (Square) is not less accurate than the strongest
   white-box gradient L-inf attack at its radius beyond that attack's interval (a
-  gradient the attacks follow is masked).
+  gradient the attacks follow is masked);
+- converged: an attack whose record keeps its accuracy after each iteration (`curve`:
+  PGD, APGD, Square) lowers it over its last quarter of iterations by less than the
+  width of its interval (it had stopped improving).
 """
 
 from __future__ import annotations
@@ -199,6 +202,7 @@ def sanity_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
       _unbounded(mine),
       _judged_over_draws(mine, checkpoint),
       _gradient_free(mine),
+      _converged(mine),
     )
     entries += [
       {'label': checkpoint['label'], 'checkpoint': checkpoint['checkpoint'], **check}
@@ -226,3 +230,21 @@ def _gradient_free(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]
       (failures if r['accuracy'] < _interval(strongest)[0] else passes).append(text)
   if failures or passes:
     yield _check('gradient_free', failures, passes)
+
+
+def _converged(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+  """Every record with a curve of at least 4 points: the accuracy its last quarter of
+  iterations took off against the width of its interval."""
+  failures, passes = [], []
+  for r in records:
+    curve = r.get('curve') or []
+    if len(curve) >= 4:
+      start = curve[(3 * (len(curve) - 1)) // 4]
+      low, high = _interval(r)
+      text = (
+        f'{_title(r)}: the last quarter of its {len(curve) - 1} iterations took '
+        f'{_percent(start - curve[-1])} off (interval width {_percent(high - low)})'
+      )
+      (failures if start - curve[-1] >= max(high - low, 1e-12) else passes).append(text)
+  if failures or passes:
+    yield _check('converged', failures, passes)
