@@ -8,6 +8,7 @@ title and column."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -140,6 +141,19 @@ def _cw_in_expectation(spec: AttackSpec, config: ml_collections.ConfigDict) -> A
   return dataclasses.replace(spec, params=params)
 
 
+def _cw_title(p: dict[str, Any]) -> str:
+  """C&W's column: ours, in expectation (a randomized model's), or PNI's preset."""
+  if _is_pni_cw(p):
+    return CW_PNI_COLUMN
+  draws = p.get('eot_draws', 1)
+  return CW_COLUMN if draws == 1 else f'EOT-C&W ({draws} draws) acc / L2'
+
+
+def _eot_title(title: str) -> Callable[[dict[str, Any]], str]:
+  """A title function: `title`, with ' (EOT, N draws)' where the record averaged N > 1."""
+  return lambda p: title if p.get('eot_draws', 1) == 1 else f'{title} (EOT, {p["eot_draws"]} draws)'
+
+
 def _is_pni_cw(params: dict[str, Any]) -> bool:
   return all(params.get(k) == v for k, v in PNI_CW.items()) and 'abort_early' not in params
 
@@ -167,7 +181,10 @@ def _apgd_t(config: ml_collections.ConfigDict) -> AttackSpec:
   )
 
 
-def _with_draws(draws: int, **changes: Any) -> Any:
+def _with_draws(
+  draws: Callable[[ml_collections.ConfigDict], int],
+  **changes: Callable[[ml_collections.ConfigDict], Any],
+) -> Callable[[AttackSpec, ml_collections.ConfigDict], AttackSpec]:
   """A `randomized` adapter: the planned spec with ('eot_draws', draws) added and the
   params named in `changes` replaced."""
 
@@ -269,7 +286,7 @@ register_attack(
     'cw',
     attacks.cw_l2,
     L2,
-    lambda p: CW_PNI_COLUMN if _is_pni_cw(p) else CW_COLUMN,
+    _cw_title,
     column=3,
     presets={'cw': Preset(lambda c, n: [_cw(c)]), 'cw_pni': Preset(lambda c, n: [_cw(c, PNI_CW)])},
     bounds=(('cw.binary_steps', 1), ('cw.steps', 1), ('cw.eot_draws', 1)),
@@ -313,7 +330,7 @@ register_attack(
     'apgd_t',
     attacks.apgd_targeted,
     LINF,
-    lambda p: 'APGD-T',
+    _eot_title('APGD-T'),
     column=4.2,
     presets={'apgd_t': Preset(lambda c, n: [_apgd_t(c)])},
     bounds=(('apgd_t.steps', 1), ('apgd_t.target_classes', 1), ('apgd_t.eot_draws', 1)),
@@ -326,7 +343,7 @@ register_attack(
     'autoattack',
     attacks.autoattack,
     LINF,
-    lambda p: 'AutoAttack',
+    lambda p: 'AutoAttack' if p['version'] == 'standard' else 'AutoAttack-rand',
     column=4.4,
     presets={'autoattack': Preset(lambda c, n: [_autoattack(c)])},
     worst_case=True,
@@ -343,7 +360,7 @@ register_attack(
     'square',
     attacks.square,
     LINF,
-    lambda p: 'Square',
+    _eot_title('Square'),
     column=4.6,
     presets={'square': Preset(lambda c, n: [_square(c)])},
     bounds=(('square.queries', 1), ('square.randomized_queries', 1), ('square.eot_draws', 1)),
