@@ -11,6 +11,8 @@ noise draws, and only points that fool the expected prediction count.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,6 +27,40 @@ def _expected_logits(logits_fn: core.LogitsFn, x: jax.Array, key: jax.Array, dra
     return logits_fn(x, key)
   mean = core.mean_over_draws(lambda k: jax.nn.softmax(logits_fn(x, k)), key, draws)
   return jnp.log(mean)
+
+
+def _objective(logits_fn, x, y, w, c, noise_key, *, kappa, draws):
+  """C&W's loss summed over the batch at x' = (tanh(w) + 1) / 2, on the logits of the
+  noise key (one draw) or their mean over draws fold_in(fold_in(key, 0), j); with
+  (x', margin, squared L2) as its aux."""
+  x_adv = (jnp.tanh(w) + 1) / 2
+  if draws == 1:
+    logits = logits_fn(x_adv, noise_key)
+  else:
+    draw = lambda k: logits_fn(x_adv, k)
+    logits = core.mean_over_draws(draw, jax.random.fold_in(noise_key, 0), draws)
+  margin = core.cw_margin(logits, y)
+  l2_sq = jnp.sum(jnp.square(x_adv - x), axis=tuple(range(1, x.ndim)))
+  return jnp.sum(l2_sq + c * jnp.maximum(-margin, -kappa)), (x_adv, margin, l2_sq)
+
+
+def _fools(logits_fn, x_adv, y, margin, noise_key, kappa, draws):
+  """Whether each point counts as adversarial: its margin above kappa (one draw), or the
+  margin of its expected logits over fresh draws fold_in(fold_in(key, 1), j)."""
+  if draws > 1:
+    fresh = _expected_logits(logits_fn, x_adv, jax.random.fold_in(noise_key, 1), draws)
+    margin = core.cw_margin(fresh, y)
+  return margin > kappa
+
+
+def _iterate(iteration, state, steps: int, abort_early: bool, unroll: int | bool):
+  """`steps` iterations of a binary step, or with early abort until its `stopped` flag
+  (the state's last entry) is set."""
+  if not abort_early:
+    return jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
+  going = lambda t_state: (t_state[0] < steps) & ~t_state[1][-1]
+  step = lambda t_state: (t_state[0] + 1, iteration(*t_state))
+  return jax.lax.while_loop(going, step, (0, state))[1]
 
 
 def cw_l2(
@@ -53,33 +89,15 @@ def cw_l2(
   the logits averaged over the draws fold_in(fold_in(k, 0), j), j < eot_draws, and a
   point counts as adversarial only if it fools the expectation: the margin of the log
   mean softmax of fresh draws fold_in(fold_in(k, 1), j) exceeds kappa.
-  `abort_early`: Carlini & Wagner's early abort, a binary step stops (without recording
-  that iteration) at a check every max(steps // 10, 1) iterations where the batch's
-  loss is above 0.9999 times the last check's.
+  `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, at a
+  check (every max(steps // 10, 1) iterations) finding the batch's loss above 0.9999 x
+  the last check's.
   """
   optimizer = optax.adam(learning_rate)
-  to_x = lambda w: (jnp.tanh(w) + 1) / 2  # noqa: E731
   w0 = jnp.arctanh(jnp.clip(2 * x - 1, -1 + 1e-6, 1 - 1e-6))
   inf = jnp.full(y.shape, jnp.inf, x.dtype)
   period = max(steps // 10, 1)
-
-  def objective(w, c, noise_key):
-    x_adv = to_x(w)
-    if eot_draws == 1:
-      logits = logits_fn(x_adv, noise_key)
-    else:
-      draw = lambda k: logits_fn(x_adv, k)
-      logits = core.mean_over_draws(draw, jax.random.fold_in(noise_key, 0), eot_draws)
-    margin = core.cw_margin(logits, y)
-    l2_sq = jnp.sum(jnp.square(x_adv - x), axis=tuple(range(1, x.ndim)))
-    return jnp.sum(l2_sq + c * jnp.maximum(-margin, -kappa)), (x_adv, margin, l2_sq)
-
-  def fools(x_adv, margin, noise_key):
-    """Whether each point counts as adversarial (the class docstring's rule)."""
-    if eot_draws > 1:
-      fresh = _expected_logits(logits_fn, x_adv, jax.random.fold_in(noise_key, 1), eot_draws)
-      margin = core.cw_margin(fresh, y)
-    return margin > kappa
+  objective = functools.partial(_objective, logits_fn, x, y, kappa=kappa, draws=eot_draws)
 
   def binary_step(b, search):
     c, lower, upper, best_l2_sq, best_x = search
@@ -92,7 +110,7 @@ def cw_l2(
       )
       check = abort_early & (t % period == 0)
       stopped = check & (loss > 0.9999 * last_loss)
-      fooled = fools(x_adv, margin, noise_key) & ~stopped
+      fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
       return (
@@ -106,13 +124,7 @@ def cw_l2(
       )
 
     state = (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x, inf[0], False)
-    if abort_early:
-      going = lambda t_state: (t_state[0] < steps) & ~t_state[1][-1]
-      step = lambda t_state: (t_state[0] + 1, iteration(*t_state))
-      _, state = jax.lax.while_loop(going, step, (0, state))
-    else:
-      state = jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
-    _, _, found, best_l2_sq, best_x, _, _ = state
+    _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
     upper = jnp.where(found, jnp.minimum(upper, c), upper)
     lower = jnp.where(found, lower, jnp.maximum(lower, c))
     c = jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10)
