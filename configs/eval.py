@@ -16,7 +16,10 @@ pgd<N> (N steps: pgd20, pgd100); eot_pgd, eot_pgd<N> (PGD with gradients average
 over eot.draws noise draws); eps_sweep (FGSM and PGD at every eps_sweep.eps_255/255,
 PGD with eps_sweep.steps steps of eps_sweep.step_fraction * eps); cw (C&W L2 with
 cw.*); cw_pni (C&W L2 with PNI's settings whatever cw.* says: the authors' column);
-apgd (AutoAttack 'rand': APGD-CE + APGD-DLR with EOT); noise_off_pgd, noise_off_pgd<N>,
+apgd (AutoAttack 'rand': APGD-CE + APGD-DLR with EOT); apgd_t (AutoAttack's APGD-T,
+targeted DLR towards apgd_t.target_classes classes); autoattack (the standard suite
+APGD-CE, APGD-T, Square on deterministic models, 'rand' on randomized ones); square
+(Square, gradient-free, square.* queries); noise_off_pgd, noise_off_pgd<N>,
 noise_off_apgd (PGD / APGD made on the checkpoint with its noise off, the mean network,
 and judged with it on: an adaptive attack on noise defenses, run on randomized models
 only); few_pixel (every
@@ -34,8 +37,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown eval config argument {arg!r}; expected '' or 'tiny'.")
   c = ml_collections.ConfigDict()
   c.attacks = (
-    'clean,fgsm,pgd,pgd20,pgd100,eot_pgd,cw,apgd,noise_off_pgd20,noise_off_apgd,few_pixel,'
-    'eps_sweep'
+    'clean,fgsm,pgd,pgd20,pgd100,eot_pgd,cw,apgd,square,noise_off_pgd20,noise_off_apgd,'
+    'few_pixel,eps_sweep'
   )  # Comma-separated attack names (module docstring).
   c.seed = 0  # Root of every attack's and prediction's key.
   c.batch_size = 256  # Global batch of examples attacked at once.
@@ -114,10 +117,32 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.cw.kappa = 0.0  # Confidence margin.
   c.cw.binary_steps = 9  # Binary-search steps over c.
   c.cw.steps = 1000  # Adam iterations per binary-search step.
+  # A randomized model's C&W runs in expectation: each Adam step on the logits averaged
+  # over eot_draws noise draws, and a point counts as adversarial only if the mean
+  # softmax of eot_draws fresh draws misclassifies it (one draw: the deterministic C&W).
+  c.cw.eot_draws = 10  # Draws on randomized models (deterministic ones: 1).
+  c.cw.abort_early = True  # Carlini & Wagner's early abort of a binary step.
 
   c.apgd = ml_collections.ConfigDict()  # AutoAttack 'rand': no restarts.
   c.apgd.steps = 100  # Iterations of APGD-CE and of APGD-DLR.
   c.apgd.eot_draws = 20  # EOT draws per gradient.
+
+  c.apgd_t = ml_collections.ConfigDict()  # AutoAttack's APGD-T (also inside `autoattack`).
+  c.apgd_t.steps = 100  # Iterations per target class.
+  c.apgd_t.target_classes = 9  # The highest-scored other classes, one run each.
+  c.apgd_t.eot_draws = 20  # EOT draws per gradient on randomized models (deterministic: 1).
+
+  # Square (AutoAttack's settings: 5,000 queries, p_init 0.8, margin loss, one restart).
+  # On a randomized model a square is kept only if the margin averaged over eot_draws
+  # draws improves, and randomized_queries (x eot_draws forward passes) bound its cost:
+  # measured on a ResNet-8 x0.5 (BENCHMARKS.md), 400 x 20 forwards took 1.18 s per image
+  # and APGD-rand's default (2 x 100 iterations x 20 gradients) 1.14 s, so 500 queries
+  # cost about 1.3 times APGD-rand, under twice.
+  c.square = ml_collections.ConfigDict()
+  c.square.queries = 5000  # Queries on a deterministic model (also inside `autoattack`).
+  c.square.p_init = 0.8  # Initial share of the image a square covers.
+  c.square.eot_draws = 20  # Draws per query on randomized models (deterministic: 1).
+  c.square.randomized_queries = 500  # Queries on randomized models.
 
   c.few_pixel = ml_collections.ConfigDict()  # Su et al.; supplementary 1.5.
   c.few_pixel.pixels = (1, 2, 3)  # Pixel counts `few_pixel` runs.
@@ -144,6 +169,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.cw.steps = 2
     c.apgd.steps = 2
     c.apgd.eot_draws = 2
+    c.apgd_t.steps = 2
+    c.apgd_t.target_classes = 2
+    c.apgd_t.eot_draws = 2
+    c.square.queries = 4
+    c.square.randomized_queries = 2
+    c.square.eot_draws = 2
+    c.cw.eot_draws = 1  # One C&W column for both models (tests/test_eval.py's tables).
     c.few_pixel.pixels = (1,)
     c.few_pixel.population = 8
     c.few_pixel.iterations = 2

@@ -193,10 +193,12 @@ def test_best_of_restarts_keeps_the_first_fooling_else_the_highest_loss_restart(
       jax.random.uniform(k1, (6, 2)),
       jax.random.uniform(k2, (6,)),
       jax.random.uniform(k3, (6,)) < 0.3,
+      jax.random.randint(k1, (3,), 0, 6),
     )
 
-  x_adv, loss, fooled = core.best_of_restarts(run, KEY, 4)
+  x_adv, loss, fooled, curve = core.best_of_restarts(run, KEY, 4)
   runs = [jax.tree.map(np.asarray, run(jax.random.fold_in(KEY, r))) for r in range(4)]
+  np.testing.assert_array_equal(curve, runs[0][3])  # the first restart's curve
   for i in range(6):
     firsts = [r for r in range(4) if runs[r][2][i]]
     pick = firsts[0] if firsts else int(np.argmax([runs[r][1][i] for r in range(4)]))

@@ -7,6 +7,7 @@ e.g. `jax.jit(functools.partial(pgd, logits_fn, eps=8/255, steps=7, step_size=0.
 """
 
 from l2p_jax.attacks.apgd import apgd, autoattack_rand, checkpoint_steps
+from l2p_jax.attacks.autoattack import apgd_targeted, autoattack
 from l2p_jax.attacks.core import (
   LOSSES,
   AttackResult,
@@ -15,6 +16,7 @@ from l2p_jax.attacks.core import (
   cross_entropy,
   cw_margin,
   dlr,
+  dlr_targeted,
   eot_evaluate,
   eot_value_and_grad,
   first_success,
@@ -26,6 +28,7 @@ from l2p_jax.attacks.core import (
 from l2p_jax.attacks.cw import cw_l2
 from l2p_jax.attacks.few_pixel import few_pixel
 from l2p_jax.attacks.pgd import fgsm, pgd
+from l2p_jax.attacks.square import square
 
 __all__ = [
   'AttackResult',
@@ -33,12 +36,15 @@ __all__ = [
   'LogitsFn',
   'LossFn',
   'apgd',
+  'apgd_targeted',
+  'autoattack',
   'autoattack_rand',
   'checkpoint_steps',
   'cross_entropy',
   'cw_l2',
   'cw_margin',
   'dlr',
+  'dlr_targeted',
   'eot_evaluate',
   'eot_value_and_grad',
   'fgsm',
@@ -49,4 +55,5 @@ __all__ = [
   'linf_random_start',
   'pgd',
   'sign_step',
+  'square',
 ]

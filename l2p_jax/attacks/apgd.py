@@ -159,7 +159,38 @@ def apgd(
   gradient at iterate t (t = 0 is the random start) uses fold_in(steps_key, t) as the
   EOT key. AutoAttack's version for randomized defenses is `autoattack_rand`.
   """
-  loss_fn = core.get_loss(loss)
+  return apgd_on_loss(
+    logits_fn,
+    core.get_loss(loss),
+    key,
+    x,
+    y,
+    eps=eps,
+    steps=steps,
+    eot_draws=eot_draws,
+    restarts=restarts,
+    rho=rho,
+    momentum=momentum,
+    unroll=unroll,
+  )
+
+
+def apgd_on_loss(
+  logits_fn: core.LogitsFn,
+  loss_fn: core.LossFn,
+  key: jax.Array,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  eps: float,
+  steps: int,
+  eot_draws: int,
+  restarts: int,
+  rho: float,
+  momentum: float,
+  unroll: int | bool,
+) -> core.AttackResult:
+  """`apgd` on any loss function (a targeted one included), with the same keys."""
   window = _window_lengths(steps)
 
   def run(run_key):
@@ -175,12 +206,18 @@ def apgd(
       loss_new, logits, grad = grad_at(x_new, i + 1)
       return _advance(s, y, x_new, loss_new, logits, grad, window[i], rho)
 
-    s = jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
-    x_adv = jnp.where(core.per_example(s['fooled'], x), s['x_fooled'], s['x_best'])
-    return x_adv, s['loss_best'], s['fooled']
+    def tracked(i, state):
+      s, curve = state
+      s = iteration(i, s)
+      return s, curve.at[i + 1].set(core.unfooled(s['fooled']))
 
-  x_adv, _, fooled = core.best_of_restarts(run, key, restarts)
-  return core.make_result(x, x_adv, fooled)
+    curve = jnp.zeros(steps + 1, jnp.int32).at[0].set(core.unfooled(state['fooled']))
+    s, curve = jax.lax.fori_loop(0, steps, tracked, (state, curve), unroll=unroll)
+    x_adv = jnp.where(core.per_example(s['fooled'], x), s['x_fooled'], s['x_best'])
+    return x_adv, s['loss_best'], s['fooled'], curve
+
+  x_adv, _, fooled, curve = core.best_of_restarts(run, key, restarts)
+  return core.make_result(x, x_adv, fooled, curve)
 
 
 def autoattack_rand(

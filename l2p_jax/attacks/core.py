@@ -34,18 +34,29 @@ class AttackResult(NamedTuple):
     the noise draw(s) the attack itself used (for a randomized model the evaluator
     should re-judge x_adv with its prediction rule).
   l2: (N,) L2 norm of x_adv - x per example.
+  curve: (iterations + 1,) int32, the examples the attack had not fooled (its own
+    verdict) at its start and after each iteration (PGD, APGD: of the first restart;
+    Square: after each query), the evidence that it converged; None for the others.
   """
 
   x_adv: jax.Array
   success: jax.Array
   l2: jax.Array
+  curve: jax.Array | None = None
 
 
-def make_result(x: jax.Array, x_adv: jax.Array, success: jax.Array) -> AttackResult:
+def make_result(
+  x: jax.Array, x_adv: jax.Array, success: jax.Array, curve: jax.Array | None = None
+) -> AttackResult:
   """Bundles an attack's output with the L2 size of its perturbation; x_adv is cut from
   the gradient so that a training loss on it does not differentiate through the attack."""
   x_adv = jax.lax.stop_gradient(x_adv)
-  return AttackResult(x_adv, success, l2_norm(x_adv - x))
+  return AttackResult(x_adv, success, l2_norm(x_adv - x), curve)
+
+
+def unfooled(fooled: jax.Array) -> jax.Array:
+  """How many examples are not fooled: one point of an attack's curve."""
+  return jnp.sum(~fooled, dtype=jnp.int32)
 
 
 def l2_norm(delta: jax.Array) -> jax.Array:
@@ -82,6 +93,16 @@ def dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
   true, best_other = _true_and_best_other(logits, labels)
   top3 = jax.lax.top_k(logits, 3)[0]
   return (best_other - true) / (top3[:, 0] - top3[:, 2] + 1e-12)
+
+
+def dlr_targeted(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """Croce & Hein's targeted DLR loss, -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), for
+  target classes t; it needs at least four classes."""
+  if logits.shape[-1] < 4:
+    raise ValueError(f'The targeted DLR loss needs at least 4 classes, got {logits.shape[-1]}.')
+  take = lambda labels_: jnp.take_along_axis(logits, labels_[:, None], axis=-1)[:, 0]
+  top4 = jax.lax.top_k(logits, 4)[0]
+  return (take(targets) - take(labels)) / (top4[:, 0] - (top4[:, 2] + top4[:, 3]) / 2 + 1e-12)
 
 
 LOSSES: dict[str, LossFn] = {'ce': cross_entropy, 'cw': cw_margin, 'dlr': dlr}
@@ -165,16 +186,18 @@ def eot_evaluate(
 
 
 def best_of_restarts(
-  run: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]], key: jax.Array, restarts: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Runs run(fold_in(key, r)) -> (x_adv, loss, fooled) for r < restarts and keeps,
-  per example, the first restart that fooled the model, else the highest-loss one."""
+  run: Callable[[jax.Array], tuple[jax.Array, ...]], key: jax.Array, restarts: int
+) -> tuple[jax.Array, ...]:
+  """Runs run(fold_in(key, r)) -> (x_adv, loss, fooled, curve) for r < restarts and
+  keeps, per example, the first restart that fooled the model, else the highest-loss
+  one; the curve is the first restart's."""
   if restarts < 1:
     raise ValueError(f'restarts must be at least 1, got {restarts}.')
+  *first, curve = run(jax.random.fold_in(key, 0))
 
   def keep_better(r, best):
     x_best, loss_best, fooled_best = best
-    x_new, loss_new, fooled_new = run(jax.random.fold_in(key, r))
+    x_new, loss_new, fooled_new, _ = run(jax.random.fold_in(key, r))
     take = ~fooled_best & (fooled_new | (loss_new > loss_best))
     return (
       jnp.where(per_example(take, x_best), x_new, x_best),
@@ -182,12 +205,13 @@ def best_of_restarts(
       fooled_best | fooled_new,
     )
 
-  return jax.lax.fori_loop(1, restarts, keep_better, run(jax.random.fold_in(key, 0)))
+  return (*jax.lax.fori_loop(1, restarts, keep_better, tuple(first)), curve)
 
 
 def first_success(results: Sequence[AttackResult]) -> AttackResult:
   """Per example, the first result whose attack succeeded, else the first result: the
-  worst case over several attacks, as AutoAttack reports it."""
+  worst case over several attacks, as AutoAttack reports it (without curves)."""
+  results = [result._replace(curve=None) for result in results]
 
   def pick(chosen, result):
     take = result.success & ~chosen.success

@@ -4,16 +4,63 @@ Minimises ||x' - x||^2 + c * max(z_y - max_{j!=y} z_j, -kappa) over x' = (tanh(w
 so x' stays in [0, 1] without clipping, with Adam from w = atanh(2x - 1) in every
 binary-search step, and searches c per example as Carlini's reference code does: after
 a binary step that found an adversarial example, c moves down to the midpoint of its
-bounds; otherwise up to the midpoint, or times 10 while no upper bound is known.
+bounds; otherwise up to the midpoint, or times 10 while no upper bound is known. For a
+randomized model it runs in expectation (EOT): steps on the mean logits of several
+noise draws, and only points that fool the expected prediction count.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from l2p_jax.attacks import core
+
+
+def _expected_logits(logits_fn: core.LogitsFn, x: jax.Array, key: jax.Array, draws: int):
+  """The logits of the expected prediction over `draws` noise draws fold_in(key, j): the
+  log of the mean softmax (a deterministic model's one draw: its logits)."""
+  if draws == 1:
+    return logits_fn(x, key)
+  mean = core.mean_over_draws(lambda k: jax.nn.softmax(logits_fn(x, k)), key, draws)
+  return jnp.log(mean)
+
+
+def _objective(logits_fn, x, y, w, c, noise_key, *, kappa, draws):
+  """C&W's loss summed over the batch at x' = (tanh(w) + 1) / 2, on the logits of the
+  noise key (one draw) or their mean over draws fold_in(fold_in(key, 0), j); with
+  (x', margin, squared L2) as its aux."""
+  x_adv = (jnp.tanh(w) + 1) / 2
+  if draws == 1:
+    logits = logits_fn(x_adv, noise_key)
+  else:
+    draw = lambda k: logits_fn(x_adv, k)
+    logits = core.mean_over_draws(draw, jax.random.fold_in(noise_key, 0), draws)
+  margin = core.cw_margin(logits, y)
+  l2_sq = jnp.sum(jnp.square(x_adv - x), axis=tuple(range(1, x.ndim)))
+  return jnp.sum(l2_sq + c * jnp.maximum(-margin, -kappa)), (x_adv, margin, l2_sq)
+
+
+def _fools(logits_fn, x_adv, y, margin, noise_key, kappa, draws):
+  """Whether each point counts as adversarial: its margin above kappa (one draw), or the
+  margin of its expected logits over fresh draws fold_in(fold_in(key, 1), j)."""
+  if draws > 1:
+    fresh = _expected_logits(logits_fn, x_adv, jax.random.fold_in(noise_key, 1), draws)
+    margin = core.cw_margin(fresh, y)
+  return margin > kappa
+
+
+def _iterate(iteration, state, steps: int, abort_early: bool, unroll: int | bool):
+  """`steps` iterations of a binary step, or with early abort until its `stopped` flag
+  (the state's last entry) is set."""
+  if not abort_early:
+    return jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
+  going = lambda t_state: (t_state[0] < steps) & ~t_state[1][-1]
+  step = lambda t_state: (t_state[0] + 1, iteration(*t_state))
+  return jax.lax.while_loop(going, step, (0, state))[1]
 
 
 def cw_l2(
@@ -27,35 +74,43 @@ def cw_l2(
   kappa: float = 0.0,
   binary_steps: int = 9,
   steps: int = 10,
+  eot_draws: int = 1,
+  abort_early: bool = False,
   unroll: int | bool = 1,
 ) -> core.AttackResult:
   """C&W L2: per example, the smallest-L2 adversarial point seen over all binary-search
   steps (x itself where none was found); `success` says which examples were fooled
-  (margin max_{j!=y} z_j - z_y > kappa at the point, under that iteration's noise draw)
-  and `l2` is the L2 distance whose mean over successes the evaluator reports.
+  (margin max_{j!=y} z_j - z_y > kappa at the point) and `l2` is the L2 distance whose
+  mean over successes the evaluator reports.
 
-  Iteration t of binary step b runs the model with noise key fold_in(fold_in(key, b), t).
+  One draw (eot_draws=1): iteration t of binary step b runs the model with noise key
+  k = fold_in(fold_in(key, b), t), and a point counts as adversarial under that same
+  draw. C&W in expectation (eot_draws > 1, for randomized models): every Adam step is on
+  the logits averaged over the draws fold_in(fold_in(k, 0), j), j < eot_draws, and a
+  point counts as adversarial only if it fools the expectation: the margin of the log
+  mean softmax of fresh draws fold_in(fold_in(k, 1), j) exceeds kappa.
+  `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, at a
+  check (every max(steps // 10, 1) iterations) finding the batch's loss above 0.9999 x
+  the last check's.
   """
   optimizer = optax.adam(learning_rate)
-  to_x = lambda w: (jnp.tanh(w) + 1) / 2  # noqa: E731
   w0 = jnp.arctanh(jnp.clip(2 * x - 1, -1 + 1e-6, 1 - 1e-6))
   inf = jnp.full(y.shape, jnp.inf, x.dtype)
-
-  def objective(w, c, noise_key):
-    x_adv = to_x(w)
-    margin = core.cw_margin(logits_fn(x_adv, noise_key), y)
-    l2_sq = jnp.sum(jnp.square(x_adv - x), axis=tuple(range(1, x.ndim)))
-    return jnp.sum(l2_sq + c * jnp.maximum(-margin, -kappa)), (x_adv, margin, l2_sq)
+  period = max(steps // 10, 1)
+  objective = functools.partial(_objective, logits_fn, x, y, kappa=kappa, draws=eot_draws)
 
   def binary_step(b, search):
     c, lower, upper, best_l2_sq, best_x = search
 
     def iteration(t, state):
-      w, opt_state, found, best_l2_sq, best_x = state
-      (_, (x_adv, margin, l2_sq)), grad = jax.value_and_grad(objective, has_aux=True)(
-        w, c, jax.random.fold_in(jax.random.fold_in(key, b), t)
+      w, opt_state, found, best_l2_sq, best_x, last_loss, stopped = state
+      noise_key = jax.random.fold_in(jax.random.fold_in(key, b), t)
+      (loss, (x_adv, margin, l2_sq)), grad = jax.value_and_grad(objective, has_aux=True)(
+        w, c, noise_key
       )
-      fooled = margin > kappa
+      check = abort_early & (t % period == 0)
+      stopped = check & (loss > 0.9999 * last_loss)
+      fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
       return (
@@ -64,15 +119,12 @@ def cw_l2(
         found | fooled,
         jnp.where(better, l2_sq, best_l2_sq),
         jnp.where(core.per_example(better, x), x_adv, best_x),
+        jnp.where(check, loss, last_loss),
+        stopped,
       )
 
-    _, _, found, best_l2_sq, best_x = jax.lax.fori_loop(
-      0,
-      steps,
-      iteration,
-      (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x),
-      unroll=unroll,
-    )
+    state = (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x, inf[0], False)
+    _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
     upper = jnp.where(found, jnp.minimum(upper, c), upper)
     lower = jnp.where(found, lower, jnp.maximum(lower, c))
     c = jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10)

@@ -10,6 +10,7 @@ fold_in(eval_key, j).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from l2p_jax.attacks import core
 
@@ -40,8 +41,10 @@ def pgd(
   `restarts` > 1 keeps per example the first restart that fools the model, else the
   highest-loss one; `unroll` is passed to the step loop (True unrolls it fully, which
   XLA:CPU runs much faster). `success` is judged by the mean logits of `eot_draws`
-  fresh draws at x_adv. Jittable with the integer and string arguments static; with one
-  restart, unused outputs (success, l2) cost nothing under jit.
+  fresh draws at x_adv; `curve` counts the examples not fooled at each iterate (by the
+  mean logits of its gradient's draws) and at x_adv. Jittable with the integer and
+  string arguments static; with one restart, unused outputs (success, l2, curve) cost
+  nothing under jit.
   """
   if (step_size is None) == (step_fraction is None):
     raise ValueError('pgd takes exactly one of step_size and step_fraction.')
@@ -52,17 +55,21 @@ def pgd(
     start_key, steps_key, eval_key = jax.random.split(run_key, 3)
     x_adv = core.linf_random_start(start_key, x, eps) if random_start else x
 
-    def step(i, x_adv):
-      _, _, grad = core.eot_value_and_grad(
+    def step(i, state):
+      x_adv, curve = state
+      _, logits, grad = core.eot_value_and_grad(
         logits_fn, loss_fn, jax.random.fold_in(steps_key, i), x_adv, y, eot_draws
       )
-      return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps)
+      curve = curve.at[i].set(core.unfooled(jnp.argmax(logits, -1) != y))
+      return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps), curve
 
-    x_adv = jax.lax.fori_loop(0, steps, step, x_adv, unroll=unroll)
-    return (x_adv,) + core.eot_evaluate(logits_fn, loss_fn, eval_key, x_adv, y, eot_draws)
+    curve = jnp.zeros(steps + 1, jnp.int32)
+    x_adv, curve = jax.lax.fori_loop(0, steps, step, (x_adv, curve), unroll=unroll)
+    loss, fooled = core.eot_evaluate(logits_fn, loss_fn, eval_key, x_adv, y, eot_draws)
+    return x_adv, loss, fooled, curve.at[steps].set(core.unfooled(fooled))
 
-  x_adv, _, fooled = core.best_of_restarts(run, key, restarts)
-  return core.make_result(x, x_adv, fooled)
+  x_adv, _, fooled, curve = core.best_of_restarts(run, key, restarts)
+  return core.make_result(x, x_adv, fooled, curve)
 
 
 def fgsm(

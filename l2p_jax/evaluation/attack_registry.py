@@ -39,7 +39,8 @@ THREAT_MODELS = {
   L0: 'L0: a few pixels changed without bound',
 }
 # Roles in the sanity checks (sanity.py) and the accuracy-vs-eps curves.
-ITERATIVE, SINGLE_STEP = 'iterative', 'single_step'
+ITERATIVE, SINGLE_STEP, GRADIENT_FREE = 'iterative', 'single_step', 'gradient_free'
+ROLES = ('', ITERATIVE, SINGLE_STEP, GRADIENT_FREE)
 TRANSFER = 'transfer'  # The config.attacks name of the transfer matrix.
 
 
@@ -63,8 +64,10 @@ class Attack:
   names in config.attacks; bounds: (config field, lowest value) pairs validate_config
   checks; worst_case: its records at the headline eps join the per-image worst case;
   transfer: the transfer matrix makes its examples (with its first preset); budget: the
-  parameter that orders its columns; role: ITERATIVE or SINGLE_STEP for the sanity
-  checks and eps curves ('' none); note: a sentence results.md adds when it was run.
+  parameter that orders its columns; role: ITERATIVE, SINGLE_STEP or GRADIENT_FREE for
+  the sanity checks and eps curves ('' none); note: a sentence results.md adds when it
+  was run; randomized: (planned spec, config) -> the spec a randomized model (noise on)
+  runs instead (None: the planned spec for every model; AttackSpec.for_model).
   """
 
   name: str
@@ -79,6 +82,7 @@ class Attack:
   budget: str = 'steps'
   role: str = ''
   note: str = ''
+  randomized: Callable[[AttackSpec, ml_collections.ConfigDict], AttackSpec] | None = None
 
 
 _REGISTRY: dict[str, Attack] = {}
@@ -111,9 +115,7 @@ def register_attack(entry: Attack) -> Attack:
     f'threat_model must be one of {tuple(THREAT_MODELS)}'
     if entry.threat_model not in THREAT_MODELS
     else '',
-    f'role must be one of {ITERATIVE!r}, {SINGLE_STEP!r} or empty'
-    if entry.role not in ('', ITERATIVE, SINGLE_STEP)
-    else '',
+    f'role must be one of {ROLES}' if entry.role not in ROLES else '',
     'it needs at least one preset (its names in config.attacks)' if not entry.presets else '',
     'function and title must be callable'
     if not (callable(entry.function) and callable(entry.title))
@@ -203,6 +205,12 @@ class AttackSpec:
     if not self.attack_noise:
       parts.append('noise off')
     return f'{self.attack}({", ".join(parts)})'
+
+  def for_model(self, config: ml_collections.ConfigDict, randomized: bool) -> AttackSpec:
+    """The spec a model runs: for a randomized one attacked with its noise on, its
+    entry's `randomized` variant (e.g. with EOT draws), else this planned spec."""
+    adapt = self.entry.randomized
+    return adapt(self, config) if adapt and randomized and self.attack_noise else self
 
   def describe(self) -> dict[str, Any]:
     """The parameters as a JSON-ready dict."""

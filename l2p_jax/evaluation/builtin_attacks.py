@@ -1,10 +1,14 @@
 """The built-in attacks' registry entries (attack_registry.register_attack): clean, FGSM,
-PGD (with EOT, noise-off and the eps sweep), C&W L2 (with PNI's preset), AutoAttack
-'rand' (APGD) and few-pixel, each with the specs its config.attacks names plan from
-configs/eval.py, its bounds, title and column."""
+PGD (with EOT, noise-off and the eps sweep), C&W L2 (in expectation on randomized
+models, with PNI's preset), AutoAttack 'rand' (APGD), APGD-T, the AutoAttack suite,
+Square and few-pixel, each with the specs its config.attacks names plan from
+configs/eval.py (and, for some, the spec a randomized model runs instead), its bounds,
+title and column."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,6 +18,7 @@ import ml_collections
 from l2p_jax import attacks
 from l2p_jax.evaluation.attack_registry import (
   CLEAN,
+  GRADIENT_FREE,
   ITERATIVE,
   L0,
   L2,
@@ -121,9 +126,36 @@ def _cw(
       ('kappa', cw.kappa),
       ('binary_steps', cw.binary_steps),
       ('steps', cw.steps),
+      *((('abort_early', True),) if cw.get('abort_early') else ()),
     ),
     speed=_unroll(config),
   )
+
+
+def _cw_in_expectation(spec: AttackSpec, config: ml_collections.ConfigDict) -> AttackSpec:
+  """A randomized model's C&W: in expectation over config.cw.eot_draws draws (PNI's
+  preset, the authors' attack, unchanged). One draw keeps the planned spec's text."""
+  if _is_pni_cw(dict(spec.params)) or config.cw.eot_draws == 1:
+    return spec
+  params = spec.params + (('eot_draws', config.cw.eot_draws),)
+  return dataclasses.replace(spec, params=params)
+
+
+def _cw_title(p: dict[str, Any]) -> str:
+  """C&W's column: ours, in expectation (a randomized model's), or PNI's preset."""
+  if _is_pni_cw(p):
+    return CW_PNI_COLUMN
+  draws = p.get('eot_draws', 1)
+  return CW_COLUMN if draws == 1 else f'EOT-C&W ({draws} draws) acc / L2'
+
+
+def _eot_title(title: str) -> Callable[[dict[str, Any]], str]:
+  """A title function: `title`, with ' (EOT, N draws)' where the record averaged N > 1."""
+  return lambda p: title if p.get('eot_draws', 1) == 1 else f'{title} (EOT, {p["eot_draws"]} draws)'
+
+
+def _is_pni_cw(params: dict[str, Any]) -> bool:
+  return all(params.get(k) == v for k, v in PNI_CW.items()) and 'abort_early' not in params
 
 
 def _apgd(config: ml_collections.ConfigDict, attack_noise: bool = True) -> AttackSpec:
@@ -136,6 +168,59 @@ def _apgd(config: ml_collections.ConfigDict, attack_noise: bool = True) -> Attac
     attack_noise=attack_noise,
     speed=_unroll(config),
   )
+
+
+def _apgd_t(config: ml_collections.ConfigDict) -> AttackSpec:
+  """AutoAttack's APGD-T with config.apgd_t's steps and target classes, one draw."""
+  a = config.apgd_t
+  return AttackSpec(
+    'apgd_t',
+    (('steps', a.steps), ('target_classes', a.target_classes)),
+    config.eps,
+    speed=_unroll(config),
+  )
+
+
+def _with_draws(
+  draws: Callable[[ml_collections.ConfigDict], int],
+  **changes: Callable[[ml_collections.ConfigDict], Any],
+) -> Callable[[AttackSpec, ml_collections.ConfigDict], AttackSpec]:
+  """A `randomized` adapter: the planned spec with ('eot_draws', draws) added and the
+  params named in `changes` replaced."""
+
+  def adapt(spec: AttackSpec, config: ml_collections.ConfigDict) -> AttackSpec:
+    params = {**dict(spec.params), **{k: v(config) for k, v in changes.items()}}
+    return dataclasses.replace(spec, params=(*params.items(), ('eot_draws', draws(config))))
+
+  return adapt
+
+
+def _square(config: ml_collections.ConfigDict) -> AttackSpec:
+  """Square (L-inf, at config.eps) with config.square's queries and p_init, one draw."""
+  q = config.square
+  return AttackSpec('square', (('queries', q.queries), ('p_init', q.p_init)), config.eps)
+
+
+def _autoattack(config: ml_collections.ConfigDict) -> AttackSpec:
+  """AutoAttack's standard suite: APGD-CE (config.apgd.steps), APGD-T (config.apgd_t's
+  targets) and Square (config.square's queries)."""
+  return AttackSpec(
+    'autoattack',
+    (
+      ('version', 'standard'),
+      ('steps', config.apgd.steps),
+      ('target_classes', config.apgd_t.target_classes),
+      ('queries', config.square.queries),
+    ),
+    config.eps,
+    speed=_unroll(config),
+  )
+
+
+def _autoattack_rand(spec: AttackSpec, config: ml_collections.ConfigDict) -> AttackSpec:
+  """A randomized model's AutoAttack: the 'rand' version with config.apgd's settings."""
+  params = (('version', 'rand'), ('steps', config.apgd.steps), ('eot_draws', config.apgd.eot_draws))
+  return dataclasses.replace(spec, params=params)
 
 
 def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
@@ -201,11 +286,12 @@ register_attack(
     'cw',
     attacks.cw_l2,
     L2,
-    lambda p: CW_PNI_COLUMN if all(p.get(k) == v for k, v in PNI_CW.items()) else CW_COLUMN,
+    _cw_title,
     column=3,
     presets={'cw': Preset(lambda c, n: [_cw(c)]), 'cw_pni': Preset(lambda c, n: [_cw(c, PNI_CW)])},
-    bounds=(('cw.binary_steps', 1), ('cw.steps', 1)),
+    bounds=(('cw.binary_steps', 1), ('cw.steps', 1), ('cw.eot_draws', 1)),
     note='C&W: accuracy / mean L2 of the perturbations that fooled the model.',
+    randomized=_cw_in_expectation,
   )
 )
 register_attack(
@@ -237,5 +323,52 @@ register_attack(
     },
     bounds=(('few_pixel.population', 4), ('few_pixel.examples', 0)),
     budget='n_pixels',
+  )
+)
+register_attack(
+  Attack(
+    'apgd_t',
+    attacks.apgd_targeted,
+    LINF,
+    _eot_title('APGD-T'),
+    column=4.2,
+    presets={'apgd_t': Preset(lambda c, n: [_apgd_t(c)])},
+    bounds=(('apgd_t.steps', 1), ('apgd_t.target_classes', 1), ('apgd_t.eot_draws', 1)),
+    worst_case=True,
+    randomized=_with_draws(lambda c: c.apgd_t.eot_draws),
+  )
+)
+register_attack(
+  Attack(
+    'autoattack',
+    attacks.autoattack,
+    LINF,
+    lambda p: 'AutoAttack' if p['version'] == 'standard' else 'AutoAttack-rand',
+    column=4.4,
+    presets={'autoattack': Preset(lambda c, n: [_autoattack(c)])},
+    worst_case=True,
+    note=(
+      'AutoAttack: the standard suite (APGD-CE, APGD-T, Square; no FAB-T) on deterministic '
+      "models, the 'rand' version (APGD-CE, APGD-DLR with EOT) on randomized ones; each "
+      "record's params.version says which ran."
+    ),
+    randomized=_autoattack_rand,
+  )
+)
+register_attack(
+  Attack(
+    'square',
+    attacks.square,
+    LINF,
+    _eot_title('Square'),
+    column=4.6,
+    presets={'square': Preset(lambda c, n: [_square(c)])},
+    bounds=(('square.queries', 1), ('square.randomized_queries', 1), ('square.eot_draws', 1)),
+    worst_case=True,
+    budget='queries',
+    role=GRADIENT_FREE,
+    randomized=_with_draws(
+      lambda c: c.square.eot_draws, queries=lambda c: c.square.randomized_queries
+    ),
   )
 )

@@ -153,8 +153,9 @@ def evaluate_model(
   """One white-box record per attack spec for one model (the noise-off attacks on
   randomized models only), its verdicts added to `found`."""
   records = []
-  for spec in specs:
-    if not spec.attack_noise and not (config.noise and model.randomized):
+  randomized = config.noise and model.randomized
+  for spec in (spec.for_model(config, randomized) for spec in specs):
+    if not spec.attack_noise and not randomized:
       continue  # Without noise the attack is the white-box one.
     started = time.time()
     [judgement] = attack_accuracy(

@@ -17,7 +17,13 @@ other record's accuracy_ci95 (intervals.accuracy_interval):
   attack's interval;
 - unbounded: an unbounded attack (L2 minimum norm: C&W) leaves at most 5%;
 - judged_over_draws: a model whose logits change between noise draws is judged under
-  more than one draw.
+  more than one draw;
+- gradient_free: a gradient-free attack (Square) is not less accurate than the strongest
+  white-box gradient L-inf attack at its radius beyond that attack's interval (a
+  gradient the attacks follow is masked);
+- converged: an attack whose record keeps its accuracy after each iteration (`curve`:
+  PGD, APGD, Square) lowers it over its last quarter of iterations by less than the
+  width of its interval (it had stopped improving).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from l2p_jax.evaluation.attack_registry import (
+  GRADIENT_FREE,
   ITERATIVE,
   L2,
   LINF,
@@ -213,9 +220,50 @@ def sanity_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
       _white_box_vs_transfer(mine, eps),
       _unbounded(mine),
       _judged_over_draws(mine, checkpoint),
+      _gradient_free(mine),
+      _converged(mine),
     )
     entries += [
       {'label': checkpoint['label'], 'checkpoint': checkpoint['checkpoint'], **check}
       for check in checks
     ]
   return entries
+
+
+def _gradient_free(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+  """Every gradient-free white-box record against the strongest gradient L-inf attack at
+  its radius (an attack that spends queries, as AutoAttack's standard suite with Square
+  in it, is no gradient baseline)."""
+  free = _white_box(records, lambda entry: entry.role == GRADIENT_FREE)
+  gradient = [
+    r
+    for r in _white_box(records, lambda entry: entry.threat_model == LINF)
+    if attack_entry(r['attack']).role != GRADIENT_FREE and 'queries' not in r['params']
+  ]
+  failures, passes = [], []
+  for r in free:
+    rivals = [g for g in gradient if g['params']['eps'] == r['params']['eps']]
+    if rivals:
+      strongest = min(rivals, key=lambda g: g['accuracy'])
+      text = _versus(r, strongest)
+      (failures if r['accuracy'] < _interval(strongest)[0] else passes).append(text)
+  if failures or passes:
+    yield _check('gradient_free', failures, passes)
+
+
+def _converged(records: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+  """Every record with a curve of at least 4 points: the accuracy its last quarter of
+  iterations took off against the width of its interval."""
+  failures, passes = [], []
+  for r in records:
+    curve = r.get('curve') or []
+    if len(curve) >= 4:
+      start = curve[(3 * (len(curve) - 1)) // 4]
+      low, high = _interval(r)
+      text = (
+        f'{_title(r)}: the last quarter of its {len(curve) - 1} iterations took '
+        f'{_percent(start - curve[-1])} off (interval width {_percent(high - low)})'
+      )
+      (failures if start - curve[-1] >= max(high - low, 1e-12) else passes).append(text)
+  if failures or passes:
+    yield _check('converged', failures, passes)

@@ -1,0 +1,153 @@
+"""APGD-T and the AutoAttack suites (autoattack.py), C&W in expectation and its early
+abort (cw.py), and the specs a deterministic and a randomized model plan for them
+(builtin_attacks.py, AttackSpec.for_model), on toy models."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toy_models import KEY, X, Y, linear, noisy
+
+from configs import eval as eval_config
+from l2p_jax import attacks
+from l2p_jax.evaluation import plan_attacks
+
+RNG = np.random.default_rng(1)
+W10 = jnp.asarray(RNG.normal(size=(48, 10)), jnp.float32)
+X10 = jnp.asarray(RNG.uniform(size=(24, 4, 4, 3)), jnp.float32)
+EPS = 0.05
+
+
+def linear10(x, key):
+  """A deterministic linear 10-class model on 4x4x3 inputs."""
+  del key
+  return x.reshape(x.shape[0], -1) @ W10
+
+
+Y10 = jnp.argmax(linear10(X10, None), -1)
+
+
+def test_targeted_dlr_is_the_papers_ratio():
+  logits = jnp.array([[4.0, 3.0, 2.0, 1.0, 0.0]])
+  # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) with y = 0, t = 3: -(4 - 1) / (4 - 1.5).
+  value = attacks.dlr_targeted(logits, jnp.array([0]), jnp.array([3]))
+  np.testing.assert_allclose(value, [-3 / 2.5], rtol=1e-6)
+  with pytest.raises(ValueError, match='at least 4 classes'):
+    attacks.dlr_targeted(logits[:, :3], jnp.array([0]), jnp.array([1]))
+
+
+def linear_robust(eps):
+  """Per image, whether some class t beats y at a point of the eps-ball around it for the
+  linear model: z_t - z_y + eps ||w_t - w_y||_1 > 0 (the [0, 1] box aside, an upper
+  bound on what any attack fools)."""
+  z, w, y = np.asarray(linear10(X10, None)), np.asarray(W10), np.asarray(Y10)
+  reach = (
+    z - z[np.arange(len(y)), y][:, None] + eps * np.abs(w[:, :, None] - w[:, None, y]).sum(0).T
+  )
+  reach[np.arange(len(y)), y] = -np.inf
+  return reach.max(1) > 0
+
+
+def test_apgd_t_fools_what_the_linear_model_allows_and_stays_in_the_ball():
+  """On the linear model APGD-T fools exactly the images some class can win in the ball
+  (measured at eps 0.02 to 0.08: 8 to 19 of 24, as the bound); more targets never fool
+  fewer; every verdict is the model's."""
+  run = lambda targets: jax.jit(
+    functools.partial(attacks.apgd_targeted, linear10, eps=EPS, steps=10, target_classes=targets)
+  )(KEY, X10, Y10)
+  one, nine = run(1), run(9)
+  np.testing.assert_array_equal(nine.success, linear_robust(EPS))
+  assert 0 < nine.success.sum() < len(Y10)
+  assert np.all(np.asarray(nine.success) >= np.asarray(one.success))
+  fooled = jnp.argmax(linear10(nine.x_adv, None), -1) != Y10
+  np.testing.assert_array_equal(nine.success, fooled)
+  assert float(jnp.abs(nine.x_adv - X10).max()) <= EPS + 1e-6
+
+
+def test_autoattack_standard_adds_to_apgd_ce_and_rand_is_autoattack_rand():
+  standard = attacks.autoattack(linear10, KEY, X10, Y10, eps=EPS, steps=10, queries=50)
+  ce = attacks.apgd(linear10, jax.random.fold_in(KEY, 0), X10, Y10, eps=EPS, steps=10)
+  assert np.all(np.asarray(standard.success) >= np.asarray(ce.success))
+  np.testing.assert_array_equal(standard.success, linear_robust(EPS))
+  rand = attacks.autoattack(noisy, KEY, X, Y, eps=EPS, version='rand', steps=5, eot_draws=2)
+  reference = attacks.autoattack_rand(noisy, KEY, X, Y, eps=EPS, steps=5, eot_draws=2)
+  assert all(np.array_equal(a, b) for a, b in zip(rand, reference))
+  with pytest.raises(ValueError, match="'standard' or 'rand'"):
+    attacks.autoattack(linear10, KEY, X10, Y10, eps=EPS, version='plus')
+
+
+CW = dict(c_init=1.0, learning_rate=0.05, kappa=0.0, binary_steps=3, steps=40)
+
+
+def noisy10(x, key):
+  """The 10-class linear model with Gaussian noise of std 0.2 on its input."""
+  return linear10(x + 0.2 * jax.random.normal(key, x.shape), key)
+
+
+def test_cw_in_expectation_fools_fresh_draws_more():
+  """One draw keeps the smallest point that fooled one draw, which fresh draws send back;
+  in expectation a kept point fools the mean softmax of 10 fresh draws. Measured under
+  100 fresh draws: 68% right after one draw, 51% in expectation (a minimum-norm point
+  lies on the expected decision boundary, so about half the draws stay right)."""
+
+  def fresh_accuracy(draws):
+    run = jax.jit(lambda key: attacks.cw_l2(noisy10, key, X10, Y10, eot_draws=draws, **CW))
+    x_adv = run(KEY).x_adv
+    rights = [jnp.argmax(noisy10(x_adv, jax.random.key(50 + i)), -1) == Y10 for i in range(100)]
+    return float(jnp.mean(jnp.stack(rights)))
+
+  assert fresh_accuracy(10) < fresh_accuracy(1) - 0.1
+
+
+def test_cw_early_abort_stops_a_plateaued_binary_step():
+  """Counting forward passes: on the linear model the loss stops falling long before
+  1000 iterations, so early abort runs far fewer and finds the same images with an L2
+  within 5%; without it every iteration runs."""
+  calls = []
+  counted = lambda x, key: (jax.debug.callback(lambda: calls.append(1)), linear(x, key))[1]
+  run = lambda abort: attacks.cw_l2(
+    counted, KEY, X, Y, **{**CW, 'steps': 1000, 'binary_steps': 2}, abort_early=abort
+  )
+  full = run(False)
+  forwards_full = len(calls)
+  calls.clear()
+  aborted = run(True)
+  assert forwards_full == 2000 and len(calls) < 1000
+  np.testing.assert_array_equal(aborted.success, full.success)
+  ok = np.asarray(full.success)
+  assert float(aborted.l2[ok].mean()) == pytest.approx(float(full.l2[ok].mean()), rel=0.05)
+
+
+def _specs(names, randomized, **cw):
+  config = eval_config.get_config()
+  with config.unlocked():
+    config.cw.update(cw)
+  return [repr(s.for_model(config, randomized)) for s in plan_attacks(config, names)[0]]
+
+
+def test_a_deterministic_cw_keeps_its_spec_text_a_randomized_one_adds_its_draws():
+  """Without early abort a deterministic model's C&W spec is the earlier text (its key
+  and record unchanged); with it the params add abort_early=True; a randomized model's
+  adds eot_draws; PNI's preset stays the authors' on every model."""
+  earlier = (
+    "AttackSpec(attack='cw', params=(('c_init', 0.01), ('learning_rate', 0.01), "
+    "('kappa', 0.0), ('binary_steps', 9), ('steps', 1000)), eps=None, examples=0, "
+    'attack_noise=True)'
+  )
+  assert _specs('cw', False, abort_early=False) == [earlier]
+  assert _specs('cw', True, abort_early=False, eot_draws=1) == [earlier]
+  [randomized] = _specs('cw', True)
+  assert "('abort_early', True), ('eot_draws', 10))" in randomized
+  assert _specs('cw_pni', True) == _specs('cw_pni', False)
+
+
+def test_square_apgd_t_and_autoattack_plan_their_randomized_variants():
+  deterministic = _specs('square,apgd_t,autoattack', False)
+  randomized = _specs('square,apgd_t,autoattack', True)
+  assert "(('queries', 5000), ('p_init', 0.8))" in deterministic[0]
+  assert "(('queries', 500), ('p_init', 0.8), ('eot_draws', 20))" in randomized[0]
+  assert 'eot_draws' not in deterministic[1] and "('eot_draws', 20)" in randomized[1]
+  assert "('version', 'standard')" in deterministic[2]
+  assert "(('version', 'rand'), ('steps', 100), ('eot_draws', 20))" in randomized[2]
