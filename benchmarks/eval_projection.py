@@ -4,8 +4,9 @@ examples under judge.draws noise draws, priced at the rates benchmarks/run.py me
 
 The counts follow each attack's loop (PGD: steps x restarts x EOT draws; C&W: binary
 steps x iterations; APGD-rand: APGD-CE and APGD-DLR, each steps + 1 gradients of EOT
-draws; few-pixel: population x (iterations + 1) forward passes, no early stop), so the
-projection is an upper bound where an attack stops early.
+draws; APGD-T: target classes x (steps + 1); Square: queries x EOT draws forward passes;
+AutoAttack: its stages' sum; few-pixel: population x (iterations + 1) forward passes, no
+early stop), so the projection is an upper bound where an attack stops early.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def attack_cost(spec: AttackSpec) -> dict[str, Any]:
     return {'gradients': p['binary_steps'] * p['steps'], 'forwards': 0, 'rate': 'pgd7'}
   if spec.attack == 'apgd_rand':
     return {'gradients': 2 * (p['steps'] + 1) * p['eot_draws'], 'forwards': 0, 'rate': 'apgd'}
+  if spec.attack == 'apgd_t':
+    gradients = p['target_classes'] * (p['steps'] + 1) * p.get('eot_draws', 1)
+    return {'gradients': gradients, 'forwards': 0, 'rate': 'apgd'}
+  if spec.attack == 'square':
+    return {'gradients': 0, 'forwards': p['queries'] * p.get('eot_draws', 1), 'rate': 'forward'}
+  if spec.attack == 'autoattack' and p['version'] == 'rand':
+    return {'gradients': 2 * (p['steps'] + 1) * p['eot_draws'], 'forwards': 0, 'rate': 'apgd'}
+  if spec.attack == 'autoattack':  # APGD-CE, APGD-T over its targets, then Square.
+    gradients = (1 + p['target_classes']) * (p['steps'] + 1)
+    return {'gradients': gradients, 'forwards': p['queries'], 'rate': 'apgd'}
   if spec.attack == 'few_pixel':
     forwards = p['population'] * (p['iterations'] + 1)
     return {'gradients': 0, 'forwards': forwards, 'rate': 'forward'}
@@ -57,8 +68,9 @@ def project(
   for spec in specs:
     cost = attack_cost(spec)
     attacked = min(spec.examples or images, images)
-    work = cost['gradients'] or cost['forwards']
-    attack_s = attacked * work / rates[cost['rate']] if work else 0.0
+    attack_s = attacked * (
+      cost['gradients'] / rates[cost['rate']] + cost['forwards'] / rates['forward']
+    )
     rows.append(
       {
         'attack': spec.name,

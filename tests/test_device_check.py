@@ -14,6 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import eval_projection, render  # noqa: E402
+from configs import eval as eval_config  # noqa: E402
+from l2p_jax import evaluation  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
 
@@ -79,14 +81,28 @@ def test_render_writes_the_gpu_block_naming_the_device(dry_run, tmp_path):
   assert render.NO_GPU in markdown.read_text()
 
 
-def test_the_default_evaluation_costs_13676_gradients_and_few_pixel_forwards_per_image():
+def test_the_default_evaluation_costs_13676_gradients_and_square_and_few_pixel_forwards():
   specs, draws = eval_projection.default_plan()
   costs = [eval_projection.attack_cost(s) for s in specs]
   # FGSM 1 + PGD 7, 20, 100 + EOT-PGD 7 x 30 + C&W 9 x 1000 + APGD-rand 2 x 101 x 20
   # + noise-off PGD-20 and APGD 2 x 101 + the eps sweep's 6 other FGSM and 7 PGD-10.
   assert sum(c['gradients'] for c in costs) == 13676 and draws == 30
-  assert [c['forwards'] for c in costs if c['forwards']] == [400 * 76] * 3
+  # Square's 5,000 queries, then the few-pixel attack's 400 x 76 for 1, 2 and 3 pixels.
+  assert [c['forwards'] for c in costs if c['forwards']] == [5000] + [400 * 76] * 3
   rates = {'pgd7': 1000.0, 'eot_pgd': 1000.0, 'apgd': 1000.0, 'forward': 10000.0}
   projected = eval_projection.project(rates, judge_s_per_image=0.0, images=100)
   # few_pixel attacks only its first 1,000 images, here all 100 of them.
-  assert projected['total_s'] == pytest.approx(100 * 13676 / 1000 + 3 * 100 * 30400 / 10000)
+  forwards = 100 * 5000 + 3 * 100 * 30400
+  assert projected['total_s'] == pytest.approx(100 * 13676 / 1000 + forwards / 10000)
+
+
+def test_the_autoattack_suites_cost_their_stages():
+  config = eval_config.get_config()
+  [standard], _ = evaluation.plan_attacks(config, ['autoattack'])
+  assert eval_projection.attack_cost(standard) == {
+    'gradients': 10 * 101,  # APGD-CE and APGD-T's 9 targets, 100 steps each, plus the start.
+    'forwards': 5000,
+    'rate': 'apgd',
+  }
+  rand = standard.for_model(config, randomized=True)
+  assert eval_projection.attack_cost(rand)['gradients'] == 2 * 101 * config.apgd.eot_draws
