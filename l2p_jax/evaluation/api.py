@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from l2p_jax.attacks import LogitsFn
-from l2p_jax.evaluation import runner
+from l2p_jax.evaluation import eval_config, runner
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
@@ -34,9 +32,6 @@ from l2p_jax.evaluation.judging import as_inputs
 DATASET, SPLIT = 'arrays', 'evaluate'
 # A model of evaluate() is judged by its first draw unless config.predict.rule says more.
 DEFAULT_PREDICTION = ('single', 1)
-EVAL_CONFIG = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs', 'eval.py'
-)
 
 
 class InputError(EvaluationError):
@@ -60,17 +55,9 @@ class Examples:
 
 
 def default_config(arg: str = '') -> ml_collections.ConfigDict:
-  """configs/eval.py's get_config(arg) of the checkout this package runs from (eval.py's
-  config); EvaluationError where there is none (an installed package: pass a config)."""
-  if not os.path.isfile(EVAL_CONFIG):
-    raise EvaluationError(
-      f'No {EVAL_CONFIG} beside the package; pass config= (an eval config as '
-      "configs/eval.py's get_config builds it)."
-    )
-  spec = importlib.util.spec_from_file_location('l2p_jax_eval_config', EVAL_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """eval.py's config (configs/eval.py): the full evaluation ('') or its tiny CPU
+  variant ('tiny')."""
+  return eval_config.get_config(arg)
 
 
 def _settings(
