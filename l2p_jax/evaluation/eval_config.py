@@ -67,7 +67,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
 
 def _add_attack_settings(c: ml_collections.ConfigDict) -> None:
-  """Every attack's config section, with the full evaluation's values."""
+  """Every attack's config section, with the full evaluation's values: PGD's, EOT's,
+  the eps sweep's and C&W's here, the others in the function this one ends with."""
   c.pgd = ml_collections.ConfigDict()
   c.pgd.steps = 7  # Steps of `pgd` and of the eps sweep (pgd<N> overrides).
   c.pgd.step_size = 0.01  # Step size (about 2.55/255).
@@ -108,7 +109,11 @@ def _add_attack_settings(c: ml_collections.ConfigDict) -> None:
   # softmax of eot_draws fresh draws misclassifies it (one draw: the deterministic C&W).
   c.cw.eot_draws = 10  # Draws on randomized models (deterministic ones: 1).
   c.cw.abort_early = True  # Carlini & Wagner's early abort of a binary step.
+  _add_autoattack_and_other_settings(c)
 
+
+def _add_autoattack_and_other_settings(c: ml_collections.ConfigDict) -> None:
+  """The config sections of AutoAttack's attacks, the few-pixel attack and transfer."""
   c.apgd = ml_collections.ConfigDict()  # AutoAttack 'rand': no restarts.
   c.apgd.steps = 100  # Iterations of APGD-CE and of APGD-DLR.
   c.apgd.eot_draws = 20  # EOT draws per gradient.
