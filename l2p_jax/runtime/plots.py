@@ -106,7 +106,11 @@ def plot_convergence(curves: Mapping[str, Sequence[float]], path: str, title: st
     last = (3 * (len(curve) - 1)) // 4
     ax.plot(range(last, len(curve)), [100 * a for a in curve[last:]], lw=3, color=line.get_color())
   ax.set_xscale('symlog', linthresh=1)
-  ax.set_xlim(left=0)
+  last = max(len(curve) - 1 for curve in curves.values())
+  ticks = {0, last} | {10**k for k in range(len(str(last)))} | {len(c) - 1 for c in curves.values()}
+  ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.set_xlim(0, last)
   ax.set_ylim(-3, 103)
   ax.set_xlabel('iteration (0: start; log scale beyond 1)')
   ax.set_ylabel('accuracy as the attack saw it (%)')
