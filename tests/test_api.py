@@ -95,8 +95,10 @@ def cnn_results(tmp_path_factory):
 
 def test_a_flax_cnn_has_records_of_every_default_attack_a_worst_case_and_sanity_checks(cnn_results):
   [results, _], [folder, _] = cnn_results
-  specs, transfer = evaluation.plan_attacks(tiny(attacks=DEFAULT_ATTACKS))
+  config = tiny(attacks=DEFAULT_ATTACKS)
+  specs, transfer = evaluation.plan_attacks(config)
   assert not transfer and len(specs) > 10
+  specs = [s.for_model(config, True) for s in specs]  # Square with its randomized settings.
   records = results['records']
   assert [r['name'] for r in records] == [s.name for s in specs]
   for record, spec in zip(records, specs):
