@@ -120,7 +120,7 @@ def _converged_check(steps, fraction):
   result = attacks.pgd(
     linear, KEY, X256, Y256, eps=EPS, steps=steps, step_size=EPS / fraction, random_start=False
   )
-  curve = [int(c) / len(Y256) for c in result.curve]
+  curve = list(np.asarray(result.curve).sum(1) / len(Y256))
   pgd = _record('pgd', linear, result.x_adv, Y256, steps=steps, eot_draws=1)
   results = {
     'config': {'eps': EPS},
@@ -146,6 +146,7 @@ def test_square_and_apgd_keep_a_curve_that_ends_at_their_verdict():
   square = attacks.square(linear, KEY, X, Y, eps=EPS, queries=50)
   apgd = attacks.apgd(linear, KEY, X, Y, eps=EPS, steps=10)
   for result, length in ((square, 51), (apgd, 11)):
-    curve = np.asarray(result.curve)
-    assert len(curve) == length and np.all(np.diff(curve) <= 0)  # fooled stays fooled
-    assert curve[-1] == np.sum(~np.asarray(result.success)) and curve[0] > curve[-1]
+    curve = np.asarray(result.curve)  # Per example: not fooled yet.
+    assert curve.shape == (length, len(Y)) and np.all(curve[1:] <= curve[:-1])  # fooled stays
+    np.testing.assert_array_equal(curve[-1], ~np.asarray(result.success))
+    assert curve[0].sum() > curve[-1].sum()

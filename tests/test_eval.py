@@ -190,6 +190,14 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
       8 if r['label'] == 'l2p' else 24,
     )
     assert r['seconds'] > 0
+    # FGSM and PGD keep the accuracy they saw after each step, on the model they ran on.
+    on_itself = r['source'] is None or r['source']['label'] == r['label']
+    assert ('curve' in r) == (r['attack'] in ('fgsm', 'pgd') and on_itself), r['name']
+    if 'curve' in r:
+      assert len(r['curve']) == r['params'].get('steps', 1) + 1
+      if r['label'] == 'none':  # Deterministic: its last point is the judged accuracy, of
+        # the 12 images only (the last batch of 8 pads 4 rows).
+        assert r['curve'][-1] == r['accuracy']
   white = sorted(
     (r['label'], r['attack'], r['params']['eps'] and round(r['params']['eps'] * 255))
     for r in records
@@ -237,7 +245,8 @@ def test_markdown_tables_and_plots_are_written(evaluated):
   assert '| checkpoint | attack | 4/255 | 8/255 |' in table
   assert '| none | PGD-2 (step eps/4) |' in table
   assert '| source \\ target | l2p FGSM | l2p PGD-2 | none FGSM | none PGD-2 |' in table
-  for name in ('accuracy_vs_eps.png', 'noise_evolution_l2p.png'):
+  assert '## Convergence\n\n[convergence.png](convergence.png)' in table
+  for name in ('accuracy_vs_eps.png', 'convergence.png', 'noise_evolution_l2p.png'):
     assert (output / name).stat().st_size > 10_000, name
   assert not (output / 'noise_evolution_none.png').exists()  # No noise to plot.
 

@@ -1,7 +1,8 @@
 """results.md's grouping of records into columns and accuracy-vs-eps curves, on records
 written by hand: the eps sweep's PGD (step a fraction of eps) is one curve of its own,
 apart from the headline PGD of as many steps, and the two C&W settings are two columns;
-its key, small-n warning and sanity results; the plots' legends, bands and axes."""
+its key, small-n warning and sanity results; the plots' legends, bands and axes; the
+attacks' curves of accuracy after each iteration and where results.md names them."""
 
 import pytest
 
@@ -118,3 +119,33 @@ def test_plots_have_legends_bands_a_log2_radius_axis_and_noise_from_zero(tmp_pat
   assert noise_ax.get_ylim()[0] == 0
   legend = [t.get_text() for t in noise_ax.get_legend().get_texts()]
   assert legend == ['a', 'b', 'mean over layers (0.25 to 0.251, +0.4%)']
+
+
+def test_white_box_curves_of_several_iterations_are_drawn_one_line_each(tmp_path, monkeypatch):
+  """Legend: checkpoint label and column title, with the radius off the headline eps;
+  FGSM's single step, transfer records and records without a curve draw nothing."""
+  e = 1 / 255
+  records = [
+    {**pgd(8 * e, steps=3, step_size=0.01), 'curve': [0.9, 0.5, 0.4, 0.4]},
+    {**pgd(4 * e, steps=2, step_fraction=0.25, label='n'), 'curve': [1.0, 0.8, 0.7]},
+    {**record('fgsm', 8 * e), 'curve': [0.9, 0.6]},
+    {**pgd(8 * e, step_size=0.01), 'curve': [0.9, 0.1, 0.1], 'source': {'label': 'n'}},
+    pgd(8 * e, steps=7, step_size=0.01),
+  ]
+  curves = results_report.convergence_curves(records, 8 * e)
+  assert curves == {
+    'm: PGD-3': [0.9, 0.5, 0.4, 0.4],
+    'n: PGD-2 (step eps/4) at 4/255': [1.0, 0.8, 0.7],
+  }
+  drawn = []
+  monkeypatch.setattr(plots, '_save', lambda fig, path: drawn.append(fig))
+  assert plots.plot_convergence(curves, str(tmp_path / 'convergence.png'))
+  assert not plots.plot_convergence({}, str(tmp_path / 'none.png'))
+  [ax] = drawn[0].axes
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == list(curves)
+  thin, thick = ax.lines[:2]  # Each curve, then its last quarter drawn thicker.
+  assert list(thin.get_ydata()) == pytest.approx([90, 50, 40, 40])
+  assert list(thick.get_xdata()) == [2, 3] and thick.get_linewidth() > thin.get_linewidth()
+  note = results_report._convergence_note(records)
+  assert note.startswith('## Convergence\n\n[convergence.png](convergence.png): ')
+  assert results_report._convergence_note(records[2:]) is None

@@ -131,3 +131,44 @@ def test_checks_follow_the_registry_entries_not_the_names():
     not checks['unbounded']['passed']
     and checks['unbounded']['detail'] == 'min_norm leaves 40.00% > 5%'
   )
+
+
+X256 = jnp.asarray(np.random.default_rng(2).uniform(size=(256, 4, 4, 1)), jnp.float32)
+Y256 = np.asarray(jnp.argmax(linear(X256, None), -1))
+
+
+def _evaluated_pgd(steps, fraction, batch_size=96):
+  """evaluation.evaluate of the linear model on 256 images under PGD of `steps` steps of
+  eps / fraction from the clean input, eps 0.15; batches of 96 pad the last one."""
+  config = evaluation.default_config('tiny')
+  config.progress_bar = False
+  config.update_from_flattened_dict(
+    {
+      'eps': 0.15,
+      'pgd.steps': steps,
+      'pgd.step_size': 0.15 / fraction,
+      'pgd.random_start': False,
+      'batch_size': batch_size,
+    }
+  )
+  results = evaluation.evaluate(linear, X256, Y256, randomized=False, attacks='pgd', config=config)
+  [pgd] = results['records']
+  [check] = [c for c in results['sanity'] if c['name'] == 'converged']
+  return pgd, check
+
+
+def test_an_evaluation_records_the_curve_and_checks_that_pgd_converged():
+  """40 steps of eps / 4 reach the ball's edge after a quarter of them and stop gaining:
+  converged passes. Its twin, 8 steps of eps / 8, still fools images at its last steps:
+  converged fails. The curve counts the 256 real images only (the last batch's 32 padded
+  rows left out): it ends at the record's accuracy, as one batch of 256 gives it."""
+  long, passed = _evaluated_pgd(40, 4)
+  assert passed['passed'] is True and len(long['curve']) == 41
+  assert long['curve'][0] == 1.0 and long['curve'][-1] == long['accuracy']
+  assert long['curve'] == _evaluated_pgd(40, 4, batch_size=256)[0]['curve']
+  short, failed = _evaluated_pgd(8, 8)
+  assert failed['passed'] is False and short['curve'][6] - short['curve'][8] > 0.1
+  assert failed['detail'].startswith('pgd (8 steps, 1 eot_draws) at 38.25/255: the last quarter')
+  assert short['curve'][-1] == short['accuracy'] and all(
+    a >= b for a, b in zip(short['curve'], short['curve'][1:])
+  )

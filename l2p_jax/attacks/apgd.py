@@ -211,7 +211,7 @@ def apgd_on_loss(
       s = iteration(i, s)
       return s, curve.at[i + 1].set(core.unfooled(s['fooled']))
 
-    curve = jnp.zeros(steps + 1, jnp.int32).at[0].set(core.unfooled(state['fooled']))
+    curve = jnp.zeros((steps + 1, *y.shape), bool).at[0].set(core.unfooled(state['fooled']))
     s, curve = jax.lax.fori_loop(0, steps, tracked, (state, curve), unroll=unroll)
     x_adv = jnp.where(core.per_example(s['fooled'], x), s['x_fooled'], s['x_best'])
     return x_adv, s['loss_best'], s['fooled'], curve

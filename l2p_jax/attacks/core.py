@@ -34,9 +34,10 @@ class AttackResult(NamedTuple):
     the noise draw(s) the attack itself used (for a randomized model the evaluator
     should re-judge x_adv with its prediction rule).
   l2: (N,) L2 norm of x_adv - x per example.
-  curve: (iterations + 1,) int32, the examples the attack had not fooled (its own
-    verdict) at its start and after each iteration (PGD, APGD: of the first restart;
-    Square: after each query), the evidence that it converged; None for the others.
+  curve: (iterations + 1, N) bool, per example whether the attack had not fooled it (its
+    own verdict) at its start and after each iteration (PGD, APGD: of the first restart;
+    Square: after each query), the evidence that it converged; per example so that an
+    evaluator can leave out padded rows; None for the others.
   """
 
   x_adv: jax.Array
@@ -55,8 +56,8 @@ def make_result(
 
 
 def unfooled(fooled: jax.Array) -> jax.Array:
-  """How many examples are not fooled: one point of an attack's curve."""
-  return jnp.sum(~fooled, dtype=jnp.int32)
+  """Which examples are not fooled: one row of an attack's curve."""
+  return ~fooled
 
 
 def l2_norm(delta: jax.Array) -> jax.Array:

@@ -41,7 +41,7 @@ def pgd(
   `restarts` > 1 keeps per example the first restart that fools the model, else the
   highest-loss one; `unroll` is passed to the step loop (True unrolls it fully, which
   XLA:CPU runs much faster). `success` is judged by the mean logits of `eot_draws`
-  fresh draws at x_adv; `curve` counts the examples not fooled at each iterate (by the
+  fresh draws at x_adv; `curve` marks the examples not fooled at each iterate (by the
   mean logits of its gradient's draws) and at x_adv. Jittable with the integer and
   string arguments static; with one restart, unused outputs (success, l2, curve) cost
   nothing under jit.
@@ -63,7 +63,7 @@ def pgd(
       curve = curve.at[i].set(core.unfooled(jnp.argmax(logits, -1) != y))
       return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps), curve
 
-    curve = jnp.zeros(steps + 1, jnp.int32)
+    curve = jnp.zeros((steps + 1, *y.shape), bool)
     x_adv, curve = jax.lax.fori_loop(0, steps, step, (x_adv, curve), unroll=unroll)
     loss, fooled = core.eot_evaluate(logits_fn, loss_fn, eval_key, x_adv, y, eot_draws)
     return x_adv, loss, fooled, curve.at[steps].set(core.unfooled(fooled))

@@ -108,7 +108,7 @@ def square(
     i, _, margin, _ = state
     return (i < queries) & jnp.any(attacking(margin))
 
-  curve = jnp.zeros(queries + 1, jnp.int32).at[0].set(core.unfooled(margin < 0))
+  curve = jnp.zeros((queries + 1, *y.shape), bool).at[0].set(core.unfooled(margin < 0))
   done_at, x_best, margin, curve = jax.lax.while_loop(going, query, (0, x_best, margin, curve))
-  curve = jnp.where(jnp.arange(queries + 1) > done_at, curve[done_at], curve)
+  curve = jnp.where(jnp.arange(queries + 1)[:, None] > done_at, curve[done_at], curve)
   return core.make_result(x, x_best, margin < 0, curve)

@@ -72,6 +72,7 @@ def _attack_batch(
   variables: Any,
   images: jax.Array,
   labels: jax.Array,
+  mask: jax.Array,
   key: jax.Array,
   eps: jax.Array | None,
   *,
@@ -79,12 +80,17 @@ def _attack_batch(
   attack: Callable[..., attacks.AttackResult],
   params: tuple,
   noise: bool,
-) -> jax.Array:
-  """The attack's inputs for one batch; compiled once per (model, attack, params)."""
+) -> tuple[jax.Array, jax.Array | None]:
+  """The attack's inputs for one batch and, for an attack that keeps a curve, the real
+  (unpadded) examples it had not fooled after each iteration (None for the others);
+  compiled once per (model, attack, params)."""
   kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
-  return attack(
+  result = attack(
     functools.partial(logits, variables, noise), key, as_inputs(images), labels, **kwargs
-  ).x_adv
+  )
+  if result.curve is None:
+    return result.x_adv, None
+  return result.x_adv, jnp.sum(result.curve & mask.astype(bool), axis=1, dtype=jnp.int32)
 
 
 def judged_verdicts(
@@ -156,13 +162,16 @@ def _judge_batch(
 class Judgement:
   """One target's verdicts on an attack's inputs over n examples and K judged draws:
   per example the draws right and fooled and the perturbation's L2 size, per draw the
-  examples right, and the seconds spent judging."""
+  examples right, the seconds spent judging and, when the target is the model the attack
+  ran on and the attack keeps one, its curve: the examples it had not fooled (its own
+  verdict) at its start and after each iteration."""
 
   right: np.ndarray
   fooled: np.ndarray
   l2: np.ndarray
   draw_right: np.ndarray
   seconds: float = 0.0
+  curve: np.ndarray | None = None
 
   @property
   def judged_draws(self) -> int:
@@ -173,6 +182,7 @@ class Judgement:
     n, k = len(self.right), self.judged_draws
     correct, fooled = int(self.right.sum()), int(self.fooled.sum())
     low, high = intervals.accuracy_interval(self.right / k, k, self.draw_right / n)
+    curve = {} if self.curve is None else {'curve': [int(c) / n for c in self.curve]}
     return {
       'accuracy': correct / (n * k),
       'correct': correct,
@@ -183,6 +193,7 @@ class Judgement:
       'accuracy_ci95': [low, high],
       'accuracy_all_draws': float(np.mean(self.right == k)),
       'judge_seconds': self.seconds,
+      **curve,
     }
 
 
@@ -204,7 +215,10 @@ def attack_accuracy(
 ) -> list[Judgement]:
   """Runs `spec` on `source` over the split, batch by batch, and judges every target on
   the resulting inputs under its judged draws (white-box: targets == [source]), each
-  draw predicting by config.predict's rule. Returns one Judgement per target.
+  draw predicting by config.predict's rule. Returns one Judgement per target; the
+  target that is the source (white-box, or a transfer cell of a model to itself) holds
+  the attack's curve, summed over the batches without their padded rows, when the attack
+  keeps one.
   """
   split = experiment.first_examples(
     split, min(spec.examples, split.num_examples), f'{spec.attack} examples'
@@ -216,21 +230,27 @@ def attack_accuracy(
   ]
   outputs = [[] for _ in targets]
   seconds = [0.0] * len(targets)
+  curve = None
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
   bar = _progress_bar(batches, split, config, desc or spec.name)
   for b, batch in enumerate(bar):
     batch_key = jax.random.fold_in(key, b)
-    x_adv = _attack_batch(
+    x_adv, unfooled = _attack_batch(
       source.variables,
       batch['image'],
       batch['label'],
+      batch['mask'],
       jax.random.fold_in(batch_key, 0),
       eps,
       logits=source.logits,
       attack=spec.function,
       params=spec.arguments,
       noise=config.noise and spec.attack_noise,
-    ).block_until_ready()
+    )
+    x_adv.block_until_ready()
+    if unfooled is not None:
+      unfooled = multihost_utils.process_allgather(unfooled, tiled=True)
+      curve = unfooled if curve is None else curve + unfooled
     for t, (target, (k, rule, draws)) in enumerate(zip(targets, settings)):
       started = time.time()
       verdicts = _judge_batch(
@@ -248,12 +268,18 @@ def attack_accuracy(
       )
       outputs[t].append([multihost_utils.process_allgather(v, tiled=True) for v in verdicts])
       seconds[t] += time.time() - started
-  return [_judgement(parts, split.num_examples, s) for parts, s in zip(outputs, seconds)]
+  return [
+    _judgement(parts, split.num_examples, s, curve if target is source else None)
+    for parts, s, target in zip(outputs, seconds, targets)
+  ]
 
 
-def _judgement(parts: list[list[np.ndarray]], n: int, seconds: float) -> Judgement:
+def _judgement(
+  parts: list[list[np.ndarray]], n: int, seconds: float, curve: np.ndarray | None
+) -> Judgement:
   """A target's Judgement from its batches' (right, fooled, l2, draw_right), the padded
-  rows at the end of the last batch cut off."""
+  rows at the end of the last batch cut off, with the attack's curve summed over the
+  batches (or None)."""
   right, fooled, l2, draw_right = zip(*parts)
   return Judgement(
     right=np.concatenate(right)[:n],
@@ -261,6 +287,7 @@ def _judgement(parts: list[list[np.ndarray]], n: int, seconds: float) -> Judgeme
     l2=np.concatenate(l2)[:n],
     draw_right=np.sum(draw_right, axis=0),
     seconds=seconds,
+    curve=curve,
   )
 
 

@@ -39,7 +39,10 @@ class Record:
   those spent judging; rule, draws, rule_from, noise, randomized: how predictions were
   made (rule_from 'authors' when the rule is the method authors' default, 'config' when
   config.predict set it); key, batch_size: what reproduces it (evaluation.KEY_LAYOUT);
-  verdicts: its name in verdicts.npz.
+  verdicts: its name in verdicts.npz; curve: for an attack that keeps one (PGD, APGD,
+  Square) on the model it ran on, the accuracy as the attack itself saw it (the share of
+  the n examples it had not fooled) at its start and after each iteration, the evidence
+  that it converged (sanity.py's `converged`); other records have no such field.
   """
 
   label: str
@@ -73,14 +76,19 @@ class Record:
   key: dict[str, Any]
   batch_size: int
   verdicts: str
+  curve: list[float] | None = None
 
   def to_json(self) -> dict[str, Any]:
-    """The record as results.json holds it."""
-    return dataclasses.asdict(self)
+    """The record as results.json holds it (without `curve` when it has none)."""
+    record = dataclasses.asdict(self)
+    if self.curve is None:
+      del record['curve']
+    return record
 
   @classmethod
   def from_json(cls, record: dict[str, Any]) -> Record:
-    """The record of a results.json entry; TypeError when its fields are not RECORD_FIELDS."""
+    """The record of a results.json entry, with or without `curve`; TypeError when its
+    fields are not RECORD_FIELDS."""
     return cls(**record)
 
 

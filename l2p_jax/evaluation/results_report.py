@@ -2,7 +2,8 @@
 writes them, summary completes them): tables in the paper's layout (attacks as columns
 with their 95% intervals and the worst case, checkpoints as rows; accuracy against eps;
 the transfer matrix of supplementary Table 2; the sanity checks), the accuracy-vs-eps
-plot and the noise evolution of every checkpoint. Columns, their titles and order come
+plot, the attacks' accuracy after each iteration and the noise evolution of every
+checkpoint. Columns, their titles and order come
 from the attacks' registry entries (attack_registry)."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from l2p_jax.runtime.metrics import read_metrics
 
 WORST_CASE = 'worst_case'  # The 'attack' of the worst cases as table records.
 WORST_CASE_COLUMN = 'Worst case'
+CONVERGENCE_PLOT = 'convergence.png'  # Accuracy after each iteration, beside results.md.
 
 
 def table_records(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,6 +116,24 @@ def eps_curves(
     for name, lines in curves.items()
     if len({point[0] for points in lines.values() for point in points}) > 1
   }
+
+
+def convergence_curves(records: Sequence[dict[str, Any]], eps: float) -> dict[str, list[float]]:
+  """{'<checkpoint label>: <column title>[ at <eps>/255]': curve} of the white-box
+  records that keep their accuracy after each of several iterations (records.Record's
+  `curve`), the radius named where it is not the headline eps."""
+  return {_curve_label(r, eps): r['curve'] for r in records if _keeps_curve(r)}
+
+
+def _keeps_curve(record: dict[str, Any]) -> bool:
+  """A white-box record with a curve of more than one iteration (FGSM's has one)."""
+  return len(record.get('curve') or []) > 2 and record['source'] is None
+
+
+def _curve_label(record: dict[str, Any], eps: float) -> str:
+  radius = record['params']['eps']
+  at = '' if radius in (None, eps) else f' at {radius * 255:g}/255'
+  return f'{record["label"]}: {column_title(record)}{at}'
 
 
 def _percent(value: float) -> str:
@@ -278,8 +298,8 @@ def _transfer_table(records: Sequence[dict[str, Any]]) -> str | None:
 
 def markdown(results: dict[str, Any]) -> str:
   """results.md: a summary line, then accuracy (%) per checkpoint and attack at the
-  headline eps, accuracy against eps, and the transfer matrix, each when its records
-  are there."""
+  headline eps, accuracy against eps, the transfer matrix, the sanity checks and where
+  the accuracy after each iteration is drawn, each when its records are there."""
   records = results['records']
   if not records:
     return 'No results.\n'
@@ -292,8 +312,21 @@ def markdown(results: dict[str, Any]) -> str:
     _eps_table(records),
     _transfer_table(records),
     _sanity_table(results.get('sanity', [])),
+    _convergence_note(records),
   ]
   return '\n\n'.join(s for s in sections if s) + '\n'
+
+
+def _convergence_note(records: Sequence[dict[str, Any]]) -> str | None:
+  """Where the accuracy after each iteration is drawn, when a record keeps it."""
+  if not any(_keeps_curve(r) for r in records):
+    return None
+  return (
+    f'## Convergence\n\n[{CONVERGENCE_PLOT}]({CONVERGENCE_PLOT}): the accuracy of every '
+    'white-box PGD, APGD and Square record after each of its iterations, as the attack '
+    'itself saw it; the sanity check *converged* fails an attack whose last quarter of '
+    'iterations still took off more than its interval is wide.'
+  )
 
 
 def _worst_case_table(entries: Sequence[dict[str, Any]]) -> str | None:
@@ -342,7 +375,8 @@ def _sanity_table(entries: Sequence[dict[str, Any]]) -> str | None:
 
 
 def write_report(results: dict[str, Any], output_dir: str) -> list[str]:
-  """Writes results.md, accuracy_vs_eps.png (when an eps sweep was run) and
+  """Writes results.md, accuracy_vs_eps.png (when an eps sweep was run), convergence.png
+  (when a record keeps its accuracy after each iteration) and
   noise_evolution_<label>.png (for every checkpoint whose run left metrics.jsonl with
   noise statistics) into `output_dir`; returns the paths written. Every file is
   written atomically: a full disk keeps the old one."""
@@ -351,6 +385,9 @@ def write_report(results: dict[str, Any], output_dir: str) -> list[str]:
   files.write_text(paths[0], markdown(results))
   plot = os.path.join(output_dir, 'accuracy_vs_eps.png')
   if plots.plot_accuracy_vs_eps(eps_curves(results['records']), plot):
+    paths.append(plot)
+  plot = os.path.join(output_dir, CONVERGENCE_PLOT)
+  if plots.plot_convergence(convergence_curves(results['records'], results['config']['eps']), plot):
     paths.append(plot)
   for c in results['checkpoints']:
     metrics = os.path.join(c['workdir'], 'metrics.jsonl')

@@ -1,7 +1,8 @@
 """Figures a person would rather look at than numbers: the evolution of the noise
 parameters over training (supplementary Figure 1), accuracy against the attack's
-radius for several checkpoints (supplementary Figures 2-3), methods' accuracies per
-attack with their intervals, and how far a run and its PyTorch counterpart part over
+radius for several checkpoints (supplementary Figures 2-3), accuracy after each
+iteration of an attack (did it converge), methods' accuracies per attack with their
+intervals, and how far a run and its PyTorch counterpart part over
 training steps."""
 
 from __future__ import annotations
@@ -86,6 +87,36 @@ def plot_accuracy_vs_eps(
   axes[0][0].set_ylim(-3, 103)  # The whole range, so that panels and runs compare.
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)
+  return True
+
+
+def plot_convergence(curves: Mapping[str, Sequence[float]], path: str, title: str = '') -> bool:
+  """Plots accuracy (%) against the attack's iteration, one line per {name: [accuracy
+  at the start, after iteration 1, ...]} in [0, 1] units, to `path`, on an iteration
+  axis linear up to 1 and logarithmic beyond, so that PGD's few steps and Square's
+  thousands of queries both show; the last quarter of every line, which sanity.py's
+  `converged` reads, is drawn thicker. False when there is nothing to plot."""
+  if not curves:
+    return False
+  fig, ax = plt.subplots(figsize=(9, 4.5))
+  for name, curve in curves.items():
+    (line,) = ax.plot(range(len(curve)), [100 * a for a in curve], lw=1, label=name)
+    last = (3 * (len(curve) - 1)) // 4
+    ax.plot(range(last, len(curve)), [100 * a for a in curve[last:]], lw=3, color=line.get_color())
+  ax.set_xscale('symlog', linthresh=1)
+  last = max(len(curve) - 1 for curve in curves.values())
+  ticks = {0, last} | {10**k for k in range(len(str(last)))} | {len(c) - 1 for c in curves.values()}
+  ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.set_xlim(0, last)
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel('iteration (0: start; log scale beyond 1)')
+  ax.set_ylabel('accuracy as the attack saw it (%)')
+  ax.set_title(title or 'Accuracy after each iteration (thick: the last quarter)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
   fig.tight_layout()
   _save(fig, path)
   return True
