@@ -230,7 +230,8 @@ def attack_accuracy(
       attack=spec.function,
       params=spec.arguments,
       noise=config.noise and spec.attack_noise,
-    ).block_until_ready()
+    )
+    _wait(x_adv)
     for t, (target, (k, rule, draws)) in enumerate(zip(targets, settings)):
       started = time.time()
       verdicts = _judge_batch(
@@ -249,6 +250,13 @@ def attack_accuracy(
       outputs[t].append([multihost_utils.process_allgather(v, tiled=True) for v in verdicts])
       seconds[t] += time.time() - started
   return [_judgement(parts, split.num_examples, s) for parts, s in zip(outputs, seconds)]
+
+
+def _wait(x: jax.Array) -> None:
+  """Waits for `x` in short sleeps, not in one blocking call, so that Ctrl-C or SIGTERM
+  is handled within a moment, not when the attack's batch ends."""
+  while not x.is_ready():
+    time.sleep(0.05)
 
 
 def _judgement(parts: list[list[np.ndarray]], n: int, seconds: float) -> Judgement:
