@@ -14,6 +14,7 @@ import tiny_runs
 
 from configs import eval as eval_configs
 from l2p_jax import evaluation
+from l2p_jax.evaluation import progress
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATTACKS = 'clean,fgsm,pgd'
@@ -102,3 +103,13 @@ def test_the_plan_and_attack_counts_are_said_before_and_during(run, tmp_path):
   assert 'plan: 3 attacks on 12 images, randomized models judged over 3 noise draws' in (
     result.stdout
   )
+
+
+def test_the_default_list_on_a_cpu_with_many_images_is_warned_about():
+  config = eval_configs.get_config()
+  [plan, warning] = progress.plan_lines(config, 14, 1000)
+  assert plan.startswith('plan: 14 attacks on 1000 images, randomized models judged over 30 ')
+  assert warning.startswith('warning: the default attack list is sized for a GPU; on this CPU')
+  assert len(progress.plan_lines(config, 14, 16)) == 1
+  config.attacks = 'clean,fgsm'
+  assert len(progress.plan_lines(config, 2, 1000)) == 1
