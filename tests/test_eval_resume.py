@@ -113,3 +113,12 @@ def test_the_default_list_on_a_cpu_with_many_images_is_warned_about():
   assert len(progress.plan_lines(config, 14, 16)) == 1
   config.attacks = 'clean,fgsm'
   assert len(progress.plan_lines(config, 2, 1000)) == 1
+
+
+def test_a_rerun_on_other_images_reruns_the_attack(run, tmp_path):
+  config = eval_configs.get_config('tiny')
+  config.attacks, config.progress_bar, config.output_dir = 'clean', False, str(tmp_path)
+  for examples in (12, 8):
+    config.data.examples = examples
+    [record] = evaluation.evaluate_workdirs(config, str(run))['records']
+    assert record['n'] == examples

@@ -164,8 +164,8 @@ class Recorder:
 
   def recorded(self, wanted: dict[str, Any]) -> dict[str, Any] | None:
     """The stored record whose fields include `wanted` (its checkpoint, step, attack
-    with its parameters, data, key and prediction rule) and whose verdicts are stored;
-    None when there is none or reuse is off, so the attack runs."""
+    with its parameters, data and image count, key and prediction rule) and whose
+    verdicts are stored; None when there is none or reuse is off, so the attack runs."""
     if not self.reuse:
       return None
     wanted = json.loads(json.dumps(wanted))  # As results.json holds it (tuples as lists).
@@ -226,6 +226,7 @@ def _wanted(
     'name': spec.name,
     'params': spec.describe(),
     'source': source,
+    'n': min(spec.examples or split.num_examples, split.num_examples),  # 0: all.
     'judged_draws': judged_draws(config, model),
     'rule': rule,
     'draws': draws,
