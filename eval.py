@@ -9,6 +9,7 @@ Writes results.json, results.md and plots to WORKDIR/eval (of the first --workdi
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -43,12 +44,16 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # Orbax logs every file at INFO; --v=0 shows it.
     logging.set_verbosity(logging.WARNING)
     orbax_logging.quiet_orbax()
+  signal.signal(signal.SIGTERM, signal.default_int_handler)  # Stops like Ctrl-C.
   with cli.one_line_errors('eval.py'):
     devices = host_devices.configure({'config.batch_size': FLAGS.config.batch_size})
     distributed.initialize_from_flags()
     host_devices.log_choice(devices)
     cli.import_modules(cli.listed(FLAGS.config.modules))  # Set in a config file, not a flag.
-    evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    try:
+      evaluation.evaluate_workdirs(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    except evaluation.EvaluationInterrupted as error:
+      cli.exit_at_once(f'eval.py: {error}')
 
 
 if __name__ == '__main__':

@@ -112,7 +112,7 @@ def results(n):
 
 
 def write_report(results, output_dir):
-  """Every file of an evaluation's output: results.json and verdicts.npz, then results.md."""
+  """Every file of an evaluation's output: verdicts.npz and results.json, then results.md."""
   results_files.write_results(results, {}, output_dir)
   results_report.write_report(results, output_dir)
 
@@ -120,8 +120,8 @@ def write_report(results, output_dir):
 def test_eval_report_on_a_full_disk_keeps_the_earlier_results(tmp_path, monkeypatch):
   write_report(results(10), str(tmp_path))
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-  monkeypatch.setattr(os, 'replace', no_space)
-  with pytest.raises(files.DiskFullError, match='the previous results.json is intact'):
+  monkeypatch.setattr(os, 'replace', no_space)  # verdicts.npz is written first.
+  with pytest.raises(files.DiskFullError, match='the previous verdicts.npz is intact'):
     write_report(results(20), str(tmp_path))
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 

@@ -35,6 +35,8 @@ from l2p_jax.evaluation.judging import (
   prediction_rule,
 )
 from l2p_jax.evaluation.runner import (
+  EvaluationInterrupted,
+  Recorder,
   check_model_takes_split,
   checkpoint_model,
   data_settings,

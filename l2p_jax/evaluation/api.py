@@ -254,7 +254,13 @@ def evaluate(
   specs = _runnable(specs, model, label)
   stored = runner.open_results(config.output_dir)  # Refused now, not after the attacks.
   mesh = runner.eval_mesh(config)
-  found = {}
-  records = runner.evaluate_model(config, model, label, split, specs, mesh, found)
+  planned = len(runner.model_specs(config, model, specs))
+  # A predict function's label does not pin its model, so nothing stored is reused.
+  recorder = runner.Recorder(config, stored, config.output_dir, planned, reuse=False)
+  recorder.entries = [runner.model_entry(label, model, None)]
+  with recorder.stops():
+    runner.evaluate_model(config, model, label, split, specs, mesh, recorder)
   entry = runner.model_entry(label, model, runner.logits_vary(config, model, split))
-  return runner.conclude(config, [entry], records, found, stored, config.output_dir)
+  return runner.conclude(
+    config, [entry], recorder.records, recorder.found, stored, config.output_dir
+  )

@@ -247,7 +247,7 @@ def attack_accuracy(
       params=spec.arguments,
       noise=config.noise and spec.attack_noise,
     )
-    x_adv.block_until_ready()
+    _wait(x_adv)
     if unfooled is not None:
       unfooled = multihost_utils.process_allgather(unfooled, tiled=True)
       curve = unfooled if curve is None else curve + unfooled
@@ -272,6 +272,13 @@ def attack_accuracy(
     _judgement(parts, split.num_examples, s, curve if target is source else None)
     for parts, s, target in zip(outputs, seconds, targets)
   ]
+
+
+def _wait(x: jax.Array) -> None:
+  """Waits for `x` in short sleeps, not in one blocking call, so that Ctrl-C or SIGTERM
+  is handled within a moment, not when the attack's batch ends."""
+  while not x.is_ready():
+    time.sleep(0.05)
 
 
 def _judgement(

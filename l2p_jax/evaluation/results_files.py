@@ -86,9 +86,11 @@ def merge(
 def write_results(
   results: dict[str, Any], verdicts_by_name: dict[str, Any], output_dir: str
 ) -> list[str]:
-  """Writes results.json, then verdicts.npz (which only adds to its records), into
-  output_dir, each atomically (a full disk keeps the old file); returns their paths."""
+  """Writes verdicts.npz, then results.json, into output_dir, each atomically (a full
+  disk keeps the old file), so that a run stopped between them leaves no record without
+  its verdicts (extra verdicts are dropped on the next merge); returns their paths."""
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, RESULTS_FILE)
+  written = verdicts.write(output_dir, verdicts_by_name)
   files.write_json(path, results)
-  return [path, verdicts.write(output_dir, verdicts_by_name)]
+  return [path, written]

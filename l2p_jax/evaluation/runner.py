@@ -8,10 +8,12 @@ between them. Keys and prediction rules: see judging."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +23,15 @@ from tqdm import tqdm
 
 from l2p_jax import checkpointing, data, experiment, methods
 from l2p_jax.checkpointing import Checkpoint
-from l2p_jax.evaluation import prediction, results_files, results_report, summary, verdicts
+from l2p_jax.errors import UserError
+from l2p_jax.evaluation import (
+  prediction,
+  progress,
+  results_files,
+  results_report,
+  summary,
+  verdicts,
+)
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
@@ -31,7 +41,14 @@ from l2p_jax.evaluation.attack_registry import (
   transfer_specs,
 )
 from l2p_jax.evaluation.judged_model import FlaxLogits, JudgedModel
-from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, as_inputs, attack_accuracy
+from l2p_jax.evaluation.judging import (
+  KEY_LAYOUT,
+  Judgement,
+  as_inputs,
+  attack_accuracy,
+  chosen_rule,
+  judged_draws,
+)
 from l2p_jax.evaluation.records import Record, log_record, make_record
 from l2p_jax.runtime import cli, sharding
 
@@ -120,12 +137,112 @@ def check_model_takes_split(split: data.HostSplit, checkpoint: Checkpoint) -> No
 Verdicts = dict[str, Any]  # verdicts.npz's arrays by name (verdicts.arrays).
 
 
-def _recorded(record: Record, judgement: Judgement, found: Verdicts) -> dict[str, Any]:
-  """Logs `record`, adds its judgement's per-image verdicts to `found`, returns it as
-  results.json holds it."""
+class EvaluationInterrupted(UserError, RuntimeError):
+  """Ctrl-C or SIGTERM stopped the evaluation; the attacks it finished are written, and
+  a rerun of the same command goes on from them."""
+
+
+class Recorder:
+  """The records of one evaluation as they finish: each attack's written to the output
+  folder as soon as it ends (`add`), so a stopped run keeps them, and (with `reuse`) the
+  stored record that spares a rerun an attack it already finished (`recorded`)."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    stored: results_files.Stored,
+    output_dir: str | None,
+    planned: int,
+    reuse: bool = True,
+  ):
+    self.config, self.stored, self.output_dir, self.planned = config, stored, output_dir, planned
+    self.reuse = reuse
+    self.records: list[dict[str, Any]] = []
+    self.found: Verdicts = {}
+    self.entries: list[dict[str, Any]] = []
+    self.finished = 0
+
+  def recorded(self, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored record whose fields include `wanted` (its checkpoint, step, attack
+    with its parameters, data and image count, key and prediction rule) and whose
+    verdicts are stored; None when there is none or reuse is off, so the attack runs."""
+    if not self.reuse:
+      return None
+    wanted = json.loads(json.dumps(wanted))  # As results.json holds it (tuples as lists).
+    for record in (self.stored.results or {}).get('records', []):
+      if all(record.get(k) == v for k, v in wanted.items()) and (
+        f'{record["verdicts"]}.right' in self.stored.verdicts
+      ):
+        return record
+    return None
+
+  def add(self, records: Sequence[dict[str, Any]], found: Verdicts) -> None:
+    """One finished attack's records and verdicts, written with all before them."""
+    self.records += records
+    self.found.update(found)
+    self.finished += 1
+    if self.output_dir is not None:
+      conclude(
+        self.config, self.entries, self.records, self.found, self.stored, self.output_dir, False
+      )
+
+  @contextlib.contextmanager
+  def stops(self) -> Iterator[None]:
+    """Turns Ctrl-C (KeyboardInterrupt; eval.py makes SIGTERM one) into
+    EvaluationInterrupted, saying how many attacks are recorded."""
+    try:
+      yield
+    except KeyboardInterrupt:
+      raise EvaluationInterrupted(
+        f'interrupted; {self.finished} of {self.planned} attacks recorded; rerun the same '
+        'command to go on.'
+      ) from None
+
+
+def _recorded(record: Record, judgement: Judgement) -> tuple[dict[str, Any], Verdicts]:
+  """Logs `record`; returns it as results.json holds it, with its per-image verdicts."""
   log_record(record)
-  found.update(verdicts.arrays(record.verdicts, judgement.right, judgement.draw_right))
-  return record.to_json()
+  arrays = verdicts.arrays(record.verdicts, judgement.right, judgement.draw_right)
+  return record.to_json(), arrays
+
+
+def _wanted(
+  config: ml_collections.ConfigDict,
+  spec: AttackSpec,
+  model: JudgedModel,
+  label: str,
+  split: data.HostSplit,
+  source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """The fields of the record `spec` would make on `model` that decide whether a stored
+  one may stand for it (everything but the outcome and the times)."""
+  rule, draws, _ = chosen_rule(config, model.authors_prediction)
+  return {
+    'label': label,
+    **model.description,
+    'dataset': split.name,
+    'split': split.split,
+    'attack': spec.attack,
+    'name': spec.name,
+    'params': spec.describe(),
+    'source': source,
+    'n': min(spec.examples or split.num_examples, split.num_examples),  # 0: all.
+    'judged_draws': judged_draws(config, model),
+    'rule': rule,
+    'draws': draws,
+    'noise': config.noise,
+    'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
+  }
+
+
+def _reuse(recorder: Recorder, records: Sequence[dict[str, Any]], desc: str) -> None:
+  """Adds stored `records` and their verdicts as this run's, saying so on the console."""
+  names = [f'{r["verdicts"]}.{part}' for r in records for part in ('right', 'draw_right')]
+  if jax.process_index() == 0:
+    tqdm.write(f'{desc}: recorded by an earlier run into this folder, not rerun')
+  for record in records:
+    log_record(Record.from_json(record))
+  recorder.add(records, {n: recorder.stored.verdicts[n] for n in names})
 
 
 def checkpoint_model(checkpoint: Checkpoint) -> JudgedModel:
@@ -141,6 +258,17 @@ def checkpoint_model(checkpoint: Checkpoint) -> JudgedModel:
   )
 
 
+def model_specs(
+  config: ml_collections.ConfigDict, model: JudgedModel, specs: Sequence[AttackSpec]
+) -> list[AttackSpec]:
+  """The white-box attacks of `specs` as `model` meets them (the noise-off attacks on
+  randomized models only)."""
+  randomized = config.noise and model.randomized
+  # Without noise the noise-off attack is the white-box one.
+  chosen = (spec.for_model(config, randomized) for spec in specs)
+  return [spec for spec in chosen if spec.attack_noise or randomized]
+
+
 def evaluate_model(
   config: ml_collections.ConfigDict,
   model: JudgedModel,
@@ -148,22 +276,21 @@ def evaluate_model(
   split: data.HostSplit,
   specs: Sequence[AttackSpec],
   mesh: jax.sharding.Mesh,
-  found: Verdicts,
-) -> list[dict[str, Any]]:
-  """One white-box record per attack spec for one model (the noise-off attacks on
-  randomized models only), its verdicts added to `found`."""
-  records = []
-  randomized = config.noise and model.randomized
-  for spec in (spec.for_model(config, randomized) for spec in specs):
-    if not spec.attack_noise and not randomized:
-      continue  # Without noise the attack is the white-box one.
+  recorder: Recorder,
+) -> None:
+  """One white-box record per attack spec for one model (model_specs), each added to
+  `recorder` as it ends; an attack recorded by an earlier run is not rerun."""
+  for spec in model_specs(config, model, specs):
+    desc = f'attack {recorder.finished + 1}/{recorder.planned} {label} {spec.name}'
+    stored = recorder.recorded(_wanted(config, spec, model, label, split))
+    if stored is not None:
+      _reuse(recorder, [stored], desc)
+      continue
     started = time.time()
-    [judgement] = attack_accuracy(
-      spec, model, [model], split, config=config, mesh=mesh, desc=f'{label} {spec.name}'
-    )
+    [judgement] = attack_accuracy(spec, model, [model], split, config=config, mesh=mesh, desc=desc)
     record = make_record(config, spec, model, label, split, judgement, time.time() - started)
-    records.append(_recorded(record, judgement, found))
-  return records
+    made, arrays = _recorded(record, judgement)
+    recorder.add([made], arrays)
 
 
 def evaluate_checkpoint(
@@ -175,8 +302,13 @@ def evaluate_checkpoint(
   mesh: jax.sharding.Mesh,
   found: Verdicts,
 ) -> list[dict[str, Any]]:
-  """evaluate_model of a restored checkpoint."""
-  return evaluate_model(config, checkpoint_model(checkpoint), label, split, specs, mesh, found)
+  """evaluate_model of a restored checkpoint, nothing written: its records, their
+  verdicts added to `found`."""
+  model = checkpoint_model(checkpoint)
+  recorder = Recorder(config, results_files.Stored(None, {}), None, len(specs))
+  evaluate_model(config, model, label, split, specs, mesh, recorder)
+  found.update(recorder.found)
+  return recorder.records
 
 
 def transfer_records(
@@ -186,32 +318,36 @@ def transfer_records(
   labels: dict[str, str],
   split: data.HostSplit,
   mesh: jax.sharding.Mesh,
-  found: Verdicts,
-) -> list[dict[str, Any]]:
+  recorder: Recorder,
+) -> None:
   """Supplementary Table 2: every target judged on the FGSM and PGD examples made on
-  every source, the verdicts added to `found`; a cell records its row's time (making
+  every source, added to `recorder` row by row; a cell records its row's time (making
   the examples and judging all)."""
-  records = []
   for source in sources:
+    step = source.description['step']
+    origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': step}
     for spec in transfer_specs(config):
+      desc = f'attack {recorder.finished + 1}/{recorder.planned} transfer from '
+      desc += f'{origin["label"]} {spec.name}'
+      stored = [
+        recorder.recorded(_wanted(config, spec, t, labels[t.path], split, origin)) for t in targets
+      ]
+      if None not in stored:
+        _reuse(recorder, stored, desc)
+        continue
       started = time.time()
       judgements = attack_accuracy(
-        spec,
-        source,
-        targets,
-        split,
-        config=config,
-        mesh=mesh,
-        desc=f'transfer from {labels[source.path]} {spec.name}',
+        spec, source, targets, split, config=config, mesh=mesh, desc=desc
       )
       seconds = time.time() - started
-      step = source.description['step']
-      origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': step}
+      found, records = {}, []
       for target, judgement in zip(targets, judgements):
         label = labels[target.path]
         record = make_record(config, spec, target, label, split, judgement, seconds, origin)
-        records.append(_recorded(record, judgement, found))
-  return records
+        made, arrays = _recorded(record, judgement)
+        records.append(made)
+        found.update(arrays)
+      recorder.add(records, found)
 
 
 def _labels(restored: Sequence[Checkpoint]) -> dict[str, str]:
@@ -298,12 +434,13 @@ def conclude(
   found: Verdicts,
   stored: results_files.Stored,
   output_dir: str | None,
+  final: bool = True,
 ) -> dict[str, Any]:
   """The results of the models' `entries` (model_entry) and their records: merged with
   the earlier records and verdicts of output_dir (`stored`), the worst cases and sanity
   checks added; written to output_dir (results.json, verdicts.npz, results.md and the
-  plots, first process only; None writes nothing), the checks said on the console.
-  Returns the merged results."""
+  plots, first process only; None writes nothing), the files and checks said on the
+  console when `final` (not after each attack). Returns the merged results."""
   results = {
     'config': config.to_dict(),
     'key_layout': KEY_LAYOUT,
@@ -315,9 +452,10 @@ def conclude(
   if jax.process_index() == 0:
     if output_dir is not None:
       paths = results_files.write_results(results, found, output_dir)
-      for path in paths + results_report.write_report(results, output_dir):
+      paths += results_report.write_report(results, output_dir)
+      for path in paths if final else ():
         tqdm.write(f'Wrote {path}')
-    for line in results_report.console_lines(results):
+    for line in results_report.console_lines(results) if final else ():
       tqdm.write(line)
   return results
 
@@ -350,20 +488,26 @@ def evaluate_workdirs(
   judged = {c.path: checkpoint_model(c) for c in cache.restored.values()}
   examples = functools.cache(load_examples)
 
-  records, found, varies = [], {}, {}
-  for checkpoint in evaluated:
-    split = examples(data_settings(config, checkpoint))
-    check_model_takes_split(split, checkpoint)
-    label, model = labels[checkpoint.path], judged[checkpoint.path]
-    records += evaluate_model(config, model, label, split, specs, mesh, found)
-    varies[checkpoint.path] = logits_vary(config, model, split)
-  if transfer:
-    split = examples(data_settings(config, sources[0]))
-    for checkpoint in sources + targets:
+  planned = sum(len(model_specs(config, judged[c.path], specs)) for c in evaluated)
+  planned += len(sources) * len(transfer_specs(config)) if transfer else 0
+  recorder = Recorder(config, stored, output_dir, planned)
+  recorder.entries = [model_entry(labels[p], m, None) for p, m in judged.items()]
+  progress.say_plan(config, planned, examples(data_settings(config, evaluated[0])).num_examples)
+  varies = {}
+  with recorder.stops():
+    for checkpoint in evaluated:
+      split = examples(data_settings(config, checkpoint))
       check_model_takes_split(split, checkpoint)
-    models = [[judged[c.path] for c in group] for group in (sources, targets)]
-    records += transfer_records(config, *models, labels, split, mesh, found)
-    for checkpoint in targets:
-      varies.setdefault(checkpoint.path, logits_vary(config, judged[checkpoint.path], split))
+      label, model = labels[checkpoint.path], judged[checkpoint.path]
+      evaluate_model(config, model, label, split, specs, mesh, recorder)
+      varies[checkpoint.path] = logits_vary(config, model, split)
+    if transfer:
+      split = examples(data_settings(config, sources[0]))
+      for checkpoint in sources + targets:
+        check_model_takes_split(split, checkpoint)
+      models = [[judged[c.path] for c in group] for group in (sources, targets)]
+      transfer_records(config, *models, labels, split, mesh, recorder)
+      for checkpoint in targets:
+        varies.setdefault(checkpoint.path, logits_vary(config, judged[checkpoint.path], split))
   entries = [model_entry(labels[p], m, varies.get(p)) for p, m in judged.items()]
-  return conclude(config, entries, records, found, stored, output_dir)
+  return conclude(config, entries, recorder.records, recorder.found, stored, output_dir)
