@@ -34,9 +34,8 @@ from l2p_jax.evaluation.judging import (
   chosen_rule,
   prediction_rule,
 )
+from l2p_jax.evaluation.recording import EvaluationInterrupted, Recorder
 from l2p_jax.evaluation.runner import (
-  EvaluationInterrupted,
-  Recorder,
   check_model_takes_split,
   checkpoint_model,
   data_settings,

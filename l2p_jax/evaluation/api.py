@@ -1,6 +1,6 @@
 """The evaluation of any model, not only our checkpoints (`evaluate`): a pure
 `predict(x, key) -> logits` of float32 NHWC images in [0, 1] goes through the runner's
-own code path (runner.evaluate_model, runner.conclude), so its records have eval.py's
+own code path (runner.evaluate_model, recording.conclude), so its records have eval.py's
 keys, judged draws, intervals, worst case and sanity checks. Bad input is refused
 before any attack, one line each (`InputError`)."""
 
@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from l2p_jax.attacks import LogitsFn
-from l2p_jax.evaluation import eval_config, runner
+from l2p_jax.evaluation import eval_config, recording, runner
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
@@ -252,15 +252,15 @@ def evaluate(
     )
   split = checked_examples(model, images, labels, config.batch_size)
   specs = _runnable(specs, model, label)
-  stored = runner.open_results(config.output_dir)  # Refused now, not after the attacks.
+  stored = recording.open_results(config.output_dir)  # Refused now, not after the attacks.
   mesh = runner.eval_mesh(config)
   planned = len(runner.model_specs(config, model, specs))
   # A predict function's label does not pin its model, so nothing stored is reused.
-  recorder = runner.Recorder(config, stored, config.output_dir, planned, reuse=False)
-  recorder.entries = [runner.model_entry(label, model, None)]
+  recorder = recording.Recorder(config, stored, config.output_dir, planned, reuse=False)
+  recorder.entries = [recording.model_entry(label, model, None)]
   with recorder.stops():
     runner.evaluate_model(config, model, label, split, specs, mesh, recorder)
-  entry = runner.model_entry(label, model, runner.logits_vary(config, model, split))
-  return runner.conclude(
+  entry = recording.model_entry(label, model, runner.logits_vary(config, model, split))
+  return recording.conclude(
     config, [entry], recorder.records, recorder.found, stored, config.output_dir
   )

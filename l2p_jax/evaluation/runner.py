@@ -1,37 +1,26 @@
 """The evaluation of models under attack: the white-box attacks of config.attacks on
 one model (`evaluate_model`, any JudgedModel: a checkpoint's, or evaluate's predict
-function) and its results concluded and written to results.json and results.md
-(`open_results`, `conclude`); for trained checkpoints (`evaluate_workdirs`) each model
-rebuilt from its checkpoint alone, the data it is evaluated on and the transfer matrix
-between them. Keys and prediction rules: see judging."""
+function), each record written as its attack ends (recording.py); for trained
+checkpoints (`evaluate_workdirs`) each model rebuilt from its checkpoint alone, the data
+it is evaluated on and the transfer matrix between them. Keys and prediction rules: see
+judging."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
-import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from l2p_jax import checkpointing, data, experiment, methods
 from l2p_jax.checkpointing import Checkpoint
-from l2p_jax.errors import UserError
-from l2p_jax.evaluation import (
-  prediction,
-  progress,
-  results_files,
-  results_report,
-  summary,
-  verdicts,
-)
+from l2p_jax.evaluation import prediction, progress, results_files
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
@@ -41,16 +30,19 @@ from l2p_jax.evaluation.attack_registry import (
   transfer_specs,
 )
 from l2p_jax.evaluation.judged_model import FlaxLogits, JudgedModel
-from l2p_jax.evaluation.judging import (
-  KEY_LAYOUT,
-  Judgement,
-  as_inputs,
-  attack_accuracy,
-  chosen_rule,
-  judged_draws,
+from l2p_jax.evaluation.judging import as_inputs, attack_accuracy
+from l2p_jax.evaluation.recording import (
+  Recorder,
+  Verdicts,
+  conclude,
+  model_entry,
+  open_results,
+  record_and_verdicts,
+  reuse_records,
+  wanted_fields,
 )
-from l2p_jax.evaluation.records import Record, log_record, make_record
-from l2p_jax.runtime import cli, sharding
+from l2p_jax.evaluation.records import make_record
+from l2p_jax.runtime import sharding
 
 
 def _setting(config: ml_collections.ConfigDict, field: str, attack: str) -> Any:
@@ -134,117 +126,6 @@ def check_model_takes_split(split: data.HostSplit, checkpoint: Checkpoint) -> No
     )
 
 
-Verdicts = dict[str, Any]  # verdicts.npz's arrays by name (verdicts.arrays).
-
-
-class EvaluationInterrupted(UserError, RuntimeError):
-  """Ctrl-C or SIGTERM stopped the evaluation; the attacks it finished are written, and
-  a rerun of the same command goes on from them."""
-
-
-class Recorder:
-  """The records of one evaluation as they finish: each attack's written to the output
-  folder as soon as it ends (`add`), so a stopped run keeps them, and (with `reuse`) the
-  stored record that spares a rerun an attack it already finished (`recorded`)."""
-
-  def __init__(
-    self,
-    config: ml_collections.ConfigDict,
-    stored: results_files.Stored,
-    output_dir: str | None,
-    planned: int,
-    reuse: bool = True,
-  ):
-    self.config, self.stored, self.output_dir, self.planned = config, stored, output_dir, planned
-    self.reuse = reuse
-    self.records: list[dict[str, Any]] = []
-    self.found: Verdicts = {}
-    self.entries: list[dict[str, Any]] = []
-    self.finished = 0
-
-  def recorded(self, wanted: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored record whose fields include `wanted` (its checkpoint, step, attack
-    with its parameters, data and image count, key and prediction rule) and whose
-    verdicts are stored; None when there is none or reuse is off, so the attack runs."""
-    if not self.reuse:
-      return None
-    wanted = json.loads(json.dumps(wanted))  # As results.json holds it (tuples as lists).
-    for record in (self.stored.results or {}).get('records', []):
-      if all(record.get(k) == v for k, v in wanted.items()) and (
-        f'{record["verdicts"]}.right' in self.stored.verdicts
-      ):
-        return record
-    return None
-
-  def add(self, records: Sequence[dict[str, Any]], found: Verdicts) -> None:
-    """One finished attack's records and verdicts, written with all before them."""
-    self.records += records
-    self.found.update(found)
-    self.finished += 1
-    if self.output_dir is not None:
-      conclude(
-        self.config, self.entries, self.records, self.found, self.stored, self.output_dir, False
-      )
-
-  @contextlib.contextmanager
-  def stops(self) -> Iterator[None]:
-    """Turns Ctrl-C (KeyboardInterrupt; eval.py makes SIGTERM one) into
-    EvaluationInterrupted, saying how many attacks are recorded."""
-    try:
-      yield
-    except KeyboardInterrupt:
-      raise EvaluationInterrupted(
-        f'interrupted; {self.finished} of {self.planned} attacks recorded; rerun the same '
-        'command to go on.'
-      ) from None
-
-
-def _recorded(record: Record, judgement: Judgement) -> tuple[dict[str, Any], Verdicts]:
-  """Logs `record`; returns it as results.json holds it, with its per-image verdicts."""
-  log_record(record)
-  arrays = verdicts.arrays(record.verdicts, judgement.right, judgement.draw_right)
-  return record.to_json(), arrays
-
-
-def _wanted(
-  config: ml_collections.ConfigDict,
-  spec: AttackSpec,
-  model: JudgedModel,
-  label: str,
-  split: data.HostSplit,
-  source: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-  """The fields of the record `spec` would make on `model` that decide whether a stored
-  one may stand for it (everything but the outcome and the times)."""
-  rule, draws, _ = chosen_rule(config, model.authors_prediction)
-  return {
-    'label': label,
-    **model.description,
-    'dataset': split.name,
-    'split': split.split,
-    'attack': spec.attack,
-    'name': spec.name,
-    'params': spec.describe(),
-    'source': source,
-    'n': min(spec.examples or split.num_examples, split.num_examples),  # 0: all.
-    'judged_draws': judged_draws(config, model),
-    'rule': rule,
-    'draws': draws,
-    'noise': config.noise,
-    'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
-  }
-
-
-def _reuse(recorder: Recorder, records: Sequence[dict[str, Any]], desc: str) -> None:
-  """Adds stored `records` and their verdicts as this run's, saying so on the console."""
-  names = [f'{r["verdicts"]}.{part}' for r in records for part in ('right', 'draw_right')]
-  if jax.process_index() == 0:
-    tqdm.write(f'{desc}: recorded by an earlier run into this folder, not rerun')
-  for record in records:
-    log_record(Record.from_json(record))
-  recorder.add(records, {n: recorder.stored.verdicts[n] for n in names})
-
-
 def checkpoint_model(checkpoint: Checkpoint) -> JudgedModel:
   """A restored checkpoint as the evaluation judges it: its network, randomized and
   judged as its method's registry record says."""
@@ -282,14 +163,14 @@ def evaluate_model(
   `recorder` as it ends; an attack recorded by an earlier run is not rerun."""
   for spec in model_specs(config, model, specs):
     desc = f'attack {recorder.finished + 1}/{recorder.planned} {label} {spec.name}'
-    stored = recorder.recorded(_wanted(config, spec, model, label, split))
+    stored = recorder.recorded(wanted_fields(config, spec, model, label, split))
     if stored is not None:
-      _reuse(recorder, [stored], desc)
+      reuse_records(recorder, [stored], desc)
       continue
     started = time.time()
     [judgement] = attack_accuracy(spec, model, [model], split, config=config, mesh=mesh, desc=desc)
     record = make_record(config, spec, model, label, split, judgement, time.time() - started)
-    made, arrays = _recorded(record, judgement)
+    made, arrays = record_and_verdicts(record, judgement)
     recorder.add([made], arrays)
 
 
@@ -330,10 +211,11 @@ def transfer_records(
       desc = f'attack {recorder.finished + 1}/{recorder.planned} transfer from '
       desc += f'{origin["label"]} {spec.name}'
       stored = [
-        recorder.recorded(_wanted(config, spec, t, labels[t.path], split, origin)) for t in targets
+        recorder.recorded(wanted_fields(config, spec, t, labels[t.path], split, origin))
+        for t in targets
       ]
       if None not in stored:
-        _reuse(recorder, stored, desc)
+        reuse_records(recorder, stored, desc)
         continue
       started = time.time()
       judgements = attack_accuracy(
@@ -344,7 +226,7 @@ def transfer_records(
       for target, judgement in zip(targets, judgements):
         label = labels[target.path]
         record = make_record(config, spec, target, label, split, judgement, seconds, origin)
-        made, arrays = _recorded(record, judgement)
+        made, arrays = record_and_verdicts(record, judgement)
         records.append(made)
         found.update(arrays)
       recorder.add(records, found)
@@ -404,60 +286,10 @@ def logits_vary(
   return bool(np.any(first != second))
 
 
-def model_entry(label: str, model: JudgedModel, varies: bool | None) -> dict[str, Any]:
-  """A model's entry in results.json's `checkpoints`: its label, description and
-  whether its logits vary between noise draws (None: not measured)."""
-  return {'label': label, **model.description, 'logits_vary': varies}
-
-
 def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The device mesh of an evaluation: every device, fewer when they do not divide
   config.batch_size (the training loop's one check)."""
   return sharding.mesh_for_batches({'config.batch_size': config.batch_size}, EvaluationError)
-
-
-def open_results(output_dir: str | None) -> results_files.Stored:
-  """What output_dir holds before the attacks run, refused now if it cannot be written
-  or read (nothing for None: the results are returned, not written)."""
-  if output_dir is None:
-    return results_files.Stored(None, {})
-  cli.check_writable_folder(
-    'the results folder', output_dir, 'pass --config.output_dir=DIR to write them elsewhere'
-  )
-  return results_files.read_stored(output_dir)
-
-
-def conclude(
-  config: ml_collections.ConfigDict,
-  entries: Sequence[dict[str, Any]],
-  records: Sequence[dict[str, Any]],
-  found: Verdicts,
-  stored: results_files.Stored,
-  output_dir: str | None,
-  final: bool = True,
-) -> dict[str, Any]:
-  """The results of the models' `entries` (model_entry) and their records: merged with
-  the earlier records and verdicts of output_dir (`stored`), the worst cases and sanity
-  checks added; written to output_dir (results.json, verdicts.npz, results.md and the
-  plots, first process only; None writes nothing), the files and checks said on the
-  console when `final` (not after each attack). Returns the merged results."""
-  results = {
-    'config': config.to_dict(),
-    'key_layout': KEY_LAYOUT,
-    'checkpoints': list(entries),
-    'records': list(records),
-  }
-  results, found = results_files.merge(results, found, stored)
-  results = summary.summarize(results, found)
-  if jax.process_index() == 0:
-    if output_dir is not None:
-      paths = results_files.write_results(results, found, output_dir)
-      paths += results_report.write_report(results, output_dir)
-      for path in paths if final else ():
-        tqdm.write(f'Wrote {path}')
-    for line in results_report.console_lines(results) if final else ():
-      tqdm.write(line)
-  return results
 
 
 def evaluate_workdirs(
