@@ -21,7 +21,7 @@ from l2p_jax.evaluation import results_files, results_report, summary, verdicts
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.evaluation.judged_model import JudgedModel
 from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, chosen_rule, judged_draws
-from l2p_jax.evaluation.records import Record, log_record
+from l2p_jax.evaluation.records import Record, attacked, log_record
 from l2p_jax.runtime import cli
 
 Verdicts = dict[str, Any]  # verdicts.npz's arrays by name (verdicts.arrays).
@@ -108,14 +108,7 @@ def wanted_fields(
   one may stand for it (everything but the outcome and the times)."""
   rule, draws, _ = chosen_rule(config, model.authors_prediction)
   return {
-    'label': label,
-    **model.description,
-    'dataset': split.name,
-    'split': split.split,
-    'attack': spec.attack,
-    'name': spec.name,
-    'params': spec.describe(),
-    'source': source,
+    **attacked(spec, model, label, split, source),
     'n': min(spec.examples or split.num_examples, split.num_examples),  # 0: all.
     'judged_draws': judged_draws(config, model),
     'rule': rule,

@@ -95,6 +95,27 @@ class Record:
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
 
 
+def attacked(
+  spec: AttackSpec,
+  target: JudgedModel,
+  label: str,
+  split: data.HostSplit,
+  source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """A record's first fields: the model, the data and the attack with its parameters
+  (and the transfer source that made the examples, if any)."""
+  return {
+    'label': label,
+    **target.description,
+    'dataset': split.name,
+    'split': split.split,
+    'attack': spec.attack,
+    'name': spec.name,
+    'params': spec.describe(),
+    'source': source,
+  }
+
+
 def make_record(
   config: ml_collections.ConfigDict,
   spec: AttackSpec,
@@ -109,14 +130,7 @@ def make_record(
   outcome."""
   rule, draws, origin = chosen_rule(config, target.authors_prediction)
   record = {
-    'label': label,
-    **target.description,
-    'dataset': split.name,
-    'split': split.split,
-    'attack': spec.attack,
-    'name': spec.name,
-    'params': spec.describe(),
-    'source': source,
+    **attacked(spec, target, label, split, source),
     **judgement.counts(),
     'seconds': seconds,
     'rule': rule,
