@@ -190,11 +190,14 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
       8 if r['label'] == 'l2p' else 24,
     )
     assert r['seconds'] > 0
-    # FGSM and PGD keep the accuracy they saw after each step, on the model they ran on.
+    # FGSM, PGD and APGD-rand keep the accuracy they saw after each step (APGD-rand's two
+    # stages one after the other), on the model they ran on.
     on_itself = r['source'] is None or r['source']['label'] == r['label']
-    assert ('curve' in r) == (r['attack'] in ('fgsm', 'pgd') and on_itself), r['name']
+    kept = r['attack'] in ('fgsm', 'pgd', 'apgd_rand') and on_itself
+    assert ('curve' in r) == kept, r['name']
     if 'curve' in r:
-      assert len(r['curve']) == r['params'].get('steps', 1) + 1
+      stages = 2 if r['attack'] == 'apgd_rand' else 1
+      assert len(r['curve']) == stages * r['params'].get('steps', 1) + 1
       if r['label'] == 'none':  # Deterministic: its last point is the judged accuracy, of
         # the 12 images only (the last batch of 8 pads 4 rows).
         assert r['curve'][-1] == r['accuracy']
