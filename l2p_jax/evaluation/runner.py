@@ -143,11 +143,11 @@ def model_specs(
   config: ml_collections.ConfigDict, model: JudgedModel, specs: Sequence[AttackSpec]
 ) -> list[AttackSpec]:
   """The white-box attacks of `specs` as `model` meets them (the noise-off attacks on
-  randomized models only)."""
+  randomized models only), each once (a deterministic model's EOT-PGD is its PGD)."""
   randomized = config.noise and model.randomized
   # Without noise the noise-off attack is the white-box one.
   chosen = (spec.for_model(config, randomized) for spec in specs)
-  return [spec for spec in chosen if spec.attack_noise or randomized]
+  return list(dict.fromkeys(spec for spec in chosen if spec.attack_noise or randomized))
 
 
 def evaluate_model(
