@@ -252,7 +252,8 @@ def _attack_table(results: dict[str, Any]) -> str | None:
       )
   if not columns:
     return None
-  titles = [title for _, title in sorted(columns)]
+  # One column per title: a deterministic model's one-draw APGD-rand beside a randomized one's.
+  titles = list(dict.fromkeys(title for _, title in sorted(columns)))
   rows = [c for c in results['checkpoints'] if any(label == c['label'] for label, _ in cells)]
   return '## Accuracy under attack\n\n' + markdown_table(
     ['checkpoint'] + titles,
