@@ -103,7 +103,8 @@ SCALES = {
       slurm=_CPU_SLURM,
     ),
     # The study (RESULTS.md): enough seeds, test images and judged draws for intervals
-    # that can order the defences: 2 h 24 min on 2 cores (measured; RESULTS.md). The small
+    # that can order the defences: 2 h 24 min on 2 cores (measured; RESULTS.md) before
+    # Square and AutoAttack joined its tables (not yet measured with them). The small
     # scale's network trained on 4,096 images for 10 epochs (320 steps): Adv-BNN's weight
     # noise makes it learn slowest, and this is where its clean accuracy was measured to
     # come within 10 points of vanilla's (README, Adv-BNN), against 19 below at 96 steps.
