@@ -585,9 +585,9 @@ def attack_fn(name: str, args: argparse.Namespace, unroll: bool) -> tuple[Callab
   pgd = functools.partial(attacks.pgd, eps=8 / 255, steps=7, step_size=0.01, unroll=loop_unroll)
   if name == 'judge':
     judge = functools.partial(
-      judging.judged_verdicts, judged_draws=args.judge_draws, rule='single', draws=1
+      judging.judged_right, judged_draws=args.judge_draws, rule='single', draws=1
     )
-    return lambda logits_fn, key, x, y: judge(logits_fn, key, x, x, y), 1, 0
+    return lambda logits_fn, key, x, y: judge(logits_fn, key, x, y), 1, 0
   if name == 'pgd7':
     attack, draws, grads = pgd, 1, 7
   elif name == 'eot_pgd':

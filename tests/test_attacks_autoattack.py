@@ -3,6 +3,7 @@ abort (cw.py), and the specs a deterministic and a randomized model plan for the
 (builtin_attacks.py, AttackSpec.for_model), on toy models."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from toy_models import KEY, X, Y, linear, noisy
 
 from configs import eval as eval_config
 from l2p_jax import attacks
-from l2p_jax.evaluation import plan_attacks
+from l2p_jax.evaluation import plan_attacks, runner
 
 RNG = np.random.default_rng(1)
 W10 = jnp.asarray(RNG.normal(size=(48, 10)), jnp.float32)
@@ -151,3 +152,52 @@ def test_square_apgd_t_and_autoattack_plan_their_randomized_variants():
   assert 'eot_draws' not in deterministic[1] and "('eot_draws', 20)" in randomized[1]
   assert "('version', 'standard')" in deterministic[2]
   assert "(('version', 'rand'), ('steps', 100), ('eot_draws', 20))" in randomized[2]
+
+
+def _curve_ends_at_the_verdict(result, length):
+  """The curve (not fooled yet, per image) has `length` rows, never unfools an image and
+  ends at the attack's own verdict; returns it."""
+  curve = np.asarray(result.curve)
+  assert curve.shape == (length, len(result.success)) and np.all(curve[1:] <= curve[:-1])
+  np.testing.assert_array_equal(curve[-1], ~np.asarray(result.success))
+  return curve
+
+
+def test_apgd_suites_keep_the_curve_of_all_their_stages_one_after_the_other():
+  """APGD-rand (CE then DLR), APGD-T (9 targets), AutoAttack standard (APGD-CE, APGD-T,
+  Square) and rand: one row per iteration of the whole attack, the first stage's curve
+  its own, and a stage skipped where everything is fooled counted as all fooled."""
+  ce = attacks.apgd(linear10, jax.random.fold_in(KEY, 0), X10, Y10, eps=EPS, steps=10)
+  rand = attacks.autoattack_rand(linear10, KEY, X10, Y10, eps=EPS, steps=10, eot_draws=1)
+  np.testing.assert_array_equal(_curve_ends_at_the_verdict(rand, 21)[:11], ce.curve)
+  targeted = attacks.apgd_targeted(linear10, KEY, X10, Y10, eps=EPS, steps=10)
+  first = attacks.apgd_targeted(linear10, KEY, X10, Y10, eps=EPS, steps=10, target_classes=1)
+  curve = _curve_ends_at_the_verdict(targeted, 91)
+  np.testing.assert_array_equal(curve[:11], _curve_ends_at_the_verdict(first, 11))
+  assert curve[0].sum() > curve[-1].sum()
+  standard = attacks.autoattack(linear10, KEY, X10, Y10, eps=EPS, steps=10, queries=50)
+  curve = _curve_ends_at_the_verdict(standard, 1 + 10 + 90 + 50)
+  np.testing.assert_array_equal(curve[:11], ce.curve)
+  apgd_t = attacks.apgd_targeted(linear10, jax.random.fold_in(KEY, 1), X10, Y10, eps=EPS, steps=10)
+  np.testing.assert_array_equal(curve[11:101], apgd_t.curve[1:] & ~ce.success)
+  version = dict(version='rand', steps=5, eot_draws=2)
+  _curve_ends_at_the_verdict(attacks.autoattack(noisy, KEY, X, Y, eps=EPS, **version), 11)
+  wide = attacks.autoattack(linear10, KEY, X10, Y10, eps=0.5, steps=10, queries=50)
+  assert not _curve_ends_at_the_verdict(wide, 151)[10:].any()  # APGD-T, Square skipped.
+
+
+def test_a_deterministic_model_runs_one_eot_draw():
+  """Every draw of a deterministic model gives the same logits: its APGD-rand and
+  EOT-PGD specs record one draw (EOT-PGD then being its PGD, run once), a randomized
+  model's keep config.apgd's and config.eot's draws."""
+  assert "('steps', 100), ('eot_draws', 1))" in _specs('apgd', False)[0]
+  assert "('steps', 100), ('eot_draws', 20))" in _specs('apgd', True)[0]
+  assert _specs('eot_pgd', False) == _specs('pgd', False)
+  assert "('eot_draws', 30))" in _specs('eot_pgd', True)[0]
+  config = eval_config.get_config()
+  specs = plan_attacks(config, 'pgd,eot_pgd,apgd')[0]
+  model = types.SimpleNamespace(randomized=False)
+  assert [s.name for s in runner.model_specs(config, model, specs)] == [
+    'pgd(steps=7, step_size=0.01, random_start=True, restarts=1, eot_draws=1, eps=8/255)',
+    'apgd_rand(steps=100, eot_draws=1, eps=8/255)',
+  ]

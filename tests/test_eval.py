@@ -190,11 +190,14 @@ def test_results_json_holds_one_complete_record_per_checkpoint_and_attack(evalua
       8 if r['label'] == 'l2p' else 24,
     )
     assert r['seconds'] > 0
-    # FGSM and PGD keep the accuracy they saw after each step, on the model they ran on.
+    # FGSM, PGD and APGD-rand keep the accuracy they saw after each step (APGD-rand's two
+    # stages one after the other), on the model they ran on.
     on_itself = r['source'] is None or r['source']['label'] == r['label']
-    assert ('curve' in r) == (r['attack'] in ('fgsm', 'pgd') and on_itself), r['name']
+    kept = r['attack'] in ('fgsm', 'pgd', 'apgd_rand') and on_itself
+    assert ('curve' in r) == kept, r['name']
     if 'curve' in r:
-      assert len(r['curve']) == r['params'].get('steps', 1) + 1
+      stages = 2 if r['attack'] == 'apgd_rand' else 1
+      assert len(r['curve']) == stages * r['params'].get('steps', 1) + 1
       if r['label'] == 'none':  # Deterministic: its last point is the judged accuracy, of
         # the 12 images only (the last batch of 8 pads 4 rows).
         assert r['curve'][-1] == r['accuracy']
@@ -290,22 +293,23 @@ def test_a_rerun_with_the_same_key_is_bit_identical(evaluated, runs):
 
 
 def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
-  """The L2P clean accuracy recomputed by hand from the record's seed and fold_in path
-  and the documented layout (batch b, then 1 for the prediction, judged draw k,
-  prediction draw 0), and its per-image verdicts in verdicts.npz."""
+  """The L2P clean accuracy recomputed by hand from the record's seed and the documented
+  layout of the judged draws, the same for every attack (the judging stream 2**31, batch
+  b, judged draw k, prediction draw 0), and its per-image and per-draw verdicts in
+  verdicts.npz."""
   results, output = evaluated
   record = white_box(results, 'l2p', 'clean', None)
   checkpoint = checkpointing.load_checkpoint(str(runs['l2p']))
   split = evaluation.load_examples(evaluation.data_settings(eval_config(), checkpoint))
-  key = jax.random.fold_in(jax.random.key(record['key']['seed']), record['key']['fold_in'][0])
+  key = jax.random.fold_in(jax.random.key(record['key']['seed']), 2**31)
   logits = jax.jit(
     lambda x, k: checkpoint.model.apply(
       checkpoint.variables, x, train=False, noise=True, rngs={'noise': k}
     )
   )
-  right = []
+  bits = []
   for b, batch in enumerate(data.eval_batches(split, record['batch_size'])):
-    judge_key = jax.random.fold_in(jax.random.fold_in(key, b), 1)
+    judge_key = jax.random.fold_in(key, b)
     draws = [
       np.argmax(
         logits(
@@ -316,17 +320,20 @@ def test_the_recorded_key_reproduces_a_randomized_result(evaluated, runs):
       == batch['label']
       for k in range(record['judged_draws'])
     ]
-    right.append(np.sum(draws, axis=0)[batch['mask']])
-  right = np.concatenate(right)
+    bits.append(np.stack(draws, axis=1)[batch['mask']])
+  bits = np.concatenate(bits)
+  right = bits.sum(1)
   assert int(right.sum()) == record['correct']
   with np.load(output / 'verdicts.npz') as stored:
     np.testing.assert_array_equal(stored[f'{record["verdicts"]}.right'], right)
+    np.testing.assert_array_equal(evaluation.verdicts.draw_bits(stored, record), bits)
     assert int(stored[f'{record["verdicts"]}.draw_right'].sum()) == record['correct']
 
 
 def test_the_worst_case_is_the_union_of_the_stored_verdicts(evaluated):
   """Per checkpoint, the images right under every draw of every L-inf attack at the
-  headline eps (clean, FGSM, PGD, APGD, noise-off and transfer), from verdicts.npz."""
+  headline eps (clean, FGSM, PGD, APGD, noise-off and transfer), per image and per draw,
+  from verdicts.npz."""
   results, output = evaluated
   assert [w['label'] for w in results['worst_case']] == ['l2p', 'none']
   with np.load(output / 'verdicts.npz') as stored:
@@ -345,6 +352,10 @@ def test_the_worst_case_is_the_union_of_the_stored_verdicts(evaluated):
       assert worst['accuracy'] == pytest.approx(shares.mean())
       assert worst['accuracy'] <= min(r['accuracy'] for r in members)
       assert worst['accuracy_all_draws'] <= worst['accuracy']
+      # Per draw: right under draw k for every attack (their judged draws are shared).
+      bits = np.all([evaluation.verdicts.draw_bits(stored, r) for r in members], 0)
+      assert worst['accuracy_per_draw'] == pytest.approx(bits.mean())
+      assert worst['accuracy_all_draws'] <= worst['accuracy_per_draw'] <= worst['accuracy']
 
 
 def test_sanity_checks_are_recorded_for_every_checkpoint(evaluated):

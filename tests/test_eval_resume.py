@@ -1,6 +1,8 @@
 """A stopped evaluation keeps what it finished (issue 38): eval.py writes each attack's
 record as it ends, Ctrl-C ends it at once with one line, and a rerun of the same command
-records only the rest, ending equal to an uninterrupted run."""
+records only the rest, ending equal to an uninterrupted run; records judged before the
+judged draws were shared are rerun, and every attack shares one judgement of the clean
+images."""
 
 import json
 import pathlib
@@ -9,12 +11,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tiny_runs
 
 from configs import eval as eval_configs
-from l2p_jax import evaluation
-from l2p_jax.evaluation import progress
+from l2p_jax import data, evaluation
+from l2p_jax.evaluation import progress, results_files, verdicts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATTACKS = 'clean,fgsm,pgd'
@@ -122,3 +125,49 @@ def test_a_rerun_on_other_images_reruns_the_attack(run, tmp_path):
     config.data.examples = examples
     [record] = evaluation.evaluate_workdirs(config, str(run))['records']
     assert record['n'] == examples
+
+
+def test_records_judged_before_the_draws_were_shared_are_rerun(run, uninterrupted, tmp_path):
+  """An output folder of records without `judging` (and verdicts without per-draw bits),
+  as written before every attack shared the judged draws: a rerun of the same command
+  reuses none of them, and its worst case is then taken per draw as well."""
+  old = {**uninterrupted, 'records': []}
+  for r in uninterrupted['records']:
+    old['records'].append({k: v for k, v in r.items() if k != 'judging'})
+  (tmp_path / 'results.json').write_text(json.dumps(old))
+  stored = verdicts.read(uninterrupted['config']['output_dir'])
+  verdicts.write(str(tmp_path), {k: v for k, v in stored.items() if not k.endswith('.bits')})
+  result = subprocess.run(
+    eval_command(run, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0, result.stderr
+  assert 'not rerun' not in result.stdout
+  final = json.loads((tmp_path / 'results.json').read_text())
+  assert [r['judging'] for r in final['records']] == ['shared_draws'] * 3
+  assert comparable(final) == comparable(uninterrupted)
+  assert 'accuracy_per_draw' in final['worst_case'][0]
+
+
+def test_every_attack_is_judged_against_the_same_clean_verdicts(run):
+  """The clean images are judged once per batch (12 images in batches of 8: 2) and once
+  more for the few-pixel attack's first 4 images, whose batch is not the same; the
+  clean record's bits are what the cache holds, and FGSM's and PGD's `fooled` count the
+  images the clean record has right under a draw and the attack has not."""
+  config = eval_configs.get_config('tiny')
+  config.attacks, config.progress_bar = 'clean,fgsm,pgd,few_pixel', False
+  checkpoint = evaluation.runner._RestoredCheckpoints(config).load(str(run))
+  model = evaluation.checkpoint_model(checkpoint)
+  split = evaluation.load_examples(evaluation.data_settings(config, checkpoint))
+  specs, _ = evaluation.plan_attacks(config)
+  mesh, clean = evaluation.runner.eval_mesh(config), evaluation.CleanVerdicts()
+  recorder = evaluation.Recorder(config, results_files.Stored(None, {}), None, len(specs))
+  evaluation.evaluate_model(config, model, 'l2p', split, specs, mesh, recorder, clean)
+  assert clean.made == 3
+  bits = {r['attack']: verdicts.draw_bits(recorder.found, r) for r in recorder.records}
+  batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
+  settings = (3, 'single', 1)
+  held = [clean.right(model, split, b, batch, settings, config) for b, batch in enumerate(batches)]
+  assert clean.made == 3  # Found, not made again.
+  np.testing.assert_array_equal(bits['clean'], np.concatenate(held)[:12])
+  for r in recorder.records[1:3]:
+    assert r['fooled'] == np.sum(bits['clean'] & ~bits[r['attack']]) > 0, r['attack']

@@ -76,46 +76,39 @@ def test_a_difference_over_seeds_is_welchs_by_hand():
 # --- judging over draws -------------------------------------------------------------
 
 
-def _verdicts(logits_fn, judged_draws, first_draw=0, rule='single', draws=1):
-  x_adv = jnp.clip(X + 0.1, 0, 1)
+def _right(logits_fn, judged_draws, first_draw=0, rule='single', draws=1, x=None):
+  """(N, judged_draws) bits of the shifted inputs (or x) right under each judged draw."""
+  x = jnp.clip(X + 0.1, 0, 1) if x is None else x
   return jax.jit(
-    lambda k: judging.judged_verdicts(
-      logits_fn,
-      k,
-      X,
-      x_adv,
-      Y,
-      judged_draws=judged_draws,
-      rule=rule,
-      draws=draws,
-      first_draw=first_draw,
+    lambda k: judging.judged_right(
+      logits_fn, k, x, Y, judged_draws=judged_draws, rule=rule, draws=draws, first_draw=first_draw
     )
   )(KEY)
 
 
 @pytest.mark.parametrize('rule, draws', [('single', 1), ('vote', 3)])
 def test_k_draws_are_k_single_draw_judgements_bit_for_bit(rule, draws):
-  right, fooled = _verdicts(noisy, 4, rule=rule, draws=draws)
-  singles = [_verdicts(noisy, 1, first_draw=k, rule=rule, draws=draws) for k in range(4)]
-  np.testing.assert_array_equal(right, np.concatenate([r for r, _ in singles]))
-  np.testing.assert_array_equal(fooled, np.concatenate([f for _, f in singles]))
-  assert len({np.asarray(r).tobytes() for r in right}) > 1  # The draws differ.
+  right = _right(noisy, 4, rule=rule, draws=draws)
+  singles = [_right(noisy, 1, first_draw=k, rule=rule, draws=draws) for k in range(4)]
+  np.testing.assert_array_equal(right, np.concatenate(singles, axis=1))
+  assert len({np.asarray(r).tobytes() for r in right.T}) > 1  # The draws differ.
 
 
 def test_draw_k_predicts_with_the_documented_key():
-  right, _ = _verdicts(noisy, 3)
+  right = _right(noisy, 3)
   x_adv = jnp.clip(X + 0.1, 0, 1)
   for k in range(3):
     key = jax.random.fold_in(jax.random.fold_in(KEY, k), 0)  # Draw k, prediction draw 0.
-    np.testing.assert_array_equal(right[k], jnp.argmax(noisy(x_adv, key), -1) == Y)
+    np.testing.assert_array_equal(right[:, k], jnp.argmax(noisy(x_adv, key), -1) == Y)
 
 
 def _judgement(logits_fn, judged_draws):
-  """A Judgement of the shifted inputs over `judged_draws` draws, as judging builds it."""
-  right, fooled = _verdicts(logits_fn, judged_draws)
+  """A Judgement of the shifted inputs over `judged_draws` draws, as judging builds it:
+  fooled where the clean image is right under the same draw."""
+  right, clean = _right(logits_fn, judged_draws), _right(logits_fn, judged_draws, x=X)
   l2 = np.full(X.shape[0], 0.4)
   return judging.Judgement(
-    np.asarray(right.sum(0)), np.asarray(fooled.sum(0)), l2, np.asarray(right.sum(1))
+    np.asarray(right.sum(1)), np.asarray((clean & ~right).sum(1)), l2, np.asarray(right.sum(0))
   )
 
 

@@ -145,8 +145,9 @@ def test_plan_command_prints_one_line_per_job(tmp_path):
 
 def test_study_plan_has_its_seeds_images_and_judged_draws(tmp_path):
   """The study of RESULTS.md: every method over seeds 0..2 by default, trained on 4,096
-  images for 10 epochs; 512 test images for the attacks that rank the defences, judged
-  over 10 draws (Adv-BNN's 50-draw predictions over 3); C&W and few-pixel on 64."""
+  images for 10 epochs; 512 test images for the attacks that rank the defences (Square
+  among them), judged over 10 draws (Adv-BNN's 50-draw predictions over 3); C&W,
+  few-pixel and AutoAttack on 64."""
   plan = make_plan(tmp_path, scale='study')
   assert plan.seeds == 3 and plan.tables == ('main', 'few_pixel', 'figure1')
   assert [j.name for j in plan.jobs] == [
@@ -162,13 +163,13 @@ def test_study_plan_has_its_seeds_images_and_judged_draws(tmp_path):
     } <= set(train)
     draws = 3 if job.run.method == 'adv_bnn' else 10
     assert {
-      '--config.attacks=clean,fgsm,pgd20,eot_pgd,apgd,noise_off_pgd20',
+      '--config.attacks=clean,fgsm,pgd20,eot_pgd,apgd,noise_off_pgd20,square',
       '--config.data.examples=512',
       f'--config.judge.draws={draws}',
       f'--config.seed={job.run.seed}',
     } <= set(main)
     assert {
-      '--config.attacks=cw,few_pixel',
+      '--config.attacks=cw,few_pixel,autoattack',
       '--config.data.examples=64',
       '--config.few_pixel.examples=64',
       f'--config.judge.draws={draws}',

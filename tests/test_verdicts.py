@@ -9,6 +9,8 @@ from hand_records import record
 from l2p_jax import attacks, evaluation
 from l2p_jax.evaluation import intervals, verdicts
 
+EPS = 8 / 255
+
 
 def test_the_worst_case_takes_each_images_worst_attack_of_the_threat_model():
   """Two draws; image 3 survives PGD but not APGD, image 2 the reverse; C&W (another
@@ -30,6 +32,36 @@ def test_the_worst_case_takes_each_images_worst_attack_of_the_threat_model():
   assert worst['accuracy_ci95'] == pytest.approx(
     intervals.accuracy_interval(np.array([1.0, 0, 0, 0]), 2)
   )
+
+
+def test_the_per_draw_worst_case_needs_an_image_right_under_a_draw_for_every_attack():
+  """Two shared draws: image 1 is right under draw 0 for PGD and under draw 1 for APGD,
+  half its draws for each (per image 0.5), but under no draw for both (per draw 0). Per
+  image 1, 0.5, 0, 0.5 (mean 0.5); per draw right (1, 1), (0, 0), (0, 0), (0, 1): 3/8,
+  its interval over those 4 images and the 2 draws' accuracies 1/4 and 2/4. Without
+  every attack's bits, or with draws judged the old way, there is no per-draw entry."""
+  shared = {'judging': 'shared_draws', 'key': {'seed': 0}, 'batch_size': 8}
+  records = [record(a, 0.5, eps=e, **shared) for a, e in (('clean', None), ('pgd', EPS))]
+  records.append(record('apgd_rand', 0.5, **shared))
+  bits = {
+    'clean': [[1, 1]] * 4,
+    'pgd': [[1, 1], [1, 0], [0, 0], [1, 1]],
+    'apgd_rand': [[1, 1], [0, 1], [1, 1], [0, 1]],
+  }
+  stored = {}
+  for name, b in bits.items():
+    b = np.array(b, bool)
+    stored |= verdicts.arrays(name, b.sum(1), b.sum(0), b)
+  [worst] = verdicts.worst_cases(records, stored, EPS)
+  assert worst['accuracy'] == 0.5 and worst['accuracy_per_draw'] == 3 / 8
+  assert worst['accuracy_per_draw_ci95'] == pytest.approx(
+    intervals.accuracy_interval(np.array([1.0, 0, 0, 0.5]), 2, np.array([0.25, 0.5]))
+  )
+  np.testing.assert_array_equal(verdicts.draw_bits(stored, records[1]), bits['pgd'])
+  without_bits = {k: v for k, v in stored.items() if k != 'pgd.bits'}
+  assert 'accuracy_per_draw' not in verdicts.worst_cases(records, without_bits, EPS)[0]
+  records[2] = {**records[2], 'judging': None}  # Judged before the draws were shared.
+  assert 'accuracy_per_draw' not in verdicts.worst_cases(records, stored, EPS)[0]
 
 
 def test_verdicts_of_replaced_records_are_dropped():

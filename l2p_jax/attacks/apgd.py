@@ -232,7 +232,8 @@ def autoattack_rand(
   unroll: int | bool = 1,
 ) -> core.AttackResult:
   """AutoAttack's version for randomized defenses: APGD-CE then APGD-DLR, no restarts,
-  `eot_draws` EOT draws; per example the first of the two that fooled the model.
+  `eot_draws` EOT draws; per example the first of the two that fooled the model, the
+  curve CE's followed by DLR's (core.later_rows).
 
   The CE run uses fold_in(key, 0), the DLR run fold_in(key, 1). Both run on the whole
   batch (AutoAttack runs DLR only on the points CE did not fool; the verdicts are
@@ -252,4 +253,6 @@ def autoattack_rand(
     )
     for k, loss in enumerate(('ce', 'dlr'))
   ]
-  return core.first_success(results)
+  ce, dlr = results
+  curve = jnp.concatenate([ce.curve, core.later_rows(dlr.curve, ce.success)])
+  return core.first_success(results)._replace(curve=curve)

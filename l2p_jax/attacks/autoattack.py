@@ -7,7 +7,8 @@ not built: the cascade runs without it.
 A fixed batch shape keeps every attack jittable, so where AutoAttack runs a stage only on
 the images the earlier ones left robust, ours runs it on the batch (skipped when nothing
 is left, Square starting only on what is left) and keeps per image the first success:
-the same verdicts.
+the same verdicts. A suite's curve is its stages' one after the other (a skipped stage's
+iterations all fooled), so its x axis counts the iterations of the whole attack.
 """
 
 from __future__ import annotations
@@ -24,12 +25,36 @@ from l2p_jax.attacks.square import square
 
 
 def _unless_all_fooled(
+  best: core.AttackResult,
+  attack: Callable[[core.AttackResult], core.AttackResult],
+  at: int | jax.Array,
+) -> core.AttackResult:
+  """`best` with attack(best)'s successes added (first success per image) and its curve
+  after its start written into best's from row `at` (core.later_rows), the attack
+  skipped when every image is fooled already (its rows then stay: all fooled)."""
+
+  def run(b):
+    new = attack(b)
+    rows = core.later_rows(new.curve, b.success)
+    curve = jax.lax.dynamic_update_slice_in_dim(b.curve, rows, at, axis=0)
+    return core.first_success([b, new])._replace(curve=curve)
+
+  return jax.lax.cond(jnp.all(best.success), lambda b: b, run, best)
+
+
+def _lengthened(result: core.AttackResult, rows: int) -> core.AttackResult:
+  """`result` with `rows` rows of all fooled after its curve, for later stages to fill."""
+  padding = jnp.zeros((rows, *result.curve.shape[1:]), bool)
+  return result._replace(curve=jnp.concatenate([result.curve, padding]))
+
+
+def _then(
   best: core.AttackResult, attack: Callable[[core.AttackResult], core.AttackResult]
 ) -> core.AttackResult:
-  """`best` with attack(best)'s successes added (first success per image), the attack
-  skipped when every image is fooled already."""
-  run = lambda b: core.first_success([b, attack(b)])
-  return jax.lax.cond(jnp.all(best.success), lambda b: b, run, best._replace(curve=None))
+  """`best` followed by attack(best) (`_unless_all_fooled`), its curve lengthened by the
+  attack's iterations: the cascade's curve counts the iterations of all its stages."""
+  rows = jax.eval_shape(attack, best).curve.shape[0] - 1
+  return _unless_all_fooled(_lengthened(best, rows), attack, best.curve.shape[0])
 
 
 def apgd_targeted(
@@ -74,8 +99,11 @@ def apgd_targeted(
       unroll=unroll,
     )
 
-  add_target = lambda k, best: _unless_all_fooled(best, functools.partial(towards, k))
-  return jax.lax.fori_loop(2, targets + 1, add_target, towards(1)._replace(curve=None))
+  add_target = lambda k, best: _unless_all_fooled(
+    best, functools.partial(towards, k), 1 + (k - 1) * steps
+  )
+  first = _lengthened(towards(1), (targets - 1) * steps)
+  return jax.lax.fori_loop(2, targets + 1, add_target, first)
 
 
 def autoattack(
@@ -107,12 +135,12 @@ def autoattack(
     raise ValueError(f"Unknown AutoAttack version {version!r}; expected 'standard' or 'rand'.")
   stage = lambda k: jax.random.fold_in(key, k)
   best = apgd(logits_fn, stage(0), x, y, eps=eps, steps=steps, loss='ce', unroll=unroll)
-  best = _unless_all_fooled(
+  best = _then(
     best,
     lambda b: apgd_targeted(
       logits_fn, stage(1), x, y, eps=eps, steps=steps, target_classes=target_classes, unroll=unroll
     ),
   )
-  return _unless_all_fooled(
+  return _then(
     best, lambda b: square(logits_fn, stage(2), x, y, eps=eps, queries=queries, done=b.success)
   )

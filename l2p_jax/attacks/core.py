@@ -36,8 +36,9 @@ class AttackResult(NamedTuple):
   l2: (N,) L2 norm of x_adv - x per example.
   curve: (iterations + 1, N) bool, per example whether the attack had not fooled it (its
     own verdict) at its start and after each iteration (PGD, APGD: of the first restart;
-    Square: after each query), the evidence that it converged; per example so that an
-    evaluator can leave out padded rows; None for the others.
+    Square: after each query; APGD-rand, APGD-T, AutoAttack: of every stage, in the order
+    they ran), the evidence that it converged; per example so that an evaluator can leave
+    out padded rows; None for the others.
   """
 
   x_adv: jax.Array
@@ -207,6 +208,12 @@ def best_of_restarts(
     )
 
   return (*jax.lax.fori_loop(1, restarts, keep_better, tuple(first)), curve)
+
+
+def later_rows(curve: jax.Array, fooled_before: jax.Array) -> jax.Array:
+  """A later stage's curve after its start, as rows that continue an earlier stage's
+  curve: the examples the earlier stages fooled (`fooled_before`) stay fooled."""
+  return curve[1:] & ~fooled_before
 
 
 def first_success(results: Sequence[AttackResult]) -> AttackResult:

@@ -30,6 +30,7 @@ from l2p_jax.evaluation.judged_model import JudgedModel
 from l2p_jax.evaluation.judging import (
   DEFAULT_DRAWS,
   KEY_LAYOUT,
+  CleanVerdicts,
   attack_accuracy,
   chosen_rule,
   prediction_rule,

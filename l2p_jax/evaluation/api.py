@@ -26,7 +26,7 @@ from l2p_jax.evaluation.attack_registry import (
   plan_attacks,
 )
 from l2p_jax.evaluation.judged_model import JudgedModel, PredictLogits
-from l2p_jax.evaluation.judging import as_inputs
+from l2p_jax.evaluation.judging import CleanVerdicts, as_inputs
 
 # What records say about the data of evaluate(): its images are the caller's arrays.
 DATASET, SPLIT = 'arrays', 'evaluate'
@@ -259,7 +259,7 @@ def evaluate(
   recorder = recording.Recorder(config, stored, config.output_dir, planned, reuse=False)
   recorder.entries = [recording.model_entry(label, model, None)]
   with recorder.stops():
-    runner.evaluate_model(config, model, label, split, specs, mesh, recorder)
+    runner.evaluate_model(config, model, label, split, specs, mesh, recorder, CleanVerdicts())
   entry = recording.model_entry(label, model, runner.logits_vary(config, model, split))
   return recording.conclude(
     config, [entry], recorder.records, recorder.found, stored, config.output_dir

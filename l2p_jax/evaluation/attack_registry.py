@@ -208,9 +208,14 @@ class AttackSpec:
 
   def for_model(self, config: ml_collections.ConfigDict, randomized: bool) -> AttackSpec:
     """The spec a model runs: for a randomized one attacked with its noise on, its
-    entry's `randomized` variant (e.g. with EOT draws), else this planned spec."""
+    entry's `randomized` variant (e.g. with EOT draws); for a deterministic one this
+    planned spec with one EOT draw where its params have `eot_draws` (every draw gives
+    the same logits); else this planned spec."""
     adapt = self.entry.randomized
-    return adapt(self, config) if adapt and randomized and self.attack_noise else self
+    if randomized:
+      return adapt(self, config) if adapt and self.attack_noise else self
+    params = tuple((k, 1 if k == 'eot_draws' else v) for k, v in self.params)
+    return dataclasses.replace(self, params=params) if params != self.params else self
 
   def describe(self) -> dict[str, Any]:
     """The parameters as a JSON-ready dict."""

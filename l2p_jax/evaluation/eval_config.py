@@ -40,8 +40,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # of images right under every draw. Deterministic models are judged once. 30: PNI's
   # weight noise is one draw per batch, and its PGD-20 accuracy on 128 Fashion-MNIST
   # images spread over eval seeds 0..4 with std 3.0 points judged once, 1.4 under 10
-  # draws and 0.8 under 30 (README, Evaluation); 30 draws cost 60 forward passes per
-  # image and attack, a few percent of the default attacks' ~14,000 input gradients.
+  # draws and 0.8 under 30 (README, Evaluation); 30 draws cost 30 forward passes per
+  # image and attack (the clean images' 30, shared by every attack, once), a few
+  # percent of the default attacks' ~14,000 input gradients.
   c.judge = ml_collections.ConfigDict()
   c.judge.draws = 30
 

@@ -2,22 +2,29 @@
 every target's predictions on the result made under K judged noise draws (K =
 config.judge.draws for a randomized model, 1 for a deterministic one), each draw by the
 target's prediction rule (`attack_accuracy`). The adversarial examples are made once;
-only the judgement is repeated, so K draws cost K forward passes, not K attacks.
+only the judgement is repeated, so K draws cost K forward passes, not K attacks; the
+clean images' predictions (for `fooled`) are made once per target, batch and draw and
+shared by every attack (`CleanVerdicts`).
 
 Keys (so that any result can be recomputed bit for bit): an attack with all its
 parameters (an `AttackSpec`) has the key fold_in(key(seed), spec.key_id), key_id being
-a CRC-32 of the spec's text; batch b of the split uses batch_key = fold_in(that key, b);
-the attack runs with fold_in(batch_key, 0); judged draw k predicts its output with
-fold_in(fold_in(batch_key, 1), k), whose prediction draw j (vote, mean_softmax) uses
-fold_in(that, j). Keys do not depend on the model, so every model meets the
-same random numbers and a transfer cell whose source is its target equals that model's
-white-box result.
+a CRC-32 of the spec's text; batch b of the split runs the attack with
+fold_in(fold_in(that key, b), 0). The judged draws do not depend on the attack: draw k
+of batch b predicts with fold_in(judging_key(seed, b), k), judging_key(seed, b) =
+fold_in(fold_in(key(seed), JUDGING_STREAM), b), whose prediction draw j (vote,
+mean_softmax) uses fold_in(that, j); so every attack's verdicts under draw k, the clean
+images' included, meet the same noise, and a per-draw worst case over attacks is a fair
+union. Keys do not depend on the model, so every model meets the same random numbers and
+a transfer cell whose source is its target equals that model's white-box result.
+(Records written before the judged draws were shared, without `judging`, drew draw k of
+batch b from the attack's key: fold_in(fold_in(fold_in(spec key, b), 1), k).)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -35,10 +42,15 @@ from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.evaluation.judged_model import JudgedModel, Logits
 
 DEFAULT_DRAWS = 50  # Draws of vote and mean_softmax when config.predict.draws is None.
+# Folded into key(seed) for the judged draws: above every key_id (a CRC-32 cut to 31 bits).
+JUDGING_STREAM = 2**31
+# A record's `judging`: its judged draws are the evaluation's own, shared by every attack.
+SHARED_DRAWS = 'shared_draws'
 KEY_LAYOUT = (
-  'attack spec key = fold_in(key(seed), key_id); batch b: batch_key = '
-  'fold_in(spec key, b); attack key = fold_in(batch_key, 0); judged draw k: '
-  'fold_in(fold_in(batch_key, 1), k); its prediction draw j: fold_in(draw key, j)'
+  'attack spec key = fold_in(key(seed), key_id); batch b: attack key = '
+  'fold_in(fold_in(spec key, b), 0); judged draw k of batch b (every attack and the clean '
+  'images alike): fold_in(fold_in(fold_in(key(seed), 2**31), b), k); its prediction draw j: '
+  'fold_in(draw key, j)'
 )
 
 
@@ -93,40 +105,39 @@ def _attack_batch(
   return result.x_adv, jnp.sum(result.curve & mask.astype(bool), axis=1, dtype=jnp.int32)
 
 
-def judged_verdicts(
+def judging_key(seed: int, batch: int) -> jax.Array:
+  """The key whose fold_in(., k) is judged draw k of batch `batch`, whatever the attack."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), JUDGING_STREAM), batch)
+
+
+def judged_right(
   logits_fn: attacks.LogitsFn,
   key: jax.Array,
   x: jax.Array,
-  x_adv: jax.Array,
   labels: jax.Array,
   *,
   judged_draws: int,
   rule: str,
   draws: int,
   first_draw: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-  """(right, fooled), each (judged_draws, N) bool: judgement k (of draws first_draw,
-  first_draw + 1, ...) predicts with the key fold_in(key, k) by `rule` over `draws`
-  prediction draws; right: x_adv classified right; fooled: x right and x_adv wrong under
-  the same key. One draw at a time, so judging draw k alone gives the same bits."""
+) -> jax.Array:
+  """(N, judged_draws) bool, x classified right under each judged draw: draw k (of
+  first_draw, first_draw + 1, ...) predicts with the key fold_in(key, k) by `rule` over
+  `draws` prediction draws. One draw at a time, so judging draw k alone gives the same
+  bits."""
 
   def one_draw(k):
-    predict = functools.partial(
-      prediction.predict, logits_fn, jax.random.fold_in(key, k), draws=draws, rule=rule
-    )
-    right = predict(x_adv) == labels
-    return right, (predict(x) == labels) & ~right
+    key_k = jax.random.fold_in(key, k)
+    return prediction.predict(logits_fn, key_k, x, draws=draws, rule=rule) == labels
 
-  return jax.lax.map(one_draw, first_draw + jnp.arange(judged_draws))
+  return jax.lax.map(one_draw, first_draw + jnp.arange(judged_draws)).T
 
 
 @functools.partial(jax.jit, static_argnames=('logits', 'noise', 'judged_draws', 'draws', 'rule'))
-def _judge_batch(
+def _right_bits(
   variables: Any,
-  images: jax.Array,
-  x_adv: jax.Array,
+  x: jax.Array,
   labels: jax.Array,
-  mask: jax.Array,
   key: jax.Array,
   *,
   logits: Logits,
@@ -134,37 +145,87 @@ def _judge_batch(
   judged_draws: int,
   draws: int,
   rule: str,
+) -> jax.Array:
+  """judged_right of one batch of float inputs (a split's images as an attack receives
+  them, or an attack's output): one program for both, so that the clean attack's
+  verdicts are the clean images'."""
+  logits_fn = functools.partial(logits, variables, noise)
+  return judged_right(logits_fn, key, x, labels, judged_draws=judged_draws, rule=rule, draws=draws)
+
+
+# A batch's images as an attack receives them (the clean attack's output), made apart.
+_inputs = jax.jit(as_inputs)
+
+
+@jax.jit
+def _tally(
+  images: jax.Array, x_adv: jax.Array, mask: jax.Array, right: jax.Array, clean: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """One batch judged under `judged_draws` draws (judged_verdicts): per example the
-  draws right and the draws fooled, the L2 size of its perturbation, and per draw the
-  real examples right."""
-  x = as_inputs(images)
-  right, fooled = judged_verdicts(
-    functools.partial(logits, variables, noise),
-    key,
-    x,
-    x_adv,
-    labels,
-    judged_draws=judged_draws,
-    rule=rule,
-    draws=draws,
-  )
-  real = mask.astype(bool)
+  """One batch's verdicts from its (N, K) right bits on the attack's inputs and on the
+  clean images under the same draws: per example the draws right and the draws fooled
+  (right on the clean image, wrong on the attack's), the L2 size of its perturbation,
+  and per draw the real examples right."""
   return (
-    right.sum(axis=0, dtype=jnp.int32),
-    fooled.sum(axis=0, dtype=jnp.int32),
-    attacks.core.l2_norm(x_adv - x),
-    (right & real).sum(axis=1, dtype=jnp.int32),
+    right.sum(axis=1, dtype=jnp.int32),
+    (clean & ~right).sum(axis=1, dtype=jnp.int32),
+    attacks.core.l2_norm(x_adv - as_inputs(images)),
+    (right & mask.astype(bool)[:, None]).sum(axis=0, dtype=jnp.int32),
   )
+
+
+class CleanVerdicts:
+  """The clean images' judged verdicts ((N, K) right bits) of every target and batch an
+  evaluation run meets, made once and shared by all its attacks and transfer rows. A
+  batch is the same one only for the same target, judgement, seed, batch size, batch
+  index and images: a split's first 64 images share a 512-image split's first batches
+  only where those batches hold the same images (padding included)."""
+
+  def __init__(self):
+    self._right: dict[tuple, jax.Array] = {}
+    self.made = 0  # Batches whose clean verdicts were made, not found.
+
+  def right(
+    self,
+    target: JudgedModel,
+    split: data.HostSplit,
+    b: int,
+    batch: dict[str, jax.Array],
+    settings: tuple[int, str, int],
+    config: ml_collections.ConfigDict,
+  ) -> jax.Array:
+    """Batch b of the split: the clean images' right bits for `target` judged with
+    `settings` (judged draws, rule, draws), made on first use."""
+    k, rule, draws = settings
+    size = config.batch_size
+    rows = slice(b * size, (b + 1) * size)
+    images = np.asarray(split.images[rows])
+    content = hashlib.sha1(images.tobytes() + np.asarray(split.labels[rows]).tobytes())
+    key = (target, config.seed, config.noise, size, b, len(images), content.hexdigest())
+    key += tuple(settings)
+    if key not in self._right:
+      self._right[key] = _right_bits(
+        target.variables,
+        _inputs(batch['image']),
+        batch['label'],
+        judging_key(config.seed, b),
+        logits=target.logits,
+        noise=config.noise,
+        judged_draws=k,
+        draws=draws,
+        rule=rule,
+      )
+      self.made += 1
+    return self._right[key]
 
 
 @dataclasses.dataclass
 class Judgement:
   """One target's verdicts on an attack's inputs over n examples and K judged draws:
   per example the draws right and fooled and the perturbation's L2 size, per draw the
-  examples right, the seconds spent judging and, when the target is the model the attack
+  examples right, the seconds spent judging, when the target is the model the attack
   ran on and the attack keeps one, its curve: the examples it had not fooled (its own
-  verdict) at its start and after each iteration."""
+  verdict) at its start and after each iteration, and the (n, K) bits of each example
+  right under each draw (for the per-draw worst case; None where not kept)."""
 
   right: np.ndarray
   fooled: np.ndarray
@@ -172,6 +233,7 @@ class Judgement:
   draw_right: np.ndarray
   seconds: float = 0.0
   curve: np.ndarray | None = None
+  bits: np.ndarray | None = None
 
   @property
   def judged_draws(self) -> int:
@@ -211,6 +273,7 @@ def attack_accuracy(
   *,
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
+  clean: CleanVerdicts,
   desc: str = '',
 ) -> list[Judgement]:
   """Runs `spec` on `source` over the split, batch by batch, and judges every target on
@@ -218,7 +281,8 @@ def attack_accuracy(
   draw predicting by config.predict's rule. Returns one Judgement per target; the
   target that is the source (white-box, or a transfer cell of a model to itself) holds
   the attack's curve, summed over the batches without their padded rows, when the attack
-  keeps one.
+  keeps one. The clean images' verdicts come from `clean` (made there on first use, so
+  an evaluation that passes one CleanVerdicts to every call makes them once).
   """
   split = experiment.first_examples(
     split, min(spec.examples, split.num_examples), f'{spec.attack} examples'
@@ -234,13 +298,12 @@ def attack_accuracy(
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
   bar = _progress_bar(batches, split, config, desc or spec.name)
   for b, batch in enumerate(bar):
-    batch_key = jax.random.fold_in(key, b)
     x_adv, unfooled = _attack_batch(
       source.variables,
       batch['image'],
       batch['label'],
       batch['mask'],
-      jax.random.fold_in(batch_key, 0),
+      jax.random.fold_in(jax.random.fold_in(key, b), 0),
       eps,
       logits=source.logits,
       attack=spec.function,
@@ -253,19 +316,19 @@ def attack_accuracy(
       curve = unfooled if curve is None else curve + unfooled
     for t, (target, (k, rule, draws)) in enumerate(zip(targets, settings)):
       started = time.time()
-      verdicts = _judge_batch(
+      right = _right_bits(
         target.variables,
-        batch['image'],
         x_adv,
         batch['label'],
-        batch['mask'],
-        jax.random.fold_in(batch_key, 1),
+        judging_key(config.seed, b),
         logits=target.logits,
         noise=config.noise,
         judged_draws=k,
         draws=draws,
         rule=rule,
       )
+      clean_right = clean.right(target, split, b, batch, (k, rule, draws), config)
+      verdicts = (*_tally(batch['image'], x_adv, batch['mask'], right, clean_right), right)
       outputs[t].append([multihost_utils.process_allgather(v, tiled=True) for v in verdicts])
       seconds[t] += time.time() - started
   return [
@@ -284,10 +347,10 @@ def _wait(x: jax.Array) -> None:
 def _judgement(
   parts: list[list[np.ndarray]], n: int, seconds: float, curve: np.ndarray | None
 ) -> Judgement:
-  """A target's Judgement from its batches' (right, fooled, l2, draw_right), the padded
-  rows at the end of the last batch cut off, with the attack's curve summed over the
-  batches (or None)."""
-  right, fooled, l2, draw_right = zip(*parts)
+  """A target's Judgement from its batches' (right, fooled, l2, draw_right, bits), the
+  padded rows at the end of the last batch cut off, with the attack's curve summed over
+  the batches (or None)."""
+  right, fooled, l2, draw_right, bits = zip(*parts)
   return Judgement(
     right=np.concatenate(right)[:n],
     fooled=np.concatenate(fooled)[:n],
@@ -295,6 +358,7 @@ def _judgement(
     draw_right=np.sum(draw_right, axis=0),
     seconds=seconds,
     curve=curve,
+    bits=np.concatenate(bits)[:n],
   )
 
 

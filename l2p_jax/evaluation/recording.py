@@ -20,7 +20,13 @@ from l2p_jax.errors import UserError
 from l2p_jax.evaluation import results_files, results_report, summary, verdicts
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.evaluation.judged_model import JudgedModel
-from l2p_jax.evaluation.judging import KEY_LAYOUT, Judgement, chosen_rule, judged_draws
+from l2p_jax.evaluation.judging import (
+  KEY_LAYOUT,
+  SHARED_DRAWS,
+  Judgement,
+  chosen_rule,
+  judged_draws,
+)
 from l2p_jax.evaluation.records import Record, attacked, log_record
 from l2p_jax.runtime import cli
 
@@ -92,7 +98,7 @@ class Recorder:
 def record_and_verdicts(record: Record, judgement: Judgement) -> tuple[dict[str, Any], Verdicts]:
   """Logs `record`; returns it as results.json holds it, with its per-image verdicts."""
   log_record(record)
-  arrays = verdicts.arrays(record.verdicts, judgement.right, judgement.draw_right)
+  arrays = verdicts.arrays(record.verdicts, judgement.right, judgement.draw_right, judgement.bits)
   return record.to_json(), arrays
 
 
@@ -105,7 +111,8 @@ def wanted_fields(
   source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """The fields of the record `spec` would make on `model` that decide whether a stored
-  one may stand for it (everything but the outcome and the times)."""
+  one may stand for it (everything but the outcome and the times; `judging`, so that a
+  record judged under the attack's own draws, before they were shared, is redone)."""
   rule, draws, _ = chosen_rule(config, model.authors_prediction)
   return {
     **attacked(spec, model, label, split, source),
@@ -115,12 +122,14 @@ def wanted_fields(
     'draws': draws,
     'noise': config.noise,
     'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
+    'judging': SHARED_DRAWS,
   }
 
 
 def reuse_records(recorder: Recorder, records: Sequence[dict[str, Any]], desc: str) -> None:
   """Adds stored `records` and their verdicts as this run's, saying so on the console."""
-  names = [f'{r["verdicts"]}.{part}' for r in records for part in ('right', 'draw_right')]
+  names = [f'{r["verdicts"]}.{part}' for r in records for part in verdicts.PARTS]
+  names = [name for name in names if name in recorder.stored.verdicts]
   if jax.process_index() == 0:
     tqdm.write(f'{desc}: recorded by an earlier run into this folder, not rerun')
   for record in records:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from l2p_jax import data
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.evaluation.judged_model import JudgedModel
-from l2p_jax.evaluation.judging import Judgement, chosen_rule
+from l2p_jax.evaluation.judging import SHARED_DRAWS, Judgement, chosen_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,10 @@ class Record:
   those spent judging; rule, draws, rule_from, noise, randomized: how predictions were
   made (rule_from 'authors' when the rule is the method authors' default, 'config' when
   config.predict set it); key, batch_size: what reproduces it (evaluation.KEY_LAYOUT);
-  verdicts: its name in verdicts.npz; curve: for an attack that keeps one (PGD, APGD,
+  verdicts: its name in verdicts.npz; judging: judging.SHARED_DRAWS, its judged draws
+  the evaluation's own, shared by every attack and the clean images (absent from
+  records written before, whose judged draws were the attack's: a rerun redoes them);
+  curve: for an attack that keeps one (PGD, APGD,
   Square) on the model it ran on, the accuracy as the attack itself saw it (the share of
   the n examples it had not fooled) at its start and after each iteration, the evidence
   that it converged (sanity.py's `converged`); other records have no such field.
@@ -76,19 +79,21 @@ class Record:
   key: dict[str, Any]
   batch_size: int
   verdicts: str
+  judging: str | None = None
   curve: list[float] | None = None
 
   def to_json(self) -> dict[str, Any]:
-    """The record as results.json holds it (without `curve` when it has none)."""
+    """The record as results.json holds it (without `judging` or `curve` when None)."""
     record = dataclasses.asdict(self)
-    if self.curve is None:
-      del record['curve']
+    for field in ('judging', 'curve'):
+      if record[field] is None:
+        del record[field]
     return record
 
   @classmethod
   def from_json(cls, record: dict[str, Any]) -> Record:
-    """The record of a results.json entry, with or without `curve`; TypeError when its
-    fields are not RECORD_FIELDS."""
+    """The record of a results.json entry, with or without `judging` and `curve`;
+    TypeError when its fields are not RECORD_FIELDS."""
     return cls(**record)
 
 
@@ -141,7 +146,7 @@ def make_record(
     'key': {'seed': config.seed, 'fold_in': [spec.key_id]},
     'batch_size': config.batch_size,
   }
-  return Record(**record, verdicts=verdicts_id(record))
+  return Record(**record, verdicts=verdicts_id(record), judging=SHARED_DRAWS)
 
 
 def identity(record: dict[str, Any]) -> tuple:

@@ -192,7 +192,9 @@ def _key() -> str:
       '- *[low, high]*: the 95% interval of the accuracy over the images and the judged noise '
       'draws (intervals.py); two numbers whose intervals overlap are not told apart.',
       '- *Worst case*: the images right under every L-inf attack at the headline eps '
-      '(clean included), counted per image and draw.',
+      '(clean included): *per image*, its smallest share of draws right over the attacks; '
+      '*per draw*, right under draw k only if right under draw k for every attack (the '
+      'attacks share their judged draws), so never above the per-image one.',
       '- *right under every draw*: the images classified right under each judged draw, '
       'stricter than the mean over draws.',
       '- *Sanity check FAILED*: the column may measure a weak attack, not a strong defense; '
@@ -250,7 +252,8 @@ def _attack_table(results: dict[str, Any]) -> str | None:
       )
   if not columns:
     return None
-  titles = [title for _, title in sorted(columns)]
+  # One column per title: a deterministic model's one-draw APGD-rand beside a randomized one's.
+  titles = list(dict.fromkeys(title for _, title in sorted(columns)))
   rows = [c for c in results['checkpoints'] if any(label == c['label'] for label, _ in cells)]
   return '## Accuracy under attack\n\n' + markdown_table(
     ['checkpoint'] + titles,
@@ -329,9 +332,21 @@ def _convergence_note(records: Sequence[dict[str, Any]]) -> str | None:
   )
 
 
+def _per_draw(entry: dict[str, Any]) -> str:
+  """A worst case's per-draw accuracy with its interval, '-' where it has none."""
+  if 'accuracy_per_draw' not in entry:
+    return '-'
+  per_draw = {
+    'accuracy': entry['accuracy_per_draw'],
+    'accuracy_ci95': entry['accuracy_per_draw_ci95'],
+  }
+  return _with_interval(per_draw)
+
+
 def _worst_case_table(entries: Sequence[dict[str, Any]]) -> str | None:
   """Per checkpoint: the images that survive every L-inf attack run at the headline eps
-  (verdicts.worst_cases)."""
+  (verdicts.worst_cases), per image and per draw ('-' where an attack's draws were not
+  shared: records judged before they were)."""
   if not entries:
     return None
   return (
@@ -342,6 +357,7 @@ def _worst_case_table(entries: Sequence[dict[str, Any]]) -> str | None:
         'attacks',
         'judged draws',
         'accuracy [95% interval]',
+        'per draw [95% interval]',
         'right under every draw',
       ],
       [
@@ -350,6 +366,7 @@ def _worst_case_table(entries: Sequence[dict[str, Any]]) -> str | None:
           str(len(w['attacks'])),
           str(w['judged_draws']),
           _with_interval(w),
+          _per_draw(w),
           _percent(w['accuracy_all_draws']),
         ]
         for w in entries

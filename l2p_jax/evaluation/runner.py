@@ -30,7 +30,7 @@ from l2p_jax.evaluation.attack_registry import (
   transfer_specs,
 )
 from l2p_jax.evaluation.judged_model import FlaxLogits, JudgedModel
-from l2p_jax.evaluation.judging import as_inputs, attack_accuracy
+from l2p_jax.evaluation.judging import CleanVerdicts, as_inputs, attack_accuracy
 from l2p_jax.evaluation.recording import (
   Recorder,
   Verdicts,
@@ -143,11 +143,11 @@ def model_specs(
   config: ml_collections.ConfigDict, model: JudgedModel, specs: Sequence[AttackSpec]
 ) -> list[AttackSpec]:
   """The white-box attacks of `specs` as `model` meets them (the noise-off attacks on
-  randomized models only)."""
+  randomized models only), each once (a deterministic model's EOT-PGD is its PGD)."""
   randomized = config.noise and model.randomized
   # Without noise the noise-off attack is the white-box one.
   chosen = (spec.for_model(config, randomized) for spec in specs)
-  return [spec for spec in chosen if spec.attack_noise or randomized]
+  return list(dict.fromkeys(spec for spec in chosen if spec.attack_noise or randomized))
 
 
 def evaluate_model(
@@ -158,9 +158,11 @@ def evaluate_model(
   specs: Sequence[AttackSpec],
   mesh: jax.sharding.Mesh,
   recorder: Recorder,
+  clean: CleanVerdicts,
 ) -> None:
   """One white-box record per attack spec for one model (model_specs), each added to
-  `recorder` as it ends; an attack recorded by an earlier run is not rerun."""
+  `recorder` as it ends, the clean images judged once (`clean`); an attack recorded by
+  an earlier run is not rerun."""
   for spec in model_specs(config, model, specs):
     desc = f'attack {recorder.finished + 1}/{recorder.planned} {label} {spec.name}'
     stored = recorder.recorded(wanted_fields(config, spec, model, label, split))
@@ -168,7 +170,9 @@ def evaluate_model(
       reuse_records(recorder, [stored], desc)
       continue
     started = time.time()
-    [judgement] = attack_accuracy(spec, model, [model], split, config=config, mesh=mesh, desc=desc)
+    [judgement] = attack_accuracy(
+      spec, model, [model], split, config=config, mesh=mesh, clean=clean, desc=desc
+    )
     record = make_record(config, spec, model, label, split, judgement, time.time() - started)
     made, arrays = record_and_verdicts(record, judgement)
     recorder.add([made], arrays)
@@ -187,7 +191,7 @@ def evaluate_checkpoint(
   verdicts added to `found`."""
   model = checkpoint_model(checkpoint)
   recorder = Recorder(config, results_files.Stored(None, {}), None, len(specs))
-  evaluate_model(config, model, label, split, specs, mesh, recorder)
+  evaluate_model(config, model, label, split, specs, mesh, recorder, CleanVerdicts())
   found.update(recorder.found)
   return recorder.records
 
@@ -200,10 +204,11 @@ def transfer_records(
   split: data.HostSplit,
   mesh: jax.sharding.Mesh,
   recorder: Recorder,
+  clean: CleanVerdicts,
 ) -> None:
   """Supplementary Table 2: every target judged on the FGSM and PGD examples made on
-  every source, added to `recorder` row by row; a cell records its row's time (making
-  the examples and judging all)."""
+  every source (the clean images judged once, `clean`), added to `recorder` row by row;
+  a cell records its row's time (making the examples and judging all)."""
   for source in sources:
     step = source.description['step']
     origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': step}
@@ -219,7 +224,7 @@ def transfer_records(
         continue
       started = time.time()
       judgements = attack_accuracy(
-        spec, source, targets, split, config=config, mesh=mesh, desc=desc
+        spec, source, targets, split, config=config, mesh=mesh, clean=clean, desc=desc
       )
       seconds = time.time() - started
       found, records = {}, []
@@ -325,20 +330,20 @@ def evaluate_workdirs(
   recorder = Recorder(config, stored, output_dir, planned)
   recorder.entries = [model_entry(labels[p], m, None) for p, m in judged.items()]
   progress.say_plan(config, planned, examples(data_settings(config, evaluated[0])).num_examples)
-  varies = {}
+  varies, clean = {}, CleanVerdicts()  # One per run: every attack shares the clean verdicts.
   with recorder.stops():
     for checkpoint in evaluated:
       split = examples(data_settings(config, checkpoint))
       check_model_takes_split(split, checkpoint)
       label, model = labels[checkpoint.path], judged[checkpoint.path]
-      evaluate_model(config, model, label, split, specs, mesh, recorder)
+      evaluate_model(config, model, label, split, specs, mesh, recorder, clean)
       varies[checkpoint.path] = logits_vary(config, model, split)
     if transfer:
       split = examples(data_settings(config, sources[0]))
       for checkpoint in sources + targets:
         check_model_takes_split(split, checkpoint)
       models = [[judged[c.path] for c in group] for group in (sources, targets)]
-      transfer_records(config, *models, labels, split, mesh, recorder)
+      transfer_records(config, *models, labels, split, mesh, recorder, clean)
       for checkpoint in targets:
         varies.setdefault(checkpoint.path, logits_vary(config, judged[checkpoint.path], split))
   entries = [model_entry(labels[p], m, varies.get(p)) for p, m in judged.items()]

@@ -22,8 +22,9 @@ other record's accuracy_ci95 (intervals.accuracy_interval):
   white-box gradient L-inf attack at its radius beyond that attack's interval (a
   gradient the attacks follow is masked);
 - converged: an attack whose record keeps its accuracy after each iteration (`curve`:
-  PGD, APGD, Square) lowers it over its last quarter of iterations by less than the
-  width of its interval (it had stopped improving).
+  PGD, Square, and the APGD attacks over the iterations of all their stages) lowers it
+  over its last quarter of iterations by less than the width of its interval (it had
+  stopped improving).
 """
 
 from __future__ import annotations
