@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from l2p_jax.attacks import core
+from l2p_jax.attacks import core, progress
 
 
 def _expected_logits(logits_fn: core.LogitsFn, x: jax.Array, key: jax.Array, draws: int):
@@ -113,6 +113,7 @@ def cw_l2(
       fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
+      progress.tick(t + 1, steps)
       return (
         optax.apply_updates(w, updates),
         opt_state,
@@ -124,7 +125,8 @@ def cw_l2(
       )
 
     state = (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x, inf[0], False)
-    _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
+    with progress.part(b, binary_steps):
+      _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
     upper = jnp.where(found, jnp.minimum(upper, c), upper)
     lower = jnp.where(found, lower, jnp.maximum(lower, c))
     c = jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10)
