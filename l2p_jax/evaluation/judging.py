@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from l2p_jax import attacks, data, experiment, methods
-from l2p_jax.evaluation import intervals, prediction
+from l2p_jax.attacks import progress as attack_progress
+from l2p_jax.evaluation import intervals, prediction, progress
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.evaluation.judged_model import JudgedModel, Logits
 
@@ -67,7 +67,7 @@ def as_inputs(images: jax.Array) -> jax.Array:
   return images if jnp.issubdtype(images.dtype, jnp.floating) else data.to_float(images)
 
 
-@functools.partial(jax.jit, static_argnames=('logits', 'attack', 'params', 'noise'))
+@functools.partial(jax.jit, static_argnames=('logits', 'attack', 'params', 'noise', 'ticks'))
 def _attack_batch(
   variables: Any,
   images: jax.Array,
@@ -80,14 +80,17 @@ def _attack_batch(
   attack: Callable[..., attacks.AttackResult],
   params: tuple,
   noise: bool,
+  ticks: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
   """The attack's inputs for one batch and, for an attack that keeps a curve, the real
   (unpadded) examples it had not fooled after each iteration (None for the others);
-  compiled once per (model, attack, params)."""
+  compiled once per (model, attack, params). `ticks` compiles in the attack's progress
+  callbacks (attacks/progress.py); without it the program has none."""
   kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
-  result = attack(
-    functools.partial(logits, variables, noise), key, as_inputs(images), labels, **kwargs
-  )
+  with attack_progress.reporting(ticks):
+    result = attack(
+      functools.partial(logits, variables, noise), key, as_inputs(images), labels, **kwargs
+    )
   if result.curve is None:
     return result.x_adv, None
   return result.x_adv, jnp.sum(result.curve & mask.astype(bool), axis=1, dtype=jnp.int32)
@@ -232,22 +235,30 @@ def attack_accuracy(
   seconds = [0.0] * len(targets)
   curve = None
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
-  bar = _progress_bar(batches, split, config, desc or spec.name)
-  for b, batch in enumerate(bar):
+  cost = spec.cost
+  bar = progress.AttackBar(
+    data.num_eval_batches(split.num_examples, config.batch_size),
+    0 if cost is None else cost.iterations,
+    config,
+    desc or spec.name,
+  )
+  for b, batch in enumerate(batches):
     batch_key = jax.random.fold_in(key, b)
-    x_adv, unfooled = _attack_batch(
-      source.variables,
-      batch['image'],
-      batch['label'],
-      batch['mask'],
-      jax.random.fold_in(batch_key, 0),
-      eps,
-      logits=source.logits,
-      attack=spec.function,
-      params=spec.arguments,
-      noise=config.noise and spec.attack_noise,
-    )
-    _wait(x_adv)
+    with bar.batch(b):
+      x_adv, unfooled = _attack_batch(
+        source.variables,
+        batch['image'],
+        batch['label'],
+        batch['mask'],
+        jax.random.fold_in(batch_key, 0),
+        eps,
+        logits=source.logits,
+        attack=spec.function,
+        params=spec.arguments,
+        noise=config.noise and spec.attack_noise,
+        ticks=bool(config.progress_bar),
+      )
+      _wait(x_adv)
     if unfooled is not None:
       unfooled = multihost_utils.process_allgather(unfooled, tiled=True)
       curve = unfooled if curve is None else curve + unfooled
@@ -268,6 +279,7 @@ def attack_accuracy(
       )
       outputs[t].append([multihost_utils.process_allgather(v, tiled=True) for v in verdicts])
       seconds[t] += time.time() - started
+  bar.close()
   return [
     _judgement(parts, split.num_examples, s, curve if target is source else None)
     for parts, s, target in zip(outputs, seconds, targets)
@@ -295,19 +307,4 @@ def _judgement(
     draw_right=np.sum(draw_right, axis=0),
     seconds=seconds,
     curve=curve,
-  )
-
-
-def _progress_bar(
-  batches: Iterable[Any], split: data.HostSplit, config: ml_collections.ConfigDict, desc: str
-) -> tqdm:
-  """A progress bar over the split's evaluation batches, shown on the first process only
-  and only when config.progress_bar asks for it."""
-  return tqdm(
-    batches,
-    total=data.num_eval_batches(split.num_examples, config.batch_size),
-    desc=desc,
-    unit='batch',
-    dynamic_ncols=True,
-    disable=not config.progress_bar or jax.process_index() != 0,
   )
