@@ -89,9 +89,8 @@ def cw_l2(
   the logits averaged over the draws fold_in(fold_in(k, 0), j), j < eot_draws, and a
   point counts as adversarial only if it fools the expectation: the margin of the log
   mean softmax of fresh draws fold_in(fold_in(k, 1), j) exceeds kappa.
-  `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, at a
-  check (every max(steps // 10, 1) iterations) finding the batch's loss above 0.9999 x
-  the last check's.
+  `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, when
+  a check (every max(steps // 10, 1) iterations) finds the batch's loss > 0.9999 x the last.
   """
   optimizer = optax.adam(learning_rate)
   w0 = jnp.arctanh(jnp.clip(2 * x - 1, -1 + 1e-6, 1 - 1e-6))
@@ -113,7 +112,7 @@ def cw_l2(
       fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
-      progress.tick(t + 1, steps)
+      progress.tick(b * steps + t + 1, binary_steps * steps)
       return (
         optax.apply_updates(w, updates),
         opt_state,
@@ -125,8 +124,7 @@ def cw_l2(
       )
 
     state = (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x, inf[0], False)
-    with progress.part(b, binary_steps):
-      _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
+    _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
     upper = jnp.where(found, jnp.minimum(upper, c), upper)
     lower = jnp.where(found, lower, jnp.maximum(lower, c))
     c = jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10)

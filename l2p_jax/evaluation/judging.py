@@ -235,30 +235,23 @@ def attack_accuracy(
   seconds = [0.0] * len(targets)
   curve = None
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
-  cost = spec.cost
-  bar = progress.AttackBar(
-    data.num_eval_batches(split.num_examples, config.batch_size),
-    0 if cost is None else cost.iterations,
-    config,
-    desc or spec.name,
-  )
-  for b, batch in enumerate(batches):
+  bar = progress.AttackBar(spec, split.num_examples, config, desc or spec.name)
+  for b, batch in bar.over(batches):
     batch_key = jax.random.fold_in(key, b)
-    with bar.batch(b):
-      x_adv, unfooled = _attack_batch(
-        source.variables,
-        batch['image'],
-        batch['label'],
-        batch['mask'],
-        jax.random.fold_in(batch_key, 0),
-        eps,
-        logits=source.logits,
-        attack=spec.function,
-        params=spec.arguments,
-        noise=config.noise and spec.attack_noise,
-        ticks=bool(config.progress_bar),
-      )
-      _wait(x_adv)
+    x_adv, unfooled = _attack_batch(
+      source.variables,
+      batch['image'],
+      batch['label'],
+      batch['mask'],
+      jax.random.fold_in(batch_key, 0),
+      eps,
+      logits=source.logits,
+      attack=spec.function,
+      params=spec.arguments,
+      noise=config.noise and spec.attack_noise,
+      ticks=bool(config.progress_bar),
+    )
+    _wait(x_adv)
     if unfooled is not None:
       unfooled = multihost_utils.process_allgather(unfooled, tiled=True)
       curve = unfooled if curve is None else curve + unfooled
@@ -279,7 +272,6 @@ def attack_accuracy(
       )
       outputs[t].append([multihost_utils.process_allgather(v, tiled=True) for v in verdicts])
       seconds[t] += time.time() - started
-  bar.close()
   return [
     _judgement(parts, split.num_examples, s, curve if target is source else None)
     for parts, s, target in zip(outputs, seconds, targets)

@@ -5,16 +5,20 @@ attack's iterations from inside its compiled loops (attacks/progress.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import jax
 import ml_collections
 from tqdm import tqdm
 
+from l2p_jax import data
 from l2p_jax.attacks import progress as attack_progress
 from l2p_jax.evaluation import eval_config
+from l2p_jax.evaluation.attack_registry import AttackSpec
+
+T = TypeVar('T')
 
 # Above this many images the default list on a CPU takes hours: C&W alone took 522 s
 # for 16 images of a tiny L2P model (issue 38).
@@ -48,17 +52,17 @@ def say_plan(config: ml_collections.ConfigDict, planned: int, images: int) -> No
 
 
 class AttackBar:
-  """One attack's bar over its batches x `iterations` per batch (1 for an attack without
-  loops or a cost), with tqdm's rate and ETA: moved by the attack's ticks during a batch
-  (the largest fraction heard, a device's or another's) and to the batch's end after it.
-  Shown on the first process only, when config.progress_bar asks for it."""
+  """One attack's bar over its batches x its cost's iterations per batch (1 for an attack
+  without loops or a cost), with tqdm's rate and ETA: moved by the attack's ticks during
+  a batch (the largest fraction heard, a device's or another's) and to the batch's end
+  after it. Shown on the first process only, when config.progress_bar asks for it."""
 
-  def __init__(self, batches: int, iterations: int, config: ml_collections.ConfigDict, desc: str):
-    self.per_batch = max(iterations, 1)
+  def __init__(self, spec: AttackSpec, examples: int, config: ml_collections.ConfigDict, desc: str):
+    self.per_batch = max(0 if spec.cost is None else spec.cost.iterations, 1)
     self.start = 0
     self.lock = threading.Lock()
     self.bar = tqdm(
-      total=batches * self.per_batch,
+      total=data.num_eval_batches(examples, config.batch_size) * self.per_batch,
       desc=desc,
       unit='it',
       dynamic_ncols=True,
@@ -72,15 +76,14 @@ class AttackBar:
       if at > self.bar.n:
         self.bar.update(at - self.bar.n)
 
-  @contextlib.contextmanager
-  def batch(self, b: int) -> Iterator[None]:
-    """Batch b runs inside this block: its ticks move the bar, its end completes it."""
-    with self.lock:
-      self.start = b * self.per_batch
-    with attack_progress.listening(self.heard):
-      yield
-      jax.effects_barrier()  # Every tick of the batch heard before the next one starts.
-    self.heard(1, 1)
-
-  def close(self) -> None:
+  def over(self, batches: Iterable[T]) -> Iterator[tuple[int, T]]:
+    """(b, batch) of `batches`: while the caller holds one, the attack's ticks move the
+    bar; when it asks for the next, the batch is complete. The bar closes at the end."""
+    for b, batch in enumerate(batches):
+      with self.lock:
+        self.start = b * self.per_batch
+      with attack_progress.listening(self.heard):
+        yield b, batch
+        jax.effects_barrier()  # Every tick of the batch heard before the next one starts.
+      self.heard(1, 1)
     self.bar.close()
