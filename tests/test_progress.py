@@ -154,6 +154,13 @@ def test_the_ticks_count_every_iteration_of_one_compiled_call_and_change_no_bit(
   assert (curve is None and curve_plain is None) or np.array_equal(curve, curve_plain)
 
 
+def test_a_long_loop_calls_back_every_total_over_ticks_iterations_and_at_its_end():
+  steps = 2 * attack_progress.TICKS + 5  # Every 2nd iteration, and the last.
+  params = (('steps', steps), ('step_size', 0.05), ('random_start', True), ('restarts', 1))
+  _, heard = attack_batch(attacks.pgd, params, ticks=True)
+  assert sorted(heard) == [(k, steps) for k in (*range(2, steps, 2), steps)]
+
+
 def test_without_ticks_the_attack_compiles_no_callback():
   lower = lambda ticks: judging._attack_batch.lower(  # noqa: E731
     None,

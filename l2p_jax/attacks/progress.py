@@ -1,8 +1,9 @@
 """Progress reported from inside an attack's compiled loops, so that a bar can move while
-one jitted call runs: each loop says `tick(done, total)` after an iteration, nested loops
-place their inner loop's ticks in their own span with `part`, and an attack traced inside
-`reporting()` turns the ticks into `jax.debug.callback` calls carrying the fraction of
-the whole attack done, as (done, total) integers, to the host's `listening` function.
+one jitted call runs: each loop says `tick(done, total)` after an iteration, nested
+loops place their inner loop's ticks in their own span with `part` (or `within`), and
+an attack traced inside `reporting()` turns the ticks into `jax.debug.callback` calls
+carrying the fraction of the whole attack done, as (done, total) integers, to the
+host's `listening` function.
 
 Traced outside `reporting()` (the default: the training step's PGD, any caller that did
 not ask) a tick adds nothing to the program. A callback may run once per device, in any
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Listener = Callable[[int, int], None]
+TICKS = 20  # Callbacks per run of a loop at most (each costs a host round trip).
 
 _parts: list[tuple[jax.Array | int, int, int]] = []  # Trace time: (offset, span, total).
 _reporting: list[bool] = []  # Trace time: whether ticks become callbacks.
@@ -50,13 +52,15 @@ def part(offset: jax.Array | int, total: int, span: int = 1) -> Iterator[None]:
 
 def tick(done: jax.Array | int, total: jax.Array | int) -> None:
   """Says that `done` of the innermost loop's `total` iterations have run (nothing when
-  the attack is not traced inside `reporting()`)."""
+  the attack is not traced inside `reporting()`); a loop of more than TICKS iterations
+  calls back every total // TICKS of them and at its end."""
   if not (_reporting and _reporting[-1]):
     return
   done, total = jnp.asarray(done, jnp.int32), jnp.asarray(total, jnp.int32)
+  due = (done % jnp.maximum(total // TICKS, 1) == 0) | (done == total)
   for offset, span, outer in reversed(_parts):
     done, total = offset * total + span * done, outer * total
-  jax.debug.callback(_heard, done, total)
+  jax.lax.cond(due, lambda: jax.debug.callback(_heard, done, total), lambda: None)
 
 
 def _heard(done: np.ndarray, total: np.ndarray) -> None:

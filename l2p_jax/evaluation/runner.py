@@ -368,9 +368,9 @@ def evaluate_workdirs(
   first = examples(data_settings(config, evaluated[0]))
   progress.say_plan(config, len(plan), first.num_examples)
   check_model_takes_split(first, evaluated[0])
-  estimate.say_estimate(config, plan, judged[evaluated[0].path], first, mesh)
   varies = {}
   with recorder.stops():
+    estimate.say_estimate(config, plan, judged[evaluated[0].path], first, mesh)
     for checkpoint in evaluated:
       split = examples(data_settings(config, checkpoint))
       check_model_takes_split(split, checkpoint)
