@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Listener = Callable[[int, int], None]
-TICKS = 20  # Callbacks per run of a loop at most (each costs a host round trip).
+TICKS = 10  # Callbacks per run of a loop at most: each costs a host round trip.
 
 _parts: list[tuple[jax.Array | int, int, int]] = []  # Trace time: (offset, span, total).
 _reporting: list[bool] = []  # Trace time: whether ticks become callbacks.
