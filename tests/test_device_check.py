@@ -102,6 +102,7 @@ def test_the_autoattack_suites_cost_their_stages():
   assert eval_projection.attack_cost(standard) == {
     'gradients': 10 * 101,  # APGD-CE and APGD-T's 9 targets, 100 steps each, plus the start.
     'forwards': 5000,
+    'iterations': 10 * 100 + 5000,  # What its bar counts: the stages' steps and queries.
     'rate': 'apgd',
   }
   rand = standard.for_model(config, randomized=True)

@@ -106,6 +106,12 @@ def test_the_plan_and_attack_counts_are_said_before_and_during(run, tmp_path):
   assert 'plan: 3 attacks on 12 images, randomized models judged over 3 noise draws' in (
     result.stdout
   )
+  lines = result.stdout.splitlines()
+  [head] = [line for line in lines if line.startswith('estimate: ~')]
+  assert 'ms/image) measured here; an upper bound where an attack stops early' in head
+  priced = [line for line in lines if line.startswith('  attack ')]
+  assert [line.split()[1] for line in priced] == ['1/3', '2/3', '3/3']
+  assert ' pgd(steps=2, ' in priced[2] and '(12 images x 2 gradients and ' in priced[2]
 
 
 def test_the_default_list_on_a_cpu_with_many_images_is_warned_about():

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2p_jax.attacks import core
+from l2p_jax.attacks import core, progress
 
 
 def checkpoint_steps(steps: int) -> list[int]:
@@ -209,6 +209,7 @@ def apgd_on_loss(
     def tracked(i, state):
       s, curve = state
       s = iteration(i, s)
+      progress.tick(i + 1, steps)
       return s, curve.at[i + 1].set(core.unfooled(s['fooled']))
 
     curve = jnp.zeros((steps + 1, *y.shape), bool).at[0].set(core.unfooled(state['fooled']))
@@ -240,7 +241,7 @@ def autoattack_rand(
   the same and a fixed batch shape keeps it jittable).
   """
   results = [
-    apgd(
+    progress.within(k, 2, apgd)(
       logits_fn,
       jax.random.fold_in(key, k),
       x,

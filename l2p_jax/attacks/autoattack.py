@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from l2p_jax.attacks import core
+from l2p_jax.attacks import core, progress
 from l2p_jax.attacks.apgd import apgd, apgd_on_loss, autoattack_rand
 from l2p_jax.attacks.square import square
 
@@ -99,10 +99,11 @@ def apgd_targeted(
       unroll=unroll,
     )
 
+  counted = lambda k, _=None: progress.within(k - 1, targets, towards)(k)  # Target k of targets.
   add_target = lambda k, best: _unless_all_fooled(
-    best, functools.partial(towards, k), 1 + (k - 1) * steps
+    best, functools.partial(counted, k), 1 + (k - 1) * steps
   )
-  first = _lengthened(towards(1), (targets - 1) * steps)
+  first = _lengthened(counted(1), (targets - 1) * steps)
   return jax.lax.fori_loop(2, targets + 1, add_target, first)
 
 
@@ -134,13 +135,18 @@ def autoattack(
   if version != 'standard':
     raise ValueError(f"Unknown AutoAttack version {version!r}; expected 'standard' or 'rand'.")
   stage = lambda k: jax.random.fold_in(key, k)
-  best = apgd(logits_fn, stage(0), x, y, eps=eps, steps=steps, loss='ce', unroll=unroll)
+  # The bar's share of each stage: its iterations (APGD-T's at most target_classes runs).
+  total = (1 + target_classes) * steps + queries
+  apgd_ce = progress.within(0, total, apgd, steps)
+  best = apgd_ce(logits_fn, stage(0), x, y, eps=eps, steps=steps, loss='ce', unroll=unroll)
+  apgd_t = progress.within(steps, total, apgd_targeted, target_classes * steps)
   best = _then(
     best,
-    lambda b: apgd_targeted(
+    lambda b: apgd_t(
       logits_fn, stage(1), x, y, eps=eps, steps=steps, target_classes=target_classes, unroll=unroll
     ),
   )
+  square_part = progress.within((1 + target_classes) * steps, total, square, queries)
   return _then(
-    best, lambda b: square(logits_fn, stage(2), x, y, eps=eps, queries=queries, done=b.success)
+    best, lambda b: square_part(logits_fn, stage(2), x, y, eps=eps, queries=queries, done=b.success)
   )

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from l2p_jax.attacks import progress
+
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -195,11 +197,13 @@ def best_of_restarts(
   one; the curve is the first restart's."""
   if restarts < 1:
     raise ValueError(f'restarts must be at least 1, got {restarts}.')
-  *first, curve = run(jax.random.fold_in(key, 0))
+  with progress.part(0, restarts):
+    *first, curve = run(jax.random.fold_in(key, 0))
 
   def keep_better(r, best):
     x_best, loss_best, fooled_best = best
-    x_new, loss_new, fooled_new, _ = run(jax.random.fold_in(key, r))
+    with progress.part(r, restarts):
+      x_new, loss_new, fooled_new, _ = run(jax.random.fold_in(key, r))
     take = ~fooled_best & (fooled_new | (loss_new > loss_best))
     return (
       jnp.where(per_example(take, x_best), x_new, x_best),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from l2p_jax.attacks import core
+from l2p_jax.attacks import core, progress
 
 
 def _expected_logits(logits_fn: core.LogitsFn, x: jax.Array, key: jax.Array, draws: int):
@@ -89,9 +89,8 @@ def cw_l2(
   the logits averaged over the draws fold_in(fold_in(k, 0), j), j < eot_draws, and a
   point counts as adversarial only if it fools the expectation: the margin of the log
   mean softmax of fresh draws fold_in(fold_in(k, 1), j) exceeds kappa.
-  `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, at a
-  check (every max(steps // 10, 1) iterations) finding the batch's loss above 0.9999 x
-  the last check's.
+  `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, when
+  a check (every max(steps // 10, 1) iterations) finds the batch's loss > 0.9999 x the last.
   """
   optimizer = optax.adam(learning_rate)
   w0 = jnp.arctanh(jnp.clip(2 * x - 1, -1 + 1e-6, 1 - 1e-6))
@@ -113,6 +112,7 @@ def cw_l2(
       fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
+      progress.tick(b * steps + t + 1, binary_steps * steps)
       return (
         optax.apply_updates(w, updates),
         opt_state,

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from l2p_jax.attacks import core
+from l2p_jax.attacks import core, progress
 
 
 def _mutation_draws(key: jax.Array, n: int, population: int, dims: int):
@@ -146,6 +146,7 @@ def few_pixel(
     trial_fitness, trial_fooled = evaluate(trial, generation_key)
     done_new, x_adv = record(trial, trial_fooled, done, x_adv)
     accept = (trial_fitness <= fitness) & ~done[:, None]
+    progress.tick(g, iterations)
     return (
       g + 1,
       jnp.where(accept[..., None], trial, pop),

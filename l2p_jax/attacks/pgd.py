@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from l2p_jax.attacks import core
+from l2p_jax.attacks import core, progress
 
 
 def pgd(
@@ -61,6 +61,7 @@ def pgd(
         logits_fn, loss_fn, jax.random.fold_in(steps_key, i), x_adv, y, eot_draws
       )
       curve = curve.at[i].set(core.unfooled(jnp.argmax(logits, -1) != y))
+      progress.tick(i + 1, steps)
       return core.linf_project(core.sign_step(x_adv, grad, step_size), x, eps), curve
 
     curve = jnp.zeros((steps + 1, *y.shape), bool)

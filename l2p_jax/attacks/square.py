@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2p_jax.attacks import core
+from l2p_jax.attacks import core, progress
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64))
 _SCHEDULE += ((6000, 128), (8000, 256))
@@ -96,6 +96,7 @@ def square(
     )
     margin_new = _margin(logits_fn, jax.random.fold_in(noise_key, i + 1), x_new, y, eot_draws)
     keep = attacking(margin) & (margin_new < margin)
+    progress.tick(i + 1, queries)
     margin = jnp.where(keep, margin_new, margin)
     return (
       i + 1,

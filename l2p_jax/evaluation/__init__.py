@@ -16,6 +16,7 @@ from l2p_jax.evaluation.attack_registry import (
   SINGLE_STEP,
   Attack,
   AttackSpec,
+  Cost,
   EvaluationError,
   Preset,
   attack_entry,

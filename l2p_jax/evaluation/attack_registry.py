@@ -18,7 +18,7 @@ import dataclasses
 import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -44,6 +44,19 @@ ROLES = ('', ITERATIVE, SINGLE_STEP, GRADIENT_FREE)
 TRANSFER = 'transfer'  # The config.attacks name of the transfer matrix.
 
 
+class Cost(NamedTuple):
+  """What an attack costs per attacked image: input gradients and forward passes (one
+  noise draw each, every EOT draw counted; an upper bound where it stops early), the
+  iterations its loops run (what its progress bar counts), and which measured gradient
+  rate of benchmarks/eval_projection prices its gradients ('pgd7': one at a time,
+  'eot_pgd': averaged over EOT draws, 'apgd'; 'forward' for an attack without gradients)."""
+
+  gradients: int
+  forwards: int
+  iterations: int
+  rate: str = 'pgd7'
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """A name of config.attacks: its specs as a function of (config, N of `name<N>`: 0
@@ -67,7 +80,8 @@ class Attack:
   parameter that orders its columns; role: ITERATIVE, SINGLE_STEP or GRADIENT_FREE for
   the sanity checks and eps curves ('' none); note: a sentence results.md adds when it
   was run; randomized: (planned spec, config) -> the spec a randomized model (noise on)
-  runs instead (None: the planned spec for every model; AttackSpec.for_model).
+  runs instead (None: the planned spec for every model; AttackSpec.for_model); cost: a
+  spec's params -> its Cost per image (None: unpriced, its bar counting batches).
   """
 
   name: str
@@ -83,6 +97,7 @@ class Attack:
   role: str = ''
   note: str = ''
   randomized: Callable[[AttackSpec, ml_collections.ConfigDict], AttackSpec] | None = None
+  cost: Callable[[dict[str, Any]], Cost] | None = None
 
 
 _REGISTRY: dict[str, Attack] = {}
@@ -121,6 +136,7 @@ def register_attack(entry: Attack) -> Attack:
     if not (callable(entry.function) and callable(entry.title))
     else '',
     'column must be a number' if not isinstance(entry.column, (int, float)) else '',
+    'cost must be None or callable' if not (entry.cost is None or callable(entry.cost)) else '',
     *(
       f'config.attacks name {n!r} is taken or ends in a digit'
       for n in entry.presets
@@ -216,6 +232,20 @@ class AttackSpec:
       return adapt(self, config) if adapt and self.attack_noise else self
     params = tuple((k, 1 if k == 'eot_draws' else v) for k, v in self.params)
     return dataclasses.replace(self, params=params) if params != self.params else self
+
+  @property
+  def cost(self) -> Cost | None:
+    """Its entry's Cost per image for these params (None: the entry has no `cost`)."""
+    return None if self.entry.cost is None else self.entry.cost(dict(self.params))
+
+  def priced(self) -> Cost:
+    """`cost`, or EvaluationError when its registry entry has none."""
+    if self.cost is None:
+      raise EvaluationError(
+        f'The attack {self.attack!r} has no cost: give its registry entry (Attack) a `cost`, '
+        'its params -> Cost(gradients, forwards, iterations) per image.'
+      )
+    return self.cost
 
   def describe(self) -> dict[str, Any]:
     """The parameters as a JSON-ready dict."""

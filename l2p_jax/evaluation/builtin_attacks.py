@@ -26,6 +26,7 @@ from l2p_jax.evaluation.attack_registry import (
   SINGLE_STEP,
   Attack,
   AttackSpec,
+  Cost,
   Preset,
   register_attack,
 )
@@ -235,6 +236,43 @@ def _few_pixel(config: ml_collections.ConfigDict, n_pixels: int) -> AttackSpec:
   )
 
 
+def _pgd_cost(p: dict[str, Any]) -> Cost:
+  """PGD: steps x restarts iterations of one gradient per EOT draw."""
+  iterations, draws = p['steps'] * p['restarts'], p['eot_draws']
+  return Cost(iterations * draws, 0, iterations, 'eot_pgd' if draws > 1 else 'pgd7')
+
+
+def _cw_cost(p: dict[str, Any]) -> Cost:
+  """C&W: binary steps x steps Adam iterations, each a gradient per EOT draw and, in
+  expectation, the forward passes of the fresh draws that judge it."""
+  iterations, draws = p['binary_steps'] * p['steps'], p.get('eot_draws', 1)
+  if draws == 1:
+    return Cost(iterations, 0, iterations)
+  return Cost(iterations * draws, iterations * draws, iterations, 'eot_pgd')
+
+
+def _apgd_rand_cost(p: dict[str, Any]) -> Cost:
+  """APGD-CE then APGD-DLR: steps + 1 gradients (the start's too) of EOT draws each."""
+  return Cost(2 * (p['steps'] + 1) * p['eot_draws'], 0, 2 * p['steps'], 'apgd')
+
+
+def _apgd_t_cost(p: dict[str, Any]) -> Cost:
+  """APGD-T: one APGD run of steps + 1 gradients per target class (all of them: an
+  upper bound, the runs stopping once every image is fooled)."""
+  iterations = p['target_classes'] * p['steps']
+  gradients = p['target_classes'] * (p['steps'] + 1) * p.get('eot_draws', 1)
+  return Cost(gradients, 0, iterations, 'apgd')
+
+
+def _autoattack_cost(p: dict[str, Any]) -> Cost:
+  """The 'rand' version's APGD-CE and APGD-DLR, or the standard suite's stages: APGD-CE,
+  APGD-T over its targets, then Square's queries."""
+  if p['version'] == 'rand':
+    return _apgd_rand_cost(p)
+  runs = 1 + p['target_classes']
+  return Cost(runs * (p['steps'] + 1), p['queries'], runs * p['steps'] + p['queries'], 'apgd')
+
+
 register_attack(
   Attack(
     'clean',
@@ -244,6 +282,7 @@ register_attack(
     column=0,
     presets={'clean': Preset(lambda c, n: [AttackSpec('clean')])},
     worst_case=True,
+    cost=lambda p: Cost(0, 0, 0),
   )
 )
 register_attack(
@@ -257,6 +296,7 @@ register_attack(
     worst_case=True,
     transfer=True,
     role=SINGLE_STEP,
+    cost=lambda p: Cost(1, 0, 1),
   )
 )
 register_attack(
@@ -279,6 +319,7 @@ register_attack(
     worst_case=True,
     transfer=True,
     role=ITERATIVE,
+    cost=_pgd_cost,
   )
 )
 register_attack(
@@ -292,6 +333,7 @@ register_attack(
     bounds=(('cw.binary_steps', 1), ('cw.steps', 1), ('cw.eot_draws', 1)),
     note='C&W: accuracy / mean L2 of the perturbations that fooled the model.',
     randomized=_cw_in_expectation,
+    cost=_cw_cost,
   )
 )
 register_attack(
@@ -307,6 +349,7 @@ register_attack(
     },
     bounds=(('apgd.steps', 1), ('apgd.eot_draws', 1)),
     worst_case=True,
+    cost=_apgd_rand_cost,
   )
 )
 register_attack(
@@ -323,6 +366,7 @@ register_attack(
     },
     bounds=(('few_pixel.population', 4), ('few_pixel.examples', 0)),
     budget='n_pixels',
+    cost=lambda p: Cost(0, p['population'] * (p['iterations'] + 1), p['iterations'], 'forward'),
   )
 )
 register_attack(
@@ -336,6 +380,7 @@ register_attack(
     bounds=(('apgd_t.steps', 1), ('apgd_t.target_classes', 1), ('apgd_t.eot_draws', 1)),
     worst_case=True,
     randomized=_with_draws(lambda c: c.apgd_t.eot_draws),
+    cost=_apgd_t_cost,
   )
 )
 register_attack(
@@ -353,6 +398,7 @@ register_attack(
       "record's params.version says which ran."
     ),
     randomized=_autoattack_rand,
+    cost=_autoattack_cost,
   )
 )
 register_attack(
@@ -370,5 +416,6 @@ register_attack(
     randomized=_with_draws(
       lambda c: c.square.eot_draws, queries=lambda c: c.square.randomized_queries
     ),
+    cost=lambda p: Cost(0, p['queries'] * p.get('eot_draws', 1), p['queries'], 'forward'),
   )
 )

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from l2p_jax import attacks, data, experiment, methods
-from l2p_jax.evaluation import intervals, prediction
+from l2p_jax.attacks import progress as attack_progress
+from l2p_jax.evaluation import intervals, prediction, progress
 from l2p_jax.evaluation.attack_registry import AttackSpec
 from l2p_jax.evaluation.judged_model import JudgedModel, Logits
 
@@ -79,7 +79,7 @@ def as_inputs(images: jax.Array) -> jax.Array:
   return images if jnp.issubdtype(images.dtype, jnp.floating) else data.to_float(images)
 
 
-@functools.partial(jax.jit, static_argnames=('logits', 'attack', 'params', 'noise'))
+@functools.partial(jax.jit, static_argnames=('logits', 'attack', 'params', 'noise', 'ticks'))
 def _attack_batch(
   variables: Any,
   images: jax.Array,
@@ -92,14 +92,17 @@ def _attack_batch(
   attack: Callable[..., attacks.AttackResult],
   params: tuple,
   noise: bool,
+  ticks: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
   """The attack's inputs for one batch and, for an attack that keeps a curve, the real
   (unpadded) examples it had not fooled after each iteration (None for the others);
-  compiled once per (model, attack, params)."""
+  compiled once per (model, attack, params). `ticks` compiles in the attack's progress
+  callbacks (attacks/progress.py); without it the program has none."""
   kwargs = dict(params) if eps is None else {**dict(params), 'eps': eps}
-  result = attack(
-    functools.partial(logits, variables, noise), key, as_inputs(images), labels, **kwargs
-  )
+  with attack_progress.reporting(ticks):
+    result = attack(
+      functools.partial(logits, variables, noise), key, as_inputs(images), labels, **kwargs
+    )
   if result.curve is None:
     return result.x_adv, None
   return result.x_adv, jnp.sum(result.curve & mask.astype(bool), axis=1, dtype=jnp.int32)
@@ -296,8 +299,8 @@ def attack_accuracy(
   seconds = [0.0] * len(targets)
   curve = None
   batches = data.device_batches(mesh, data.eval_batches(split, config.batch_size))
-  bar = _progress_bar(batches, split, config, desc or spec.name)
-  for b, batch in enumerate(bar):
+  bar = progress.AttackBar(spec, split.num_examples, config, desc or spec.name)
+  for b, batch in bar.over(batches):
     x_adv, unfooled = _attack_batch(
       source.variables,
       batch['image'],
@@ -309,6 +312,7 @@ def attack_accuracy(
       attack=spec.function,
       params=spec.arguments,
       noise=config.noise and spec.attack_noise,
+      ticks=bool(config.progress_bar),
     )
     _wait(x_adv)
     if unfooled is not None:
@@ -359,19 +363,4 @@ def _judgement(
     seconds=seconds,
     curve=curve,
     bits=np.concatenate(bits)[:n],
-  )
-
-
-def _progress_bar(
-  batches: Iterable[Any], split: data.HostSplit, config: ml_collections.ConfigDict, desc: str
-) -> tqdm:
-  """A progress bar over the split's evaluation batches, shown on the first process only
-  and only when config.progress_bar asks for it."""
-  return tqdm(
-    batches,
-    total=data.num_eval_batches(split.num_examples, config.batch_size),
-    desc=desc,
-    unit='batch',
-    dynamic_ncols=True,
-    disable=not config.progress_bar or jax.process_index() != 0,
   )

@@ -20,7 +20,7 @@ import numpy as np
 
 from l2p_jax import checkpointing, data, experiment, methods
 from l2p_jax.checkpointing import Checkpoint
-from l2p_jax.evaluation import prediction, progress, results_files
+from l2p_jax.evaluation import estimate, prediction, progress, results_files
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
@@ -297,6 +297,46 @@ def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return sharding.mesh_for_batches({'config.batch_size': config.batch_size}, EvaluationError)
 
 
+def _plan(
+  config: ml_collections.ConfigDict,
+  specs: Sequence[AttackSpec],
+  evaluated: Sequence[Checkpoint],
+  transfer: tuple[Sequence[Checkpoint], Sequence[Checkpoint]] | None,
+  labels: dict[str, str],
+  judged: dict[str, JudgedModel],
+  examples: Any,
+) -> list[estimate.Planned]:
+  """Every attack evaluate_workdirs will run, in its order: each model's white-box ones,
+  then the transfer rows (`transfer`: sources and targets, None for none)."""
+  plan = [
+    (f'{labels[c.path]} {spec.name}', spec, c, [judged[c.path]])
+    for c in evaluated
+    for spec in model_specs(config, judged[c.path], specs)
+  ]
+  if transfer:
+    sources, targets = transfer
+    plan += [
+      (
+        f'transfer from {labels[c.path]} {spec.name}',
+        spec,
+        sources[0],
+        [judged[t.path] for t in targets],
+      )
+      for c in sources
+      for spec in transfer_specs(config)
+    ]
+  return [
+    estimate.planned(
+      f'attack {k}/{len(plan)} {name}',
+      spec,
+      examples(data_settings(config, checkpoint)).num_examples,
+      config,
+      models,
+    )
+    for k, (name, spec, checkpoint, models) in enumerate(plan, 1)
+  ]
+
+
 def evaluate_workdirs(
   config: ml_collections.ConfigDict,
   workdirs: str | Sequence[str],
@@ -325,13 +365,17 @@ def evaluate_workdirs(
   judged = {c.path: checkpoint_model(c) for c in cache.restored.values()}
   examples = functools.cache(load_examples)
 
-  planned = sum(len(model_specs(config, judged[c.path], specs)) for c in evaluated)
-  planned += len(sources) * len(transfer_specs(config)) if transfer else 0
-  recorder = Recorder(config, stored, output_dir, planned)
+  plan = _plan(
+    config, specs, evaluated, (sources, targets) if transfer else None, labels, judged, examples
+  )
+  recorder = Recorder(config, stored, output_dir, len(plan))
   recorder.entries = [model_entry(labels[p], m, None) for p, m in judged.items()]
-  progress.say_plan(config, planned, examples(data_settings(config, evaluated[0])).num_examples)
+  first = examples(data_settings(config, evaluated[0]))
+  progress.say_plan(config, len(plan), first.num_examples)
+  check_model_takes_split(first, evaluated[0])
   varies, clean = {}, CleanVerdicts()  # One per run: every attack shares the clean verdicts.
   with recorder.stops():
+    estimate.say_estimate(config, plan, judged[evaluated[0].path], first, mesh)
     for checkpoint in evaluated:
       split = examples(data_settings(config, checkpoint))
       check_model_takes_split(split, checkpoint)
