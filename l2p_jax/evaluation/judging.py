@@ -318,27 +318,44 @@ def attack_accuracy(
     if unfooled is not None:
       unfooled = multihost_utils.process_allgather(unfooled, tiled=True)
       curve = unfooled if curve is None else curve + unfooled
-    for t, (target, (k, rule, draws)) in enumerate(zip(targets, settings)):
+    for t, (target, setting) in enumerate(zip(targets, settings)):
       started = time.time()
-      right = _right_bits(
-        target.variables,
-        x_adv,
-        batch['label'],
-        judging_key(config.seed, b),
-        logits=target.logits,
-        noise=config.noise,
-        judged_draws=k,
-        draws=draws,
-        rule=rule,
-      )
-      clean_right = clean.right(target, split, b, batch, (k, rule, draws), config)
-      verdicts = (*_tally(batch['image'], x_adv, batch['mask'], right, clean_right), right)
+      verdicts = _batch_verdicts(target, setting, x_adv, b, batch, split, config, clean)
       outputs[t].append([multihost_utils.process_allgather(v, tiled=True) for v in verdicts])
       seconds[t] += time.time() - started
   return [
     _judgement(parts, split.num_examples, s, curve if target is source else None)
     for parts, s, target in zip(outputs, seconds, targets)
   ]
+
+
+def _batch_verdicts(
+  target: JudgedModel,
+  setting: tuple[int, str, int],
+  x_adv: jax.Array,
+  b: int,
+  batch: dict[str, jax.Array],
+  split: data.HostSplit,
+  config: ml_collections.ConfigDict,
+  clean: CleanVerdicts,
+) -> tuple[jax.Array, ...]:
+  """`target`'s verdicts on batch b's attacked inputs under its (judged draws, rule,
+  prediction draws): _tally's counts against the shared clean verdicts, and the
+  per-(draw, image) right bits."""
+  k, rule, draws = setting
+  right = _right_bits(
+    target.variables,
+    x_adv,
+    batch['label'],
+    judging_key(config.seed, b),
+    logits=target.logits,
+    noise=config.noise,
+    judged_draws=k,
+    draws=draws,
+    rule=rule,
+  )
+  clean_right = clean.right(target, split, b, batch, setting, config)
+  return (*_tally(batch['image'], x_adv, batch['mask'], right, clean_right), right)
 
 
 def _wait(x: jax.Array) -> None:
