@@ -131,7 +131,8 @@ def _specs(names, randomized, **cw):
 def test_a_deterministic_cw_keeps_its_spec_text_a_randomized_one_adds_its_draws():
   """Without early abort a deterministic model's C&W spec is the earlier text (its key
   and record unchanged); with it the params add abort_early=True; a randomized model's
-  adds eot_draws; PNI's preset stays the authors' on every model."""
+  adds eot_draws and takes cw.eot_kappa as its margin; PNI's preset stays the authors' on
+  every model."""
   earlier = (
     "AttackSpec(attack='cw', params=(('c_init', 0.01), ('learning_rate', 0.01), "
     "('kappa', 0.0), ('binary_steps', 9), ('steps', 1000)), eps=None, examples=0, "
@@ -140,7 +141,11 @@ def test_a_deterministic_cw_keeps_its_spec_text_a_randomized_one_adds_its_draws(
   assert _specs('cw', False, abort_early=False) == [earlier]
   assert _specs('cw', True, abort_early=False, eot_draws=1) == [earlier]
   [randomized] = _specs('cw', True)
+  assert "('kappa', 1.0)" in randomized and "('kappa', 0.0)" not in randomized
   assert "('abort_early', True), ('eot_draws', 10))" in randomized
+  [chosen] = _specs('cw', True, eot_kappa=0.25, kappa=3.0)
+  assert "('kappa', 0.25)" in chosen
+  assert "('kappa', 3.0)" in _specs('cw', False, eot_kappa=0.25, kappa=3.0)[0]
   assert _specs('cw_pni', True) == _specs('cw_pni', False)
 
 

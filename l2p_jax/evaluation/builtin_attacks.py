@@ -134,12 +134,13 @@ def _cw(
 
 
 def _cw_in_expectation(spec: AttackSpec, config: ml_collections.ConfigDict) -> AttackSpec:
-  """A randomized model's C&W: in expectation over config.cw.eot_draws draws (PNI's
-  preset, the authors' attack, unchanged). One draw keeps the planned spec's text."""
+  """A randomized model's C&W: in expectation over config.cw.eot_draws draws, with the
+  margin config.cw.eot_kappa (PNI's preset, the authors' attack, unchanged). One draw
+  keeps the planned spec's text."""
   if _is_pni_cw(dict(spec.params)) or config.cw.eot_draws == 1:
     return spec
-  params = spec.params + (('eot_draws', config.cw.eot_draws),)
-  return dataclasses.replace(spec, params=params)
+  params = tuple((k, config.cw.eot_kappa if k == 'kappa' else v) for k, v in spec.params)
+  return dataclasses.replace(spec, params=params + (('eot_draws', config.cw.eot_draws),))
 
 
 def _cw_title(p: dict[str, Any]) -> str:
