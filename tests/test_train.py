@@ -14,6 +14,7 @@ import time
 import chex
 import fake_datasets
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
