@@ -129,16 +129,18 @@ def l2p_paper_update(state: TrainState, loss_at, step, reg_weight) -> tuple[Trai
   and the same noise draws (the step's keys give both passes the same; the second
   replays the first's rather than drawing them again). Returns the first pass's aux
   with the second's BatchNorm statistics."""
-  loss_fn = loss_at(state, reg_weight=reg_weight, record_draws=True)
-  (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-    state.params, state.perturb
-  )
-  state = step(state, 'perturb', g_perturb)
-  loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv, draws=aux.draws)
-  (_, second), (g_params, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-    state.params, state.perturb
-  )
-  state = step(state, 'params', g_params)
+  with jax.named_scope('theta_pass'):  # Names the ops for benchmarks/step_passes.py.
+    loss_fn = loss_at(state, reg_weight=reg_weight, record_draws=True)
+    (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      state.params, state.perturb
+    )
+    state = step(state, 'perturb', g_perturb)
+  with jax.named_scope('w_pass'):
+    loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv, draws=aux.draws)
+    (_, second), (g_params, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      state.params, state.perturb
+    )
+    state = step(state, 'params', g_params)
   return state, aux._replace(batch_stats=second.batch_stats)
 
 
