@@ -63,9 +63,9 @@ def pass_of(op_name: str) -> str:
 
 def conv_kind(op_name: str, out_shape: list[int]) -> str:
   """forward, input gradient or kernel gradient: an op whose output is a kernel (3x3 or
-  1x1 in its spatial dimensions; XLA leaves such ops unnamed) is a kernel gradient, a
-  transposed op otherwise an input gradient."""
-  if out_shape[1] <= 3:
+  1x1 in its spatial dimensions, which no feature map of these networks is; XLA leaves
+  such ops unnamed) is a kernel gradient, a transposed op otherwise an input gradient."""
+  if tuple(out_shape[1:3]) in ((3, 3), (1, 1)):
     return 'kernel gradient'
   return 'input gradient' if 'transpose(' in op_name else 'forward'
 
