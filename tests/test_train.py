@@ -14,7 +14,6 @@ import time
 import chex
 import fake_datasets
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -323,51 +322,6 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   chex.assert_trees_all_close((new.perturb, new.params), (t1, w1), rtol=2e-5, atol=2e-7)
   # The two orders really differ, so the test can tell them apart.
   assert not np.allclose(jax.tree.leaves(new.perturb)[0], jax.tree.leaves(t0)[0])
-
-
-def paper_update_drawing_twice(state, loss_at, step, reg_weight):
-  """The paper's alternation before issue 36 (a reference): the W pass drew the clean
-  and adversarial noise again from the step's keys, the same draws as the theta pass's."""
-  grad_fn = lambda s, **kw: jax.value_and_grad(  # noqa: E731
-    loss_at(s, reg_weight=reg_weight, **kw), argnums=(0, 1), has_aux=True
-  )(s.params, s.perturb)
-  (_, aux), (_, g_perturb) = grad_fn(state)
-  state = step(state, 'perturb', g_perturb)
-  (_, second), (g_params, _) = grad_fn(state, x_adv=aux.x_adv)
-  return step(state, 'params', g_params), aux._replace(batch_stats=second.batch_stats)
-
-
-def random_draws(fn, *args, **kwargs):
-  """How many random_bits draws `fn`'s program makes (sub-programs included, a loop's
-  body once)."""
-
-  def count(jaxpr):
-    return sum(
-      (eqn.primitive.name == 'random_bits')
-      + sum(count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-      for eqn in jaxpr.eqns
-    )
-
-  return count(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args).jaxpr)
-
-
-def test_paper_alternation_draws_each_noise_once_with_the_same_numbers(monkeypatch):
-  """The W pass replays the theta pass's noise draws instead of drawing them again
-  (issue 36): the step (state, BatchNorm statistics, metrics) is the one that drew twice,
-  up to float32 rounding, with 2 x 4 fewer noise draws (clean and adversarial pass, the
-  stem's and 3 blocks' noise maps of ResNet-8)."""
-  config, optimizers, state, _, kwargs = step_setup('l2p')
-  phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
-  assert phase.adversarial and phase.noise and phase.train_perturb
-  train_step = functools.partial(step_lib.train_step, optimizers=optimizers, **kwargs)
-  inputs = (state, batch(5), 0.05, 0.5)
-  new, metrics = jax.jit(train_step, static_argnames='phase')(*inputs, phase=phase)
-  draws = random_draws(train_step, *inputs, phase=phase)
-  monkeypatch.setattr(step_lib, 'update_rule', lambda *_: paper_update_drawing_twice)
-  old, old_metrics = jax.jit(train_step, static_argnames='phase')(*inputs, phase=phase)
-  assert random_draws(train_step, *inputs, phase=phase) - draws == 2 * 4
-  chex.assert_trees_all_close((new, metrics), (old, old_metrics), rtol=1e-5, atol=1e-6)
-  assert not np.allclose(jax.tree.leaves(new.perturb)[0], jax.tree.leaves(state.perturb)[0])
 
 
 def test_paper_passes_compute_what_they_need_only():

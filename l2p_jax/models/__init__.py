@@ -14,7 +14,6 @@ from l2p_jax.models.architectures import (
 from l2p_jax.models.layers import (
   BNN_MEAN_INITS,
   CONV_INPUT_GRADIENTS,
-  DRAWS,
   KL_SCOPES,
   NOISE_RNG,
   PERTURB,
@@ -46,6 +45,5 @@ __all__ = [
   'project_perturb',
   'PERTURB',
   'NOISE_RNG',
-  'DRAWS',
   'resnet_layout',
 ]

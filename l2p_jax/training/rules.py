@@ -3,9 +3,8 @@ settings (`StepSettings`), what its loss returns beside the objective (`StepAux`
 the update rules that differentiate that loss and descend (`joint_update`, L2P's
 `l2p_paper_update` and `l2p_code_update`, chosen by `l2p_alternation`).
 
-A rule gets `loss_at(state, reg_weight=, x_adv=, draws=, record_draws=)`, the step's
-loss function of (params, perturb) at `state`, and `step(state, collection, grads)`, one
-`descend`.
+A rule gets `loss_at(state, reg_weight=, x_adv=)`, the step's loss function of (params,
+perturb) at `state`, and `step(state, collection, grads)`, one `descend`.
 """
 
 from __future__ import annotations
@@ -82,7 +81,6 @@ class StepAux(NamedTuple):
   batch_stats: Any  # BatchNorm statistics after the loss's passes.
   clean_logits: jax.Array
   x_adv: jax.Array | None  # The PGD examples (None in a clean phase).
-  draws: Any = None  # The passes' noise draws, when the loss records them.
 
 
 # update(state, loss_at, descend, reg_weight) -> (state, aux): see `joint_update`.
@@ -125,18 +123,16 @@ def joint_update(
 
 def l2p_paper_update(state: TrainState, loss_at, step, reg_weight) -> tuple[TrainState, StepAux]:
   """The paper's alternating back-propagation: theta steps with W fixed, then W with
-  the new theta fixed, both on the loss minus the regularizer, the same PGD examples
-  and the same noise draws (the step's keys give both passes the same; the second
-  replays the first's rather than drawing them again). Returns the first pass's aux
-  with the second's BatchNorm statistics."""
+  the new theta fixed, both on the loss minus the regularizer and the same PGD
+  examples. Returns the first pass's aux with the second's BatchNorm statistics."""
   with jax.named_scope('theta_pass'):  # Names the ops for benchmarks/step_passes.py.
-    loss_fn = loss_at(state, reg_weight=reg_weight, record_draws=True)
+    loss_fn = loss_at(state, reg_weight=reg_weight)
     (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       state.params, state.perturb
     )
     state = step(state, 'perturb', g_perturb)
   with jax.named_scope('w_pass'):
-    loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv, draws=aux.draws)
+    loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv)
     (_, second), (g_params, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       state.params, state.perturb
     )

@@ -57,23 +57,12 @@ def pgd_attack(settings: StepSettings, steps: int):
 
 
 def train_forward(
-  model: models.ResNet,
-  variables: dict[str, Any],
-  x: jax.Array,
-  key: jax.Array,
-  noise: bool,
-  record_draws: bool = False,
+  model: models.ResNet, variables: dict[str, Any], x: jax.Array, key: jax.Array, noise: bool
 ) -> tuple[jax.Array, dict[str, Any]]:
-  """(logits, updates) of the model in training mode (batch statistics): BatchNorm's
-  statistics and, with `record_draws`, the noise draws made (`models.DRAWS`). Draws held
-  in `variables[models.DRAWS]` are replayed instead of drawn."""
-  mutable = ['batch_stats', models.DRAWS] if record_draws else ['batch_stats']
-  return model.apply(variables, x, train=True, noise=noise, rngs={'noise': key}, mutable=mutable)
-
-
-def with_draws(variables: dict[str, Any], draws: dict[str, Any] | None) -> dict[str, Any]:
-  """`variables` replaying `draws` (a pass's recorded noise), when there are any."""
-  return {**variables, models.DRAWS: draws} if draws else variables
+  """(logits, BatchNorm updates) of the model in training mode (batch statistics)."""
+  return model.apply(
+    variables, x, train=True, noise=noise, rngs={'noise': key}, mutable=['batch_stats']
+  )
 
 
 def adversarial_examples(
@@ -116,8 +105,6 @@ def step_loss_fn(
   model: models.ResNet,
   settings: StepSettings,
   x_adv: jax.Array | None = None,
-  draws: dict[str, Any] | None = None,
-  record_draws: bool = False,
 ):
   """The loss of training step `state.step` as a function of (params, perturb).
 
@@ -136,11 +123,7 @@ def step_loss_fn(
 
   def loss_fn(params, perturb):
     variables = {'params': params, 'perturb': perturb, 'batch_stats': state.batch_stats}
-    replay = draws or {}
-    clean_logits, updates = train_forward(
-      model, with_draws(variables, replay.get('clean')), x, keys['clean'], phase.noise, record_draws
-    )
-    recorded = {'clean': updates.get(models.DRAWS)}
+    clean_logits, updates = train_forward(model, variables, x, keys['clean'], phase.noise)
     adv_logits, examples = None, x_adv
     if phase.adversarial:
       if examples is None:
@@ -152,15 +135,7 @@ def step_loss_fn(
       # adversarial batch through the network: its statistics alone move BatchNorm's.
       if settings.clean_weight > 0:
         variables = {**variables, 'batch_stats': updates['batch_stats']}
-      adv_logits, updates = train_forward(
-        model,
-        with_draws(variables, replay.get('adv')),
-        examples,
-        keys['adv'],
-        phase.noise,
-        record_draws,
-      )
-      recorded['adv'] = updates.get(models.DRAWS)
+      adv_logits, updates = train_forward(model, variables, examples, keys['adv'], phase.noise)
     loss = objectives.mixed_loss(
       clean_logits, adv_logits, y, settings.clean_weight, settings.adv_weight
     )
@@ -169,9 +144,7 @@ def step_loss_fn(
     objective = loss
     if method.regularizer is not None:
       objective = loss - reg_weight * method.regularizer.value(perturb)
-    return objective, StepAux(
-      loss, updates['batch_stats'], clean_logits, examples, recorded if record_draws else None
-    )
+    return objective, StepAux(loss, updates['batch_stats'], clean_logits, examples)
 
   return loss_fn
 
