@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import step_passes
 from configs import cifar as cifar_configs
 from configs import eval as eval_configs
 from l2p_jax import checkpointing, data, evaluation, experiment, methods
@@ -321,6 +322,29 @@ def test_l2p_alternation_moves_one_collection_at_a_time(alternation):
   chex.assert_trees_all_close((new.perturb, new.params), (t1, w1), rtol=2e-5, atol=2e-7)
   # The two orders really differ, so the test can tell them apart.
   assert not np.allclose(jax.tree.leaves(new.perturb)[0], jax.tree.leaves(t0)[0])
+
+
+def test_paper_passes_compute_what_they_need_only():
+  """The compiled L2P step read by benchmarks/step_passes.py (ResNet-8, PGD-2): kernel
+  gradients in the W pass only, one per convolution of its clean and adversarial pass;
+  PGD's convolutions counted by its loop's turns; no noise drawn in the W pass."""
+  config, optimizers, state, _, kwargs = step_setup('l2p')
+  phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
+  train_step = functools.partial(step_lib.train_step, optimizers=optimizers, **kwargs)
+  lowered = jax.jit(train_step, static_argnames='phase').lower(
+    state, batch(5), 0.05, 0.5, phase=phase
+  )
+  # A cached executable keeps the op names it was compiled with: compile afresh.
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    counts = step_passes.profile_hlo(lowered.compile().as_text())
+  finally:
+    jax.config.update('jax_enable_compilation_cache', True)
+  kernel = {k: v for k, v in counts['convolutions'].items() if k.endswith('kernel gradient')}
+  assert kernel == {'W pass / kernel gradient': 2 * 7}
+  assert counts['convolutions']['theta pass: pgd / forward'] == config.adv.steps * 7
+  assert counts['rng_loops'].get('W pass', 0) == 0
+  assert counts['rng_loops']['theta pass: pgd'] > 0
 
 
 def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():

@@ -125,16 +125,18 @@ def l2p_paper_update(state: TrainState, loss_at, step, reg_weight) -> tuple[Trai
   """The paper's alternating back-propagation: theta steps with W fixed, then W with
   the new theta fixed, both on the loss minus the regularizer and the same PGD
   examples. Returns the first pass's aux with the second's BatchNorm statistics."""
-  loss_fn = loss_at(state, reg_weight=reg_weight)
-  (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-    state.params, state.perturb
-  )
-  state = step(state, 'perturb', g_perturb)
-  loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv)
-  (_, second), (g_params, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-    state.params, state.perturb
-  )
-  state = step(state, 'params', g_params)
+  with jax.named_scope('theta_pass'):  # Names the ops for benchmarks/step_passes.py.
+    loss_fn = loss_at(state, reg_weight=reg_weight)
+    (_, aux), (_, g_perturb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      state.params, state.perturb
+    )
+    state = step(state, 'perturb', g_perturb)
+  with jax.named_scope('w_pass'):
+    loss_fn = loss_at(state, reg_weight=reg_weight, x_adv=aux.x_adv)
+    (_, second), (g_params, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      state.params, state.perturb
+    )
+    state = step(state, 'params', g_params)
   return state, aux._replace(batch_stats=second.batch_stats)
 
 
