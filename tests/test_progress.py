@@ -80,7 +80,7 @@ def test_an_attack_without_a_cost_is_unpriced_and_an_error_only_where_a_cost_is_
   with pytest.raises(evaluation.EvaluationError, match='give its registry entry .* a `cost`'):
     eval_projection.attack_cost(unpriced)
   [head, line] = estimate.estimate_lines([estimate.Planned('toy', unpriced, 10, 2)], 1.0, 1.0)
-  assert head.endswith(', 1 unpriced attacks not counted.') and '~0 min in all' in head
+  assert head.endswith(', 1 unpriced attacks not counted.') and '~0 s in all' in head
   assert line == '  toy: unpriced (its registry entry has no cost)'
 
 
@@ -92,7 +92,7 @@ def test_the_estimate_prices_gradients_forwards_and_judging_per_image():
   # 100 x (10 x 2 ms + 6 x 0.5 ms) = 2.3 s; 50 x (100 + 2) x 0.5 ms = 2.55 s.
   assert a == '  a: ~2.3 s (100 images x 10 gradients and 6 forward passes)'
   assert b == '  b: ~2.55 s (50 images x 0 gradients and 102 forward passes)'
-  assert head.startswith('estimate: ~0.0808 min in all, from a gradient at 2 ms/image (a ')
+  assert head.startswith('estimate: ~4.85 s in all, from a gradient at 2 ms/image (a ')
   assert head.endswith('an upper bound where an attack stops early, compiling not counted.')
 
 

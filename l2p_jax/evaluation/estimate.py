@@ -108,7 +108,7 @@ def estimate_lines(
       f'and {forwards} forward passes)'
     )
   head = (
-    f'estimate: ~{total / 60:.3g} min in all, from a gradient at {gradient * 1e3:.3g} ms/image '
+    f'estimate: ~{_duration(total)} in all, from a gradient at {gradient * 1e3:.3g} ms/image '
     f'(a forward pass at {forward * 1e3:.3g} ms/image) measured here; an upper bound where an '
     'attack stops early, compiling not counted'
   )
