@@ -198,7 +198,6 @@ class CleanVerdicts:
   ) -> jax.Array:
     """Batch b of the split: the clean images' right bits for `target` judged with
     `settings` (judged draws, rule, draws), made on first use."""
-    k, rule, draws = settings
     size = config.batch_size
     rows = slice(b * size, (b + 1) * size)
     images = np.asarray(split.images[rows])
@@ -206,17 +205,7 @@ class CleanVerdicts:
     key = (target, config.seed, config.noise, size, b, len(images), content.hexdigest())
     key += tuple(settings)
     if key not in self._right:
-      self._right[key] = _right_bits(
-        target.variables,
-        _inputs(batch['image']),
-        batch['label'],
-        judging_key(config.seed, b),
-        logits=target.logits,
-        noise=config.noise,
-        judged_draws=k,
-        draws=draws,
-        rule=rule,
-      )
+      self._right[key] = _target_right(target, _inputs(batch['image']), batch, b, settings, config)
       self.made += 1
     return self._right[key]
 
@@ -329,6 +318,30 @@ def attack_accuracy(
   ]
 
 
+def _target_right(
+  target: JudgedModel,
+  inputs: jax.Array,
+  batch: dict[str, jax.Array],
+  b: int,
+  setting: tuple[int, str, int],
+  config: ml_collections.ConfigDict,
+) -> jax.Array:
+  """`target`'s right bits on `inputs` (batch b's images or their attacked versions)
+  under its (judged draws, rule, prediction draws), draw k keyed by judging_key alone."""
+  k, rule, draws = setting
+  return _right_bits(
+    target.variables,
+    inputs,
+    batch['label'],
+    judging_key(config.seed, b),
+    logits=target.logits,
+    noise=config.noise,
+    judged_draws=k,
+    draws=draws,
+    rule=rule,
+  )
+
+
 def _batch_verdicts(
   target: JudgedModel,
   setting: tuple[int, str, int],
@@ -342,18 +355,7 @@ def _batch_verdicts(
   """`target`'s verdicts on batch b's attacked inputs under its (judged draws, rule,
   prediction draws): _tally's counts against the shared clean verdicts, and the
   per-(draw, image) right bits."""
-  k, rule, draws = setting
-  right = _right_bits(
-    target.variables,
-    x_adv,
-    batch['label'],
-    judging_key(config.seed, b),
-    logits=target.logits,
-    noise=config.noise,
-    judged_draws=k,
-    draws=draws,
-    rule=rule,
-  )
+  right = _target_right(target, x_adv, batch, b, setting, config)
   clean_right = clean.right(target, split, b, batch, setting, config)
   return (*_tally(batch['image'], x_adv, batch['mask'], right, clean_right), right)
 
