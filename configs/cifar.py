@@ -157,6 +157,7 @@ def get_config(arg: str = 'l2p,resnet20,cifar10') -> ml_collections.ConfigDict:
   c.adv.adv_weight = 0.5  # beta: weight of the adversarial cross-entropy.
   c.adv.attack_batchnorm = 'batch'  # BatchNorm statistics PGD sees: batch | running.
   c.adv.unroll = False  # Unroll the PGD loop (much faster on XLA:CPU, slower compile).
+  c.adv.draw_noise_ahead = True  # Draw PGD's noise before its loop (same draws, faster).
 
   c.l2p = ml_collections.ConfigDict()
   c.l2p.noise_start_epoch = over['noise_start_epoch']  # First epoch with noise on.

@@ -243,6 +243,27 @@ def test_pgd_with_one_eot_draw_is_bit_identical_to_plain_pgd():
   np.testing.assert_array_equal(pgd_noisy(KEY, X, Y, eot_draws=1).x_adv, plain_pgd(KEY, X, Y))
 
 
+def test_pgd_noise_keys_are_the_keys_of_pgds_gradients():
+  """A model that is NaN under every key but the listed ones leaves PGD's iterates finite
+  when the list is pgd_noise_keys's (every restart, step and EOT draw), and not when it
+  misses a step: the keys a training step draws ahead are the ones PGD asks for."""
+
+  def pgd_known_keys_only(known, key):
+    def logits_fn(x, noise_key):
+      hit = jnp.all(jax.random.key_data(known) == jax.random.key_data(noise_key), axis=-1)
+      return noisy_mlp(x, noise_key) * jnp.where(jnp.any(hit), 1.0, jnp.nan)
+
+    return attacks.pgd(
+      logits_fn, key, X, Y, eps=EPS, steps=3, step_size=EPS / 2, restarts=2, eot_draws=2
+    ).x_adv
+
+  run = jax.jit(pgd_known_keys_only)
+  x_adv = run(attacks.pgd_noise_keys(KEY, 3, restarts=2, eot_draws=2), KEY)
+  assert np.isfinite(x_adv).all() and not np.array_equal(x_adv, X)
+  missing_a_step = attacks.pgd_noise_keys(KEY, 2, restarts=2, eot_draws=2)
+  assert np.isnan(run(missing_a_step, KEY)).any()
+
+
 def test_eot_averages_gradients_over_draws():
   # The gradient of PGD's first step (no random start) with the documented keys.
   x, y = X[:8], Y[:8]

@@ -1,5 +1,6 @@
 """Architectures, parameter counts and the semantics of the three noise layers."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,14 @@ from flax import traverse_util
 from networks import create_model
 
 from l2p_jax.methods import METHODS
-from l2p_jax.models import bnn_kl, gaussian_kl, project_perturb, resnet_layout
+from l2p_jax.models import (
+  DRAWS,
+  bnn_kl,
+  gaussian_kl,
+  noise_drawn_ahead,
+  project_perturb,
+  resnet_layout,
+)
 from l2p_jax.models.layers import Conv, Dense, FeatureNoise, WeightNoise, resolve_input_gradient
 
 RNGS = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
@@ -111,6 +119,41 @@ def test_noise_is_a_function_of_the_key_and_off_means_plain_network(method):
     {'params': variables['params'], 'batch_stats': variables['batch_stats']}, x
   )
   np.testing.assert_array_equal(off, reference)
+
+
+@pytest.mark.parametrize('method', ['l2p', 'pni', 'adv_bnn'])
+def test_noise_drawn_ahead_is_the_noise_drawn_at_the_call(method):
+  """Each key's draws are the same bits whether made ahead, vectorized over the keys, or
+  at the call, and its logits the same up to float32 rounding (XLA may fuse the noise
+  differently); a key not drawn ahead gives NaN, not another key's noise."""
+  model = create_model('resnet8', 10, method, width=0.25)
+  variables = init(model)
+  x = jax.random.uniform(jax.random.key(2), (4, 8, 8, 3))
+  keys = jax.random.split(jax.random.key(5), 3)
+
+  def apply(inputs, key, draws, record):
+    both = variables if draws is None else {**variables, DRAWS: draws}
+    return model.apply(both, inputs, rngs={'noise': key}, mutable=[DRAWS] * record)
+
+  @jax.jit
+  def run(keys, other):
+    ahead = noise_drawn_ahead(apply, x, keys)
+    drawn = jax.vmap(lambda key: apply(x, key, None, True)[1][DRAWS])(keys)
+    at_call = [apply(x, key, None, True) for key in keys]
+    return (
+      drawn,
+      [updates[DRAWS] for _, updates in at_call],
+      jnp.stack([ahead(x, key) for key in keys]),
+      jnp.stack([logits for logits, _ in at_call]),
+      ahead(x, other),
+    )
+
+  drawn, draws_at_call, logits_ahead, logits_at_call, unknown = run(keys, jax.random.key(6))
+  for k, draws in enumerate(draws_at_call):
+    chex.assert_trees_all_equal(jax.tree.map(lambda maps, k=k: maps[k], drawn), draws)
+  np.testing.assert_allclose(logits_ahead, logits_at_call, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits_at_call[0], logits_at_call[1])  # Each key its own noise.
+  assert np.isnan(unknown).all()
 
 
 def test_feature_noise_gradient_is_the_drawn_noise():

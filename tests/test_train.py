@@ -1,6 +1,7 @@
 """Training: configs, schedules, the five methods' steps, L2P's alternation, and the loop
 end to end (outputs, resume after a kill, 1 vs 8 devices, errors) on a tiny config."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -344,7 +345,30 @@ def test_paper_passes_compute_what_they_need_only():
   assert kernel == {'W pass / kernel gradient': 2 * 7}
   assert counts['convolutions']['theta pass: pgd / forward'] == config.adv.steps * 7
   assert counts['rng_loops'].get('W pass', 0) == 0
-  assert counts['rng_loops']['theta pass: pgd'] > 0
+  # PGD's noise is drawn ahead of its loop (adv.draw_noise_ahead), none inside it.
+  assert counts['rng_loops'].get('theta pass: pgd', 0) == 0 < counts['rng_loops']['theta pass']
+
+
+def test_pgd_noise_drawn_ahead_or_in_the_loop_gives_the_same_steps():
+  """adv.draw_noise_ahead changes how L2P's PGD draws its noise, not the step: the same
+  draws, so the same states up to float32 rounding (equal bits here)."""
+  config, optimizers, state, step, kwargs = step_setup('l2p')
+  phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
+  assert kwargs['settings'].draw_noise_ahead
+  in_loop = dataclasses.replace(kwargs['settings'], draw_noise_ahead=False)
+  step_in_loop = jax.jit(
+    functools.partial(
+      step_lib.train_step, optimizers=optimizers, model=kwargs['model'], settings=in_loop
+    ),
+    static_argnames='phase',
+  )
+  ahead = again = state
+  for i in range(2):
+    ahead, metrics = step(ahead, batch(i), 0.05, 1e-2, phase=phase)
+    again, metrics_again = step_in_loop(again, batch(i), 0.05, 1e-2, phase=phase)
+  chex.assert_trees_all_close((ahead, metrics), (again, metrics_again), rtol=1e-6, atol=1e-7)
+  moved = jax.tree.leaves(ahead.perturb)[0], jax.tree.leaves(state.perturb)[0]
+  assert not np.array_equal(*moved)  # Two real steps, with PGD's noise on.
 
 
 def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():

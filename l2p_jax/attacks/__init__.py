@@ -27,7 +27,7 @@ from l2p_jax.attacks.core import (
 )
 from l2p_jax.attacks.cw import cw_l2
 from l2p_jax.attacks.few_pixel import few_pixel
-from l2p_jax.attacks.pgd import fgsm, pgd
+from l2p_jax.attacks.pgd import fgsm, pgd, pgd_noise_keys
 from l2p_jax.attacks.square import square
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
   'linf_project',
   'linf_random_start',
   'pgd',
+  'pgd_noise_keys',
   'sign_step',
   'square',
 ]

@@ -73,6 +73,18 @@ def pgd(
   return core.make_result(x, x_adv, fooled, curve)
 
 
+def pgd_noise_keys(key: jax.Array, steps: int, restarts: int = 1, eot_draws: int = 1) -> jax.Array:
+  """The noise keys `pgd` gives its gradients (restart-major, then step, then draw), by
+  the key layout above: the keys to draw ahead for a model whose noise costs per call."""
+  steps_keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 3)[1])(
+    jnp.arange(restarts)
+  )
+  fold = lambda keys, n: jax.vmap(
+    lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(n))
+  )(keys)
+  return fold(fold(steps_keys, steps).reshape(-1), eot_draws).reshape(-1)
+
+
 def fgsm(
   logits_fn: core.LogitsFn,
   key: jax.Array,

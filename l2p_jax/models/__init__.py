@@ -8,12 +8,14 @@ which randomization a network carries is its method's choice (`l2p_jax.methods`)
 from l2p_jax.models.architectures import (
   ARCHITECTURES_HELP,
   inference_logits,
+  noise_drawn_ahead,
   resnet_layout,
   resnet_settings,
 )
 from l2p_jax.models.layers import (
   BNN_MEAN_INITS,
   CONV_INPUT_GRADIENTS,
+  DRAWS,
   KL_SCOPES,
   NOISE_RNG,
   PERTURB,
@@ -30,6 +32,7 @@ from l2p_jax.models.resnet import ResNet
 
 __all__ = [
   'inference_logits',
+  'noise_drawn_ahead',
   'BNN_MEAN_INITS',
   'KL_SCOPES',
   'PNI_MODES',
@@ -38,6 +41,7 @@ __all__ = [
   'FeatureNoise',
   'FeatureNoiseSpec',
   'CONV_INPUT_GRADIENTS',
+  'DRAWS',
   'resolve_input_gradient',
   'resnet_settings',
   'bnn_kl',

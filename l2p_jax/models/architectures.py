@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from l2p_jax.models.layers import resolve_input_gradient
+from l2p_jax.models.layers import DRAWS, resolve_input_gradient
 from l2p_jax.models.resnet import ResNet
 
 ARCHITECTURES_HELP = (
@@ -84,3 +85,27 @@ def inference_logits(
   """The model in inference mode (BatchNorm's running statistics) as a function of
   (inputs, noise key), the form the attacks and prediction rules take."""
   return lambda x, key: model.apply(variables, x, train=False, noise=noise, rngs={'noise': key})
+
+
+def noise_drawn_ahead(
+  apply: Callable[..., Any], like: jax.Array, keys: jax.Array
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`apply(inputs, key, draws, record) -> (logits, updates)` as a logits function of
+  (inputs, noise key) whose noise for each of `keys` is drawn before the first call.
+
+  The draws of all `keys` are made at once, one vectorized draw per noise variable
+  (inputs shaped like `like`), instead of one per call inside an attack's loop, which
+  XLA:CPU runs as many tiny ops. The draws are the same bits (threefry hashes each key
+  separately); the logits may differ in their last bits where XLA fuses the noise
+  differently. A call with a key not among `keys` gives NaN logits and gradients, loudly wrong.
+  """
+  record = lambda key: apply(like, key, None, True)[1][DRAWS]
+  drawn, known = jax.vmap(record)(keys), jax.random.key_data(keys)
+
+  def logits_fn(inputs: jax.Array, key: jax.Array) -> jax.Array:
+    hits = jnp.all(known == jax.random.key_data(key), axis=-1)
+    draws = jax.tree.map(lambda maps: maps[jnp.argmax(hits)], drawn)
+    logits = apply(inputs, key, draws, False)[0]
+    return logits * jnp.where(jnp.any(hits), 1.0, jnp.nan)  # NaN gradients too.
+
+  return logits_fn

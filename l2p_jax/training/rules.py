@@ -35,6 +35,7 @@ class StepSettings:
   step_size: float
   random_start: bool
   unroll: bool
+  draw_noise_ahead: bool
   labels: str  # PGD's targets: 'true' labels or the clean 'prediction'.
   attack_batchnorm: str  # BatchNorm statistics PGD sees: 'batch' or 'running'.
   clean_weight: float
@@ -61,6 +62,7 @@ class StepSettings:
       step_size=adv.step_size,
       random_start=adv.random_start,
       unroll=adv.unroll,
+      draw_noise_ahead=adv.draw_noise_ahead,
       labels=adv.labels,
       attack_batchnorm=adv.attack_batchnorm,
       clean_weight=adv.clean_weight,

@@ -84,14 +84,24 @@ def adversarial_examples(
   (adv.attack_batchnorm=running, as the authors' codes) in eval mode with the running
   statistics as the step's passes so far left them: after the clean pass (L2P's and
   PNI's code), or as the step found them when the loss has no clean term (Adv-BNN's
-  code attacks first).
+  code attacks first). With adv.draw_noise_ahead the noise of PGD's steps is drawn
+  before its loop (`models.noise_drawn_ahead`: the same draws, fewer ops).
   """
-  if settings.attack_batchnorm == 'running':
-    if settings.clean_weight > 0:
-      frozen = {**frozen, 'batch_stats': clean_batch_stats}
-    logits_fn = models.inference_logits(model, frozen, phase.noise)
+  train = settings.attack_batchnorm != 'running'
+  if not train and settings.clean_weight > 0:
+    frozen = {**frozen, 'batch_stats': clean_batch_stats}
+
+  def apply(inputs, noise_key, draws, record):
+    variables = frozen if draws is None else {**frozen, models.DRAWS: draws}
+    mutable = ['batch_stats'] * train + [models.DRAWS] * record
+    return model.apply(
+      variables, inputs, train=train, noise=phase.noise, rngs={'noise': noise_key}, mutable=mutable
+    )
+
+  if settings.draw_noise_ahead and phase.noise:
+    logits_fn = models.noise_drawn_ahead(apply, x, attacks.pgd_noise_keys(key, settings.steps))
   else:
-    logits_fn = lambda inputs, key: train_forward(model, frozen, inputs, key, phase.noise)[0]
+    logits_fn = lambda inputs, noise_key: apply(inputs, noise_key, None, False)[0]
   target = y if settings.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
   return pgd_attack(settings, settings.steps)(logits_fn, key, x, target).x_adv
 
