@@ -13,6 +13,7 @@ from l2p_jax.methods import METHODS
 from l2p_jax.models import (
   DRAWS,
   bnn_kl,
+  draw_noise,
   gaussian_kl,
   noise_drawn_ahead,
   project_perturb,
@@ -137,8 +138,8 @@ def test_noise_drawn_ahead_is_the_noise_drawn_at_the_call(method):
 
   @jax.jit
   def run(keys, other):
-    ahead = noise_drawn_ahead(apply, x, keys)
-    drawn = jax.vmap(lambda key: apply(x, key, None, True)[1][DRAWS])(keys)
+    drawn = draw_noise(apply, x, keys)
+    ahead = noise_drawn_ahead(apply, drawn, keys)
     at_call = [apply(x, key, None, True) for key in keys]
     return (
       drawn,

@@ -349,26 +349,39 @@ def test_paper_passes_compute_what_they_need_only():
   assert counts['rng_loops'].get('theta pass: pgd', 0) == 0 < counts['rng_loops']['theta pass']
 
 
-def test_pgd_noise_drawn_ahead_or_in_the_loop_gives_the_same_steps():
-  """adv.draw_noise_ahead changes how L2P's PGD draws its noise, not the step: the same
-  draws, so the same states up to float32 rounding (equal bits here)."""
-  config, optimizers, state, step, kwargs = step_setup('l2p')
+@pytest.mark.parametrize('method,attack_batchnorm', [('l2p', 'batch'), ('adv_bnn', 'running')])
+def test_noise_drawn_ahead_or_at_each_call_gives_the_same_steps(method, attack_batchnorm):
+  """adv.draw_noise_ahead changes how a step draws its noise (clean pass, PGD, PGD's
+  examples), not the step: the same draws, so the same states up to float32 rounding
+  (equal bits here), with PGD in training mode or on the running statistics."""
+  config, optimizers, state, step, kwargs = step_setup(method)
   phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
-  assert kwargs['settings'].draw_noise_ahead
-  in_loop = dataclasses.replace(kwargs['settings'], draw_noise_ahead=False)
-  step_in_loop = jax.jit(
-    functools.partial(
-      step_lib.train_step, optimizers=optimizers, model=kwargs['model'], settings=in_loop
-    ),
-    static_argnames='phase',
-  )
-  ahead = again = state
-  for i in range(2):
-    ahead, metrics = step(ahead, batch(i), 0.05, 1e-2, phase=phase)
-    again, metrics_again = step_in_loop(again, batch(i), 0.05, 1e-2, phase=phase)
-  chex.assert_trees_all_close((ahead, metrics), (again, metrics_again), rtol=1e-6, atol=1e-7)
-  moved = jax.tree.leaves(ahead.perturb)[0], jax.tree.leaves(state.perturb)[0]
-  assert not np.array_equal(*moved)  # Two real steps, with PGD's noise on.
+  assert kwargs['settings'].draw_noise_ahead and phase.noise and phase.adversarial
+
+  def jitted(ahead):
+    settings = dataclasses.replace(
+      kwargs['settings'], draw_noise_ahead=ahead, attack_batchnorm=attack_batchnorm
+    )
+    return jax.jit(
+      functools.partial(
+        step_lib.train_step, optimizers=optimizers, model=kwargs['model'], settings=settings
+      ),
+      static_argnames='phase',
+    )
+
+  if attack_batchnorm == kwargs['settings'].attack_batchnorm:
+    steps = (step, jitted(False))
+  else:
+    steps = (jitted(True), jitted(False))
+  runs = []
+  for run in steps:
+    new = state
+    for i in range(2):
+      new, metrics = run(new, batch(i), 0.05, 1e-2, phase=phase)
+    runs.append((new, metrics))
+  chex.assert_trees_all_close(*runs, rtol=1e-6, atol=1e-7)
+  moved = jax.tree.leaves(runs[0][0].perturb)[0], jax.tree.leaves(state.perturb)[0]
+  assert not np.array_equal(*moved)  # Two real steps, with the noise on.
 
 
 def test_each_half_step_leaves_the_other_collection_and_its_momentum_alone():

@@ -7,6 +7,7 @@ which randomization a network carries is its method's choice (`l2p_jax.methods`)
 
 from l2p_jax.models.architectures import (
   ARCHITECTURES_HELP,
+  draw_noise,
   inference_logits,
   noise_drawn_ahead,
   resnet_layout,
@@ -31,6 +32,7 @@ from l2p_jax.models.layers import (
 from l2p_jax.models.resnet import ResNet
 
 __all__ = [
+  'draw_noise',
   'inference_logits',
   'noise_drawn_ahead',
   'BNN_MEAN_INITS',

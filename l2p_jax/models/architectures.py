@@ -87,20 +87,25 @@ def inference_logits(
   return lambda x, key: model.apply(variables, x, train=False, noise=noise, rngs={'noise': key})
 
 
-def noise_drawn_ahead(
-  apply: Callable[..., Any], like: jax.Array, keys: jax.Array
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """`apply(inputs, key, draws, record) -> (logits, updates)` as a logits function of
-  (inputs, noise key) whose noise for each of `keys` is drawn before the first call.
+def draw_noise(apply: Callable[..., Any], like: jax.Array, keys: jax.Array) -> Any:
+  """The draws `apply(inputs, key, draws, record) -> (logits, updates)` makes under each
+  of `keys` (inputs shaped like `like`), stacked over the keys: one vectorized draw per
+  noise variable for all keys, where drawing at each call would run many tiny ops on
+  XLA:CPU. The bits are each key's own draw's: threefry hashes each key separately."""
+  return jax.vmap(lambda key: apply(like, key, None, True)[1][DRAWS])(keys)
 
-  The draws of all `keys` are made at once, one vectorized draw per noise variable
-  (inputs shaped like `like`), instead of one per call inside an attack's loop, which
-  XLA:CPU runs as many tiny ops. The draws are the same bits (threefry hashes each key
-  separately); the logits may differ in their last bits where XLA fuses the noise
-  differently. A call with a key not among `keys` gives NaN logits and gradients, loudly wrong.
+
+def noise_drawn_ahead(
+  apply: Callable[..., Any], drawn: Any, keys: jax.Array
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`apply` as a logits function of (inputs, noise key) that replays `drawn`
+  (`draw_noise`'s draws for `keys`) instead of drawing: for an attack's loop.
+
+  The logits may differ from a draw at the call in their last bits only, where XLA
+  fuses the noise differently. A call with a key not among `keys` gives NaN logits and
+  gradients, loudly wrong.
   """
-  record = lambda key: apply(like, key, None, True)[1][DRAWS]
-  drawn, known = jax.vmap(record)(keys), jax.random.key_data(keys)
+  known = jax.random.key_data(keys)
 
   def logits_fn(inputs: jax.Array, key: jax.Array) -> jax.Array:
     hits = jnp.all(known == jax.random.key_data(key), axis=-1)

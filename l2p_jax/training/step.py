@@ -56,13 +56,19 @@ def pgd_attack(settings: StepSettings, steps: int):
   )
 
 
-def train_forward(
-  model: models.ResNet, variables: dict[str, Any], x: jax.Array, key: jax.Array, noise: bool
-) -> tuple[jax.Array, dict[str, Any]]:
-  """(logits, BatchNorm updates) of the model in training mode (batch statistics)."""
-  return model.apply(
-    variables, x, train=True, noise=noise, rngs={'noise': key}, mutable=['batch_stats']
-  )
+def model_apply(model: models.ResNet, variables: dict[str, Any], train: bool, noise: bool):
+  """The model as apply(inputs, noise key, draws=None, record=False) -> (logits,
+  updates): in training mode (batch statistics, their update returned) or inference
+  mode; `draws` replays noise drawn ahead, `record` returns the draws among the updates."""
+
+  def apply(inputs, noise_key, draws=None, record=False):
+    both = variables if draws is None else {**variables, models.DRAWS: draws}
+    mutable = ['batch_stats'] * train + [models.DRAWS] * record
+    return model.apply(
+      both, inputs, train=train, noise=noise, rngs={'noise': noise_key}, mutable=mutable
+    )
+
+  return apply
 
 
 def adversarial_examples(
@@ -76,34 +82,60 @@ def adversarial_examples(
   phase: Phase,
   model: models.ResNet,
   settings: StepSettings,
+  drawn: Any = None,
 ) -> jax.Array:
   """The step's PGD examples on the `frozen` variables, given the clean pass there (its
-  logits are the targets under adv.labels=prediction).
+  logits are the targets under adv.labels=prediction) and, if drawn ahead, the noise of
+  PGD's steps (`pgd_noise_keys`' draws).
 
   The model attacked is in training mode with BatchNorm statistics left alone, or
   (adv.attack_batchnorm=running, as the authors' codes) in eval mode with the running
   statistics as the step's passes so far left them: after the clean pass (L2P's and
   PNI's code), or as the step found them when the loss has no clean term (Adv-BNN's
-  code attacks first). With adv.draw_noise_ahead the noise of PGD's steps is drawn
-  before its loop (`models.noise_drawn_ahead`: the same draws, fewer ops).
+  code attacks first).
   """
   train = settings.attack_batchnorm != 'running'
   if not train and settings.clean_weight > 0:
     frozen = {**frozen, 'batch_stats': clean_batch_stats}
-
-  def apply(inputs, noise_key, draws, record):
-    variables = frozen if draws is None else {**frozen, models.DRAWS: draws}
-    mutable = ['batch_stats'] * train + [models.DRAWS] * record
-    return model.apply(
-      variables, inputs, train=train, noise=phase.noise, rngs={'noise': noise_key}, mutable=mutable
-    )
-
-  if settings.draw_noise_ahead and phase.noise:
-    logits_fn = models.noise_drawn_ahead(apply, x, attacks.pgd_noise_keys(key, settings.steps))
+  apply = model_apply(model, frozen, train, phase.noise)
+  if drawn is None:
+    logits_fn = lambda inputs, noise_key: apply(inputs, noise_key)[0]
   else:
-    logits_fn = lambda inputs, noise_key: apply(inputs, noise_key, None, False)[0]
+    logits_fn = models.noise_drawn_ahead(apply, drawn, pgd_noise_keys(key, settings))
   target = y if settings.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
   return pgd_attack(settings, settings.steps)(logits_fn, key, x, target).x_adv
+
+
+def pgd_noise_keys(key: jax.Array, settings: StepSettings) -> jax.Array:
+  """The noise keys of the training PGD's steps."""
+  return attacks.pgd_noise_keys(key, settings.steps)
+
+
+def noise_drawn_for_step(
+  variables: dict[str, Any],
+  x: jax.Array,
+  keys: dict[str, jax.Array],
+  *,
+  phase: Phase,
+  model: models.ResNet,
+  settings: StepSettings,
+) -> dict[str, Any]:
+  """The noise of the step's passes drawn ahead in one vectorized draw (adv.draw_noise_ahead,
+  `models.draw_noise`): {'clean': draws} and, in an adversarial phase, 'pgd' (stacked
+  over PGD's steps) and 'adv'; {} when the phase has no noise or draws at each call."""
+  if not (settings.draw_noise_ahead and phase.noise):
+    return {}
+  noise_keys = [keys['clean'][None]]
+  if phase.adversarial:
+    noise_keys += [pgd_noise_keys(keys['pgd'], settings), keys['adv'][None]]
+  drawn = models.draw_noise(
+    model_apply(model, variables, True, True), x, jnp.concatenate(noise_keys)
+  )
+  part = lambda start, stop=None: jax.tree.map(lambda maps: maps[start:stop], drawn)  # noqa: E731
+  pick = lambda i: jax.tree.map(lambda maps: maps[i], drawn)  # noqa: E731
+  if not phase.adversarial:
+    return {'clean': pick(0)}
+  return {'clean': pick(0), 'pgd': part(1, -1), 'adv': pick(-1)}
 
 
 def step_loss_fn(
@@ -121,31 +153,44 @@ def step_loss_fn(
   loss_fn(params, perturb) -> (objective, StepAux): the objective is the training loss
   (the 0.5/0.5 mix of clean and PGD cross-entropies, plus the method's loss term:
   Adv-BNN's KL) minus `reg_weight` times the method's regularizer (L2P's).
-  Augmentation and noise draws are fixed by the step's keys. In an adversarial phase
-  the PGD examples are made from the loss's own clean pass on the variables frozen (no
-  gradient flows through PGD), unless `x_adv` gives them (a second gradient in the
-  same step).
+  Augmentation and noise draws are fixed by the step's keys (drawn ahead of the loss,
+  all at once, with adv.draw_noise_ahead). In an adversarial phase the PGD examples are
+  made from the loss's own clean pass on the variables frozen (no gradient flows
+  through PGD), unless `x_adv` gives them (a second gradient in the same step).
   """
   method = settings.method
   keys = step_keys(settings.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
   y = batch['label']
+  current = {'params': state.params, 'perturb': state.perturb, 'batch_stats': state.batch_stats}
+  drawn = noise_drawn_for_step(current, x, keys, phase=phase, model=model, settings=settings)
 
   def loss_fn(params, perturb):
     variables = {'params': params, 'perturb': perturb, 'batch_stats': state.batch_stats}
-    clean_logits, updates = train_forward(model, variables, x, keys['clean'], phase.noise)
+    forward = lambda variables, inputs, name: model_apply(model, variables, True, phase.noise)(  # noqa: E731
+      inputs, keys[name], drawn.get(name)
+    )
+    clean_logits, updates = forward(variables, x, 'clean')
     adv_logits, examples = None, x_adv
     if phase.adversarial:
       if examples is None:
         frozen, clean = jax.lax.stop_gradient((variables, (clean_logits, updates['batch_stats'])))
         examples = adversarial_examples(
-          frozen, *clean, x, y, keys['pgd'], phase=phase, model=model, settings=settings
+          frozen,
+          *clean,
+          x,
+          y,
+          keys['pgd'],
+          phase=phase,
+          model=model,
+          settings=settings,
+          drawn=drawn.get('pgd'),
         )
       # A loss of the adversarial term alone (Adv-BNN's code) runs only the
       # adversarial batch through the network: its statistics alone move BatchNorm's.
       if settings.clean_weight > 0:
         variables = {**variables, 'batch_stats': updates['batch_stats']}
-      adv_logits, updates = train_forward(model, variables, examples, keys['adv'], phase.noise)
+      adv_logits, updates = forward(variables, examples, 'adv')
     loss = objectives.mixed_loss(
       clean_logits, adv_logits, y, settings.clean_weight, settings.adv_weight
     )
