@@ -351,9 +351,9 @@ def test_paper_passes_compute_what_they_need_only():
 
 @pytest.mark.parametrize('method,attack_batchnorm', [('l2p', 'batch'), ('adv_bnn', 'running')])
 def test_noise_drawn_ahead_or_at_each_call_gives_the_same_steps(method, attack_batchnorm):
-  """adv.draw_noise_ahead changes how a step draws its noise (clean pass, PGD, PGD's
-  examples), not the step: the same draws, so the same states up to float32 rounding
-  (equal bits here), with PGD in training mode or on the running statistics."""
+  """adv.draw_noise_ahead changes how PGD's steps draw their noise, not the step: the
+  same draws, so the same states up to float32 rounding (equal bits here), with PGD in
+  training mode or on the running statistics."""
   config, optimizers, state, step, kwargs = step_setup(method)
   phase = schedule.phase_for_epoch(config, methods.get(config.method), 0)
   assert kwargs['settings'].draw_noise_ahead and phase.noise and phase.adversarial

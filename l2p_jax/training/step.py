@@ -82,60 +82,31 @@ def adversarial_examples(
   phase: Phase,
   model: models.ResNet,
   settings: StepSettings,
-  drawn: Any = None,
 ) -> jax.Array:
   """The step's PGD examples on the `frozen` variables, given the clean pass there (its
-  logits are the targets under adv.labels=prediction) and, if drawn ahead, the noise of
-  PGD's steps (`pgd_noise_keys`' draws).
+  logits are the targets under adv.labels=prediction).
 
   The model attacked is in training mode with BatchNorm statistics left alone, or
   (adv.attack_batchnorm=running, as the authors' codes) in eval mode with the running
   statistics as the step's passes so far left them: after the clean pass (L2P's and
   PNI's code), or as the step found them when the loss has no clean term (Adv-BNN's
-  code attacks first).
+  code attacks first). With adv.draw_noise_ahead the noise of PGD's steps is drawn
+  before its loop, in one vectorized draw (`models.draw_noise`: the same draws, fewer
+  ops); the clean and adversarial passes draw theirs at the call, which measured
+  faster than drawing them ahead too.
   """
   train = settings.attack_batchnorm != 'running'
   if not train and settings.clean_weight > 0:
     frozen = {**frozen, 'batch_stats': clean_batch_stats}
   apply = model_apply(model, frozen, train, phase.noise)
-  if drawn is None:
-    logits_fn = lambda inputs, noise_key: apply(inputs, noise_key)[0]
+  if settings.draw_noise_ahead and phase.noise:
+    noise_keys = attacks.pgd_noise_keys(key, settings.steps)
+    drawn = models.draw_noise(apply, x, noise_keys)
+    logits_fn = models.noise_drawn_ahead(apply, drawn, noise_keys)
   else:
-    logits_fn = models.noise_drawn_ahead(apply, drawn, pgd_noise_keys(key, settings))
+    logits_fn = lambda inputs, noise_key: apply(inputs, noise_key)[0]
   target = y if settings.labels == 'true' else jnp.argmax(clean_logits, axis=-1)
   return pgd_attack(settings, settings.steps)(logits_fn, key, x, target).x_adv
-
-
-def pgd_noise_keys(key: jax.Array, settings: StepSettings) -> jax.Array:
-  """The noise keys of the training PGD's steps."""
-  return attacks.pgd_noise_keys(key, settings.steps)
-
-
-def noise_drawn_for_step(
-  variables: dict[str, Any],
-  x: jax.Array,
-  keys: dict[str, jax.Array],
-  *,
-  phase: Phase,
-  model: models.ResNet,
-  settings: StepSettings,
-) -> dict[str, Any]:
-  """The noise of the step's passes drawn ahead in one vectorized draw (adv.draw_noise_ahead,
-  `models.draw_noise`): {'clean': draws} and, in an adversarial phase, 'pgd' (stacked
-  over PGD's steps) and 'adv'; {} when the phase has no noise or draws at each call."""
-  if not (settings.draw_noise_ahead and phase.noise):
-    return {}
-  noise_keys = [keys['clean'][None]]
-  if phase.adversarial:
-    noise_keys += [pgd_noise_keys(keys['pgd'], settings), keys['adv'][None]]
-  drawn = models.draw_noise(
-    model_apply(model, variables, True, True), x, jnp.concatenate(noise_keys)
-  )
-  part = lambda start, stop=None: jax.tree.map(lambda maps: maps[start:stop], drawn)  # noqa: E731
-  pick = lambda i: jax.tree.map(lambda maps: maps[i], drawn)  # noqa: E731
-  if not phase.adversarial:
-    return {'clean': pick(0)}
-  return {'clean': pick(0), 'pgd': part(1, -1), 'adv': pick(-1)}
 
 
 def step_loss_fn(
@@ -153,38 +124,29 @@ def step_loss_fn(
   loss_fn(params, perturb) -> (objective, StepAux): the objective is the training loss
   (the 0.5/0.5 mix of clean and PGD cross-entropies, plus the method's loss term:
   Adv-BNN's KL) minus `reg_weight` times the method's regularizer (L2P's).
-  Augmentation and noise draws are fixed by the step's keys (drawn ahead of the loss,
-  all at once, with adv.draw_noise_ahead). In an adversarial phase the PGD examples are
-  made from the loss's own clean pass on the variables frozen (no gradient flows
-  through PGD), unless `x_adv` gives them (a second gradient in the same step).
+  Augmentation and noise draws are fixed by the step's keys. In an adversarial phase
+  the PGD examples are made from the loss's own clean pass on the variables frozen (no
+  gradient flows through PGD), unless `x_adv` gives them (a second gradient in the
+  same step).
   """
   method = settings.method
   keys = step_keys(settings.seed, state.step)
   x = data.augment(keys['augment'], batch['image'])
   y = batch['label']
-  current = {'params': state.params, 'perturb': state.perturb, 'batch_stats': state.batch_stats}
-  drawn = noise_drawn_for_step(current, x, keys, phase=phase, model=model, settings=settings)
 
   def loss_fn(params, perturb):
     variables = {'params': params, 'perturb': perturb, 'batch_stats': state.batch_stats}
-    forward = lambda variables, inputs, name: model_apply(model, variables, True, phase.noise)(  # noqa: E731
-      inputs, keys[name], drawn.get(name)
-    )
+
+    def forward(variables, inputs, name):
+      return model_apply(model, variables, True, phase.noise)(inputs, keys[name])
+
     clean_logits, updates = forward(variables, x, 'clean')
     adv_logits, examples = None, x_adv
     if phase.adversarial:
       if examples is None:
         frozen, clean = jax.lax.stop_gradient((variables, (clean_logits, updates['batch_stats'])))
         examples = adversarial_examples(
-          frozen,
-          *clean,
-          x,
-          y,
-          keys['pgd'],
-          phase=phase,
-          model=model,
-          settings=settings,
-          drawn=drawn.get('pgd'),
+          frozen, *clean, x, y, keys['pgd'], phase=phase, model=model, settings=settings
         )
       # A loss of the adversarial term alone (Adv-BNN's code) runs only the
       # adversarial batch through the network: its statistics alone move BatchNorm's.
