@@ -91,8 +91,10 @@ def draw_noise(apply: Callable[..., Any], like: jax.Array, keys: jax.Array) -> A
   """The draws `apply(inputs, key, draws, record) -> (logits, updates)` makes under each
   of `keys` (inputs shaped like `like`), stacked over the keys: one vectorized draw per
   noise variable for all keys, where drawing at each call would run many tiny ops on
-  XLA:CPU. The bits are each key's own draw's: threefry hashes each key separately."""
-  return jax.vmap(lambda key: apply(like, key, None, True)[1][DRAWS])(keys)
+  XLA:CPU. The bits are each key's own draw's: threefry hashes each key separately.
+  Noise a model draws without recording it (not through `layers.draw_normal`, as a
+  user's model may) is not among them: it is drawn at each call, as before."""
+  return jax.vmap(lambda key: apply(like, key, None, True)[1].get(DRAWS, {}))(keys)
 
 
 def noise_drawn_ahead(
