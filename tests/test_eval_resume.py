@@ -4,6 +4,7 @@ records only the rest, ending equal to an uninterrupted run; records judged befo
 judged draws were shared are rerun, and every attack shares one judgement of the clean
 images."""
 
+import gc
 import json
 import pathlib
 import signal
@@ -17,7 +18,7 @@ import tiny_runs
 
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation
-from l2p_jax.evaluation import progress, results_files, verdicts
+from l2p_jax.evaluation import progress, recording, results_files, verdicts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The last attack runs long enough (50 steps) that a stop sent once two records are on
@@ -98,6 +99,34 @@ def test_a_stopped_evaluation_keeps_its_records_and_a_rerun_finishes_it(
   final = json.loads((tmp_path / 'results.json').read_text())
   assert comparable(final) == comparable(uninterrupted)
   assert first == [r['attack'] for r in final['records']][:2]
+
+
+def test_a_stop_in_a_garbage_collector_callback_ends_the_run_before_its_next_record(
+  tmp_path, monkeypatch
+):
+  """Ctrl-C landing in a gc callback (JAX registers one) would raise there, where Python
+  drops the exception with a traceback and the run goes on (an evaluation once recorded
+  its third attack so); it is marked instead, and the next record is not written."""
+  config = eval_configs.get_config('tiny')
+  recorder = recording.Recorder(config, recording.open_results(str(tmp_path)), str(tmp_path), 3)
+  dropped = []
+  monkeypatch.setattr(sys, 'unraisablehook', dropped.append)
+
+  def interrupt_once(phase, info):
+    if phase == 'start' and not recorder.stopped:
+      signal.raise_signal(signal.SIGINT)
+
+  gc.callbacks.append(interrupt_once)  # The collector reads this very list.
+  try:
+    with pytest.raises(evaluation.EvaluationInterrupted, match=r'0 of 3 attacks recorded'):
+      with recorder.stops():
+        gc.collect()
+        assert recorder.stopped and not dropped
+        recorder.add([], {})
+  finally:
+    gc.callbacks.remove(interrupt_once)
+  assert not (tmp_path / 'results.json').exists()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Put back.
 
 
 def test_the_plan_and_attack_counts_are_said_before_and_during(run, tmp_path):

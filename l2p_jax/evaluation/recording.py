@@ -7,7 +7,10 @@ reuses it instead of attacking again; Ctrl-C or SIGTERM as one line
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,6 +60,7 @@ class Recorder:
     self.found: Verdicts = {}
     self.entries: list[dict[str, Any]] = []
     self.finished = 0
+    self.stopped = False  # A stop was asked for (see `stops`).
 
   def recorded(self, wanted: dict[str, Any]) -> dict[str, Any] | None:
     """The stored record whose fields include `wanted` (its checkpoint, step, attack
@@ -73,7 +77,10 @@ class Recorder:
     return None
 
   def add(self, records: Sequence[dict[str, Any]], found: Verdicts) -> None:
-    """One finished attack's records and verdicts, written with all before them."""
+    """One finished attack's records and verdicts, written with all before them; none
+    once a stop was asked for, even one whose KeyboardInterrupt Python dropped."""
+    if self.stopped:
+      raise KeyboardInterrupt
     self.records += records
     self.found.update(found)
     self.finished += 1
@@ -84,8 +91,18 @@ class Recorder:
 
   @contextlib.contextmanager
   def stops(self) -> Iterator[None]:
-    """Turns Ctrl-C (KeyboardInterrupt; eval.py makes SIGTERM one) into
-    EvaluationInterrupted, saying how many attacks are recorded."""
+    """Turns Ctrl-C and SIGTERM (KeyboardInterrupt) into EvaluationInterrupted, saying
+    how many attacks are recorded. A stop is also marked: one that lands in a garbage
+    collector callback (JAX registers one), where Python would drop the exception with
+    a traceback, is only marked there and ends the run before its next record."""
+
+    def stop(signum, frame):
+      self.stopped = True
+      if not _in_gc_callback(frame):
+        signal.default_int_handler(signum, frame)
+
+    main = threading.current_thread() is threading.main_thread()  # Handlers live there.
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
       yield
     except KeyboardInterrupt:
@@ -93,6 +110,17 @@ class Recorder:
         f'interrupted; {self.finished} of {self.planned} attacks recorded; rerun the same '
         'command to go on.'
       ) from None
+    finally:
+      for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _in_gc_callback(frame: Any) -> bool:
+  """Whether `frame` runs inside one of the garbage collector's callbacks."""
+  codes = {getattr(callback, '__code__', None) for callback in gc.callbacks}
+  while frame is not None and frame.f_code not in codes:
+    frame = frame.f_back
+  return frame is not None
 
 
 def record_and_verdicts(record: Record, judgement: Judgement) -> tuple[dict[str, Any], Verdicts]:
