@@ -22,7 +22,7 @@ from l2p_jax.evaluation import progress, recording, results_files, verdicts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The last attack runs long enough (50 steps) that a stop sent once two records are on
-# disk lands in it however loaded the machine: with PGD-2 it once finished first.
+# disk lands inside it, however loaded the machine.
 ATTACKS = 'clean,fgsm,pgd50'
 
 
