@@ -15,6 +15,7 @@ from l2p_jax.models import (
   bnn_kl,
   draw_noise,
   gaussian_kl,
+  model_apply,
   noise_drawn_ahead,
   project_perturb,
   resnet_layout,
@@ -132,9 +133,7 @@ def test_noise_drawn_ahead_is_the_noise_drawn_at_the_call(method):
   x = jax.random.uniform(jax.random.key(2), (4, 8, 8, 3))
   keys = jax.random.split(jax.random.key(5), 3)
 
-  def apply(inputs, key, draws, record):
-    both = variables if draws is None else {**variables, DRAWS: draws}
-    return model.apply(both, inputs, rngs={'noise': key}, mutable=[DRAWS] * record)
+  apply = model_apply(model, variables, train=False, noise=True)
 
   @jax.jit
   def run(keys, other):

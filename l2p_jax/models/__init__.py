@@ -9,6 +9,7 @@ from l2p_jax.models.architectures import (
   ARCHITECTURES_HELP,
   draw_noise,
   inference_logits,
+  model_apply,
   noise_drawn_ahead,
   resnet_layout,
   resnet_settings,
@@ -34,6 +35,7 @@ from l2p_jax.models.resnet import ResNet
 __all__ = [
   'draw_noise',
   'inference_logits',
+  'model_apply',
   'noise_drawn_ahead',
   'BNN_MEAN_INITS',
   'KL_SCOPES',

@@ -87,6 +87,22 @@ def inference_logits(
   return lambda x, key: model.apply(variables, x, train=False, noise=noise, rngs={'noise': key})
 
 
+def model_apply(model: ResNet, variables: dict[str, Any], train: bool, noise: bool):
+  """The model as apply(inputs, noise key, draws=None, record=False) -> (logits,
+  updates), the form `draw_noise` and `noise_drawn_ahead` take: in training mode (batch
+  statistics, their update returned) or inference mode; `draws` replays noise drawn
+  ahead, `record` returns the draws among the updates."""
+
+  def apply(inputs, noise_key, draws=None, record=False):
+    both = variables if draws is None else {**variables, DRAWS: draws}
+    mutable = ['batch_stats'] * train + [DRAWS] * record
+    return model.apply(
+      both, inputs, train=train, noise=noise, rngs={'noise': noise_key}, mutable=mutable
+    )
+
+  return apply
+
+
 def draw_noise(apply: Callable[..., Any], like: jax.Array, keys: jax.Array) -> Any:
   """The draws `apply(inputs, key, draws, record) -> (logits, updates)` makes under each
   of `keys` (inputs shaped like `like`), stacked over the keys: one vectorized draw per

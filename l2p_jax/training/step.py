@@ -56,21 +56,6 @@ def pgd_attack(settings: StepSettings, steps: int):
   )
 
 
-def model_apply(model: models.ResNet, variables: dict[str, Any], train: bool, noise: bool):
-  """The model as apply(inputs, noise key, draws=None, record=False) -> (logits,
-  updates): in training mode (batch statistics, their update returned) or inference
-  mode; `draws` replays noise drawn ahead, `record` returns the draws among the updates."""
-
-  def apply(inputs, noise_key, draws=None, record=False):
-    both = variables if draws is None else {**variables, models.DRAWS: draws}
-    mutable = ['batch_stats'] * train + [models.DRAWS] * record
-    return model.apply(
-      both, inputs, train=train, noise=noise, rngs={'noise': noise_key}, mutable=mutable
-    )
-
-  return apply
-
-
 def adversarial_examples(
   frozen: dict[str, Any],
   clean_logits: jax.Array,
@@ -98,7 +83,7 @@ def adversarial_examples(
   train = settings.attack_batchnorm != 'running'
   if not train and settings.clean_weight > 0:
     frozen = {**frozen, 'batch_stats': clean_batch_stats}
-  apply = model_apply(model, frozen, train, phase.noise)
+  apply = models.model_apply(model, frozen, train, phase.noise)
   if settings.draw_noise_ahead and phase.noise:
     noise_keys = attacks.pgd_noise_keys(key, settings.steps)
     drawn = models.draw_noise(apply, x, noise_keys)
@@ -138,7 +123,7 @@ def step_loss_fn(
     variables = {'params': params, 'perturb': perturb, 'batch_stats': state.batch_stats}
 
     def forward(variables, inputs, name):
-      return model_apply(model, variables, True, phase.noise)(inputs, keys[name])
+      return models.model_apply(model, variables, True, phase.noise)(inputs, keys[name])
 
     clean_logits, updates = forward(variables, x, 'clean')
     adv_logits, examples = None, x_adv
