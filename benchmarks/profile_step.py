@@ -49,7 +49,9 @@ def kind(name: str) -> str:
       return what
   if name.startswith('all-reduce'):
     return 'all-reduce'
-  if 'conv' in name or name.startswith('ynn_fusion'):  # XNNPACK runs most convolutions.
+  # XLA names its convolutions 'convolution.N' (or '-base-dilated', in a fusion's name);
+  # 'convert' fusions (the random numbers' bits to floats) are not convolutions.
+  if 'convolution' in name or name.startswith('ynn_fusion'):  # XNNPACK runs most convolutions.
     return 'convolution'
   return 'other ops'
 

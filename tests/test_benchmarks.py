@@ -85,3 +85,16 @@ def test_quick_benchmark_writes_its_schema_and_renders(tmp_path):
   text = markdown.read_text()
   assert text.startswith('# Benchmarks\n\nprose\n') and text.count(render.BEGIN) == 1
   assert 'JAX/PyTorch' in text and 'quick.json' in text
+
+
+def test_the_profile_counts_convolutions_by_xla_op_name_not_converts():
+  """L2P's random numbers run in 'convert' fusions: counting them as convolutions
+  overstated its convolution time (the op names below are XLA:CPU's)."""
+  from benchmarks import profile_step
+
+  assert profile_step.kind('convolution.495') == 'convolution'
+  assert profile_step.kind('convolution-base-dilated.3') == 'convolution'
+  assert profile_step.kind('ynn_fusion.12') == 'convolution'
+  assert profile_step.kind('convert_element_type_fusion.7') == 'other ops'
+  assert profile_step.kind('convert_reduce_fusion') == 'other ops'
+  assert profile_step.kind('all-reduce.3') == 'all-reduce'
