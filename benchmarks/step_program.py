@@ -9,7 +9,11 @@ compiles the same program (same hash) rather than only a similar speed.
 The step is ResNet-20 at width 0.25 on a batch of 8 (everything on: noise, PGD-7, the
 noise parameters' updates), small enough to compile in seconds on a CPU. What differs
 between two versions of the code in file names and line numbers only (the HLO's
-metadata and its FileNames ... StackFrames tables) is removed before hashing.
+metadata and its FileNames ... StackFrames tables) is removed before hashing, and the
+ops' and computations' names are renumbered in order of appearance: XLA names some
+values after the Python function that first traced them, so a renamed helper, or L2P
+compiled before vanilla in one process, changed vanilla's hash before they were; the
+names say nothing about the program.
 """
 
 from __future__ import annotations
@@ -46,9 +50,15 @@ def strip_debug_information(text: str) -> str:
   return '\n'.join(kept)
 
 
+def canonical_names(text: str) -> str:
+  """The HLO text with every `%name` replaced by `%N`, N its order of first appearance."""
+  numbers: dict[str, str] = {}
+  return re.sub(r'%[\w.\-]+', lambda m: numbers.setdefault(m.group(), f'%{len(numbers)}'), text)
+
+
 def digest(text: str) -> str:
-  """sha256 of the stripped HLO text."""
-  return hashlib.sha256(strip_debug_information(text).encode()).hexdigest()
+  """sha256 of the stripped HLO text with canonical names."""
+  return hashlib.sha256(canonical_names(strip_debug_information(text)).encode()).hexdigest()
 
 
 def compile_step(method: str) -> tuple[str, float]:

@@ -98,3 +98,24 @@ def test_the_profile_counts_convolutions_by_xla_op_name_not_converts():
   assert profile_step.kind('convert_element_type_fusion.7') == 'other ops'
   assert profile_step.kind('convert_reduce_fusion') == 'other ops'
   assert profile_step.kind('all-reduce.3') == 'all-reduce'
+
+
+def test_the_step_programs_hash_ignores_names_and_debug_information_but_not_ops():
+  """Two dumps of one program whose values XLA named after different Python functions
+  (what compiling L2P first did to vanilla's step) hash the same; another op does not."""
+  from benchmarks import step_program
+
+  template = (
+    'HloModule jit_step\n\n'
+    'ENTRY %main.3 (p: u32[3]) -> u32[3] {{\n'
+    '  %p = u32[3]{{0}} parameter(0), metadata={{op_name="{source}"}}\n'
+    '  %{name}.1 = u32[3]{{0}} {op}(%p, %p)\n'
+    '  ROOT %{name}.2 = u32[3]{{0}} xor(%{name}.1, %p)\n'
+    '}}\n\nFileNames\n1 "{source}"\n'
+  )
+  first = template.format(name='pgd__locals__run', op='add', source='a.py')
+  renamed = template.format(name='pgd_noise_keys__locals___lambda_', op='add', source='b.py')
+  other_op = template.format(name='pgd__locals__run', op='multiply', source='a.py')
+  assert step_program.digest(first) == step_program.digest(renamed)
+  assert step_program.digest(first) != step_program.digest(other_op)
+  assert 'pgd' not in step_program.canonical_names(step_program.strip_debug_information(first))
