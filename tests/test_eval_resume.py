@@ -143,6 +143,9 @@ def test_the_plan_and_attack_counts_are_said_before_and_during(run, tmp_path):
   priced = [line for line in lines if line.startswith('  attack ')]
   assert [line.split()[1] for line in priced] == ['1/3', '2/3', '3/3']
   assert ' pgd(steps=50, ' in priced[2] and '(12 images x 50 gradients and ' in priced[2]
+  [clean] = [line for line in lines if line.startswith('  judging the clean images of ')]
+  assert 'once for all its attacks: ~' in clean
+  assert '(12 images x 3 forward passes)' in clean  # 3 judged draws of one prediction each.
 
 
 def test_the_default_list_on_a_cpu_with_many_images_is_warned_about():

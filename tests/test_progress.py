@@ -96,13 +96,22 @@ def test_the_estimate_prices_gradients_forwards_and_judging_per_image():
   assert head.endswith('an upper bound where an attack stops early, compiling not counted.')
 
 
-def test_judging_costs_two_forward_passes_per_judged_draw_and_prediction_draw():
+def test_judging_costs_a_forward_pass_per_judged_draw_and_prediction_draw_and_clean_once():
   config = evaluation.default_config('tiny')
   config.judge.draws = 3
   model = lambda randomized, rule: JudgedModel(None, None, randomized, rule, {})  # noqa: E731
   noisy, plain = model(True, ('vote', 10)), model(False, ('single', 1))
-  assert estimate.judge_forwards(config, [noisy]) == 2 * 3 * 10
-  assert estimate.judge_forwards(config, [noisy, plain]) == 60 + 2
+  assert estimate.judge_forwards(config, [noisy]) == 3 * 10
+  assert estimate.judge_forwards(config, [noisy, plain]) == 30 + 1
+  clean = estimate.clean_judging('noisy', 40, config, noisy)
+  assert (clean.images, clean.forwards) == (40, 30)
+  pgd = spec('pgd', steps=3, restarts=1, eot_draws=1)
+  head, _, line = estimate.estimate_lines(
+    [estimate.Planned('a', pgd, 40, 30)], gradient=0.001, forward=0.001, clean=[clean]
+  )
+  # The attack: 40 x (3 x 1 ms + 30 x 1 ms) = 1.32 s; the clean images once: 40 x 30 x 1 ms.
+  assert line == '  judging the clean images of noisy, once for all its attacks: ~1.2 s (40 images x 30 forward passes)'
+  assert head.startswith('estimate: ~2.52 s in all')
   pgd = spec('pgd', steps=3, restarts=1, eot_draws=1)
   assert (
     estimate.planned('x', dataclasses.replace(pgd, examples=5), 12, config, [plain]).images == 5

@@ -1,8 +1,9 @@
 """How long an evaluation's planned attacks will take, said before the first one: the
 seconds of one input gradient and one forward pass per image, timed on the first batch
 of the first model, priced by each attack's registry Cost (gradients and forward passes
-per image) plus the judging of its examples (every judged draw's prediction draws, on
-the clean and the attacked input)."""
+per image) plus the judging of its examples (every judged draw's prediction draws), and
+the judging of each model's clean images, made once and shared by its attacks
+(judging.CleanVerdicts)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,27 @@ class Planned:
   judge_forwards: int
 
 
+@dataclasses.dataclass(frozen=True)
+class CleanJudging:
+  """The judging of one model's clean images: `forwards` forward passes per image, once
+  for all of its attacks."""
+
+  name: str
+  images: int
+  forwards: int
+
+
 def judge_forwards(config: ml_collections.ConfigDict, targets: Sequence[JudgedModel]) -> int:
-  """Forward passes per image of judging an attack's examples on `targets`: each one's
-  judged draws x its rule's prediction draws, on the clean and the attacked input."""
-  return sum(
-    2 * judged_draws(config, t) * chosen_rule(config, t.authors_prediction)[1] for t in targets
-  )
+  """Forward passes per image of judging one input on `targets`: each one's judged
+  draws x its rule's prediction draws."""
+  return sum(judged_draws(config, t) * chosen_rule(config, t.authors_prediction)[1] for t in targets)
+
+
+def clean_judging(
+  name: str, images: int, config: ml_collections.ConfigDict, model: JudgedModel
+) -> CleanJudging:
+  """The judging of `model`'s first `images` clean images, shared by its attacks."""
+  return CleanJudging(name, images, judge_forwards(config, [model]))
 
 
 def planned(
@@ -89,10 +105,14 @@ def _duration(seconds: float) -> str:
 
 
 def estimate_lines(
-  attacks_planned: Sequence[Planned], gradient: float, forward: float
+  attacks_planned: Sequence[Planned],
+  gradient: float,
+  forward: float,
+  clean: Sequence[CleanJudging] = (),
 ) -> list[str]:
-  """The estimate's total line and one line per attack, from the seconds per image of a
-  `gradient` and a `forward` pass; an attack without a registry cost is unpriced."""
+  """The estimate's total line, one line per attack and one per model's `clean` judging,
+  from the seconds per image of a `gradient` and a `forward` pass; an attack without a
+  registry cost is unpriced."""
   lines, total, unpriced = [], 0.0, 0
   for p in attacks_planned:
     cost = p.spec.cost
@@ -107,6 +127,13 @@ def estimate_lines(
       f'  {p.name}: ~{_duration(seconds)} ({p.images} images x {cost.gradients} gradients '
       f'and {forwards} forward passes)'
     )
+  for c in clean:
+    seconds = c.images * c.forwards * forward
+    total += seconds
+    lines.append(
+      f'  judging the clean images of {c.name}, once for all its attacks: ~{_duration(seconds)} '
+      f'({c.images} images x {c.forwards} forward passes)'
+    )
   head = (
     f'estimate: ~{_duration(total)} in all, from a gradient at {gradient * 1e3:.3g} ms/image '
     f'(a forward pass at {forward * 1e3:.3g} ms/image) measured here; an upper bound where an '
@@ -119,13 +146,14 @@ def estimate_lines(
 def say_estimate(
   config: ml_collections.ConfigDict,
   attacks_planned: Sequence[Planned],
+  clean: Sequence[CleanJudging],
   model: JudgedModel,
   split: data.HostSplit,
   mesh: jax.sharding.Mesh,
 ) -> None:
   """Measures `model` on the split (every process: the timed calls run on every device)
   and writes estimate_lines on the console (first process only)."""
-  lines = estimate_lines(attacks_planned, *measure(config, model, split, mesh))
+  lines = estimate_lines(attacks_planned, *measure(config, model, split, mesh), clean)
   if jax.process_index() == 0:
     for line in lines:
       tqdm.write(line)

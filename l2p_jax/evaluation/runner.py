@@ -337,6 +337,23 @@ def _plan(
   ]
 
 
+def _clean_judging(
+  config: ml_collections.ConfigDict,
+  checkpoints: Sequence[Checkpoint],
+  labels: dict[str, str],
+  judged: dict[str, JudgedModel],
+  examples: Any,
+) -> list[estimate.CleanJudging]:
+  """The judging of each judged model's clean images, once per model (CleanVerdicts)."""
+  once = {c.path: c for c in checkpoints}
+  return [
+    estimate.clean_judging(
+      labels[path], examples(data_settings(config, c)).num_examples, config, judged[path]
+    )
+    for path, c in once.items()
+  ]
+
+
 def evaluate_workdirs(
   config: ml_collections.ConfigDict,
   workdirs: str | Sequence[str],
@@ -375,7 +392,10 @@ def evaluate_workdirs(
   check_model_takes_split(first, evaluated[0])
   varies, clean = {}, CleanVerdicts()  # One per run: every attack shares the clean verdicts.
   with recorder.stops():
-    estimate.say_estimate(config, plan, judged[evaluated[0].path], first, mesh)
+    cleans = _clean_judging(
+      config, [*evaluated, *(targets if transfer else ())], labels, judged, examples
+    )
+    estimate.say_estimate(config, plan, cleans, judged[evaluated[0].path], first, mesh)
     for checkpoint in evaluated:
       split = examples(data_settings(config, checkpoint))
       check_model_takes_split(split, checkpoint)
