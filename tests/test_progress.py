@@ -110,9 +110,11 @@ def test_judging_costs_a_forward_pass_per_judged_draw_and_prediction_draw_and_cl
     [estimate.Planned('a', pgd, 40, 30)], gradient=0.001, forward=0.001, clean=[clean]
   )
   # The attack: 40 x (3 x 1 ms + 30 x 1 ms) = 1.32 s; the clean images once: 40 x 30 x 1 ms.
-  assert line == '  judging the clean images of noisy, once for all its attacks: ~1.2 s (40 images x 30 forward passes)'
+  assert line == (
+    '  judging the clean images of noisy, once for all its attacks: ~1.2 s '
+    '(40 images x 30 forward passes)'
+  )
   assert head.startswith('estimate: ~2.52 s in all')
-  pgd = spec('pgd', steps=3, restarts=1, eot_draws=1)
   assert (
     estimate.planned('x', dataclasses.replace(pgd, examples=5), 12, config, [plain]).images == 5
   )

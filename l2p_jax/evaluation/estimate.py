@@ -47,7 +47,9 @@ class CleanJudging:
 def judge_forwards(config: ml_collections.ConfigDict, targets: Sequence[JudgedModel]) -> int:
   """Forward passes per image of judging one input on `targets`: each one's judged
   draws x its rule's prediction draws."""
-  return sum(judged_draws(config, t) * chosen_rule(config, t.authors_prediction)[1] for t in targets)
+  return sum(
+    judged_draws(config, t) * chosen_rule(config, t.authors_prediction)[1] for t in targets
+  )
 
 
 def clean_judging(
