@@ -13,6 +13,7 @@ from toy_models import KEY, X, Y, linear, noisy
 
 from configs import eval as eval_config
 from l2p_jax import attacks
+from l2p_jax.attacks import cw
 from l2p_jax.evaluation import plan_attacks, runner
 
 RNG = np.random.default_rng(1)
@@ -102,6 +103,58 @@ def test_cw_in_expectation_fools_fresh_draws_more():
   assert fresh_accuracy(10) < fresh_accuracy(1) - 0.1
 
 
+def logit_noise(scale):
+  """The 10-class linear model with Gaussian noise of std `scale` on its logits."""
+  return lambda x, key: linear10(x, key) + scale * jax.random.normal(key, (x.shape[0], 10))
+
+
+def test_expected_margin_bound_is_the_estimate_less_z_standard_errors():
+  """Against NumPy on the draws fold_in(key, j): the margin of the log mean softmax,
+  less z times the sample standard deviation of the draws' margins over sqrt(draws)."""
+  model, x = logit_noise(1.0), X10[:6]
+  logits = np.stack(
+    [np.asarray(model(x, jax.random.fold_in(KEY, j)), np.float64) for j in range(7)]
+  )
+  softmax = np.exp(logits - logits.max(-1, keepdims=True))
+  softmax /= softmax.sum(-1, keepdims=True)
+
+  def margin(z):
+    z = z.copy()
+    true = z[np.arange(len(x)), np.asarray(Y10[:6])]
+    z[np.arange(len(x)), np.asarray(Y10[:6])] = -np.inf
+    return z.max(-1) - true
+
+  estimate = margin(np.log(softmax.mean(0)))
+  spread = np.std([margin(d) for d in logits], axis=0, ddof=1)
+  for z in (0.0, 2.0):
+    bound = cw.expected_margin_bound(model, x, Y10[:6], KEY, 7, z)
+    np.testing.assert_allclose(bound, estimate - z * spread / np.sqrt(7), rtol=1e-5, atol=1e-5)
+
+
+def test_cw_in_expectation_with_a_confidence_bound_keeps_no_lucky_points():
+  """The smallest point that passed any one of 300 noisy 10-draw checks passed by luck:
+  with logit noise of std 2, eot_z 0 keeps points that 50-draw ensembles of fresh draws
+  judge right 18.5% of the time (measured), eot_z 2 0.6%. With little noise (std 0.5)
+  the bound costs little L2 (measured: 8%)."""
+
+  def run(scale, z):
+    model = logit_noise(scale)
+    params = {**CW, 'kappa': 1.0, 'steps': 100, 'eot_draws': 10, 'eot_z': z}
+    result = jax.jit(lambda key: attacks.cw_l2(model, key, X10, Y10, **params))(KEY)
+    ensemble = lambda k: jnp.mean(
+      jax.nn.softmax(
+        jax.vmap(lambda j: model(result.x_adv, jax.random.fold_in(k, j)))(jnp.arange(50))
+      ),
+      axis=0,
+    )
+    right = [jnp.argmax(ensemble(jax.random.key(100 + i)), -1) == Y10 for i in range(20)]
+    return float(jnp.mean(jnp.stack(right))), float(result.l2[result.success].mean())
+
+  assert run(2.0, 0.0)[0] > 0.1 and run(2.0, 2.0)[0] < 0.03
+  (_, plain), (_, bounded) = run(0.5, 0.0), run(0.5, 2.0)
+  assert plain < bounded < 1.15 * plain
+
+
 def test_cw_early_abort_stops_a_plateaued_binary_step():
   """Counting forward passes: on the linear model the loss stops falling long before
   1000 iterations, so early abort runs far fewer and finds the same images with an L2
@@ -142,7 +195,9 @@ def test_a_deterministic_cw_keeps_its_spec_text_a_randomized_one_adds_its_draws(
   assert _specs('cw', True, abort_early=False, eot_draws=1) == [earlier]
   [randomized] = _specs('cw', True)
   assert "('kappa', 1.0)" in randomized and "('kappa', 0.0)" not in randomized
-  assert "('abort_early', True), ('eot_draws', 10))" in randomized
+  assert "('abort_early', True), ('eot_draws', 10), ('eot_z', 2.0))" in randomized
+  [before_eot_z] = _specs('cw', True, eot_z=0.0)
+  assert before_eot_z == randomized.replace(", ('eot_z', 2.0)", '')
   [chosen] = _specs('cw', True, eot_kappa=0.25, kappa=3.0)
   assert "('kappa', 0.25)" in chosen
   assert "('kappa', 3.0)" in _specs('cw', False, eot_kappa=0.25, kappa=3.0)[0]

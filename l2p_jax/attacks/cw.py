@@ -6,7 +6,8 @@ binary-search step, and searches c per example as Carlini's reference code does:
 a binary step that found an adversarial example, c moves down to the midpoint of its
 bounds; otherwise up to the midpoint, or times 10 while no upper bound is known. For a
 randomized model it runs in expectation (EOT): steps on the mean logits of several
-noise draws, and only points that fool the expected prediction count.
+noise draws, and only points that fool the expected prediction count, by a margin that
+grows with how noisy the check's estimate of that prediction is (`eot_z`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,25 @@ import optax
 from l2p_jax.attacks import core, progress
 
 
-def _expected_logits(logits_fn: core.LogitsFn, x: jax.Array, key: jax.Array, draws: int):
-  """The logits of the expected prediction over `draws` noise draws fold_in(key, j): the
-  log of the mean softmax (a deterministic model's one draw: its logits)."""
-  if draws == 1:
-    return logits_fn(x, key)
-  mean = core.mean_over_draws(lambda k: jax.nn.softmax(logits_fn(x, k)), key, draws)
-  return jnp.log(mean)
+def expected_margin_bound(
+  logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, draws: int, z: float
+) -> jax.Array:
+  """C&W's margin of the expected prediction over `draws` noise draws fold_in(key, j)
+  (the log of their mean softmax) less z standard errors of that estimate, the standard
+  deviation of the draws' own margins over sqrt(draws): a lower confidence bound on the
+  margin of the model's expected prediction (z = 0: the estimate itself)."""
+
+  def draw(k):
+    logits = logits_fn(x, k)
+    margin = core.cw_margin(logits, y)
+    return jax.nn.softmax(logits), margin, jnp.square(margin)
+
+  mean_softmax, mean_margin, mean_square = core.mean_over_draws(draw, key, draws)
+  estimate = core.cw_margin(jnp.log(mean_softmax), y)
+  if not z:
+    return estimate
+  variance = jnp.maximum(mean_square - jnp.square(mean_margin), 0) * draws / (draws - 1)
+  return estimate - z * jnp.sqrt(variance / draws)
 
 
 def _objective(logits_fn, x, y, w, c, noise_key, *, kappa, draws):
@@ -44,12 +57,12 @@ def _objective(logits_fn, x, y, w, c, noise_key, *, kappa, draws):
   return jnp.sum(l2_sq + c * jnp.maximum(-margin, -kappa)), (x_adv, margin, l2_sq)
 
 
-def _fools(logits_fn, x_adv, y, margin, noise_key, kappa, draws):
+def _fools(logits_fn, x_adv, y, margin, noise_key, kappa, draws, z):
   """Whether each point counts as adversarial: its margin above kappa (one draw), or the
-  margin of its expected logits over fresh draws fold_in(fold_in(key, 1), j)."""
+  `expected_margin_bound` over fresh draws fold_in(fold_in(key, 1), j) above kappa."""
   if draws > 1:
-    fresh = _expected_logits(logits_fn, x_adv, jax.random.fold_in(noise_key, 1), draws)
-    margin = core.cw_margin(fresh, y)
+    fresh = jax.random.fold_in(noise_key, 1)
+    margin = expected_margin_bound(logits_fn, x_adv, y, fresh, draws, z)
   return margin > kappa
 
 
@@ -75,6 +88,7 @@ def cw_l2(
   binary_steps: int = 9,
   steps: int = 10,
   eot_draws: int = 1,
+  eot_z: float = 0.0,
   abort_early: bool = False,
   unroll: int | bool = 1,
 ) -> core.AttackResult:
@@ -84,11 +98,12 @@ def cw_l2(
   mean over successes the evaluator reports.
 
   One draw (eot_draws=1): iteration t of binary step b runs the model with noise key
-  k = fold_in(fold_in(key, b), t), and a point counts as adversarial under that same
-  draw. C&W in expectation (eot_draws > 1, for randomized models): every Adam step is on
-  the logits averaged over the draws fold_in(fold_in(k, 0), j), j < eot_draws, and a
-  point counts as adversarial only if it fools the expectation: the margin of the log
-  mean softmax of fresh draws fold_in(fold_in(k, 1), j) exceeds kappa.
+  k = fold_in(fold_in(key, b), t), and a point counts as adversarial under that draw. In
+  expectation (eot_draws > 1, randomized models): each Adam step is on the logits averaged
+  over draws fold_in(fold_in(k, 0), j), j < eot_draws, and a point counts only if the
+  `expected_margin_bound` of fresh draws fold_in(fold_in(k, 1), j) (eot_z standard errors
+  below the estimate) exceeds kappa: the point kept passed one of many checks, and without
+  the bound, where one check is noisy, it passed by luck.
   `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, when
   a check (every max(steps // 10, 1) iterations) finds the batch's loss > 0.9999 x the last.
   """
@@ -109,7 +124,7 @@ def cw_l2(
       )
       check = abort_early & (t % period == 0)
       stopped = check & (loss > 0.9999 * last_loss)
-      fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws) & ~stopped
+      fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws, eot_z) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
       progress.tick(b * steps + t + 1, binary_steps * steps)

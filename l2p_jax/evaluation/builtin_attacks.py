@@ -135,20 +135,25 @@ def _cw(
 
 def _cw_in_expectation(spec: AttackSpec, config: ml_collections.ConfigDict) -> AttackSpec:
   """A randomized model's C&W: in expectation over config.cw.eot_draws draws, with the
-  margin config.cw.eot_kappa (PNI's preset, the authors' attack, unchanged). One draw
-  keeps the planned spec's text."""
-  if _is_pni_cw(dict(spec.params)) or config.cw.eot_draws == 1:
+  margin config.cw.eot_kappa cleared by config.cw.eot_z standard errors (PNI's preset,
+  the authors' attack, unchanged). One draw keeps the planned spec's text, and eot_z 0
+  the text (and key) of the C&W in expectation before eot_z."""
+  cw = config.cw
+  if _is_pni_cw(dict(spec.params)) or cw.eot_draws == 1:
     return spec
-  params = tuple((k, config.cw.eot_kappa if k == 'kappa' else v) for k, v in spec.params)
-  return dataclasses.replace(spec, params=params + (('eot_draws', config.cw.eot_draws),))
+  params = tuple((k, cw.eot_kappa if k == 'kappa' else v) for k, v in spec.params)
+  added = (('eot_draws', cw.eot_draws),) + ((('eot_z', cw.eot_z),) if cw.eot_z else ())
+  return dataclasses.replace(spec, params=params + added)
 
 
 def _cw_title(p: dict[str, Any]) -> str:
   """C&W's column: ours, in expectation (a randomized model's), or PNI's preset."""
   if _is_pni_cw(p):
     return CW_PNI_COLUMN
-  draws = p.get('eot_draws', 1)
-  return CW_COLUMN if draws == 1 else f'EOT-C&W ({draws} draws) acc / L2'
+  draws, z = p.get('eot_draws', 1), p.get('eot_z', 0)
+  if draws == 1:
+    return CW_COLUMN
+  return f'EOT-C&W ({draws} draws{f", z {z:g}" if z else ""}) acc / L2'
 
 
 def _eot_title(title: str) -> Callable[[dict[str, Any]], str]:
@@ -331,7 +336,7 @@ register_attack(
     _cw_title,
     column=3,
     presets={'cw': Preset(lambda c, n: [_cw(c)]), 'cw_pni': Preset(lambda c, n: [_cw(c, PNI_CW)])},
-    bounds=(('cw.binary_steps', 1), ('cw.steps', 1), ('cw.eot_draws', 1)),
+    bounds=(('cw.binary_steps', 1), ('cw.steps', 1), ('cw.eot_draws', 1), ('cw.eot_z', 0)),
     note='C&W: accuracy / mean L2 of the perturbations that fooled the model.',
     randomized=_cw_in_expectation,
     cost=_cw_cost,
