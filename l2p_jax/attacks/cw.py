@@ -66,6 +66,15 @@ def _fools(logits_fn, x_adv, y, margin, noise_key, kappa, draws, z):
   return margin > kappa
 
 
+def _search_c(found, c, lower, upper):
+  """Carlini's search over c, per example: (c, lower, upper) after a binary step, c down
+  to the midpoint of its bounds where it found an adversarial point, else up to the
+  midpoint, or times 10 while no upper bound is known."""
+  upper = jnp.where(found, jnp.minimum(upper, c), upper)
+  lower = jnp.where(found, lower, jnp.maximum(lower, c))
+  return jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10), lower, upper
+
+
 def _iterate(iteration, state, steps: int, abort_early: bool, unroll: int | bool):
   """`steps` iterations of a binary step, or with early abort until its `stopped` flag
   (the state's last entry) is set."""
@@ -140,10 +149,7 @@ def cw_l2(
 
     state = (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x, inf[0], False)
     _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
-    upper = jnp.where(found, jnp.minimum(upper, c), upper)
-    lower = jnp.where(found, lower, jnp.maximum(lower, c))
-    c = jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10)
-    return c, lower, upper, best_l2_sq, best_x
+    return *_search_c(found, c, lower, upper), best_l2_sq, best_x
 
   search = (jnp.full(y.shape, c_init, x.dtype), jnp.zeros(y.shape, x.dtype), inf, inf, x)
   *_, best_l2_sq, best_x = jax.lax.fori_loop(0, binary_steps, binary_step, search)
