@@ -96,6 +96,13 @@ def test_a_stopped_evaluation_keeps_its_records_and_a_rerun_finishes_it(
   rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr
   assert rerun.stdout.count('recorded by an earlier run into this folder, not rerun') == 2
+  # Its estimate prices only the attack it runs, and the clean images it judges for it.
+  priced = [line for line in rerun.stdout.splitlines() if line.startswith('  attack ')]
+  assert [
+    line.endswith(': already recorded in the output folder, not priced') for line in priced
+  ] == [True, True, False]
+  assert ' pgd(steps=50, ' in priced[2]
+  assert rerun.stdout.count('  judging the clean images of ') == 1
   final = json.loads((tmp_path / 'results.json').read_text())
   assert comparable(final) == comparable(uninterrupted)
   assert first == [r['attack'] for r in final['records']][:2]

@@ -96,6 +96,15 @@ def test_the_estimate_prices_gradients_forwards_and_judging_per_image():
   assert head.endswith('an upper bound where an attack stops early, compiling not counted.')
 
 
+def test_an_attack_recorded_by_an_earlier_run_is_not_priced():
+  pgd = spec('pgd', steps=10, restarts=1, eot_draws=1, step_size=0.01, random_start=True)
+  planned = [estimate.Planned('a', pgd, 100, 6), estimate.Planned('b', pgd, 100, 6, recorded=True)]
+  head, a, b = estimate.estimate_lines(planned, gradient=0.002, forward=0.0005)
+  assert head.startswith('estimate: ~2.3 s in all')  # a's 100 x (10 x 2 ms + 6 x 0.5 ms) only.
+  assert a.startswith('  a: ~2.3 s')
+  assert b == '  b: already recorded in the output folder, not priced'
+
+
 def test_judging_costs_a_forward_pass_per_judged_draw_and_prediction_draw_and_clean_once():
   config = evaluation.default_config('tiny')
   config.judge.draws = 3

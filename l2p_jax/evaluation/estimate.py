@@ -25,13 +25,15 @@ TIMED_CALLS = 3  # Timed calls of each function after the one that compiles it; 
 
 @dataclasses.dataclass(frozen=True)
 class Planned:
-  """One planned attack: its name on the console, its spec, the images it attacks and
-  the forward passes per image of judging them (over every target)."""
+  """One planned attack: its name on the console, its spec, the images it attacks, the
+  forward passes per image of judging them (over every target), and whether an earlier
+  run recorded it into the output folder (then it is not rerun, and not priced)."""
 
   name: str
   spec: AttackSpec
   images: int
   judge_forwards: int
+  recorded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +62,17 @@ def clean_judging(
 
 
 def planned(
-  name: str, spec: AttackSpec, images: int, config: ml_collections.ConfigDict, targets
+  name: str,
+  spec: AttackSpec,
+  images: int,
+  config: ml_collections.ConfigDict,
+  targets,
+  recorded: bool = False,
 ) -> Planned:
   """A Planned attack of `spec` on `images` images (its examples, when fewer), judged on
-  `targets`."""
+  `targets`, `recorded` or not by an earlier run."""
   attacked = min(spec.examples or images, images)
-  return Planned(name, spec, attacked, judge_forwards(config, targets))
+  return Planned(name, spec, attacked, judge_forwards(config, targets), recorded)
 
 
 def _best_seconds(function: Callable, *args) -> float:
@@ -114,10 +121,13 @@ def estimate_lines(
 ) -> list[str]:
   """The estimate's total line, one line per attack and one per model's `clean` judging,
   from the seconds per image of a `gradient` and a `forward` pass; an attack without a
-  registry cost is unpriced."""
+  registry cost is unpriced, and one recorded by an earlier run is not rerun."""
   lines, total, unpriced = [], 0.0, 0
   for p in attacks_planned:
     cost = p.spec.cost
+    if p.recorded:
+      lines.append(f'  {p.name}: already recorded in the output folder, not priced')
+      continue
     if cost is None:
       unpriced += 1
       lines.append(f'  {p.name}: unpriced (its registry entry has no cost)')

@@ -196,6 +196,15 @@ def evaluate_checkpoint(
   return recorder.records
 
 
+def _origin(labels: dict[str, str], source: JudgedModel) -> dict[str, Any]:
+  """A transfer record's `source`: the model its examples were made on."""
+  return {
+    'label': labels[source.path],
+    'checkpoint': source.path,
+    'step': source.description['step'],
+  }
+
+
 def transfer_records(
   config: ml_collections.ConfigDict,
   sources: Sequence[JudgedModel],
@@ -210,8 +219,7 @@ def transfer_records(
   every source (the clean images judged once, `clean`), added to `recorder` row by row;
   a cell records its row's time (making the examples and judging all)."""
   for source in sources:
-    step = source.description['step']
-    origin = {'label': labels[source.path], 'checkpoint': source.path, 'step': step}
+    origin = _origin(labels, source)
     for spec in transfer_specs(config):
       desc = f'attack {recorder.finished + 1}/{recorder.planned} transfer from '
       desc += f'{origin["label"]} {spec.name}'
@@ -305,36 +313,47 @@ def _plan(
   labels: dict[str, str],
   judged: dict[str, JudgedModel],
   examples: Any,
-) -> list[estimate.Planned]:
-  """Every attack evaluate_workdirs will run, in its order: each model's white-box ones,
-  then the transfer rows (`transfer`: sources and targets, None for none)."""
+  recorder: Recorder,
+) -> tuple[list[estimate.Planned], set[str]]:
+  """Every attack evaluate_workdirs will run, in its order (each model's white-box ones,
+  then the transfer rows; `transfer`: sources and targets, None for none), each marked
+  if `recorder` holds its records; and the paths of the models that some attack not yet
+  recorded judges (whose clean images will be judged)."""
+  split = lambda c: examples(data_settings(config, c))  # noqa: E731
+  wanted = lambda spec, t, origin=None: recorder.recorded(  # noqa: E731
+    wanted_fields(config, spec, judged[t.path], labels[t.path], split(t), origin)
+  )
   plan = [
-    (f'{labels[c.path]} {spec.name}', spec, c, [judged[c.path]])
+    (f'{labels[c.path]} {spec.name}', spec, c, [c], wanted(spec, c) is not None)
     for c in evaluated
     for spec in model_specs(config, judged[c.path], specs)
   ]
   if transfer:
     sources, targets = transfer
-    plan += [
-      (
-        f'transfer from {labels[c.path]} {spec.name}',
-        spec,
-        sources[0],
-        [judged[t.path] for t in targets],
-      )
-      for c in sources
-      for spec in transfer_specs(config)
-    ]
-  return [
+    for c in sources:
+      origin = _origin(labels, judged[c.path])
+      plan += [
+        (
+          f'transfer from {labels[c.path]} {spec.name}',
+          spec,
+          sources[0],
+          targets,
+          all(wanted(spec, t, origin) is not None for t in targets),
+        )
+        for spec in transfer_specs(config)
+      ]
+  planned = [
     estimate.planned(
       f'attack {k}/{len(plan)} {name}',
       spec,
-      examples(data_settings(config, checkpoint)).num_examples,
+      split(checkpoint).num_examples,
       config,
-      models,
+      [judged[t.path] for t in models],
+      recorded,
     )
-    for k, (name, spec, checkpoint, models) in enumerate(plan, 1)
+    for k, (name, spec, checkpoint, models, recorded) in enumerate(plan, 1)
   ]
+  return planned, {t.path for *_, models, recorded in plan if not recorded for t in models}
 
 
 def _clean_judging(
@@ -382,19 +401,26 @@ def evaluate_workdirs(
   judged = {c.path: checkpoint_model(c) for c in cache.restored.values()}
   examples = functools.cache(load_examples)
 
-  plan = _plan(
-    config, specs, evaluated, (sources, targets) if transfer else None, labels, judged, examples
+  recorder = Recorder(config, stored, output_dir, planned=0)
+  plan, judging = _plan(
+    config,
+    specs,
+    evaluated,
+    (sources, targets) if transfer else None,
+    labels,
+    judged,
+    examples,
+    recorder,
   )
-  recorder = Recorder(config, stored, output_dir, len(plan))
+  recorder.planned = len(plan)
   recorder.entries = [model_entry(labels[p], m, None) for p, m in judged.items()]
   first = examples(data_settings(config, evaluated[0]))
   progress.say_plan(config, len(plan), first.num_examples)
   check_model_takes_split(first, evaluated[0])
   varies, clean = {}, CleanVerdicts()  # One per run: every attack shares the clean verdicts.
   with recorder.stops():
-    cleans = _clean_judging(
-      config, [*evaluated, *(targets if transfer else ())], labels, judged, examples
-    )
+    judged_now = [c for c in [*evaluated, *(targets if transfer else ())] if c.path in judging]
+    cleans = _clean_judging(config, judged_now, labels, judged, examples)
     estimate.say_estimate(config, plan, cleans, judged[evaluated[0].path], first, mesh)
     for checkpoint in evaluated:
       split = examples(data_settings(config, checkpoint))
