@@ -129,6 +129,8 @@ def test_expected_margin_bound_is_the_estimate_less_z_standard_errors():
   for z in (0.0, 2.0):
     bound = cw.expected_margin_bound(model, x, Y10[:6], KEY, 7, z)
     np.testing.assert_allclose(bound, estimate - z * spread / np.sqrt(7), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'at least 2 draws, got draws=1 \(z=2.0\)'):
+    cw.expected_margin_bound(model, x, Y10[:6], KEY, 1, 2.0)
 
 
 def test_cw_in_expectation_with_a_confidence_bound_keeps_no_lucky_points():

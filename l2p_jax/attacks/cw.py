@@ -28,6 +28,8 @@ def expected_margin_bound(
   (the log of their mean softmax) less z standard errors of that estimate, the standard
   deviation of the draws' own margins over sqrt(draws): a lower confidence bound on the
   margin of the model's expected prediction (z = 0: the estimate itself)."""
+  if z and draws < 2:
+    raise ValueError(f'A standard error needs at least 2 draws, got draws={draws} (z={z}).')
 
   def draw(k):
     logits = logits_fn(x, k)
