@@ -320,11 +320,12 @@ def _plan(
   if `recorder` holds its records; and the paths of the models that some attack not yet
   recorded judges (whose clean images will be judged)."""
   split = lambda c: examples(data_settings(config, c))  # noqa: E731
-  wanted = lambda spec, t, origin=None: recorder.recorded(  # noqa: E731
-    wanted_fields(config, spec, judged[t.path], labels[t.path], split(t), origin)
+  is_recorded = lambda spec, t, on, origin=None: (  # noqa: E731
+    recorder.recorded(wanted_fields(config, spec, judged[t.path], labels[t.path], on, origin))
+    is not None
   )
   plan = [
-    (f'{labels[c.path]} {spec.name}', spec, c, [c], wanted(spec, c) is not None)
+    (f'{labels[c.path]} {spec.name}', spec, c, [c], is_recorded(spec, c, split(c)))
     for c in evaluated
     for spec in model_specs(config, judged[c.path], specs)
   ]
@@ -338,7 +339,7 @@ def _plan(
           spec,
           sources[0],
           targets,
-          all(wanted(spec, t, origin) is not None for t in targets),
+          all(is_recorded(spec, t, split(sources[0]), origin) for t in targets),
         )
         for spec in transfer_specs(config)
       ]
