@@ -77,6 +77,22 @@ def _search_c(found, c, lower, upper):
   return jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10), lower, upper
 
 
+def _early_abort(t, loss, last, period_sum, period: int, on_mean: bool):
+  """Carlini & Wagner's early abort, as (stop, last, period_sum) after iteration t: every
+  `period` iterations, stop if the batch's loss is above 0.9999 x the last one checked.
+  `on_mean` checks the loss averaged over the period just ended instead of one iteration's,
+  for a loss estimated from noise draws, whose noise alone can look like a plateau."""
+  if on_mean:
+    period_sum = period_sum + loss
+    check = (t + 1) % period == 0
+    value = period_sum / period
+    period_sum = jnp.where(check, 0.0, period_sum)
+  else:
+    check = t % period == 0
+    value = loss
+  return check & (value > 0.9999 * last), jnp.where(check, value, last), period_sum
+
+
 def _iterate(iteration, state, steps: int, abort_early: bool, unroll: int | bool):
   """`steps` iterations of a binary step, or with early abort until its `stopped` flag
   (the state's last entry) is set."""
@@ -101,6 +117,7 @@ def cw_l2(
   eot_draws: int = 1,
   eot_z: float = 0.0,
   abort_early: bool = False,
+  abort_on_mean: bool = False,
   unroll: int | bool = 1,
 ) -> core.AttackResult:
   """C&W L2: per example, the smallest-L2 adversarial point seen over all binary-search
@@ -116,7 +133,8 @@ def cw_l2(
   below the estimate) exceeds kappa: the point kept passed one of many checks, and without
   the bound, where one check is noisy, it passed by luck.
   `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, when
-  a check (every max(steps // 10, 1) iterations) finds the batch's loss > 0.9999 x the last.
+  a check (every max(steps // 10, 1) iterations) finds the batch's loss > 0.9999 x the last;
+  `abort_on_mean` checks the loss averaged over those iterations instead (`_early_abort`).
   """
   optimizer = optax.adam(learning_rate)
   w0 = jnp.arctanh(jnp.clip(2 * x - 1, -1 + 1e-6, 1 - 1e-6))
@@ -128,13 +146,15 @@ def cw_l2(
     c, lower, upper, best_l2_sq, best_x = search
 
     def iteration(t, state):
-      w, opt_state, found, best_l2_sq, best_x, last_loss, stopped = state
+      w, opt_state, found, best_l2_sq, best_x, last_loss, period_sum, stopped = state
       noise_key = jax.random.fold_in(jax.random.fold_in(key, b), t)
       (loss, (x_adv, margin, l2_sq)), grad = jax.value_and_grad(objective, has_aux=True)(
         w, c, noise_key
       )
-      check = abort_early & (t % period == 0)
-      stopped = check & (loss > 0.9999 * last_loss)
+      stop, last_loss, period_sum = _early_abort(
+        t, loss, last_loss, period_sum, period, abort_on_mean
+      )
+      stopped = abort_early & stop
       fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws, eot_z) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
@@ -145,12 +165,23 @@ def cw_l2(
         found | fooled,
         jnp.where(better, l2_sq, best_l2_sq),
         jnp.where(core.per_example(better, x), x_adv, best_x),
-        jnp.where(check, loss, last_loss),
+        last_loss,
+        period_sum,
         stopped,
       )
 
-    state = (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x, inf[0], False)
-    _, _, found, best_l2_sq, best_x, _, _ = _iterate(iteration, state, steps, abort_early, unroll)
+    found = jnp.zeros(y.shape, bool)
+    state = (
+      w0,
+      optimizer.init(w0),
+      found,
+      best_l2_sq,
+      best_x,
+      inf[0],
+      jnp.zeros((), x.dtype),
+      False,
+    )
+    _, _, found, best_l2_sq, best_x, *_ = _iterate(iteration, state, steps, abort_early, unroll)
     return *_search_c(found, c, lower, upper), best_l2_sq, best_x
 
   search = (jnp.full(y.shape, c_init, x.dtype), jnp.zeros(y.shape, x.dtype), inf, inf, x)

@@ -136,13 +136,16 @@ def _cw(
 def _cw_in_expectation(spec: AttackSpec, config: ml_collections.ConfigDict) -> AttackSpec:
   """A randomized model's C&W: in expectation over config.cw.eot_draws draws, with the
   margin config.cw.eot_kappa cleared by config.cw.eot_z standard errors (PNI's preset,
-  the authors' attack, unchanged). One draw keeps the planned spec's text, and eot_z 0
-  the text (and key) of the C&W in expectation before eot_z."""
+  the authors' attack, unchanged), its early abort on the loss's mean over each period
+  (config.cw.eot_abort_on_mean). One draw keeps the planned spec's text, and eot_z 0 or
+  the one-iteration abort the text (and key) of the C&W in expectation before them."""
   cw = config.cw
   if _is_pni_cw(dict(spec.params)) or cw.eot_draws == 1:
     return spec
   params = tuple((k, cw.eot_kappa if k == 'kappa' else v) for k, v in spec.params)
   added = (('eot_draws', cw.eot_draws),) + ((('eot_z', cw.eot_z),) if cw.eot_z else ())
+  if cw.eot_abort_on_mean and 'abort_early' in dict(params):
+    added += (('abort_on_mean', True),)
   return dataclasses.replace(spec, params=params + added)
 
 
@@ -153,7 +156,8 @@ def _cw_title(p: dict[str, Any]) -> str:
   draws, z = p.get('eot_draws', 1), p.get('eot_z', 0)
   if draws == 1:
     return CW_COLUMN
-  return f'EOT-C&W ({draws} draws{f", z {z:g}" if z else ""}) acc / L2'
+  abort = ', mean abort' if p.get('abort_on_mean') else ''
+  return f'EOT-C&W ({draws} draws{f", z {z:g}" if z else ""}{abort}) acc / L2'
 
 
 def _eot_title(title: str) -> Callable[[dict[str, Any]], str]:

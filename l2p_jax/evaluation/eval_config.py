@@ -128,6 +128,11 @@ def _add_attack_settings(c: ml_collections.ConfigDict) -> None:
   # attack, key included.
   c.cw.eot_z = 2.0
   c.cw.abort_early = True  # Carlini & Wagner's early abort of a binary step.
+  # In expectation, early abort compares the loss averaged over each tenth of a binary
+  # step's iterations, not one iteration's: the loss is then a 10-draw estimate whose noise
+  # can stop a step that is still improving. On the study's Adv-BNN seed 0 (64 images) the
+  # one-iteration rule left 4.69% at mean L2 3.46, no early abort 4.17% at 2.01.
+  c.cw.eot_abort_on_mean = True
   _add_autoattack_and_other_settings(c)
 
 
