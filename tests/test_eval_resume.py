@@ -18,7 +18,7 @@ import tiny_runs
 
 from configs import eval as eval_configs
 from l2p_jax import data, evaluation
-from l2p_jax.evaluation import progress, recording, results_files, verdicts
+from l2p_jax.evaluation import progress, recording, records, results_files, verdicts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The last attack runs long enough (50 steps) that a stop sent once two records are on
@@ -165,13 +165,22 @@ def test_the_default_list_on_a_cpu_with_many_images_is_warned_about():
   assert len(progress.plan_lines(config, 2, 1000)) == 1
 
 
-def test_a_rerun_on_other_images_reruns_the_attack(run, tmp_path):
+def test_a_rerun_on_other_images_reruns_the_attack_and_says_what_it_replaces(run, tmp_path, capsys):
+  """The record on 8 images replaces the one on 12 (one per identity), with a line that
+  names the change; rerun on the same 8, nothing is replaced and nothing said."""
   config = eval_configs.get_config('tiny')
   config.attacks, config.progress_bar, config.output_dir = 'clean', False, str(tmp_path)
-  for examples in (12, 8):
+  said = []
+  for examples in (12, 8, 8):
     config.data.examples = examples
     [record] = evaluation.evaluate_workdirs(config, str(run))['records']
     assert record['n'] == examples
+    said.append([line for line in capsys.readouterr().out.splitlines() if 'replaces' in line])
+  assert said[0] == [] and said[2] == []
+  assert said[1] == [
+    f'{record["label"]} {record["name"]}: replaces the record of an earlier run in this folder, '
+    'measured with other settings (n 12 -> 8)'
+  ]
 
 
 def test_records_judged_before_the_draws_were_shared_are_rerun(run, uninterrupted, tmp_path):
@@ -218,3 +227,21 @@ def test_every_attack_is_judged_against_the_same_clean_verdicts(run):
   np.testing.assert_array_equal(bits['clean'], np.concatenate(held)[:12])
   for r in recorder.records[1:3]:
     assert r['fooled'] == np.sum(bits['clean'] & ~bits[r['attack']]) > 0, r['attack']
+
+
+def test_a_replaced_record_is_named_with_every_setting_that_changed():
+  """Judged draws and key changed: one line naming both; a record of another identity,
+  or one measured the same way, replaces nothing that needs saying."""
+  old = {
+    'checkpoint': 'ck/320', 'source': None, 'name': 'cw(steps=100)', 'dataset': 'fashion_mnist',
+    'split': 'test', 'rule': 'single', 'draws': 1, 'noise': True, 'label': 'pni-s0', 'n': 64,
+    'judged_draws': 10, 'judging': 'shared_draws', 'key': {'seed': 0, 'fold_in': [7]},
+  }  # fmt: skip
+  new = {**old, 'judged_draws': 3, 'key': {'seed': 1, 'fold_in': [7]}}
+  stored = {'records': [old]}
+  assert records.replaced_lines([new], stored) == [
+    'pni-s0 cw(steps=100): replaces the record of an earlier run in this folder, measured '
+    'with other settings (judged_draws 10 -> 3, another key)'
+  ]
+  assert records.replaced_lines([{**new, 'name': 'cw(steps=200)'}], stored) == []
+  assert records.replaced_lines([old], stored) == records.replaced_lines([new], None) == []

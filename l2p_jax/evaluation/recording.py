@@ -30,7 +30,7 @@ from l2p_jax.evaluation.judging import (
   chosen_rule,
   judged_draws,
 )
-from l2p_jax.evaluation.records import Record, attacked, log_record
+from l2p_jax.evaluation.records import Record, attacked, log_record, replaced_lines
 from l2p_jax.runtime import cli
 
 Verdicts = dict[str, Any]  # verdicts.npz's arrays by name (verdicts.arrays).
@@ -81,6 +81,9 @@ class Recorder:
     once a stop was asked for, even one whose KeyboardInterrupt Python dropped."""
     if self.stopped:
       raise KeyboardInterrupt
+    if jax.process_index() == 0:
+      for line in replaced_lines(list(records), self.stored.results):
+        tqdm.write(line)
     self.records += records
     self.found.update(found)
     self.finished += 1

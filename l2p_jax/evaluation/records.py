@@ -165,6 +165,29 @@ def identity(record: dict[str, Any]) -> tuple:
   )
 
 
+# How a record was measured beyond its identity: a rerun that measures the same identity
+# otherwise replaces the earlier record, and `replaced_lines` says so.
+MEASURED_WITH = ('n', 'judged_draws', 'judging', 'key')
+
+
+def replaced_lines(new: list[dict[str, Any]], stored: dict[str, Any] | None) -> list[str]:
+  """A line per record of the stored results.json that a record in `new` replaces
+  although it was measured otherwise (other images, judged draws or key), naming what
+  changed: results.json keeps one record per identity, and the earlier one goes."""
+  earlier = {identity(r): r for r in (stored or {}).get('records', [])}
+  lines = []
+  for record in new:
+    old = earlier.get(identity(record))
+    changed = [f for f in MEASURED_WITH if old is not None and old.get(f) != record.get(f)]
+    said = ['another key' if f == 'key' else f'{f} {old.get(f)} -> {record[f]}' for f in changed]
+    if said:
+      lines.append(
+        f'{record["label"]} {record["name"]}: replaces the record of an earlier run in this '
+        f'folder, measured with other settings ({", ".join(said)})'
+      )
+  return lines
+
+
 def verdicts_id(record: dict[str, Any]) -> str:
   """The name of a record's per-image verdicts in verdicts.npz: a hash of its identity,
   so that the record that replaces it replaces its verdicts."""
