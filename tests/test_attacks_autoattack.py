@@ -201,10 +201,10 @@ def test_early_abort_on_one_iteration_or_on_the_periods_mean_as_a_plain_loop():
   for noise in (0.0, 0.5, 1.0, 2.0):
     losses = (10 + 100 * np.exp(-t / 150) + noise * rng.normal(size=t.size)).astype(np.float32)
     for on_mean in (False, True):
-      last, total, stop_at = jnp.inf, jnp.zeros(()), None
+      abort, stop_at = (jnp.inf, jnp.zeros(()), False), None
       for i, loss in enumerate(losses):
-        stop, last, total = cw._early_abort(i, jnp.float32(loss), last, total, 10, on_mean)
-        if stop:
+        abort = cw._early_abort(i, jnp.float32(loss), abort, 10, on_mean)
+        if abort[-1]:
           stop_at = i
           break
       assert stop_at == _abort_reference(losses, 10, on_mean), (noise, on_mean)

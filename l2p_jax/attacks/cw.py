@@ -77,11 +77,13 @@ def _search_c(found, c, lower, upper):
   return jnp.where(jnp.isfinite(upper), (lower + upper) / 2, c * 10), lower, upper
 
 
-def _early_abort(t, loss, last, period_sum, period: int, on_mean: bool):
-  """Carlini & Wagner's early abort, as (stop, last, period_sum) after iteration t: every
-  `period` iterations, stop if the batch's loss is above 0.9999 x the last one checked.
-  `on_mean` checks the loss averaged over the period just ended instead of one iteration's,
-  for a loss estimated from noise draws, whose noise alone can look like a plateau."""
+def _early_abort(t, loss, abort, period: int, on_mean: bool):
+  """Carlini & Wagner's early abort: its state (last loss checked, the period's sum, stop)
+  after iteration t. Every `period` iterations, stop if the batch's loss is above 0.9999
+  x the last one checked; `on_mean` checks the loss averaged over the period just ended
+  instead of one iteration's, for a loss estimated from noise draws, whose noise alone
+  can look like a plateau."""
+  last, period_sum, _ = abort
   if on_mean:
     period_sum = period_sum + loss
     check = (t + 1) % period == 0
@@ -90,15 +92,15 @@ def _early_abort(t, loss, last, period_sum, period: int, on_mean: bool):
   else:
     check = t % period == 0
     value = loss
-  return check & (value > 0.9999 * last), jnp.where(check, value, last), period_sum
+  return jnp.where(check, value, last), period_sum, check & (value > 0.9999 * last)
 
 
 def _iterate(iteration, state, steps: int, abort_early: bool, unroll: int | bool):
-  """`steps` iterations of a binary step, or with early abort until its `stopped` flag
-  (the state's last entry) is set."""
+  """`steps` iterations of a binary step, or with early abort until its stop flag (the
+  last entry of the state's last, `_early_abort`'s) is set."""
   if not abort_early:
     return jax.lax.fori_loop(0, steps, iteration, state, unroll=unroll)
-  going = lambda t_state: (t_state[0] < steps) & ~t_state[1][-1]
+  going = lambda t_state: (t_state[0] < steps) & ~t_state[1][-1][-1]
   step = lambda t_state: (t_state[0] + 1, iteration(*t_state))
   return jax.lax.while_loop(going, step, (0, state))[1]
 
@@ -134,27 +136,25 @@ def cw_l2(
   the bound, where one check is noisy, it passed by luck.
   `abort_early` (Carlini & Wagner's): a binary step stops, that iteration unrecorded, when
   a check (every max(steps // 10, 1) iterations) finds the batch's loss > 0.9999 x the last;
-  `abort_on_mean` checks the loss averaged over those iterations instead (`_early_abort`).
-  """
+  `abort_on_mean` checks the loss averaged over those iterations (`_early_abort`)."""
   optimizer = optax.adam(learning_rate)
   w0 = jnp.arctanh(jnp.clip(2 * x - 1, -1 + 1e-6, 1 - 1e-6))
   inf = jnp.full(y.shape, jnp.inf, x.dtype)
   period = max(steps // 10, 1)
+  no_abort = (inf[0], jnp.zeros((), x.dtype), False)  # `_early_abort`'s state.
   objective = functools.partial(_objective, logits_fn, x, y, kappa=kappa, draws=eot_draws)
 
   def binary_step(b, search):
     c, lower, upper, best_l2_sq, best_x = search
 
     def iteration(t, state):
-      w, opt_state, found, best_l2_sq, best_x, last_loss, period_sum, stopped = state
+      w, opt_state, found, best_l2_sq, best_x, abort = state
       noise_key = jax.random.fold_in(jax.random.fold_in(key, b), t)
       (loss, (x_adv, margin, l2_sq)), grad = jax.value_and_grad(objective, has_aux=True)(
         w, c, noise_key
       )
-      stop, last_loss, period_sum = _early_abort(
-        t, loss, last_loss, period_sum, period, abort_on_mean
-      )
-      stopped = abort_early & stop
+      abort = _early_abort(t, loss, abort, period, abort_on_mean)
+      stopped = abort_early & abort[-1]
       fooled = _fools(logits_fn, x_adv, y, margin, noise_key, kappa, eot_draws, eot_z) & ~stopped
       better = fooled & (l2_sq < best_l2_sq)
       updates, opt_state = optimizer.update(grad, opt_state)
@@ -165,23 +165,11 @@ def cw_l2(
         found | fooled,
         jnp.where(better, l2_sq, best_l2_sq),
         jnp.where(core.per_example(better, x), x_adv, best_x),
-        last_loss,
-        period_sum,
-        stopped,
+        abort,
       )
 
-    found = jnp.zeros(y.shape, bool)
-    state = (
-      w0,
-      optimizer.init(w0),
-      found,
-      best_l2_sq,
-      best_x,
-      inf[0],
-      jnp.zeros((), x.dtype),
-      False,
-    )
-    _, _, found, best_l2_sq, best_x, *_ = _iterate(iteration, state, steps, abort_early, unroll)
+    state = (w0, optimizer.init(w0), jnp.zeros(y.shape, bool), best_l2_sq, best_x, no_abort)
+    _, _, found, best_l2_sq, best_x, _ = _iterate(iteration, state, steps, abort_early, unroll)
     return *_search_c(found, c, lower, upper), best_l2_sq, best_x
 
   search = (jnp.full(y.shape, c_init, x.dtype), jnp.zeros(y.shape, x.dtype), inf, inf, x)

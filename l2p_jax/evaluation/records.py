@@ -179,7 +179,9 @@ def replaced_lines(new: list[dict[str, Any]], stored: dict[str, Any] | None) -> 
   for record in new:
     old = earlier.get(identity(record))
     changed = [f for f in MEASURED_WITH if old is not None and old.get(f) != record.get(f)]
-    said = ['another key' if f == 'key' else f'{f} {old.get(f)} -> {record[f]}' for f in changed]
+    said = [
+      'another key' if f == 'key' else f'{f} {old.get(f)} -> {record.get(f)}' for f in changed
+    ]
     if said:
       lines.append(
         f'{record["label"]} {record["name"]}: replaces the record of an earlier run in this '
