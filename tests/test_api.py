@@ -153,7 +153,16 @@ def test_noise_off_attacks_without_the_noise_off_model_are_skipped_with_a_note(c
     dropout_on, IMAGES, LABELS, randomized=True, attacks='clean,noise_off_pgd', config=tiny()
   )
   assert [r['attack'] for r in results['records']] == ['clean']
-  assert 'skipped, it needs predict_noise_off' in capsys.readouterr().out
+  said = capsys.readouterr().out
+  assert 'skipped, it needs predict_noise_off' in said
+  # The plan and the estimate, as eval.py says them, of the one attack that runs.
+  assert f'plan: 1 attacks on {len(LABELS)} images, randomized models judged over ' in said
+  lines = said.splitlines()
+  [head] = [line for line in lines if line.startswith('estimate: ~')]
+  assert [line.split(':')[0] for line in lines if line.startswith('  attack ')] == [
+    '  attack 1/1 model clean()'
+  ]
+  assert any(line.startswith('  judging the clean images of model, ') for line in lines)
 
 
 @pytest.fixture(scope='module')

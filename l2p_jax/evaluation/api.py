@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from l2p_jax.attacks import LogitsFn
-from l2p_jax.evaluation import eval_config, recording, runner
+from l2p_jax.evaluation import estimate, eval_config, progress, recording, runner
 from l2p_jax.evaluation.attack_registry import (
   AttackSpec,
   EvaluationError,
@@ -208,6 +208,28 @@ def _runnable(specs: list[AttackSpec], model: JudgedModel, label: str) -> list[A
   return [s for s in specs if s.attack_noise or model.noise_off]
 
 
+def _say_plan_and_estimate(
+  config: ml_collections.ConfigDict,
+  model: JudgedModel,
+  label: str,
+  split: Examples,
+  specs: Sequence[AttackSpec],
+  mesh: jax.sharding.Mesh,
+) -> int:
+  """Says the plan and the time estimate of evaluating `model` under `specs`, as eval.py
+  does (nothing is reused, so every attack is priced); returns how many attacks run."""
+  planned = runner.model_specs(config, model, specs)
+  progress.say_plan(config, len(planned), split.num_examples)
+  priced = [
+    estimate.planned(f'attack {k}/{len(planned)} {label} {spec.name}', spec,
+                     split.num_examples, config, [model], False)
+    for k, spec in enumerate(planned, 1)
+  ]  # fmt: skip
+  clean = [estimate.clean_judging(label, split.num_examples, config, model)]
+  estimate.say_estimate(config, priced, clean, model, split, mesh)
+  return len(planned)
+
+
 def evaluate(
   predict: LogitsFn,
   images: Any,
@@ -254,7 +276,7 @@ def evaluate(
   specs = _runnable(specs, model, label)
   stored = recording.open_results(config.output_dir)  # Refused now, not after the attacks.
   mesh = runner.eval_mesh(config)
-  planned = len(runner.model_specs(config, model, specs))
+  planned = _say_plan_and_estimate(config, model, label, split, specs, mesh)
   # A predict function's label does not pin its model, so nothing stored is reused.
   recorder = recording.Recorder(config, stored, config.output_dir, planned, reuse=False)
   recorder.entries = [recording.model_entry(label, model, None)]
