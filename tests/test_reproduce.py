@@ -3,6 +3,7 @@ the main table and the transfer matrix): the plan, skipping what finished, resum
 grid stopped midway to the same report, the report's measured and published cells,
 and the SLURM script."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,8 @@ import fake_datasets
 import pytest
 
 from configs import cifar as cifar_configs
+from configs import eval as eval_configs
+from l2p_jax.evaluation import plan_attacks
 from l2p_jax.methods import METHODS
 from l2p_jax.reproduction import grid_runner, paper_grid, paper_report, report_markdown, scales
 from l2p_jax.runtime import plots
@@ -418,6 +421,59 @@ def test_cells_over_seeds_are_means_with_intervals_and_pairs_with_differences(gr
   assert per_file > 0 and len(content['sanity']) == 3 * per_file
   failed = sum(e['passed'] is False for e in content['sanity'])
   assert f'## Sanity checks ({failed} of {3 * per_file} failed' in text
+
+
+def test_a_randomized_models_version_of_a_planned_attack_is_paired_with_the_deterministic_one():
+  """The study's tables pair EOT-PGD with PGD-7, Square with and without EOT, C&W in
+  expectation with C&W and AutoAttack's two versions; the full scale's main table, which
+  runs PGD-7 on the randomized models too, keeps EOT-PGD-7 apart from it."""
+  study = scales.SCALES['study']
+  assert paper_report.randomized_columns(study, 'main') == {
+    'EOT-PGD-7 (5 draws)': 'PGD-7',
+    'Square (EOT, 20 draws)': 'Square',
+  }
+  assert paper_report.randomized_columns(study, 'few_pixel') == {
+    'EOT-C&W (10 draws, z 2, mean abort) acc / L2': 'C&W acc / L2',
+    'AutoAttack-rand': 'AutoAttack',
+  }
+  full = paper_report.randomized_columns(scales.SCALES['full'], 'main')
+  assert 'PGD-7' not in full.values() and 'EOT-C&W (10 draws, z 2, mean abort) acc / L2' in full
+  assert paper_report.randomized_columns(scales.SCALES['tiny'], 'transfer') == {}
+
+
+def test_both_versions_of_a_planned_attack_share_a_column_and_its_differences(grid, tmp_path):
+  """Vanilla's PGD and PNI's EOT-PGD (eot_pgd on each) fill one column, named with both
+  titles, with the seeds' means and the pair's Welch interval as any column's."""
+  plan = make_plan(tmp_path, scale='tiny', tables=['main'], methods=['vanilla', 'pni'], seeds=3)
+  scale = dataclasses.replace(plan.scale, attacks={'main': 'clean,eot_pgd'})
+  plan = dataclasses.replace(plan, scale=scale)
+  [(randomized, deterministic)] = paper_report.randomized_columns(scale, 'main').items()
+  config = eval_configs.get_config('tiny')
+  [_, eot_pgd] = plan_attacks(config, 'clean,eot_pgd')[0]
+  run = 'vanilla-resnet8x0.5-cifar10-s0'
+  with open(os.path.join(grid[0].workdir, 'runs', run, 'eval', 'main', 'results.json')) as f:
+    source = json.load(f)
+  [clean] = [r for r in source['records'] if r['attack'] == 'clean']
+  accuracies = {'vanilla': (0.52, 0.54, 0.56), 'pni': (0.49, 0.50, 0.51)}
+  for cell in plan.cells:
+    [(method, run)] = cell.runs.items()
+    params = eot_pgd.for_model(config, method == 'pni').describe()
+    attacked = {**clean, 'attack': 'pgd', 'params': params}
+    records = [{**r, 'label': run.name, 'accuracy': accuracies[method][run.seed]}
+               for r in (clean, attacked)]  # fmt: skip
+    os.makedirs(os.path.dirname(cell.results))
+    with open(cell.results, 'w') as f:
+      json.dump({**source, 'records': records, 'worst_case': []}, f)
+  main = paper_report.assemble(plan)['sections']['main']
+  assert main['columns'] == ['Clean', deterministic]
+  assert main['randomized_columns'] == {deterministic: randomized}
+  values = {r['method']: r['cells'][deterministic]['measured']['values'] for r in main['rows']}
+  assert values == {'vanilla': pytest.approx([52, 54, 56]), 'pni': pytest.approx([49, 50, 51])}
+  [pair] = main['differences']
+  assert pair['cells'][deterministic] == pytest.approx([-4, -4 - 4.1554, -4 + 4.1554], abs=1e-4)
+  text = report_markdown.markdown(paper_report.assemble(plan), plan, {})
+  assert f'| network | method | Clean | {deterministic} (randomized: {randomized}) |' in text
+  assert f'| network | methods | Clean | {deterministic} (randomized: {randomized}) |' in text
 
 
 def test_a_difference_outside_its_interval_is_bold():

@@ -175,8 +175,7 @@ def make_plan(
       for st in s.settings.get(table_name, table.settings)
       if not archs or arch_name(*st) in archs
     ]
-    attacks = s.attacks.get(table_name, table.attacks)
-    eval_fields = {**s.eval, **s.eval_tables.get(table_name, {})}
+    attacks, eval_fields = table_evaluation(s, table_name)
     for setting in settings:
       arch, width = s.model or setting
       dataset = s.dataset or table.dataset
@@ -200,6 +199,13 @@ def make_plan(
     )
   ordered = sorted(jobs.values(), key=lambda j: j.run is None)  # Trainings first.
   return Plan(tuple(ordered), tuple(cells), s, tuple(tables), grid.path, seeds, root)
+
+
+def table_evaluation(scale: Scale, table_name: str) -> tuple[str, dict[str, Any]]:
+  """The eval.py attacks that measure a table at `scale`, and the config fields every
+  run of it sets (a method's own, scale.eval_methods, aside)."""
+  attacks = scale.attacks.get(table_name, TABLES[table_name].attacks)
+  return attacks, {**scale.eval, **scale.eval_tables.get(table_name, {})}
 
 
 def _add_transfer(

@@ -9,22 +9,25 @@ as PNG."""
 
 from __future__ import annotations
 
+import collections
 import os
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
 from l2p_jax import methods
-from l2p_jax.evaluation import intervals, results_files, results_report
+from l2p_jax.evaluation import eval_config, intervals, plan_attacks, results_files, results_report
+from l2p_jax.evaluation.attack_registry import attack_title
 from l2p_jax.reproduction import report_markdown
 from l2p_jax.reproduction.grid_runner import is_done
-from l2p_jax.reproduction.paper_grid import Cell, Plan
+from l2p_jax.reproduction.paper_grid import Cell, Plan, table_evaluation
 from l2p_jax.reproduction.paper_tables import TABLES, arch_name
 from l2p_jax.reproduction.published_numbers import (
   PUBLISHED_FEW_PIXEL,
   PUBLISHED_MAIN,
   PUBLISHED_TRANSFER,
 )
+from l2p_jax.reproduction.scales import Scale
 from l2p_jax.runtime import files, plots
 from l2p_jax.runtime.metrics import read_metrics
 
@@ -94,10 +97,38 @@ def _differences(rows: Sequence[dict[str, Any]], titles: Sequence[str]) -> list[
   return found
 
 
-def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
-  """Rows (setting, method), columns the attacks at the headline eps; C&W cells also
+def randomized_columns(scale: Scale, table_name: str) -> dict[str, str]:
+  """{a randomized model's column: a deterministic model's} for each attack planned for
+  the table whose two versions have different titles (EOT-PGD and PGD, Square with and
+  without EOT, C&W in expectation, AutoAttack's rand and standard versions), computed
+  from the specs that eval.py plans under the table's settings at `scale`. Only where
+  the deterministic title is no randomized model's own column and no other attack's
+  pair, so that a cell never holds two records of one seed (a table with PGD-7 and
+  EOT-PGD-7 keeps them apart)."""
+  attacks, fields = table_evaluation(scale, table_name)
+  if attacks in ('', 'transfer'):
+    return {}
+  config = eval_config.get_config(scale.eval_config.partition(':')[2])
+  config.update_from_flattened_dict(fields)
+  title = lambda spec: attack_title({'attack': spec.attack, 'params': spec.describe()})
+  versions = [
+    tuple(title(spec.for_model(config, r)) for r in (True, False))
+    for spec in plan_attacks(config, attacks)[0]
+  ]
+  own = {randomized for randomized, _ in versions}
+  pairs = collections.Counter(d for r, d in versions if r != d)
+  return {r: d for r, d in versions if r != d and d not in own and pairs[d] == 1}
+
+
+def _white_box_table(
+  cells: Sequence[Cell], published: dict, paired: dict[str, str]
+) -> dict[str, Any]:
+  """Rows (setting, method), columns the attacks at the headline eps, a randomized
+  model's version of a planned attack in the deterministic one's column (`paired`,
+  randomized_columns; the table's `randomized_columns` names them); C&W cells also
   hold the mean L2 of the perturbations that fooled the model."""
   columns: dict[str, tuple] = {}
+  randomized: dict[str, str] = {}
   extra: dict[tuple, list[float]] = {}
   sizes: set[int] = set()
 
@@ -105,11 +136,14 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
     column = results_report.table_column(record, eps)
     if column is None or record['label'] not in labels:
       return None
-    columns[column[1]] = column[0]
+    order, title = column
+    if title in paired:
+      randomized[paired[title]], title = title, paired[title]
+    columns[title] = min(order, columns.get(title, order))
     method = labels[record['label']]
     if results_report.shows_mean_l2(record) and record.get('mean_l2') is not None:
-      extra.setdefault((cell.setting, method, column[1]), []).append(record['mean_l2'])
-    return cell.setting, method, column[1]
+      extra.setdefault((cell.setting, method, title), []).append(record['mean_l2'])
+    return cell.setting, method, title
 
   found = _collect(cells, key, sizes)
   titles = sorted(columns, key=columns.get)
@@ -130,6 +164,7 @@ def _white_box_table(cells: Sequence[Cell], published: dict) -> dict[str, Any]:
       rows.append(row)
   return {
     'columns': titles,
+    'randomized_columns': {t: randomized[t] for t in titles if t in randomized},
     'rows': rows,
     'differences': _differences(rows, titles),
     'examples': sorted(sizes),
@@ -246,10 +281,9 @@ def assemble(plan: Plan) -> dict[str, Any]:
   }
   for name in plan.tables:
     cells = [c for c in plan.cells if c.table == name]
-    if name == 'main':
-      body = _white_box_table(cells, PUBLISHED_MAIN)
-    elif name == 'few_pixel':
-      body = _white_box_table(cells, PUBLISHED_FEW_PIXEL)
+    if name in ('main', 'few_pixel'):
+      published = PUBLISHED_MAIN if name == 'main' else PUBLISHED_FEW_PIXEL
+      body = _white_box_table(cells, published, randomized_columns(scale, name))
     elif name == 'transfer':
       body = _transfer_table(cells)
     elif name == 'figure1':

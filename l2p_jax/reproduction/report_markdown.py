@@ -104,7 +104,17 @@ def _differences_markdown(section: dict[str, Any], plan: Plan) -> list[str]:
     'Differences between methods (accuracy points, the difference of the seed means with '
     "Welch's 95% interval; **bold**: the interval excludes 0, a difference the seeds support):",
     '',
-    markdown_table(['network', 'methods'] + section['columns'], rows),
+    markdown_table(['network', 'methods'] + column_headers(section), rows),
+  ]
+
+
+def column_headers(section: dict[str, Any]) -> list[str]:
+  """A table's column titles, each naming the randomized models' version of its attack
+  where that has another title (`randomized_columns`)."""
+  randomized = section.get('randomized_columns', {})
+  return [
+    f'{title} (randomized: {randomized[title]})' if title in randomized else title
+    for title in section['columns']
   ]
 
 
@@ -184,7 +194,7 @@ def _section_body(name: str, section: dict[str, Any], plan: Plan) -> list[str]:
   """A section's table (or note), by its kind: accuracy per attack, transfer matrix,
   noise statistics, or accuracy against the radius."""
   if name in ('main', 'few_pixel'):
-    header = ['network', 'method'] + section['columns']
+    header = ['network', 'method'] + column_headers(section)
     rows = [
       [setting_name(plan, r['setting']), methods.get(r['method']).title]
       + [_cell(r['cells'][c]) for c in section['columns']]
