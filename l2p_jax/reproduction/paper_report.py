@@ -138,7 +138,8 @@ def _white_box_table(
       return None
     order, title = column
     if title in paired:
-      randomized[paired[title]], title = title, paired[title]
+      randomized[paired[title]] = title
+      title = paired[title]
     columns[title] = min(order, columns.get(title, order))
     method = labels[record['label']]
     if results_report.shows_mean_l2(record) and record.get('mean_l2') is not None:
