@@ -178,7 +178,9 @@ def replaced_lines(new: list[dict[str, Any]], stored: dict[str, Any] | None) -> 
   lines = []
   for record in new:
     old = earlier.get(identity(record))
-    changed = [f for f in MEASURED_WITH if old is not None and old.get(f) != record.get(f)]
+    if old is None:
+      continue
+    changed = [f for f in MEASURED_WITH if old.get(f) != record.get(f)]
     said = [
       'another key' if f == 'key' else f'{f} {old.get(f)} -> {record.get(f)}' for f in changed
     ]
