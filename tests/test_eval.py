@@ -407,6 +407,32 @@ def test_checkpoint_flag_picks_an_earlier_step(runs, tmp_path):
   assert json.loads((tmp_path / 'results.json').read_text())['records'][0]['step'] == 4
 
 
+def test_apgd_t_autoattack_and_square_run_by_name_in_each_models_version(runs, tmp_path):
+  """The suites a user names on the command line run on both kinds of model: the
+  standard AutoAttack on the deterministic one, the rand version on the randomized one,
+  Square with its randomized queries and draws there, each a column and in the worst case."""
+  results = evaluation.evaluate_workdirs(
+    eval_config(attacks='apgd_t,autoattack,square', output_dir=str(tmp_path)),
+    [str(runs['l2p']), str(runs['none'])],
+  )
+  got = {(r['label'], r['attack']): r['params'] for r in results['records']}
+  assert sorted(got) == [
+    (label, attack) for label in ('l2p', 'none') for attack in ('apgd_t', 'autoattack', 'square')
+  ]
+  assert (got['none', 'autoattack']['version'], got['l2p', 'autoattack']['version']) == (
+    'standard',
+    'rand',
+  )
+  assert (got['none', 'square']['queries'], 'eot_draws' in got['none', 'square']) == (4, False)
+  assert (got['l2p', 'square']['queries'], got['l2p', 'square']['eot_draws']) == (2, 2)
+  assert got['l2p', 'apgd_t']['eot_draws'] == 2 and 'eot_draws' not in got['none', 'apgd_t']
+  for worst in results['worst_case']:
+    assert len(worst['attacks']) == 3, worst
+  table = (tmp_path / 'results.md').read_text()
+  for title in ('APGD-T', 'AutoAttack', 'AutoAttack-rand', 'Square', 'Square (EOT, 2 draws)'):
+    assert f' {title} |' in table, title
+
+
 def test_a_rerun_with_other_attacks_keeps_the_earlier_records(runs, tmp_path):
   """results.json gathers the attacks of successive runs into one folder; a rerun of
   an attack on a checkpoint replaces its record."""
