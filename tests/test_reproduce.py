@@ -464,14 +464,15 @@ def test_both_versions_of_a_planned_attack_share_a_column_and_its_differences(gr
     os.makedirs(os.path.dirname(cell.results))
     with open(cell.results, 'w') as f:
       json.dump({**source, 'records': records, 'worst_case': []}, f)
-  main = paper_report.assemble(plan)['sections']['main']
+  content = paper_report.assemble(plan)
+  main = content['sections']['main']
   assert main['columns'] == ['Clean', deterministic]
   assert main['randomized_columns'] == {deterministic: randomized}
   values = {r['method']: r['cells'][deterministic]['measured']['values'] for r in main['rows']}
   assert values == {'vanilla': pytest.approx([52, 54, 56]), 'pni': pytest.approx([49, 50, 51])}
   [pair] = main['differences']
   assert pair['cells'][deterministic] == pytest.approx([-4, -4 - 4.1554, -4 + 4.1554], abs=1e-4)
-  text = report_markdown.markdown(paper_report.assemble(plan), plan, {})
+  text = report_markdown.markdown(content, plan, {})
   assert f'| network | method | Clean | {deterministic} (randomized: {randomized}) |' in text
   assert f'| network | methods | Clean | {deterministic} (randomized: {randomized}) |' in text
 

@@ -106,8 +106,6 @@ def randomized_columns(scale: Scale, table_name: str) -> dict[str, str]:
   pair, so that a cell never holds two records of one seed (a table with PGD-7 and
   EOT-PGD-7 keeps them apart)."""
   attacks, fields = table_evaluation(scale, table_name)
-  if attacks in ('', 'transfer'):
-    return {}
   config = eval_config.get_config(scale.eval_config.partition(':')[2])
   config.update_from_flattened_dict(fields)
   title = lambda spec: attack_title({'attack': spec.attack, 'params': spec.describe()})
@@ -124,8 +122,9 @@ def _white_box_table(
   cells: Sequence[Cell], published: dict, paired: dict[str, str]
 ) -> dict[str, Any]:
   """Rows (setting, method), columns the attacks at the headline eps, a randomized
-  model's version of a planned attack in the deterministic one's column (`paired`,
-  randomized_columns; the table's `randomized_columns` names them); C&W cells also
+  model's version of a planned attack in the deterministic one's column (`paired`, from
+  randomized_columns; the result's `randomized_columns` gives each such column's other
+  title); C&W cells also
   hold the mean L2 of the perturbations that fooled the model."""
   columns: dict[str, tuple] = {}
   randomized: dict[str, str] = {}
