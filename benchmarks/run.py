@@ -464,14 +464,23 @@ def jax_model_and_state(config, mesh: jax.sharding.Mesh):
   """The model, optimizers and a fresh initial train state (replicated on `mesh`) of
   `config`; the jitted initializer is compiled once per network and reused."""
   model, optimizers, init = _initializer(
-    config.method, config.model.arch, config.model.width, config.model.dtype, mesh
+    config.method,
+    config.model.arch,
+    config.model.width,
+    config.model.dtype,
+    config.model.conv_input_gradient,
+    mesh,
   )
   return model, optimizers, init(jax.random.key(config.seed))
 
 
 @functools.cache
-def _initializer(method: str, arch: str, width: float, dtype: str, mesh: jax.sharding.Mesh):
-  setup = jax_setup(experiment_config(method, arch, width=width, dtype=dtype))
+def _initializer(method: str, arch: str, width: float, dtype: str, conv_input_gradient: str, mesh):
+  setup = jax_setup(
+    experiment_config(
+      method, arch, width=width, dtype=dtype, conv_input_gradient=conv_input_gradient
+    )
+  )
   init = setup.initializer(IMAGE_SHAPE, out_shardings=sharding.replicated_sharding(mesh))
   return setup.model, setup.optimizers, init
 

@@ -119,3 +119,16 @@ def test_the_step_programs_hash_ignores_names_and_debug_information_but_not_ops(
   assert step_program.digest(first) == step_program.digest(renamed)
   assert step_program.digest(first) != step_program.digest(other_op)
   assert 'pgd' not in step_program.canonical_names(step_program.strip_debug_information(first))
+
+
+def test_the_benchmarked_model_differentiates_convolutions_as_the_command_line_says():
+  """`--conv-input-gradient xla` once reached the config but not the model: the cached
+  initializer built every network with 'auto', so both options timed one program."""
+  from l2p_jax.runtime import sharding
+
+  mesh = sharding.make_mesh(1)
+  for option in ('xla', 'transposed_kernel'):
+    args = run.parse_args(['--conv-input-gradient', option, '--width', '0.25', '--out', 'x'])
+    config = run.args_config(args, 'none', 'resnet8')
+    model, _, _ = run.jax_model_and_state(config, mesh)
+    assert model.conv_input_gradient == option
