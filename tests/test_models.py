@@ -1,5 +1,7 @@
 """Architectures, parameter counts and the semantics of the three noise layers."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -15,6 +17,7 @@ from l2p_jax.models import (
   bnn_kl,
   draw_noise,
   gaussian_kl,
+  layers,
   model_apply,
   noise_drawn_ahead,
   project_perturb,
@@ -306,6 +309,42 @@ def test_conv_input_gradient_options_give_the_same_values_and_gradients(strides)
     jax.tree.leaves(results['transposed_kernel']), jax.tree.leaves(results['xla'])
   ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _transposed_copies_and_gradients(model, variables, x):
+  """(operand counts of the compiled gradient's transpose fusions, their number of
+  conditionals, the gradient) of a training-mode loss of `model`."""
+
+  def loss(params):
+    out, _ = model.apply(
+      {**variables, 'params': params}, x, train=True, noise=False, mutable=['batch_stats']
+    )
+    return jnp.sum(out**2)
+
+  grad = jax.jit(jax.grad(loss))
+  text = grad.lower(variables['params']).compile().as_text()
+  fusions = re.findall(r'%[\w.]*transpose[\w.]* = \S+ fusion\(([^)]*)\)', text)
+  return [f.count('%') for f in fusions], text.count(' conditional('), grad(variables['params'])
+
+
+def test_kernel_gradients_read_their_input_from_a_buffer(monkeypatch):
+  """`layers.materialized` keeps XLA:CPU from recomputing a residual stage's BatchNorm,
+  ReLU and additions inside the transposed copy each kernel gradient makes of its input
+  (BENCHMARKS.md point 12): one conditional per convolution, and no copy made from more
+  than two buffers but the output gradient's; the same gradient as without it."""
+  model = create_model('resnet8', 10, width=0.5)
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  fenced, conditionals, gradient = _transposed_copies_and_gradients(model, variables, x)
+  monkeypatch.setattr(layers, 'materialized', lambda value, like: value)
+  recomputed, none, unfenced_gradient = _transposed_copies_and_gradients(model, variables, x)
+  assert conditionals == 7 and none == 0  # ResNet-8: a stem and three blocks of two.
+  assert len([n for n in fenced if n > 2]) == 1, fenced
+  assert len([n for n in recomputed if n > 2]) >= 5, recomputed
+  chex.assert_trees_all_close(gradient, unfenced_gradient, rtol=1e-6, atol=1e-6)
+  value = jnp.arange(6.0).reshape(2, 3)
+  for like in (jnp.ones(2), jnp.full(2, jnp.nan)):  # Either branch returns `value`.
+    np.testing.assert_array_equal(layers.materialized(value, like), value)
 
 
 def test_auto_conv_input_gradient_is_the_workaround_on_cpu_only(monkeypatch):

@@ -205,7 +205,8 @@ def conv_same(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   which made a rolled PGD-7 training step about 4x slower than an unrolled one.
   Here the backward pass convolves with the materialized HWOI copy of the kernel,
   so the input-gradient convolution is in the canonical form everywhere; the values
-  are the same convolution's gradient.
+  are the same convolution's gradient. The kernel gradient reads its input through
+  `materialized` (see there).
   """
   return _conv(x, kernel, strides)
 
@@ -220,8 +221,29 @@ def _conv_same_bwd(
   x, kernel = residuals
   swapped = jnp.swapaxes(kernel, 2, 3)  # HWOI; its transpose rule convolves with HWIO.
   _, input_vjp = jax.vjp(lambda x_: _conv(x_, swapped, strides, 'HWOI'), x)
-  _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides), kernel)
+  _, kernel_vjp = jax.vjp(lambda k: _conv(materialized(x, kernel), k, strides), kernel)
   return input_vjp(g)[0], kernel_vjp(g)[0]
+
+
+def materialized(x: jax.Array, like: jax.Array) -> jax.Array:
+  """`x` out of a conditional, which XLA does not fuse across, so its consumers read it
+  from a buffer instead of recomputing it.
+
+  The kernel gradient convolves a transposed copy of its input (batch and features
+  swapped). XLA:CPU fuses that transpose with the elementwise ops that made the input,
+  and in a residual stage those are every earlier block's BatchNorm, ReLU and addition,
+  recomputed for each transposed copy (fusions of up to 21 operands in ResNet-20's step;
+  BENCHMARKS.md point 12). `jax.lax.optimization_barrier` does not stop it: XLA:CPU
+  turns barriers into scheduling constraints before it fuses. Both branches return `x`
+  (x * 1 is x in IEEE arithmetic); they are written differently because a conditional
+  of identical branches is removed, and the predicate is read from `like` at run time
+  because one known at compile time is folded; `like` is the kernel, on every device
+  whole, since an element of a batch-sharded array would cost a cross-device sum.
+  `tests/test_models.py` checks the fusion.
+  """
+  return jax.lax.cond(
+    jnp.isfinite(like.ravel()[0]), lambda value: value, lambda value: value * 1, x
+  )
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
