@@ -3,8 +3,8 @@ from a buffer (on) or recomputed inside XLA:CPU's transposed copy (off: the iden
 its place, the program of before), compiled side by side and timed interleaved in one
 process, rounds alternating in order, so that both share the machine's load.
 
-  python benchmarks/materialized_ab.py --methods none,vanilla,pni,l2p --devices 4 \
-      --repeats 8 --out benchmarks/results/materialized_ab.json
+  python benchmarks/materialized_ab.py --methods none,vanilla,pni,adv_bnn,l2p --devices 4 \
+      --repeats 8 --out benchmarks/materialized_ab_issue36.json
 """
 
 from __future__ import annotations
