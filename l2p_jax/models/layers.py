@@ -194,8 +194,10 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: int, kernel_layout: str = 'H
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_same(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_same(
+  x: jax.Array, kernel: jax.Array, strides: int, materialized_input: bool = True
+) -> jax.Array:
   """`_conv` with an HWIO kernel, differentiated through an explicitly transposed kernel.
 
   JAX's own gradient of a convolution with respect to its input is a convolution
@@ -206,22 +208,23 @@ def conv_same(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   Here the backward pass convolves with the materialized HWOI copy of the kernel,
   so the input-gradient convolution is in the canonical form everywhere; the values
   are the same convolution's gradient. The kernel gradient reads its input through
-  `materialized` (see there).
+  `materialized` (see there) if `materialized_input`.
   """
   return _conv(x, kernel, strides)
 
 
-def _conv_same_fwd(x: jax.Array, kernel: jax.Array, strides: int):
+def _conv_same_fwd(x: jax.Array, kernel: jax.Array, strides: int, materialized_input: bool):
   return _conv(x, kernel, strides), (x, kernel)
 
 
 def _conv_same_bwd(
-  strides: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array
+  strides: int, materialized_input: bool, residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   x, kernel = residuals
   swapped = jnp.swapaxes(kernel, 2, 3)  # HWOI; its transpose rule convolves with HWIO.
   _, input_vjp = jax.vjp(lambda x_: _conv(x_, swapped, strides, 'HWOI'), x)
-  _, kernel_vjp = jax.vjp(lambda k: _conv(materialized(x, kernel), k, strides), kernel)
+  x = materialized(x, kernel) if materialized_input else x
+  _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides), kernel)
   return input_vjp(g)[0], kernel_vjp(g)[0]
 
 
@@ -265,7 +268,9 @@ def resolve_input_gradient(option: str) -> str:
 class Conv(nn.Module):
   """Bias-free 'SAME' convolution whose kernel may carry PNI or Bayesian noise;
   `input_gradient` (one of CONV_INPUT_GRADIENTS) picks how it is differentiated, with
-  the same values either way."""
+  the same values either way; `materialized_input` False keeps `conv_same`'s kernel
+  gradient from reading its input through `materialized` (for a network's first
+  convolution, whose input is the image: see `resnet.ResNet`)."""
 
   features: int
   kernel_size: int
@@ -273,16 +278,17 @@ class Conv(nn.Module):
   weight_noise: WeightNoise = WeightNoise()
   dtype: Any = jnp.float32
   input_gradient: str = 'auto'
+  materialized_input: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, noise: bool = True) -> jax.Array:
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     init = self.weight_noise.init(kaiming_normal, self.kernel_size**2 * x.shape[-1])
     kernel = perturbed_weight(self, 'kernel', shape, init, self.weight_noise, noise)
-    conv = (
-      conv_same if resolve_input_gradient(self.input_gradient) == 'transposed_kernel' else _conv
-    )
-    return conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if resolve_input_gradient(self.input_gradient) == 'transposed_kernel':
+      return conv_same(x, kernel, self.strides, self.materialized_input)
+    return _conv(x, kernel, self.strides)
 
 
 class Dense(nn.Module):
