@@ -330,8 +330,9 @@ def _transposed_copies_and_gradients(model, variables, x):
 def test_kernel_gradients_read_their_input_from_a_buffer(monkeypatch):
   """`layers.materialized` keeps XLA:CPU from recomputing a residual stage's BatchNorm,
   ReLU and additions inside the transposed copy each kernel gradient makes of its input
-  (BENCHMARKS.md point 12): one conditional per convolution, and no copy made from more
-  than two buffers but the output gradient's; the same gradient as without it."""
+  (BENCHMARKS.md point 12): one conditional per convolution after the stem, and no copy
+  made from more than two buffers but the output gradient's; the same gradient as
+  without it."""
   model = create_model('resnet8', 10, width=0.5)
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
   variables = model.init(jax.random.key(1), x, train=False)
