@@ -22,19 +22,15 @@ sys.path.insert(0, str(ROOT))  # Run as a script from anywhere: find benchmarks/
 
 from benchmarks import run as bench  # noqa: E402
 from l2p_jax.models import layers  # noqa: E402
-from l2p_jax.runtime import host_devices  # noqa: E402
 
 VARIANTS = {'on': layers.materialized, 'off': lambda x, like: x}
 
 
-def prepare(args: argparse.Namespace, method: str, variant: str):
+def prepare(bench_args: argparse.Namespace, method: str, arch: str, devices: int, variant: str):
   """The step of `method` compiled with `variant` of `layers.materialized`."""
   layers.materialized = VARIANTS[variant]
   try:
-    bench_args = bench.parse_args(['--batch', str(args.batch), '--out', args.out])
-    call, _ = bench.prepare_jax_train(
-      bench_args, method, args.arch, 'float32', False, 'device', args.devices
-    )
+    call, _ = bench.prepare_jax_train(bench_args, method, arch, 'float32', False, 'device', devices)
   finally:
     layers.materialized = VARIANTS['on']
   return call
@@ -49,9 +45,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--repeats', type=int, default=8, help='interleaved rounds')
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
-  host_devices.configure({'--batch': args.batch}, args.devices)
+  bench_args = bench.parse_args(
+    ['--batch', str(args.batch), '--devices', str(args.devices), '--out', os.devnull]
+  )
+  [devices] = bench.device_counts(bench_args)
   cases = [(m, v) for m in args.methods.split(',') for v in VARIANTS]
-  calls = [prepare(args, m, v) for m, v in cases]
+  calls = [prepare(bench_args, m, args.arch, devices, v) for m, v in cases]
   load_before = os.getloadavg()[0]
   times = [[] for _ in calls]
   for round_ in range(args.repeats):
